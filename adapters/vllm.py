@@ -1,0 +1,228 @@
+"""vLLM adapter: one logits processor that drives every registered technique.
+
+``TTSLogitsProcessor`` implements both of vLLM's logits-processor interfaces:
+
+* **V1 model runner** (``vllm.v1.sample.logits_processor.LogitsProcessor``):
+  persistent-batch rows, ``update_state(BatchUpdate)`` then ``apply(logits)``.
+  This is the CPU runner and the GPU runner with ``VLLM_USE_V2_MODEL_RUNNER=0``.
+* **Model Runner V2** (``vllm.v1.worker.gpu.sample.logits_processor``), the
+  GPU default: requests live in slots, ``add_request`` per request, and
+  ``apply(logits, ctx)`` with a row-to-slot map. V2 rejects V1-only classes
+  from the entry-point group at start-up, so the one class registered there
+  must satisfy both; the constructor's arguments tell which runner built it.
+
+It is loaded by the ``vllm.logits_processors`` entry point (every engine) or by
+``--logits-processors tts_plugins.adapters.vllm:TTSLogitsProcessor``; when both
+name it, the second instance in the same engine stays inert, so techniques
+never run twice.
+
+Per-request parameters arrive in ``SamplingParams.extra_args`` (HTTP:
+``vllm_xargs``). ``validate_params`` parses them at admission, so a bad
+request gets HTTP 400 and the engine goes on.
+"""
+
+from __future__ import annotations
+
+import logging
+import weakref
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+import torch
+
+from vllm.v1.sample.logits_processor import BatchUpdate, MoveDirectionality
+from vllm.v1.sample.logits_processor import LogitsProcessor as _V1LogitsProcessor
+
+from tts_plugins.batch import RowMap, SlotState
+from tts_plugins.manager import Registry, build_registry, default_registry
+from tts_plugins.technique import EngineInfo
+
+try:  # Model Runner V2's interface (vLLM >= 0.20); absent in older releases
+    from vllm.v1.worker.gpu.sample.logits_processor import LogitsProcessor as _V2LogitsProcessor
+except ImportError:  # pragma: no cover - depends on the installed vLLM
+    _V2LogitsProcessor = None
+
+if TYPE_CHECKING:
+    from vllm import SamplingParams
+
+log = logging.getLogger("tts_plugins.vllm")
+
+_BASES: tuple[type, ...] = (_V1LogitsProcessor,) + ((_V2LogitsProcessor,) if _V2LogitsProcessor else ())
+
+
+def _load_tokenizer(vllm_config: Any) -> Any:
+    from vllm.tokenizers.registry import cached_tokenizer_from_config
+
+    return cached_tokenizer_from_config(vllm_config.model_config)
+
+
+def _eos_ids(tokenizer: Any, vllm_config: Any) -> tuple[int, ...]:
+    ids: set[int] = set()
+    if getattr(tokenizer, "eos_token_id", None) is not None:
+        ids.add(int(tokenizer.eos_token_id))
+    try:
+        gen = vllm_config.model_config.try_get_generation_config() or {}
+    except Exception:  # a model without generation_config.json
+        gen = {}
+    eos = gen.get("eos_token_id")
+    if isinstance(eos, int):
+        ids.add(eos)
+    elif isinstance(eos, (list, tuple)):
+        ids.update(int(i) for i in eos)
+    return tuple(sorted(ids))
+
+
+def _think_hint(vllm_config: Any) -> dict[str, str] | None:
+    rc = getattr(vllm_config, "reasoning_config", None)
+    if rc is not None and getattr(rc, "reasoning_start_str", "") and getattr(rc, "reasoning_end_str", ""):
+        return {"start": rc.reasoning_start_str, "end": rc.reasoning_end_str}
+    return None
+
+
+def engine_info(vllm_config: Any, registry: Registry, *, max_slots: int, vocab_size: int, device: torch.device, pin_memory: bool) -> EngineInfo:
+    tokenizer = _load_tokenizer(vllm_config)
+    start, end = registry.think_strings(tokenizer, vllm_config.model_config.model, _think_hint(vllm_config))
+    return EngineInfo(
+        vocab_size=vocab_size,
+        max_slots=max_slots,
+        device=device,
+        tokenizer=tokenizer,
+        eos_token_ids=_eos_ids(tokenizer, vllm_config),
+        think_start=start,
+        think_end=end,
+        pin_memory=pin_memory,
+    )
+
+
+class TTSLogitsProcessor(*_BASES):  # type: ignore[misc]
+    """Drives every registered tts-plugins technique inside vLLM's sampler."""
+
+    _instances: weakref.WeakSet[TTSLogitsProcessor] = weakref.WeakSet()
+
+    @classmethod
+    def validate_params(cls, sampling_params: SamplingParams) -> None:
+        default_registry().parse(sampling_params.extra_args)
+
+    def __init__(self, vllm_config: Any, *args: Any) -> None:
+        self.vllm_config = vllm_config
+        self.inert = any(o.vllm_config is vllm_config and not o.inert for o in type(self)._instances)
+        type(self)._instances.add(self)
+        if self.inert:
+            log.info("tts_plugins: a processor is already active in this engine; this duplicate stays inert")
+        self.registry = build_registry()
+        if len(args) == 2:  # V1: (device, is_pin_memory)
+            device, pin = args
+            self.v2 = False
+            max_rows = vllm_config.scheduler_config.max_num_seqs
+            vocab = vllm_config.model_config.get_vocab_size()
+        elif len(args) == 1:  # V2: (req_states)
+            (self.req_states,) = args
+            self.v2 = True
+            device, pin = self.req_states.device, True
+            max_rows = self.req_states.max_num_reqs
+            vocab = self.req_states.vocab_size
+        else:
+            raise TypeError(f"unexpected constructor arguments for {type(self).__name__}: {args!r}")
+        self.info = engine_info(vllm_config, self.registry, max_slots=max_rows, vocab_size=vocab, device=torch.device(device), pin_memory=bool(pin))
+        self.state = SlotState(self.registry, self.info)
+        self.rows = RowMap(max_rows, self.info)
+        self._staged: dict[int, Any] = {}  # V2: slot -> parsed params awaiting the prompt
+        self._last_pos = np.full(max_rows + 1, -1, dtype=np.int64)
+        self._active_np = np.zeros(max_rows + 1, dtype=bool)
+        self._prompt_len = np.zeros(max_rows + 1, dtype=np.int64)
+
+    def is_argmax_invariant(self) -> bool:
+        return all(t.argmax_invariant for t in self.registry.techniques)
+
+    def _parse_quietly(self, params: SamplingParams) -> dict[str, Any]:
+        try:
+            return self.registry.parse(params.extra_args)
+        except ValueError as exc:  # admission validated it; a request that slipped through runs plain
+            log.error("tts_plugins: ignoring invalid parameters of an admitted request: %s", exc)
+            return {}
+
+    # --- V1 ---------------------------------------------------------------
+
+    def update_state(self, batch_update: BatchUpdate | None) -> None:
+        if self.inert:
+            return
+        if batch_update is not None:
+            for row in batch_update.removed:
+                self.state.release(self.rows.clear(row))
+            for row, params, prompt_ids, output_ids in batch_update.added:
+                self.state.release(self.rows.clear(row))
+                parsed = self._parse_quietly(params) if params is not None and params.extra_args else {}
+                if parsed:
+                    slot = self.rows.take(row)
+                    try:
+                        self.state.admit(slot, parsed, prompt_ids or (), output_ids)
+                    except Exception:
+                        log.exception("tts_plugins: could not start techniques for a request; it runs plain")
+                        self.state.release(self.rows.clear(row))
+            for src, dst, direction in batch_update.moved:
+                self.rows.move(src, dst, direction == MoveDirectionality.SWAP)
+        if self.state.active:
+            self.state.observe()
+
+    # --- V2 ---------------------------------------------------------------
+
+    def add_request(self, req_idx: int, sampling_params: SamplingParams) -> bool:
+        if self.inert:
+            return False
+        self.state.release(req_idx)
+        self._staged.pop(req_idx, None)
+        self._active_np[req_idx] = False
+        parsed = self._parse_quietly(sampling_params) if sampling_params.extra_args else {}
+        if parsed:
+            self._staged[req_idx] = parsed
+        return bool(parsed)
+
+    def apply_staged_writes(self) -> None:
+        if not self._staged:
+            return
+        # Once per admitted opted-in request: read its prompt back from the runner's token buffer.
+        for slot, parsed in self._staged.items():
+            plen = int(self.req_states.prompt_len.np[slot])
+            prompt = self.req_states.all_token_ids.gpu[slot, :plen].tolist()
+            try:
+                self.state.admit(slot, parsed, prompt)
+            except Exception:
+                log.exception("tts_plugins: could not start techniques for a request; it runs plain")
+                continue
+            self._active_np[slot] = True
+            self._prompt_len[slot] = plen
+            self._last_pos[slot] = plen - 1
+        self._staged.clear()
+
+    def _observe_v2(self, ctx: Any) -> None:
+        slots = np.asarray(ctx.idx_mapping_np)
+        mine = self._active_np[slots]
+        if not mine.any():
+            return
+        # One small device-to-host copy per step, only while opted-in rows exist: the tokens fed this step
+        # are the tokens sampled at the previous one.
+        ids = ctx.input_ids.cpu().numpy()
+        pos = ctx.pos.cpu().numpy()
+        rows = ctx.expanded_idx_mapping.cpu().numpy()
+        for r in np.flatnonzero(self._active_np[rows]):
+            slot, p = int(rows[r]), int(pos[r])
+            if p > self._last_pos[slot] and p >= self._prompt_len[slot]:
+                self._last_pos[slot] = p
+                self.state.feed(slot, (int(ids[r]),))
+
+    # --- both -------------------------------------------------------------
+
+    def apply(self, logits: torch.Tensor, ctx: Any = None) -> torch.Tensor:
+        if self.inert or not self.state.active:
+            return logits
+        if ctx is None:
+            if self.state.pending_placeholders:
+                self.state.observe()
+            return self.state.apply(logits, self.rows.device_view(logits.shape[0]))
+        self._observe_v2(ctx)
+        return self.state.apply(logits, ctx.expanded_idx_mapping.to(torch.int64))
+
+    def release_finished(self, req_idx: int) -> None:
+        """V2 has no removal callback; tests and the runner patch call this when a slot's request ends."""
+        self._active_np[req_idx] = False
+        self.state.release(req_idx)

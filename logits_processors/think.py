@@ -1,0 +1,303 @@
+"""Think-token steering: cap, minimum and extension (s1 budget forcing), NoThinking.
+
+Keys (see :class:`tts_plugins.params.ThinkParams`): ``tts_think_max``,
+``tts_think_min``, ``tts_think_extend``, ``tts_think_wait``,
+``tts_think_conclusion``, ``tts_no_think``, ``tts_no_think_text``.
+
+Mechanism: a per-row host state machine fed with the sampled tokens decides,
+for the next step, one of three row modes, published to ``[max_slots + 1]``
+device buffers:
+
+* **force** token ``f``: every logit but ``f`` becomes ``-inf`` (``f`` gets 0).
+  Forced sequences (the cap's conclusion plus the end string, the rest of a
+  spliced "Wait", NoThinking's prefill) are a queue popped one token a step;
+  the same queue serves thought trimming.
+* **gate** ``j``: the tokens that would complete the end-of-thinking string
+  (given a partial match of length ``j`` in the text so far) and EOS are set to
+  ``-inf``, and their probability mass is added to the first token of the
+  wait string: ``z[w] = logaddexp(z[w], logsumexp(z[blocked]))``. So the
+  chance of splicing "Wait" is exactly the chance the model had of ending its
+  thinking (s1 replaces the end with "Wait"; we do it in distribution rather
+  than by rewinding). Once that first token is sampled, the rest of the wait
+  string is forced and one ignored attempt is counted.
+* **neutral**: untouched.
+
+``apply`` costs nothing when no active slot is in force or gate mode (host
+counters), one in-place pass over ``logits`` when a row is forced, and
+``[R, K]`` gathers (K = size of the completion set, a handful) when gated.
+Not argmax invariant.
+
+Counting (s1): thinking tokens are the output tokens after the start string
+(or from the first output token when the prompt already opened thinking),
+spliced "Wait" tokens included; the cap's forced conclusion and end string are
+not counted. Re-entering thinking starts a new count. The cap forces
+``conclusion + end`` once ``tts_think_max`` thinking tokens exist, so the count
+is exact; then EOS is blocked for the first answer token so a capped request
+never ends with an empty answer.
+
+Our choices where s1 is silent: a "Wait" the model writes on its own while the
+gate is closed is indistinguishable from a splice and also counts as an
+ignored attempt; ``tts_no_think`` forces ``text + "\\n" + end`` at the first
+step of every thinking block (and ``start + "\\n"`` before it when the prompt
+did not open thinking). The user's ``max_tokens`` still ends a request inside
+a forced sequence.
+"""
+
+from __future__ import annotations
+
+from collections import deque
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import torch
+
+from tts_plugins.params import THINK_KEYS, ThinkParams
+from tts_plugins.technique import EngineInfo, LogitsTechnique
+from tts_plugins.text import StreamMatcher, completion_sets, encode, thinking_state, token_texts
+
+NONE, FORCE, GATE = 0, 1, 2
+
+
+def think_kernel(
+    logits: torch.Tensor,
+    row_slots: torch.Tensor,
+    force_tok: torch.Tensor,
+    gate: torch.Tensor,
+    wait_tok: torch.Tensor,
+    block_ids: torch.Tensor,
+    block_mass: torch.Tensor,
+    *,
+    do_force: bool,
+    do_gate: bool,
+) -> torch.Tensor:
+    """Apply forcing and gating in place; see the module docstring.
+
+    ``force_tok[S]``: token to force or -1. ``gate[S]``: row of ``block_ids``
+    to block or -1. ``wait_tok[S]``: where the blocked mass goes, or -1.
+    ``block_ids[G, K]``: token ids per gate row, padded by repeating a member;
+    ``block_mass[G, K]``: False on the padding, so it is not counted twice
+    (an empty row is all padding of token 0 and blocks nothing).
+    """
+    neg_inf = float("-inf")
+    if do_gate:
+        g = gate[row_slots]
+        gi = g.clamp(min=0)
+        ids = block_ids[gi]
+        members = block_mass[gi]
+        # a gate row with no members (an end string nothing completes, no EOS) blocks nothing
+        gated = (g >= 0) & members[:, 0]
+        vals = logits.gather(1, ids)
+        mass = torch.logsumexp(vals.masked_fill(~(members & gated[:, None]), neg_inf), dim=1)
+        logits.scatter_(1, ids, vals.masked_fill(gated[:, None], neg_inf))
+        w = wait_tok[row_slots]
+        redirect = gated & (w >= 0)
+        wi = w.clamp(min=0)[:, None]
+        cur = logits.gather(1, wi)
+        logits.scatter_(1, wi, torch.where(redirect[:, None], torch.logaddexp(cur, mass[:, None]), cur))
+    if do_force:
+        f = force_tok[row_slots]
+        forced = f >= 0
+        fi = f.clamp(min=0)[:, None]
+        keep = logits.gather(1, fi)
+        logits.masked_fill_(forced[:, None], neg_inf)
+        logits.scatter_(1, fi, torch.where(forced[:, None], torch.zeros_like(keep), keep))
+    return logits
+
+
+def think_reference_row(
+    z: torch.Tensor, force: int, blocked: Sequence[int], gated: bool, wait: int
+) -> torch.Tensor:
+    """One row, written plainly: the specification ``think_kernel`` must match."""
+    z = z.clone()
+    if gated:
+        ids = sorted(set(blocked))
+        mass = torch.logsumexp(z[ids], dim=0) if ids else torch.tensor(float("-inf"), dtype=z.dtype)
+        z[ids] = float("-inf")
+        if wait >= 0:
+            z[wait] = torch.logaddexp(z[wait], mass)
+    if force >= 0:
+        z[:] = float("-inf")
+        z[force] = 0.0
+    return z
+
+
+@dataclass
+class _Row:
+    params: ThinkParams
+    wait_ids: list[int]
+    matcher: StreamMatcher
+    thinking: bool = False
+    count: int = 0
+    ignored: int = 0
+    forced: deque[int] = field(default_factory=deque)
+    concluding: bool = False  # the queue holds the cap's conclusion + end
+    eos_block: bool = False
+    gated: bool = False  # published gate state for the step being sampled
+
+
+class ThinkSteering(LogitsTechnique):
+    name = "think"
+    keys = THINK_KEYS
+    argmax_invariant = False
+
+    @classmethod
+    def parse_params(cls, flat: Mapping[str, Any]) -> ThinkParams | None:
+        return ThinkParams.parse(flat)
+
+    def __init__(self, info: EngineInfo) -> None:
+        super().__init__(info)
+        n = info.max_slots + 1
+        self.start, self.end = info.think_start, info.think_end
+        if not self.end:
+            raise ValueError("think end string must be non-empty")
+        self.texts = token_texts(info.tokenizer, info.vocab_size)
+        self.end_ids = encode(info.tokenizer, self.end)
+        self.eos = [i for i in info.eos_token_ids if 0 <= i < info.vocab_size]
+        sets = completion_sets(self.texts, self.end)
+        sets = [sorted(set(s) | set(self.eos)) for s in sets] + [sorted(set(self.eos))]
+        self.eos_gate = len(sets) - 1
+        k = max(1, max(len(s) for s in sets))
+        ids = np.zeros((len(sets), k), dtype=np.int64)
+        mass = np.zeros((len(sets), k), dtype=bool)
+        for r, s in enumerate(sets):
+            if s:  # pad by repeating a member, so the duplicate writes agree
+                ids[r, : len(s)] = s
+                ids[r, len(s) :] = s[0]
+                mass[r, : len(s)] = True
+        self.block_ids = torch.from_numpy(ids).to(info.device)
+        self.block_mass = torch.from_numpy(mass).to(info.device)
+        self._empty_eos = not sets[-1]
+        pin = info.pin_memory and info.device.type != "cpu"
+        self._host = torch.full((3, n), -1, dtype=torch.int64, pin_memory=pin)
+        self._np = self._host.numpy()
+        self._dev = self._host if info.device.type == "cpu" else self._host.to(info.device)
+        self._dirty = False
+        self._mode = np.zeros(n, dtype=np.int8)
+        self._counts = [0, 0, 0]
+        self._counts[NONE] = n
+        self.rows: dict[int, _Row] = {}
+
+    # --- host side --------------------------------------------------------
+
+    @property
+    def num_active(self) -> int:
+        return len(self.rows)
+
+    def set_slot(self, slot: int, params: ThinkParams | None, prompt_ids: Sequence[int]) -> None:
+        self.rows.pop(slot, None)
+        if params is not None:
+            tok = self.info.tokenizer
+            inside, tail = thinking_state(tok.decode(list(prompt_ids), skip_special_tokens=False), self.start, self.end)
+            wait_ids = encode(tok, params.wait)
+            if not wait_ids:
+                raise ValueError(f"tts_think_wait must encode to at least one token, got {params.wait!r}")
+            row = _Row(params=params, wait_ids=wait_ids, matcher=StreamMatcher(self.start, self.end, tail), thinking=inside)
+            self.rows[slot] = row
+            if inside:
+                self._enter_thinking(row)
+            elif params.no_think:
+                row.forced.extend(encode(tok, self.start + "\n" + params.no_think_text + "\n" + self.end))
+                row.concluding = True
+        self._publish(slot)
+
+    def on_tokens(self, slot: int, token_ids: Sequence[int]) -> None:
+        row = self.rows.get(slot)
+        if row is None:
+            return
+        for t in token_ids:
+            self._step(row, t)
+        self._publish(slot)
+
+    def _enter_thinking(self, row: _Row) -> None:
+        row.thinking, row.count, row.ignored, row.concluding = True, 0, 0, False
+        if row.params.no_think:
+            row.forced.extend(encode(self.info.tokenizer, row.params.no_think_text + "\n" + self.end))
+            row.concluding = True
+        else:
+            self._check_cap(row)
+
+    def _check_cap(self, row: _Row) -> None:
+        cap = row.params.max_tokens
+        if row.thinking and not row.concluding and cap is not None and row.count >= cap:
+            row.forced.clear()
+            row.forced.extend(encode(self.info.tokenizer, row.params.conclusion + self.end))
+            row.concluding = True
+
+    def _step(self, row: _Row, t: int) -> None:
+        was_gated, row.gated = row.gated, False
+        if row.forced:
+            if row.forced[0] == t:
+                row.forced.popleft()
+            else:  # someone else decided this token (e.g. vLLM's own budget); our queue is stale
+                row.forced.clear()
+        elif was_gated and t == row.wait_ids[0]:
+            row.ignored += 1
+            row.forced.extend(row.wait_ids[1:])
+        if row.eos_block and not row.thinking:
+            row.eos_block = False
+        counted = row.thinking and not row.concluding
+        for event in row.matcher.feed(self.texts[t] if 0 <= t < len(self.texts) else ""):
+            if event == "end" and row.thinking:
+                row.eos_block = row.concluding and row.params.max_tokens is not None and not row.params.no_think
+                row.thinking, row.concluding, counted = False, False, False
+                row.forced.clear()
+            elif event == "start" and not row.thinking:
+                counted = False
+                if row.concluding:  # our own NoThinking prefill opened the block
+                    row.thinking = True
+                else:
+                    row.forced.clear()
+                    self._enter_thinking(row)
+        if counted:
+            row.count += 1
+            self._check_cap(row)
+
+    def _gate_closed(self, row: _Row) -> bool:
+        p = row.params
+        return row.thinking and not row.concluding and (row.count < p.min_tokens or row.ignored < p.extend)
+
+    def _publish(self, slot: int) -> None:
+        row = self.rows.get(slot)
+        force = gate = wait = -1
+        if row is not None:
+            if row.forced:
+                force = row.forced[0]
+            elif self._gate_closed(row):
+                gate, wait = row.matcher.end_partial(), row.wait_ids[0]
+                row.gated = True
+            elif row.eos_block and not self._empty_eos:
+                gate = self.eos_gate
+        mode = FORCE if force >= 0 else GATE if gate >= 0 else NONE
+        old = self._mode[slot]
+        if old != mode:
+            self._counts[old] -= 1
+            self._counts[mode] += 1
+            self._mode[slot] = mode
+        col = self._np[:, slot]
+        if col[0] != force or col[1] != gate or col[2] != wait:
+            col[:] = (force, gate, wait)
+            self._dirty = True
+
+    # --- hot path ---------------------------------------------------------
+
+    def apply(self, logits: torch.Tensor, row_slots: torch.Tensor) -> torch.Tensor:
+        do_force, do_gate = self._counts[FORCE] > 0, self._counts[GATE] > 0
+        if not (do_force or do_gate):
+            return logits
+        if self._dirty:
+            if self._dev is not self._host:
+                self._dev.copy_(self._host, non_blocking=True)
+            self._dirty = False
+        return think_kernel(
+            logits,
+            row_slots,
+            self._dev[0],
+            self._dev[1],
+            self._dev[2],
+            self.block_ids,
+            self.block_mass,
+            do_force=do_force,
+            do_gate=do_gate,
+        )

@@ -1,0 +1,168 @@
+"""Engine-neutral batch state: slots, the row-to-slot map, and the tokens each row produced.
+
+Engines number their batch differently (vLLM V1: persistent batch indices that
+requests move between; vLLM V2: stable request slots with rows reordered every
+step; SGLang: request-pool indices). Techniques only ever see stable *slots*:
+
+* :class:`SlotState` owns the technique instances, the parsed parameters of
+  each slot, and token observation (``watch`` a live list the engine appends
+  to, or ``feed`` tokens explicitly).
+* :class:`RowMap` turns vLLM V1's add/remove/move/swap of batch indices into
+  slot allocation plus a ``[max_rows]`` row-to-slot tensor, so moving a request
+  never moves technique state.
+
+Host work per step is proportional to the number of *opted-in* requests; a
+batch where nobody opted in costs one length check.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+import numpy as np
+import torch
+
+from tts_plugins.manager import Registry
+from tts_plugins.technique import EngineInfo, LogitsTechnique
+
+
+class SlotState:
+    """Per-slot parameters and technique state for ``info.max_slots`` slots."""
+
+    def __init__(self, registry: Registry, info: EngineInfo) -> None:
+        self.registry = registry
+        self.info = info
+        self.techniques: list[LogitsTechnique] = [cls(info) for cls in registry.techniques]
+        self._by_name = {t.name: t for t in self.techniques}
+        self.active: dict[int, list[LogitsTechnique]] = {}
+        self._watch: dict[int, list[Any]] = {}  # slot -> [live token list, number seen]
+        self.pending_placeholders = False
+
+    def admit(self, slot: int, parsed: Mapping[str, Any], prompt_ids: Sequence[int], live_outputs: list[int] | None = None) -> bool:
+        """Start ``slot`` with already-parsed parameters; True if any technique is on for it."""
+        self.release(slot)
+        if not parsed:
+            return False
+        techs = []
+        try:
+            for name, params in parsed.items():
+                tech = self._by_name[name]
+                tech.set_slot(slot, params, prompt_ids)
+                techs.append(tech)
+        except Exception:
+            for tech in techs:
+                tech.set_slot(slot, None, ())
+            raise
+        self.active[slot] = techs
+        if live_outputs is not None:
+            self._watch[slot] = [live_outputs, 0]
+            if live_outputs:
+                self.observe_slot(slot)
+        return True
+
+    def release(self, slot: int) -> None:
+        techs = self.active.pop(slot, None)
+        self._watch.pop(slot, None)
+        for tech in techs or ():
+            tech.set_slot(slot, None, ())
+
+    def feed(self, slot: int, token_ids: Sequence[int]) -> None:
+        for tech in self.active.get(slot, ()):
+            tech.on_tokens(slot, token_ids)
+
+    def observe_slot(self, slot: int) -> None:
+        entry = self._watch[slot]
+        out, seen = entry
+        n = len(out)
+        if n == seen:
+            return
+        new = out[seen:n]
+        if new and new[-1] < 0:  # async scheduling: the newest ids are placeholders until sampled
+            k = next(i for i, t in enumerate(new) if t < 0)
+            new = new[:k]
+            self.pending_placeholders = True
+        if new:
+            entry[1] = seen + len(new)
+            self.feed(slot, new)
+
+    def observe(self) -> None:
+        """Feed every watched slot the tokens appended to its live list since the last call."""
+        self.pending_placeholders = False
+        for slot in self._watch:
+            self.observe_slot(slot)
+
+    def apply(self, logits: torch.Tensor, row_slots: torch.Tensor) -> torch.Tensor:
+        if not self.active:
+            return logits
+        for tech in self.techniques:
+            if tech.num_active:
+                logits = tech.apply(logits, row_slots)
+        return logits
+
+    @property
+    def num_active(self) -> int:
+        return len(self.active)
+
+
+class RowMap:
+    """vLLM V1 persistent-batch rows to stable slots.
+
+    ``row_slots`` is the device tensor handed to ``apply``; rows without an
+    opted-in request map to the neutral slot. Only rows of opted-in requests
+    take a slot, so ``max_slots`` bounds concurrent *opted-in* requests.
+    """
+
+    def __init__(self, max_rows: int, info: EngineInfo) -> None:
+        self.neutral = info.neutral_slot
+        self.max_slots = info.max_slots
+        pin = info.pin_memory and info.device.type != "cpu"
+        self._host = torch.full((max_rows,), self.neutral, dtype=torch.int64, pin_memory=pin)
+        self._np = self._host.numpy()
+        self._dev = self._host if info.device.type == "cpu" else self._host.to(info.device)
+        self._dirty = False
+        self._free = list(range(info.max_slots - 1, -1, -1))
+
+    def slot_of(self, row: int) -> int:
+        return int(self._np[row])
+
+    def take(self, row: int) -> int:
+        """Give ``row`` a fresh slot (the caller released any previous one)."""
+        if not self._free:
+            raise RuntimeError(f"tts_plugins: more than {self.max_slots} opted-in requests at once")
+        slot = self._free.pop()
+        self._np[row] = slot
+        self._dirty = True
+        return slot
+
+    def clear(self, row: int) -> int:
+        """Unmap ``row``; returns the slot it held (or the neutral slot)."""
+        slot = int(self._np[row])
+        if slot != self.neutral:
+            self._free.append(slot)
+            self._np[row] = self.neutral
+            self._dirty = True
+        return slot
+
+    def move(self, src: int, dst: int, swap: bool) -> None:
+        a, b = self._np[src], self._np[dst]
+        if a == self.neutral and b == self.neutral:
+            return
+        self._np[dst] = a
+        self._np[src] = b if swap else self.neutral
+        self._dirty = True
+
+    def device_view(self, num_rows: int) -> torch.Tensor:
+        if self._dirty:
+            if self._dev is not self._host:
+                self._dev.copy_(self._host, non_blocking=True)
+            self._dirty = False
+        return self._dev[:num_rows]
+
+    def mapped(self) -> dict[int, int]:
+        """``{row: slot}`` for rows that hold a slot (for tests and debugging)."""
+        return {int(r): int(s) for r, s in enumerate(self._np) if s != self.neutral}
+
+
+def neutral_rows(n: int, info: EngineInfo) -> np.ndarray:
+    return np.full(n, info.neutral_slot, dtype=np.int64)

@@ -1,0 +1,118 @@
+"""Build the plugin manager and the registry of techniques.
+
+Nothing here is global: :func:`build_registry` returns a fresh, validated
+:class:`Registry` each call. Adapters keep one per processor instance, and the
+admission path caches one per process with :func:`default_registry` (building
+twice is harmless; pluggy refuses to register the same plugin twice anyway).
+"""
+
+from __future__ import annotations
+
+import functools
+import logging
+import os
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass
+from typing import Any
+
+import pluggy
+
+from tts_plugins import hookspecs
+from tts_plugins.params import PREFIX, tts_keys
+
+log = logging.getLogger("tts_plugins")
+
+ENTRY_POINT_GROUP = "tts_plugins"
+
+
+def plugin_manager(*, load_entry_points: bool = True, extra_plugins: Iterable[Any] = ()) -> pluggy.PluginManager:
+    """A new plugin manager with the built-in techniques, installed third-party plugins and ``extra_plugins``."""
+    from tts_plugins import builtin
+    from tts_plugins import logits_processors
+
+    pm = pluggy.PluginManager(hookspecs.PROJECT)
+    pm.add_hookspecs(hookspecs)
+    pm.register(logits_processors, name="tts_plugins.logits_processors")
+    pm.register(builtin, name="tts_plugins.builtin")
+    if load_entry_points:
+        pm.load_setuptools_entrypoints(ENTRY_POINT_GROUP)
+    for plugin in extra_plugins:
+        pm.register(plugin)
+    pm.check_pending()
+    return pm
+
+
+@dataclass(frozen=True)
+class Registry:
+    """The techniques one engine runs, and who owns which request key."""
+
+    pm: pluggy.PluginManager
+    techniques: tuple[type, ...]
+    key_owner: Mapping[str, str]
+
+    def parse(self, extra: Mapping[str, Any] | None) -> dict[str, Any]:
+        """Parse a request's flat extra arguments into ``{technique name: params}``.
+
+        Keys not starting with ``tts_`` are ignored (they belong to other
+        processors); an unknown ``tts_*`` key is a ``ValueError``.
+        """
+        flat = tts_keys(extra)
+        unknown = sorted(k for k in flat if k not in self.key_owner)
+        if unknown:
+            raise ValueError(
+                f"unknown request key {unknown[0]} (value {flat[unknown[0]]!r}); expected one of: "
+                + ", ".join(sorted(self.key_owner))
+            )
+        parsed = {}
+        for cls in self.techniques:
+            params = cls.parse_params({k: v for k, v in flat.items() if k in cls.keys})
+            if params is not None:
+                parsed[cls.name] = params
+        return parsed
+
+    def think_strings(self, tokenizer: Any, model_name: str | None = None, engine_hint: Mapping[str, str] | None = None) -> tuple[str, str]:
+        result = self.pm.hook.tts_think_strings(tokenizer=tokenizer, model_name=model_name, engine_hint=engine_hint)
+        start, end = result
+        if not end:
+            raise ValueError(f"think end string must be non-empty, got {end!r}")
+        return start, end
+
+    def model_patches(self) -> list[Any]:
+        patches: list[Any] = []
+        self.pm.hook.tts_register_model_patches(register=patches.append)
+        return patches
+
+
+def build_registry(pm: pluggy.PluginManager | None = None) -> Registry:
+    """Collect and validate the registered techniques."""
+    pm = pm or plugin_manager()
+    techniques: list[type] = []
+    pm.hook.tts_register_techniques(register=techniques.append)
+    names: dict[str, type] = {}
+    owner: dict[str, str] = {}
+    for cls in techniques:
+        name = getattr(cls, "name", None)
+        if not isinstance(name, str) or not name:
+            raise ValueError(f"technique {cls!r} must have a non-empty str name")
+        if name in names:
+            if names[name] is cls:
+                continue
+            raise ValueError(f"two techniques are named {name!r}: {names[name]!r} and {cls!r}")
+        names[name] = cls
+        for key in cls.keys:
+            if not key.startswith(PREFIX):
+                raise ValueError(f"technique {name!r} key {key!r} must start with {PREFIX!r}")
+            if key in owner:
+                raise ValueError(f"request key {key!r} is claimed by techniques {owner[key]!r} and {name!r}")
+            owner[key] = name
+    return Registry(pm=pm, techniques=tuple(names.values()), key_owner=owner)
+
+
+@functools.lru_cache(maxsize=1)
+def default_registry() -> Registry:
+    """The registry of this process (cached: entry points do not change while it runs)."""
+    return build_registry()
+
+
+def env_think_strings() -> tuple[str | None, str | None]:
+    return os.environ.get("TTS_PLUGINS_THINK_START"), os.environ.get("TTS_PLUGINS_THINK_END")

@@ -1,0 +1,150 @@
+"""Per-request parameters: flat ``tts_*`` keys in, frozen dataclasses out.
+
+vLLM's ``vllm_xargs`` carries only a flat dict of str/int/float (or lists), and
+SGLang's ``custom_params`` must survive msgpack, so every technique reads its
+options from one flat key space. Parsing runs once, at admission, in the
+engine's API process; it imports no torch. Every error is a ``ValueError``
+naming the key, the value received and what was expected.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Any
+
+PREFIX = "tts_"
+MAX_INT = 2**31 - 1
+MAX_TEXT = 1024
+
+
+def _show(value: Any) -> str:
+    text = repr(value)
+    return text if len(text) <= 80 else text[:77] + "..."
+
+
+def get_int(flat: Mapping[str, Any], key: str, default: int | None = None, *, minimum: int = 0, maximum: int = MAX_INT) -> int | None:
+    """An int in [minimum, maximum]; bools and non-integral floats are refused."""
+    if key not in flat:
+        return default
+    value = flat[key]
+    if isinstance(value, float) and math.isfinite(value) and value.is_integer():
+        value = int(value)
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise ValueError(f"{key} must be an int >= {minimum}, got {_show(flat[key])}")
+    if not minimum <= value <= maximum:
+        raise ValueError(f"{key} must be an int in [{minimum}, {maximum}], got {value}")
+    return value
+
+
+def get_bool(flat: Mapping[str, Any], key: str, default: bool = False) -> bool:
+    """A bool; 0/1 and "true"/"false" are accepted because some transports stringify."""
+    if key not in flat:
+        return default
+    value = flat[key]
+    if isinstance(value, bool):
+        return value
+    if isinstance(value, int) and value in (0, 1):
+        return bool(value)
+    if isinstance(value, str) and value.lower() in ("true", "false"):
+        return value.lower() == "true"
+    raise ValueError(f"{key} must be a bool (true/false), got {_show(value)}")
+
+
+def get_text(flat: Mapping[str, Any], key: str, default: str, *, allow_empty: bool = True) -> str:
+    """A string of at most MAX_TEXT characters."""
+    if key not in flat:
+        return default
+    value = flat[key]
+    if not isinstance(value, str):
+        raise ValueError(f"{key} must be a string, got {_show(value)}")
+    if not allow_empty and not value:
+        raise ValueError(f"{key} must be a non-empty string, got ''")
+    if len(value) > MAX_TEXT:
+        raise ValueError(f"{key} must be a string of at most {MAX_TEXT} characters, got {len(value)} characters")
+    if "\x00" in value:
+        raise ValueError(f"{key} must not contain NUL characters, got {_show(value)}")
+    return value
+
+
+def tts_keys(flat: Mapping[str, Any] | None) -> dict[str, Any]:
+    """The ``tts_*`` subset of a request's extra arguments (others belong to someone else)."""
+    if not flat:
+        return {}
+    if not isinstance(flat, Mapping):
+        raise ValueError(f"request extra arguments must be a JSON object, got {_show(flat)}")
+    return {k: v for k, v in flat.items() if isinstance(k, str) and k.startswith(PREFIX)}
+
+
+# --- think-token steering -------------------------------------------------
+
+THINK_KEYS = frozenset(
+    {
+        "tts_think_max",
+        "tts_think_min",
+        "tts_think_extend",
+        "tts_think_wait",
+        "tts_think_conclusion",
+        "tts_no_think",
+        "tts_no_think_text",
+    }
+)
+
+DEFAULT_WAIT = "Wait"
+DEFAULT_CONCLUSION = "\n"
+DEFAULT_NO_THINK_TEXT = "Okay, I think I have finished thinking."
+
+
+@dataclass(frozen=True)
+class ThinkParams:
+    """Think-token steering options of one request.
+
+    ``max_tokens`` caps model tokens inside a thinking block (None: no cap);
+    ``min_tokens`` and ``extend`` keep it open (s1 budget forcing);
+    ``no_think`` skips thinking (NoThinking).
+    """
+
+    max_tokens: int | None = None
+    min_tokens: int = 0
+    extend: int = 0
+    wait: str = DEFAULT_WAIT
+    conclusion: str = DEFAULT_CONCLUSION
+    no_think: bool = False
+    no_think_text: str = DEFAULT_NO_THINK_TEXT
+
+    @classmethod
+    def parse(cls, flat: Mapping[str, Any]) -> ThinkParams | None:
+        """Parse the think keys of ``flat``; ``None`` when the request does not opt in."""
+        if not any(k in flat for k in ("tts_think_max", "tts_think_min", "tts_think_extend", "tts_no_think")):
+            for key in ("tts_think_wait", "tts_think_conclusion", "tts_no_think_text"):
+                if key in flat:
+                    raise ValueError(
+                        f"{key} only takes effect with tts_think_max, tts_think_min, tts_think_extend "
+                        f"or tts_no_think, got {key}={_show(flat[key])} alone"
+                    )
+            return None
+        params = cls(
+            max_tokens=get_int(flat, "tts_think_max"),
+            min_tokens=get_int(flat, "tts_think_min", 0),
+            extend=get_int(flat, "tts_think_extend", 0, maximum=10_000),
+            wait=get_text(flat, "tts_think_wait", DEFAULT_WAIT, allow_empty=False),
+            conclusion=get_text(flat, "tts_think_conclusion", DEFAULT_CONCLUSION),
+            no_think=get_bool(flat, "tts_no_think"),
+            no_think_text=get_text(flat, "tts_no_think_text", DEFAULT_NO_THINK_TEXT),
+        )
+        if params.max_tokens is not None and params.min_tokens > params.max_tokens:
+            raise ValueError(
+                f"tts_think_min must be <= tts_think_max, got tts_think_min={params.min_tokens} "
+                f"and tts_think_max={params.max_tokens}"
+            )
+        if params.no_think and (params.min_tokens or params.extend):
+            raise ValueError(
+                "tts_no_think cannot be combined with tts_think_min or tts_think_extend, got "
+                f"tts_think_min={params.min_tokens}, tts_think_extend={params.extend}"
+            )
+        if not params.no_think and "tts_no_think_text" in flat:
+            raise ValueError(f"tts_no_think_text only takes effect with tts_no_think=true, got {_show(flat['tts_no_think_text'])}")
+        if params.max_tokens is None and params.min_tokens == 0 and params.extend == 0 and not params.no_think:
+            return None  # e.g. tts_no_think=false alone: valid, and opts out
+        return params
