@@ -1,0 +1,84 @@
+"""The one module allowed to change engine internals; every patch goes through ``Patcher``.
+
+Each patch checks the engine version and that its target exists, refuses to
+patch twice, logs what it replaced, and can be undone (tests do).
+"""
+
+from __future__ import annotations
+
+import importlib
+import logging
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from importlib.metadata import PackageNotFoundError, version
+from typing import Any
+
+log = logging.getLogger("tts_plugins.patching")
+
+_MARK = "__tts_plugins_original__"
+
+
+def engine_version(engine: str) -> str | None:
+    for dist in ((engine, f"{engine}-cpu") if engine == "vllm" else (engine,)):
+        try:
+            return version(dist)
+        except PackageNotFoundError:
+            continue
+    return None
+
+
+@dataclass
+class Patcher:
+    """Replaces attributes of engine classes or modules, and remembers how to undo it."""
+
+    engine: str
+    applied: list[tuple[Any, str, Any]] = field(default_factory=list)
+
+    def replace(self, target: str, make: Callable[[Any], Any], *, min_version: str | None = None) -> bool:
+        """Replace ``module:attr.path`` by ``make(original)``; False if skipped."""
+        ver = engine_version(self.engine)
+        if ver is None:
+            log.warning("tts_plugins: %s is not installed; not patching %s", self.engine, target)
+            return False
+        if min_version is not None and _vtuple(ver) < _vtuple(min_version):
+            log.warning("tts_plugins: %s %s is older than %s; not patching %s", self.engine, ver, min_version, target)
+            return False
+        module_name, _, path = target.partition(":")
+        owner: Any = importlib.import_module(module_name)
+        *parents, attr = path.split(".")
+        for name in parents:
+            owner = getattr(owner, name)
+        original = getattr(owner, attr, None)
+        if original is None:
+            log.warning("tts_plugins: %s has no %s; not patching", self.engine, target)
+            return False
+        if getattr(original, _MARK, None) is not None:
+            return False  # already patched in this process
+        new = make(original)
+        setattr(new, _MARK, original)
+        setattr(owner, attr, new)
+        self.applied.append((owner, attr, original))
+        log.info("tts_plugins: patched %s (%s %s)", target, self.engine, ver)
+        return True
+
+    def undo(self) -> None:
+        while self.applied:
+            owner, attr, original = self.applied.pop()
+            setattr(owner, attr, original)
+
+
+def _vtuple(v: str) -> tuple[int, ...]:
+    out = []
+    for part in v.split("+")[0].split("."):
+        digits = "".join(ch for ch in part if ch.isdigit())
+        out.append(int(digits) if digits else 0)
+    return tuple(out)
+
+
+def install_patches(registry: Any, engine: str) -> Patcher:
+    """Install every registered patch for ``engine``; returns the patcher (undo() reverts)."""
+    patcher = Patcher(engine)
+    for patch in registry.model_patches():
+        if getattr(patch, "engine", None) == engine:
+            patch.install(patcher)
+    return patcher
