@@ -29,8 +29,11 @@ Not argmax invariant.
 
 Counting (s1): thinking tokens are the output tokens after the start string
 (or from the first output token when the prompt already opened thinking),
-spliced "Wait" tokens included; the cap's forced conclusion and end string are
-not counted. Re-entering thinking starts a new count. The cap forces
+spliced "Wait" tokens included, up to the token that completes the end string;
+the cap's forced conclusion and end string are not counted. When the end string
+is several tokens, its leading pieces count until the last one completes it
+(text, not token ids, decides), so ``tts_think_min=m`` means the end string
+cannot be completed by any of the first ``m`` thinking tokens. Re-entering thinking starts a new count. The cap forces
 ``conclusion + end`` once ``tts_think_max`` thinking tokens exist, so the count
 is exact; then EOS is blocked for the first answer token so a capped request
 never ends with an empty answer.

@@ -1,0 +1,99 @@
+"""Request parameters: parsed once, bad values named precisely."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+from hypothesis import given
+from hypothesis import strategies as st
+
+from tts_plugins.manager import build_registry, plugin_manager
+from tts_plugins.params import ThinkParams
+
+REG = build_registry(plugin_manager(load_entry_points=False))
+
+INT_KEYS = ["tts_think_max", "tts_think_min", "tts_think_extend"]
+
+
+def test_no_tts_keys_means_no_technique():
+    assert REG.parse(None) == {}
+    assert REG.parse({}) == {}
+    assert REG.parse({"other_processor_key": 3}) == {}
+
+
+def test_neutral_values_opt_out():
+    assert REG.parse({"tts_think_min": 0}) == {}
+    assert REG.parse({"tts_no_think": False}) == {}
+
+
+def test_valid_request_parses_to_frozen_params():
+    parsed = REG.parse({"tts_think_max": 10, "tts_think_min": 3, "tts_think_wait": "Hmm", "unrelated": 1})
+    assert parsed == {"think": ThinkParams(max_tokens=10, min_tokens=3, wait="Hmm")}
+    with pytest.raises(AttributeError):
+        parsed["think"].max_tokens = 3  # type: ignore[misc]
+
+
+def test_unknown_tts_key_is_an_error_naming_it():
+    with pytest.raises(ValueError, match="tts_think_maxx"):
+        REG.parse({"tts_think_maxx": 3})
+
+
+@given(key=st.sampled_from(INT_KEYS), value=st.one_of(st.integers(max_value=-1), st.text(max_size=5), st.booleans(), st.floats(allow_nan=True).filter(lambda f: not (math.isfinite(f) and f.is_integer() and f >= 0)), st.lists(st.integers(), max_size=2)))
+def test_bad_int_values_name_key_value_and_expectation(key, value):
+    with pytest.raises(ValueError) as err:
+        REG.parse({key: value})
+    msg = str(err.value)
+    assert key in msg and ("int" in msg), msg
+
+
+@given(key=st.sampled_from(INT_KEYS), value=st.integers(min_value=2**31))
+def test_huge_ints_are_refused(key, value):
+    with pytest.raises(ValueError, match=key):
+        REG.parse({key: value})
+
+
+@given(value=st.one_of(st.integers(min_value=2), st.text(min_size=1, max_size=4).filter(lambda s: s.lower() not in ("true", "false")), st.floats()))
+def test_bad_bool_is_named(value):
+    with pytest.raises(ValueError, match="tts_no_think"):
+        REG.parse({"tts_no_think": value})
+
+
+@given(lo=st.integers(0, 1000), hi=st.integers(0, 1000))
+def test_min_above_max_is_refused(lo, hi):
+    flat = {"tts_think_min": lo, "tts_think_max": hi}
+    if lo > hi:
+        with pytest.raises(ValueError, match="tts_think_min"):
+            REG.parse(flat)
+    else:
+        p = REG.parse(flat)["think"]
+        assert (p.min_tokens, p.max_tokens) == (lo, hi)
+
+
+@pytest.mark.parametrize(
+    "flat, key",
+    [
+        ({"tts_think_max": 4, "tts_think_wait": ""}, "tts_think_wait"),
+        ({"tts_think_max": 4, "tts_think_wait": 5}, "tts_think_wait"),
+        ({"tts_think_max": 4, "tts_think_conclusion": "x" * 5000}, "tts_think_conclusion"),
+        ({"tts_think_wait": "Hmm"}, "tts_think_wait"),
+        ({"tts_no_think": True, "tts_think_min": 3}, "tts_no_think"),
+        ({"tts_think_max": 3, "tts_no_think_text": "done"}, "tts_no_think_text"),
+        ({"tts_think_max": 3, "tts_think_wait": "a\x00b"}, "tts_think_wait"),
+    ],
+)
+def test_bad_combinations_are_named(flat, key):
+    with pytest.raises(ValueError, match=key):
+        REG.parse(flat)
+
+
+def test_integral_floats_and_stringified_bools_are_accepted():
+    # JSON transports turn 5 into 5.0 and true into "true" more often than one would like.
+    assert REG.parse({"tts_think_max": 5.0})["think"].max_tokens == 5
+    assert REG.parse({"tts_no_think": "true"})["think"].no_think is True
+    assert REG.parse({"tts_no_think": 1})["think"].no_think is True
+
+
+def test_extra_args_must_be_a_mapping():
+    with pytest.raises(ValueError, match="JSON object"):
+        REG.parse(["tts_think_max"])  # type: ignore[arg-type]

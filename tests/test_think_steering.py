@@ -1,0 +1,153 @@
+"""Think-token steering end to end on the engine-neutral core, with the real tiny tokenizers.
+
+The "model" is synthetic (tests/sim.py) so each property can be stated
+exactly: the cap count, the forced sequences, the gate, the extension count.
+"""
+
+from __future__ import annotations
+
+import pytest
+from hypothesis import given
+from hypothesis import strategies as st
+
+from sim import Request, Sim, random_model, wants
+from tts_plugins.text import encode
+
+
+def chat_prompt(tok, text="What is 2 + 3?"):
+    return tok.apply_chat_template([{"role": "user", "content": text}], add_generation_prompt=True, tokenize=True, return_dict=False)
+
+
+def decode(tok, ids):
+    return tok.decode(ids, skip_special_tokens=False)
+
+
+def banned_enders(tok):
+    """Tokens whose text completes </think> or ends the request: a model that never stops by itself."""
+    return [i for i in range(len(tok)) if ">" in tok.decode([i])] + [tok.eos_token_id]
+
+
+@pytest.fixture(scope="session", params=["dense", "multi"])
+def tok(request, dense_tokenizer, multi_tokenizer):
+    return dense_tokenizer if request.param == "dense" else multi_tokenizer
+
+
+@given(cap=st.integers(0, 25), seed=st.integers(0, 10_000), conclusion=st.sampled_from(["\n", "", " Considering the limited time, I have to give the solution now.\n"]))
+def test_cap_count_is_exact_and_forces_conclusion_then_end(tok, cap, seed, conclusion):
+    sim = Sim(tok)
+    prompt = chat_prompt(tok)
+    model = random_model(len(tok), seed, banned=banned_enders(tok))
+    forced = encode(tok, conclusion + "</think>")
+    [out] = sim.run([Request(prompt, {"tts_think_max": cap, "tts_think_conclusion": conclusion})], model, cap + len(forced) + 3)
+    [plain] = sim.run([Request(prompt, {})], model, cap)
+    assert out[:cap] == plain[:cap], "the model's own thinking tokens must be untouched before the cap"
+    assert out[cap : cap + len(forced)] == forced
+    assert out[cap + len(forced)] != tok.eos_token_id, "the answer after a capped think block is never empty"
+    assert decode(tok, out).count("</think>") == 1
+
+
+@given(seed=st.integers(0, 10_000))
+def test_no_think_forces_the_prefill_at_step_zero(tok, seed):
+    sim = Sim(tok)
+    text = "Okay, I think I have finished thinking."
+    forced = encode(tok, text + "\n</think>")
+    [out] = sim.run([Request(chat_prompt(tok), {"tts_no_think": True})], random_model(len(tok), seed), len(forced) + 2, stop_at_eos=False)
+    assert out[: len(forced)] == forced
+
+
+def test_no_think_without_an_open_block_prefills_the_whole_block(tok):
+    sim = Sim(tok)
+    prompt = encode(tok, "What is 2 + 3?")
+    forced = encode(tok, "<think>\nOkay, I think I have finished thinking.\n</think>")
+    [out] = sim.run([Request(prompt, {"tts_no_think": True})], random_model(len(tok), 1), len(forced), stop_at_eos=False)
+    assert out == forced
+
+
+def end_spelling(tok):
+    """A model that, inside thinking, always continues spelling </think> (token by token if it is several)."""
+    end_ids = encode(tok, "</think>")
+
+    def favourite(out):
+        text = decode(tok, out)
+        if "</think>" in text:
+            return None
+        # longest suffix of out that is a prefix of end_ids
+        for k in range(min(len(end_ids) - 1, len(out)), -1, -1):
+            if k == 0 or out[-k:] == end_ids[:k]:
+                return end_ids[k]
+        return end_ids[0]
+
+    return favourite
+
+
+@given(minimum=st.integers(1, 30), seed=st.integers(0, 1000))
+def test_minimum_keeps_thinking_open_and_splices_wait(tok, minimum, seed):
+    sim = Sim(tok)
+    model = wants(len(tok), end_spelling(tok), seed)
+    [out] = sim.run([Request(chat_prompt(tok), {"tts_think_min": minimum})], model, minimum + 40)
+    text = decode(tok, out)
+    assert "</think>" in text, "once the minimum is met the model may end thinking"
+    # thinking tokens: every token before the one that completes the end string
+    thinking = next(i for i in range(len(out)) if "</think>" in decode(tok, out[: i + 1]))
+    assert thinking >= minimum, f"end of thinking after {thinking} tokens, minimum {minimum}: {text!r}"
+    if minimum >= len(encode(tok, "</think>")):  # the model tried to finish inside the window
+        assert "Wait" in text.split("</think>")[0]
+
+
+@given(extend=st.integers(0, 6), seed=st.integers(0, 1000), wait=st.sampled_from(["Wait", "Hmm", "Alternatively", " Let me check the sum again."]))
+def test_extension_ignores_exactly_n_attempts(tok, extend, seed, wait):
+    sim = Sim(tok)
+    model = wants(len(tok), end_spelling(tok), seed)
+    params = {"tts_think_extend": extend, "tts_think_wait": wait} if extend else {"tts_think_max": 10_000}
+    [out] = sim.run([Request(chat_prompt(tok), params)], model, 10 * (extend + 1) + 20)
+    text = decode(tok, out)
+    thinking = text.split("</think>")[0]
+    assert text.count("</think>") >= 1
+    assert thinking.count(wait) == extend, repr(text)
+
+
+def test_min_and_cap_together(tok):
+    sim = Sim(tok)
+    model = wants(len(tok), end_spelling(tok), 3)
+    [out] = sim.run([Request(chat_prompt(tok), {"tts_think_min": 6, "tts_think_max": 9})], model, 40)
+    text = decode(tok, out)
+    assert "</think>" in text
+
+
+@given(seed=st.integers(0, 1000), n_plain=st.integers(1, 4))
+def test_rows_that_do_not_opt_in_decode_as_if_alone(tok, seed, n_plain):
+    sim = Sim(tok)
+    prompt = chat_prompt(tok)
+    model = random_model(len(tok), seed)
+    reqs = [Request(prompt, {"tts_think_max": 2})] + [Request(prompt, {}) for _ in range(n_plain)] + [Request(prompt, {"tts_no_think": True})]
+    mixed = sim.run(reqs, model, 12, stop_at_eos=False)
+    for i in range(1, n_plain + 1):
+        alone = Sim(tok).run([Request(prompt, {})] * (i + 1), model, 12, stop_at_eos=False)[i]
+        assert mixed[i] == alone
+
+
+def test_reentering_thinking_starts_a_new_count(dense_tokenizer):
+    tok = dense_tokenizer
+    sim = Sim(tok)
+    think_open, think_close = tok.convert_tokens_to_ids("<think>"), tok.convert_tokens_to_ids("</think>")
+    plan = [None] * 3 + [think_close, None, think_open]  # answer, then thinking again
+
+    def favourite(out):
+        return plan[len(out)] if len(out) < len(plan) else None
+
+    banned = banned_enders(tok)
+    base = random_model(len(tok), 5, banned=[b for b in banned if b not in (think_close,)])
+
+    def model(req, out):
+        z = base(req, out)
+        z[think_close] = -1e9
+        fav = favourite(out)
+        if fav is not None:
+            z[fav] = 1e9
+        return z
+
+    [out] = sim.run([Request(chat_prompt(tok), {"tts_think_max": 5})], model, 20)
+    text = decode(tok, out)
+    assert text.count("</think>") == 2
+    second = out[out.index(think_open) + 1 :]
+    assert second[5:7] == encode(tok, "\n</think>"), "the second block gets its own count of 5"
