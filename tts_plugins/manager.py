@@ -25,14 +25,15 @@ log = logging.getLogger("tts_plugins")
 ENTRY_POINT_GROUP = "tts_plugins"
 
 
-def plugin_manager(*, load_entry_points: bool = True, extra_plugins: Iterable[Any] = ()) -> pluggy.PluginManager:
+def plugin_manager(*, load_entry_points: bool = True, extra_plugins: Iterable[Any] = (), builtin_techniques: bool = True) -> pluggy.PluginManager:
     """A new plugin manager with the built-in techniques, installed third-party plugins and ``extra_plugins``."""
     from tts_plugins import builtin
     from tts_plugins import logits_processors
 
     pm = pluggy.PluginManager(hookspecs.PROJECT)
     pm.add_hookspecs(hookspecs)
-    pm.register(logits_processors, name="tts_plugins.logits_processors")
+    if builtin_techniques:
+        pm.register(logits_processors, name="tts_plugins.logits_processors")
     pm.register(builtin, name="tts_plugins.builtin")
     if load_entry_points:
         pm.load_setuptools_entrypoints(ENTRY_POINT_GROUP)

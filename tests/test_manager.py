@@ -1,0 +1,92 @@
+"""The plugin manager and registry: discovery, validation, no global state."""
+
+from __future__ import annotations
+
+import pytest
+
+from tts_plugins import hookimpl
+from tts_plugins.manager import build_registry, default_registry, plugin_manager
+from tts_plugins.technique import LogitsTechnique
+
+
+def make_technique(name, keys):
+    class T(LogitsTechnique):
+        @classmethod
+        def parse_params(cls, flat):
+            return dict(flat) or None
+
+        def set_slot(self, slot, params, prompt_ids):
+            pass
+
+        num_active = 0
+
+        def apply(self, logits, row_slots):
+            return logits
+
+    T.name, T.keys = name, frozenset(keys)
+    return T
+
+
+class Registers:
+    def __init__(self, *classes):
+        self.classes = classes
+
+    @hookimpl
+    def tts_register_techniques(self, register):
+        for cls in self.classes:
+            register(cls)
+
+
+def test_builtin_techniques_are_registered():
+    reg = build_registry(plugin_manager(load_entry_points=False))
+    assert [t.name for t in reg.techniques] == ["think"]
+    assert reg.key_owner["tts_think_max"] == "think"
+
+
+def test_each_build_is_fresh_and_building_twice_is_harmless():
+    a = build_registry(plugin_manager(load_entry_points=False))
+    b = build_registry(plugin_manager(load_entry_points=False))
+    assert a.pm is not b.pm and a.techniques == b.techniques
+    assert default_registry() is default_registry()
+
+
+def test_third_party_technique_gets_its_keys():
+    extra = make_technique("ngram_ban", {"tts_ngram_n"})
+    reg = build_registry(plugin_manager(load_entry_points=False, extra_plugins=[Registers(extra)]))
+    assert reg.parse({"tts_ngram_n": 3}) == {"ngram_ban": {"tts_ngram_n": 3}}
+
+
+def test_conflicting_names_and_keys_are_refused():
+    with pytest.raises(ValueError, match="named 'think'"):
+        build_registry(plugin_manager(load_entry_points=False, extra_plugins=[Registers(make_technique("think", {"tts_x"}))]))
+    with pytest.raises(ValueError, match="tts_think_max"):
+        build_registry(plugin_manager(load_entry_points=False, extra_plugins=[Registers(make_technique("other", {"tts_think_max"}))]))
+    with pytest.raises(ValueError, match="must start with"):
+        build_registry(plugin_manager(load_entry_points=False, extra_plugins=[Registers(make_technique("bad", {"think_max"}))]))
+
+
+def test_misspelled_hook_is_caught():
+    class Typo:
+        @hookimpl
+        def tts_register_technique(self, register):  # missing "s"
+            pass
+
+    with pytest.raises(Exception, match="tts_register_technique"):
+        plugin_manager(load_entry_points=False, extra_plugins=[Typo()])
+
+
+def test_think_strings_resolution(monkeypatch):
+    reg = build_registry(plugin_manager(load_entry_points=False))
+    assert reg.think_strings(None) == ("<think>", "</think>")
+    assert reg.think_strings(None, engine_hint={"start": "<reason>", "end": "</reason>"}) == ("<reason>", "</reason>")
+    monkeypatch.setenv("TTS_PLUGINS_THINK_END", "<|end_think|>")
+    assert reg.think_strings(None)[1] == "<|end_think|>"
+
+    class Custom:
+        @hookimpl
+        def tts_think_strings(self, model_name):
+            return ("[T]", "[/T]") if model_name == "mine" else None
+
+    reg = build_registry(plugin_manager(load_entry_points=False, extra_plugins=[Custom()]))
+    assert reg.think_strings(None, "mine") == ("[T]", "[/T]")
+    assert reg.think_strings(None, "other")[0] == "<think>"
