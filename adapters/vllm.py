@@ -35,7 +35,7 @@ from vllm.v1.sample.logits_processor import LogitsProcessor as _V1LogitsProcesso
 
 from tts_plugins.batch import RowMap, SlotState
 from tts_plugins.manager import Registry, build_registry, default_registry
-from tts_plugins.technique import EngineInfo
+from tts_plugins.technique import EngineInfo, SlotRequest
 
 try:  # Model Runner V2's interface (vLLM >= 0.20); absent in older releases
     from vllm.v1.worker.gpu.sample.logits_processor import LogitsProcessor as _V2LogitsProcessor
@@ -70,6 +70,10 @@ def _eos_ids(tokenizer: Any, vllm_config: Any) -> tuple[int, ...]:
     elif isinstance(eos, (list, tuple)):
         ids.update(int(i) for i in eos)
     return tuple(sorted(ids))
+
+
+def _greedy(params: Any) -> bool:
+    return float(getattr(params, "temperature", 1.0)) < 1e-5
 
 
 def _think_hint(vllm_config: Any) -> dict[str, str] | None:
@@ -155,7 +159,7 @@ class TTSLogitsProcessor(*_BASES):  # type: ignore[misc]
                 if parsed:
                     slot = self.rows.take(row)
                     try:
-                        self.state.admit(slot, parsed, prompt_ids or (), output_ids)
+                        self.state.admit(slot, parsed, SlotRequest(prompt_ids or (), _greedy(params)), output_ids)
                     except Exception:
                         log.exception("tts_plugins: could not start techniques for a request; it runs plain")
                         self.state.release(self.rows.clear(row))
@@ -174,18 +178,18 @@ class TTSLogitsProcessor(*_BASES):  # type: ignore[misc]
         self._active_np[req_idx] = False
         parsed = self._parse_quietly(sampling_params) if sampling_params.extra_args else {}
         if parsed:
-            self._staged[req_idx] = parsed
+            self._staged[req_idx] = (parsed, _greedy(sampling_params))
         return bool(parsed)
 
     def apply_staged_writes(self) -> None:
         if not self._staged:
             return
         # Once per admitted opted-in request: read its prompt back from the runner's token buffer.
-        for slot, parsed in self._staged.items():
+        for slot, (parsed, greedy) in self._staged.items():
             plen = int(self.req_states.prompt_len.np[slot])
             prompt = self.req_states.all_token_ids.gpu[slot, :plen].tolist()
             try:
-                self.state.admit(slot, parsed, prompt)
+                self.state.admit(slot, parsed, SlotRequest(prompt, greedy))
             except Exception:
                 log.exception("tts_plugins: could not start techniques for a request; it runs plain")
                 continue

@@ -14,12 +14,14 @@ device buffers:
   the same queue serves thought trimming.
 * **gate** ``j``: the tokens that would complete the end-of-thinking string
   (given a partial match of length ``j`` in the text so far) and EOS are set to
-  ``-inf``, and their probability mass is added to the first token of the
-  wait string: ``z[w] = logaddexp(z[w], logsumexp(z[blocked]))``. So the
-  chance of splicing "Wait" is exactly the chance the model had of ending its
-  thinking (s1 replaces the end with "Wait"; we do it in distribution rather
-  than by rewinding). Once that first token is sampled, the rest of the wait
-  string is forced and one ignored attempt is counted.
+  ``-inf``, and "Wait" takes their place. s1 replaces the end with "Wait" when
+  the model produces it; we do the same before sampling. Greedy rows splice
+  exactly when a blocked token was the argmax (``z[w] = max(z) + 1``, as s1's
+  greedy runs do). Sampled rows get the blocked probability mass added to the
+  first token of the wait string, ``z[w] = logaddexp(z[w], logsumexp(z[blocked]))``,
+  so the chance of splicing is exactly the chance the model had of ending.
+  Once that first token is out, the rest of the wait string is forced and one
+  ignored attempt is counted.
 * **neutral**: untouched.
 
 ``apply`` costs nothing when no active slot is in force or gate mode (host
@@ -57,7 +59,7 @@ import numpy as np
 import torch
 
 from tts_plugins.params import THINK_KEYS, ThinkParams
-from tts_plugins.technique import EngineInfo, LogitsTechnique
+from tts_plugins.technique import EngineInfo, LogitsTechnique, SlotRequest
 from tts_plugins.text import StreamMatcher, completion_sets, encode, thinking_state, token_texts
 
 NONE, FORCE, GATE = 0, 1, 2
@@ -69,6 +71,7 @@ def think_kernel(
     force_tok: torch.Tensor,
     gate: torch.Tensor,
     wait_tok: torch.Tensor,
+    greedy: torch.Tensor,
     block_ids: torch.Tensor,
     block_mass: torch.Tensor,
     *,
@@ -79,6 +82,8 @@ def think_kernel(
 
     ``force_tok[S]``: token to force or -1. ``gate[S]``: row of ``block_ids``
     to block or -1. ``wait_tok[S]``: where the blocked mass goes, or -1.
+    ``greedy[S]``: 1 for rows the engine decodes greedily (splice exactly when
+    a blocked token was the argmax), 0 for sampled rows (move the mass).
     ``block_ids[G, K]``: token ids per gate row, padded by repeating a member;
     ``block_mass[G, K]``: False on the padding, so it is not counted twice
     (an empty row is all padding of token 0 and blocks nothing).
@@ -92,13 +97,17 @@ def think_kernel(
         # a gate row with no members (an end string nothing completes, no EOS) blocks nothing
         gated = (g >= 0) & members[:, 0]
         vals = logits.gather(1, ids)
-        mass = torch.logsumexp(vals.masked_fill(~(members & gated[:, None]), neg_inf), dim=1)
+        in_set = vals.masked_fill(~(members & gated[:, None]), neg_inf)
+        mass = torch.logsumexp(in_set, dim=1, keepdim=True)
+        top = logits.amax(dim=1, keepdim=True)
+        hit = in_set.amax(dim=1, keepdim=True) >= top  # a blocked token was the argmax
         logits.scatter_(1, ids, vals.masked_fill(gated[:, None], neg_inf))
         w = wait_tok[row_slots]
-        redirect = gated & (w >= 0)
+        redirect = (gated & (w >= 0))[:, None]
         wi = w.clamp(min=0)[:, None]
         cur = logits.gather(1, wi)
-        logits.scatter_(1, wi, torch.where(redirect[:, None], torch.logaddexp(cur, mass[:, None]), cur))
+        spliced = torch.where(greedy[row_slots][:, None] > 0, torch.where(hit, top + 1.0, cur), torch.logaddexp(cur, mass))
+        logits.scatter_(1, wi, torch.where(redirect, spliced, cur))
     if do_force:
         f = force_tok[row_slots]
         forced = f >= 0
@@ -110,16 +119,21 @@ def think_kernel(
 
 
 def think_reference_row(
-    z: torch.Tensor, force: int, blocked: Sequence[int], gated: bool, wait: int
+    z: torch.Tensor, force: int, blocked: Sequence[int], gated: bool, wait: int, greedy: bool = False
 ) -> torch.Tensor:
     """One row, written plainly: the specification ``think_kernel`` must match."""
     z = z.clone()
     if gated:
         ids = sorted(set(blocked))
         mass = torch.logsumexp(z[ids], dim=0) if ids else torch.tensor(float("-inf"), dtype=z.dtype)
+        top = z.max()
+        ended = bool(ids) and bool(z[ids].max() >= top)
         z[ids] = float("-inf")
         if wait >= 0:
-            z[wait] = torch.logaddexp(z[wait], mass)
+            if greedy:
+                z[wait] = top + 1.0 if ended else z[wait]
+            else:
+                z[wait] = torch.logaddexp(z[wait], mass)
     if force >= 0:
         z[:] = float("-inf")
         z[force] = 0.0
@@ -138,6 +152,7 @@ class _Row:
     concluding: bool = False  # the queue holds the cap's conclusion + end
     eos_block: bool = False
     gated: bool = False  # published gate state for the step being sampled
+    greedy: bool = False
 
 
 class ThinkSteering(LogitsTechnique):
@@ -173,7 +188,7 @@ class ThinkSteering(LogitsTechnique):
         self.block_mass = torch.from_numpy(mass).to(info.device)
         self._empty_eos = not sets[-1]
         pin = info.pin_memory and info.device.type != "cpu"
-        self._host = torch.full((3, n), -1, dtype=torch.int64, pin_memory=pin)
+        self._host = torch.full((4, n), -1, dtype=torch.int64, pin_memory=pin)
         self._np = self._host.numpy()
         self._dev = self._host if info.device.type == "cpu" else self._host.to(info.device)
         self._dirty = False
@@ -188,15 +203,15 @@ class ThinkSteering(LogitsTechnique):
     def num_active(self) -> int:
         return len(self.rows)
 
-    def set_slot(self, slot: int, params: ThinkParams | None, prompt_ids: Sequence[int]) -> None:
+    def set_slot(self, slot: int, params: ThinkParams | None, request: SlotRequest) -> None:
         self.rows.pop(slot, None)
         if params is not None:
             tok = self.info.tokenizer
-            inside, tail = thinking_state(tok.decode(list(prompt_ids), skip_special_tokens=False), self.start, self.end)
+            inside, tail = thinking_state(tok.decode(list(request.prompt_ids), skip_special_tokens=False), self.start, self.end)
             wait_ids = encode(tok, params.wait)
             if not wait_ids:
                 raise ValueError(f"tts_think_wait must encode to at least one token, got {params.wait!r}")
-            row = _Row(params=params, wait_ids=wait_ids, matcher=StreamMatcher(self.start, self.end, tail), thinking=inside)
+            row = _Row(params=params, wait_ids=wait_ids, matcher=StreamMatcher(self.start, self.end, tail), thinking=inside, greedy=request.greedy)
             self.rows[slot] = row
             if inside:
                 self._enter_thinking(row)
@@ -264,6 +279,7 @@ class ThinkSteering(LogitsTechnique):
     def _publish(self, slot: int) -> None:
         row = self.rows.get(slot)
         force = gate = wait = -1
+        greedy = int(row is not None and row.greedy)
         if row is not None:
             if row.forced:
                 force = row.forced[0]
@@ -279,8 +295,8 @@ class ThinkSteering(LogitsTechnique):
             self._counts[mode] += 1
             self._mode[slot] = mode
         col = self._np[:, slot]
-        if col[0] != force or col[1] != gate or col[2] != wait:
-            col[:] = (force, gate, wait)
+        if col[0] != force or col[1] != gate or col[2] != wait or col[3] != greedy:
+            col[:] = (force, gate, wait, greedy)
             self._dirty = True
 
     # --- hot path ---------------------------------------------------------
@@ -299,6 +315,7 @@ class ThinkSteering(LogitsTechnique):
             self._dev[0],
             self._dev[1],
             self._dev[2],
+            self._dev[3],
             self.block_ids,
             self.block_mass,
             do_force=do_force,

@@ -13,13 +13,7 @@ settings.register_profile("dev", max_examples=25, deadline=None, suppress_health
 settings.register_profile("full", max_examples=500, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "dev"))
 
-MODELS_DIR = Path(os.environ.get("TTS_TINY_MODELS", Path(__file__).resolve().parent.parent / ".cache" / "tiny"))
-
-
-def tiny_model(variant: str) -> Path:
-    from tts_plugins.tiny import build_tiny_model
-
-    return build_tiny_model(MODELS_DIR / variant, variant)
+from models import tiny_model
 
 
 @pytest.fixture(scope="session")
@@ -54,3 +48,26 @@ def multi_tokenizer(multi_model):
     from transformers import AutoTokenizer
 
     return AutoTokenizer.from_pretrained(str(multi_model))
+
+
+def pytest_addoption(parser):
+    parser.addoption(
+        "--engine",
+        default=os.environ.get("TTS_ENGINE"),
+        choices=["vllm", "sglang"],
+        help="the engine the engine suite runs against (default: $TTS_ENGINE, else whichever is installed)",
+    )
+
+
+def _installed_engine() -> str:
+    import importlib.util
+
+    for name in ("vllm", "sglang"):
+        if importlib.util.find_spec(name) is not None:
+            return name
+    raise pytest.UsageError("the engine suite needs vllm or sglang installed (see README: ./dev setup)")
+
+
+@pytest.fixture(scope="session")
+def engine_name(request) -> str:
+    return request.config.getoption("--engine") or _installed_engine()

@@ -14,7 +14,7 @@ import torch
 
 from tts_plugins.batch import RowMap, SlotState
 from tts_plugins.manager import build_registry, plugin_manager
-from tts_plugins.technique import EngineInfo
+from tts_plugins.technique import EngineInfo, SlotRequest
 
 LogitsFn = Callable[[int, list[int]], torch.Tensor]  # (request id, its outputs so far) -> [V]
 
@@ -51,7 +51,8 @@ class Request:
 
 
 class Sim:
-    def __init__(self, tokenizer, *, max_slots: int = 8, registry=None, vocab: int | None = None) -> None:
+    def __init__(self, tokenizer, *, max_slots: int = 8, registry=None, vocab: int | None = None, greedy: bool = True) -> None:
+        self.greedy = greedy
         self.tok = tokenizer
         self.vocab = vocab or len(tokenizer)
         self.info = EngineInfo(
@@ -71,7 +72,7 @@ class Sim:
         for row, req in enumerate(requests):
             parsed = self.registry.parse(req.params)
             if parsed:
-                self.state.admit(self.rows.take(row), parsed, req.prompt, outs[row])
+                self.state.admit(self.rows.take(row), parsed, SlotRequest(req.prompt, greedy=self.greedy), outs[row])
         for _ in range(steps):
             self.state.observe()
             logits = torch.stack([model(r, outs[r]) for r in range(len(requests))])

@@ -8,7 +8,7 @@ from hypothesis.stateful import RuleBasedStateMachine, invariant, precondition, 
 
 from tts_plugins.batch import RowMap, SlotState
 from tts_plugins.manager import build_registry, plugin_manager
-from tts_plugins.technique import EngineInfo, LogitsTechnique
+from tts_plugins.technique import EngineInfo, LogitsTechnique, SlotRequest
 
 ROWS = 6
 
@@ -29,7 +29,7 @@ class Recorder(LogitsTechnique):
         self.seen: dict[int, list[int]] = {}
         self.mark = torch.zeros(info.max_slots + 1)
 
-    def set_slot(self, slot, params, prompt_ids):
+    def set_slot(self, slot, params, request):
         self.owner.pop(slot, None)
         self.seen.pop(slot, None)
         self.mark[slot] = 0.0
@@ -79,7 +79,7 @@ class RowMachine(RuleBasedStateMachine):
         rid, self.next_id = self.next_id, self.next_id + 1
         outputs = list(prefix)  # a resumed request arrives with tokens already produced
         if opted:
-            self.state.admit(self.rows.take(row), {"recorder": rid}, [1, 2], outputs)
+            self.state.admit(self.rows.take(row), {"recorder": rid}, SlotRequest([1, 2]), outputs)
         self.model[row] = (rid, opted, outputs)
 
     @precondition(lambda self: self.model)
@@ -147,6 +147,6 @@ def test_nobody_opted_in_returns_the_same_tensor(dense_tokenizer):
     assert state.apply(logits, rows.device_view(4)) is logits
     assert torch.equal(logits, before)
     # and once a request came and went, the technique is idle again
-    state.admit(rows.take(1), reg.parse({"tts_think_max": 1}), [3], [])
+    state.admit(rows.take(1), reg.parse({"tts_think_max": 1}), SlotRequest([3]), [])
     state.release(rows.clear(1))
     assert state.apply(logits, rows.device_view(4)) is logits and torch.equal(logits, before)

@@ -15,7 +15,7 @@ def make_technique(name, keys):
         def parse_params(cls, flat):
             return dict(flat) or None
 
-        def set_slot(self, slot, params, prompt_ids):
+        def set_slot(self, slot, params, request):
             pass
 
         num_active = 0

@@ -24,9 +24,10 @@ def batches(draw):
     force = draw(st.lists(st.one_of(st.just(-1), st.integers(0, V - 1)), min_size=slots + 1, max_size=slots + 1))
     gate = draw(st.lists(st.integers(-1, G - 1), min_size=slots + 1, max_size=slots + 1))
     wait = draw(st.lists(st.integers(-1, V - 1), min_size=slots + 1, max_size=slots + 1))
+    greedy = draw(st.lists(st.integers(0, 1), min_size=slots + 1, max_size=slots + 1))
     members = [draw(st.lists(st.integers(0, V - 1), min_size=0, max_size=K, unique=True)) for _ in range(G)]
     force[-1] = gate[-1] = wait[-1] = -1  # the neutral slot
-    return logits, row_slots, force, gate, wait, members
+    return logits, row_slots, force, gate, wait, greedy, members
 
 
 def tables(members):
@@ -40,7 +41,7 @@ def tables(members):
     return torch.from_numpy(ids), torch.from_numpy(mass)
 
 
-def run_kernel(logits, row_slots, force, gate, wait, members):
+def run_kernel(logits, row_slots, force, gate, wait, greedy, members):
     ids, mass = tables(members)
     return think_kernel(
         torch.from_numpy(logits.copy()),
@@ -48,6 +49,7 @@ def run_kernel(logits, row_slots, force, gate, wait, members):
         torch.tensor(force),
         torch.tensor(gate),
         torch.tensor(wait),
+        torch.tensor(greedy),
         ids,
         mass,
         do_force=True,
@@ -57,17 +59,17 @@ def run_kernel(logits, row_slots, force, gate, wait, members):
 
 @given(batches())
 def test_vectorized_matches_per_row_reference(batch):
-    logits, row_slots, force, gate, wait, members = batch
+    logits, row_slots, force, gate, wait, greedy, members = batch
     out = run_kernel(*batch)
     for r, s in enumerate(row_slots):
         gated = gate[s] >= 0 and bool(members[gate[s]])
-        ref = think_reference_row(torch.from_numpy(logits[r]), force[s], members[gate[s]] if gate[s] >= 0 else [], gated, wait[s])
-        torch.testing.assert_close(out[r], ref, msg=f"row {r} slot {s} force={force[s]} gate={gate[s]} wait={wait[s]}")
+        ref = think_reference_row(torch.from_numpy(logits[r]), force[s], members[gate[s]] if gate[s] >= 0 else [], gated, wait[s], bool(greedy[s]))
+        torch.testing.assert_close(out[r], ref, msg=lambda m: f"row {r} slot {s} force={force[s]} gate={gate[s]} wait={wait[s]} greedy={greedy[s]}: {m}")
 
 
 @given(batches())
 def test_rows_without_params_are_bit_identical(batch):
-    logits, row_slots, force, gate, wait, members = batch
+    logits, row_slots, force, gate, wait, greedy, members = batch
     out = run_kernel(*batch)
     for r, s in enumerate(row_slots):
         if force[s] < 0 and (gate[s] < 0 or not members[gate[s]]):
@@ -76,17 +78,17 @@ def test_rows_without_params_are_bit_identical(batch):
 
 @given(batches(), st.data())
 def test_batch_permutation_equivariance(batch, data):
-    logits, row_slots, force, gate, wait, members = batch
+    logits, row_slots, force, gate, wait, greedy, members = batch
     perm = data.draw(st.permutations(range(len(row_slots))))
     out = run_kernel(*batch)
-    out_p = run_kernel(logits[perm], [row_slots[i] for i in perm], force, gate, wait, members)
+    out_p = run_kernel(logits[perm], [row_slots[i] for i in perm], force, gate, wait, greedy, members)
     assert torch.equal(out_p, out[perm])
 
 
 @given(batches())
 def test_claimed_argmax_holds(batch):
     """Forced rows pick the forced token; gated rows never pick a blocked token."""
-    logits, row_slots, force, gate, wait, members = batch
+    logits, row_slots, force, gate, wait, greedy, members = batch
     out = run_kernel(*batch)
     for r, s in enumerate(row_slots):
         if force[s] >= 0:
@@ -95,6 +97,13 @@ def test_claimed_argmax_holds(batch):
         elif gate[s] >= 0 and members[gate[s]]:
             blocked = set(members[gate[s]]) - ({wait[s]} if wait[s] >= 0 else set())
             assert all(out[r, b] == float("-inf") for b in blocked)
+            if greedy[s] and wait[s] >= 0:
+                would_end = max(logits[r, b] for b in members[gate[s]]) >= logits[r].max()
+                top = int(out[r].argmax())
+                if would_end:
+                    assert top == wait[s], f"row {r}: the model's argmax ended thinking, so greedy must splice"
+                else:
+                    assert top == int(np.argmax(np.where(np.isin(np.arange(V), members[gate[s]]), -np.inf, logits[r]))), "no splice when the model would not end"
 
 
 @given(batches())
@@ -108,7 +117,7 @@ def test_bf16_rows_work():
     ids, mass = tables([[1, 2], [], [5]])
     out = think_kernel(
         logits.clone(), torch.tensor([0, 1, 2]), torch.tensor([4, -1, -1, -1]), torch.tensor([-1, 0, -1, -1]),
-        torch.tensor([-1, 7, -1, -1]), ids, mass, do_force=True, do_gate=True,
+        torch.tensor([-1, 7, -1, -1]), torch.tensor([0, 0, 0, 0]), ids, mass, do_force=True, do_gate=True,
     )
     assert out.dtype == torch.bfloat16
     assert int(out[0].argmax()) == 4 and out[1, 1] == float("-inf") and torch.equal(out[2], logits[2])

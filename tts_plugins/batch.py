@@ -24,7 +24,7 @@ import numpy as np
 import torch
 
 from tts_plugins.manager import Registry
-from tts_plugins.technique import EngineInfo, LogitsTechnique
+from tts_plugins.technique import EngineInfo, LogitsTechnique, SlotRequest
 
 
 class SlotState:
@@ -39,7 +39,7 @@ class SlotState:
         self._watch: dict[int, list[Any]] = {}  # slot -> [live token list, number seen]
         self.pending_placeholders = False
 
-    def admit(self, slot: int, parsed: Mapping[str, Any], prompt_ids: Sequence[int], live_outputs: list[int] | None = None) -> bool:
+    def admit(self, slot: int, parsed: Mapping[str, Any], request: SlotRequest, live_outputs: list[int] | None = None) -> bool:
         """Start ``slot`` with already-parsed parameters; True if any technique is on for it."""
         self.release(slot)
         if not parsed:
@@ -48,11 +48,11 @@ class SlotState:
         try:
             for name, params in parsed.items():
                 tech = self._by_name[name]
-                tech.set_slot(slot, params, prompt_ids)
+                tech.set_slot(slot, params, request)
                 techs.append(tech)
         except Exception:
             for tech in techs:
-                tech.set_slot(slot, None, ())
+                tech.set_slot(slot, None, SlotRequest())
             raise
         self.active[slot] = techs
         if live_outputs is not None:
@@ -65,7 +65,7 @@ class SlotState:
         techs = self.active.pop(slot, None)
         self._watch.pop(slot, None)
         for tech in techs or ():
-            tech.set_slot(slot, None, ())
+            tech.set_slot(slot, None, SlotRequest())
 
     def feed(self, slot: int, token_ids: Sequence[int]) -> None:
         for tech in self.active.get(slot, ()):

@@ -33,8 +33,10 @@ def get_int(flat: Mapping[str, Any], key: str, default: int | None = None, *, mi
         value = int(value)
     if isinstance(value, bool) or not isinstance(value, int):
         raise ValueError(f"{key} must be an int >= {minimum}, got {_show(flat[key])}")
-    if not minimum <= value <= maximum:
-        raise ValueError(f"{key} must be an int in [{minimum}, {maximum}], got {value}")
+    if value < minimum:
+        raise ValueError(f"{key} must be an int >= {minimum}, got {value}")
+    if value > maximum:
+        raise ValueError(f"{key} must be an int <= {maximum}, got {value}")
     return value
 
 

@@ -6,7 +6,7 @@ the batch that belong to no request slot are mapped there, so ``apply`` can
 index buffers with the row-to-slot tensor without branching.
 
 Life of a slot, driven by :class:`tts_plugins.batch.SlotState`:
-``set_slot(slot, params, prompt_ids)`` at admission (params ``None`` clears it),
+``set_slot(slot, params, request)`` at admission (params ``None`` clears it),
 ``on_tokens(slot, ids)`` on the host after the engine sampled tokens for an
 active slot, and ``apply(logits, row_slots)`` once per decode step for the
 whole batch.
@@ -41,6 +41,14 @@ class EngineInfo:
         return self.max_slots
 
 
+@dataclass(frozen=True)
+class SlotRequest:
+    """What a technique may know about the request entering a slot."""
+
+    prompt_ids: Sequence[int] = ()
+    greedy: bool = False  # the engine picks the argmax for this request (temperature 0)
+
+
 class LogitsTechnique(ABC):
     """One test-time-scaling technique acting on logits.
 
@@ -66,7 +74,7 @@ class LogitsTechnique(ABC):
         self.info = info
 
     @abstractmethod
-    def set_slot(self, slot: int, params: Any | None, prompt_ids: Sequence[int]) -> None:
+    def set_slot(self, slot: int, params: Any | None, request: SlotRequest) -> None:
         """Start (params not None) or clear (None) the state of ``slot``."""
 
     def on_tokens(self, slot: int, token_ids: Sequence[int]) -> None:  # noqa: B027
