@@ -45,7 +45,7 @@ except ImportError:  # pragma: no cover - depends on the installed vLLM
 if TYPE_CHECKING:
     from vllm import SamplingParams
 
-log = logging.getLogger("tts_plugins.vllm")
+log = logging.getLogger("vllm.tts_plugins")  # under vLLM's logger, so its handlers print it
 
 _BASES: tuple[type, ...] = (_V1LogitsProcessor,) + ((_V2LogitsProcessor,) if _V2LogitsProcessor else ())
 

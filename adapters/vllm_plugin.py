@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import logging
 
-log = logging.getLogger("tts_plugins.vllm")
+log = logging.getLogger("vllm.tts_plugins")  # under vLLM's logger, so its handlers print it
 
 
 def register() -> None:

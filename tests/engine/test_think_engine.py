@@ -173,8 +173,12 @@ def test_extension_under_sampling(engines):
 # --- over HTTP --------------------------------------------------------------
 
 
+SERVER_ARGS = {"vllm": ("--logits-processors", "tts_plugins.adapters.vllm:TTSLogitsProcessor"), "sglang": ()}
+
+
 def test_http_completions_and_chat(engines, engine_name):
-    srv = engines.server("dense")
+    # vLLM: the processor is named on the command line *and* installed as an entry point
+    srv = engines.server("dense", args=SERVER_ARGS[engine_name])
     from transformers import AutoTokenizer
 
     model = engines.tiny_model("dense")
@@ -207,7 +211,7 @@ def test_http_completions_and_chat(engines, engine_name):
     ],
 )
 def test_http_bad_parameters_get_400_and_the_server_keeps_serving(engines, engine_name, params, key):
-    srv = engines.server("dense")
+    srv = engines.server("dense", args=SERVER_ARGS[engine_name])
     field = {"vllm": "vllm_xargs", "sglang": "custom_params"}[engine_name]
     body = {"model": srv.model, "prompt": "What is 1 + 1?", "max_tokens": 4, field: params}
     r = requests.post(srv.base + "/v1/completions", json=body, timeout=60)
@@ -215,3 +219,12 @@ def test_http_bad_parameters_get_400_and_the_server_keeps_serving(engines, engin
     assert key in r.text
     ok = requests.post(srv.base + "/v1/completions", json={"model": srv.model, "prompt": "What is 1 + 1?", "max_tokens": 4, field: {"tts_think_max": 1}}, timeout=60)
     assert ok.status_code == 200 and srv.alive()
+
+
+@pytest.mark.vllm_only
+def test_http_named_and_installed_processor_runs_once(engines, engine_name):
+    srv = engines.server("dense", args=SERVER_ARGS[engine_name])
+    r = requests.post(srv.base + "/v1/completions", json={"model": srv.model, "prompt": "What is 1 + 1?", "max_tokens": 6, "vllm_xargs": {"tts_think_extend": 1}}, timeout=60)
+    assert r.status_code == 200
+    log = srv.log()
+    assert log.count("this duplicate stays inert") == 1, "the second instance in the engine must stay inert"

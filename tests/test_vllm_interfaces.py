@@ -1,0 +1,130 @@
+"""vLLM's two logits-processor interfaces, at the interface level on CPU tensors.
+
+Model Runner V2 needs Triton and a GPU, so it cannot run here; these tests
+drive our class through V2's real loader, validator and ``LogitsContext`` and
+check it makes the same decisions as the V1 path on the same logits.
+"""
+
+from __future__ import annotations
+
+import gc
+
+import numpy as np
+import pytest
+import torch
+
+pytestmark = pytest.mark.vllm_only
+
+vllm = pytest.importorskip("vllm", reason="the vLLM venv runs this module (selected by -m vllm_only)")
+
+from vllm import SamplingParams  # noqa: E402
+from vllm.v1.sample.logits_processor import BatchUpdate  # noqa: E402
+from vllm.v1.worker.gpu.sample.logits_processor import LogitsContext  # noqa: E402
+from vllm.v1.worker.gpu.sample.logits_processor import LogitsProcessor as V2Base  # noqa: E402
+from vllm.v1.worker.gpu.sample.logits_processor.loader import (  # noqa: E402
+    _load_v2_logitsprocs_by_fqcns,
+    build_custom_logits_processors_params_validator,
+)
+
+from tts_plugins.adapters.vllm import TTSLogitsProcessor  # noqa: E402
+from tts_plugins.text import encode  # noqa: E402
+
+FQCN = "tts_plugins.adapters.vllm:TTSLogitsProcessor"
+MAX = 8
+
+
+@pytest.fixture(scope="module")
+def vllm_config(dense_model):
+    from vllm.config import ModelConfig, SchedulerConfig, VllmConfig
+
+    mc = ModelConfig(model=str(dense_model), dtype="float32", max_model_len=256)
+    return VllmConfig(model_config=mc, scheduler_config=SchedulerConfig(max_num_seqs=MAX, max_model_len=256, is_encoder_decoder=False))
+
+
+class _Host:
+    def __init__(self, arr):
+        self.np = arr
+
+
+class _Dev:
+    def __init__(self, t):
+        self.gpu = t
+
+
+class ReqStates:
+    """The fields of V2's LogitsProcRequestState our adapter reads, on CPU."""
+
+    def __init__(self, vocab):
+        self.device = torch.device("cpu")
+        self.max_num_reqs = MAX
+        self.vocab_size = vocab
+        self.all_token_ids = _Dev(torch.zeros(MAX, 256, dtype=torch.int32))
+        self.prompt_len = _Host(np.zeros(MAX, dtype=np.int32))
+
+
+def test_one_class_satisfies_both_interfaces():
+    assert issubclass(TTSLogitsProcessor, V2Base)
+    assert _load_v2_logitsprocs_by_fqcns([FQCN]) == [TTSLogitsProcessor]
+
+
+def test_v2_admission_validator_refuses_bad_parameters():
+    validate = build_custom_logits_processors_params_validator([FQCN])
+    validate(SamplingParams(extra_args={"tts_think_max": 3}))
+    with pytest.raises(Exception, match="tts_think_max"):
+        validate(SamplingParams(extra_args={"tts_think_max": -1}))
+
+
+def test_v2_path_matches_v1_path(vllm_config, dense_tokenizer):
+    tok = dense_tokenizer
+    vocab = vllm_config.model_config.get_vocab_size()
+    prompt = tok.apply_chat_template([{"role": "user", "content": "What is 2 + 3?"}], add_generation_prompt=True, tokenize=True, return_dict=False)
+    steered = SamplingParams(temperature=0, extra_args={"tts_think_max": 3})
+    plain = SamplingParams(temperature=0)
+    gen = torch.Generator().manual_seed(0)
+    steps = [torch.randn(2, vocab, generator=gen) for _ in range(8)]
+
+    # V1: rows 0 (plain) and 1 (steered)
+    v1 = TTSLogitsProcessor(vllm_config, torch.device("cpu"), False)
+    outs = [[], []]
+    v1.update_state(BatchUpdate(batch_size=2, removed=[], added=[(0, plain, prompt, outs[0]), (1, steered, prompt, outs[1])], moved=[]))
+    v1_rows = []
+    for z in steps:
+        v1.update_state(None)
+        got = v1.apply(z.clone())
+        v1_rows.append(got)
+        for r in range(2):
+            outs[r].append(int(got[r].argmax()))
+
+    # V2: slots 5 (plain) and 2 (steered); rows come in the opposite order
+    del v1  # one engine, one active processor (a second in the same engine stays inert)
+    gc.collect()
+    rs = ReqStates(vocab)
+    v2 = TTSLogitsProcessor(vllm_config, rs)
+    assert v2.add_request(5, plain) is False
+    assert v2.add_request(2, steered) is True
+    rs.all_token_ids.gpu[2, : len(prompt)] = torch.tensor(prompt)
+    rs.prompt_len.np[2] = len(prompt)
+    v2.apply_staged_writes()
+    fed = {2: prompt[-1], 5: prompt[-1]}
+    for step, z in enumerate(steps):
+        pos = len(prompt) - 1 + step
+        idx = torch.tensor([2, 5], dtype=torch.int32)
+        ctx = LogitsContext(
+            expanded_idx_mapping=idx, idx_mapping=idx, idx_mapping_np=idx.numpy(), expanded_local_pos=torch.zeros(2, dtype=torch.int32),
+            input_ids=torch.tensor([fed[2], fed[5]]), pos=torch.tensor([pos, pos]), seq_lens_upper_bound_np=np.array([pos + 1, pos + 1]),
+        )
+        got = v2.apply(z.flip(0).clone(), ctx)
+        assert torch.equal(got, v1_rows[step].flip(0)), f"step {step}: V2 rows differ from V1 rows"
+        fed = {2: int(got[0].argmax()), 5: int(got[1].argmax())}
+    assert outs[1][3:5] == encode(tok, "\n</think>")
+    assert torch.equal(v1_rows[0][0], steps[0][0]), "the plain row is untouched"
+
+
+def test_named_twice_in_one_engine_runs_once(vllm_config):
+    gc.collect()
+    a = TTSLogitsProcessor(vllm_config, torch.device("cpu"), False)
+    b = TTSLogitsProcessor(vllm_config, torch.device("cpu"), False)
+    assert not a.inert and b.inert
+    z = torch.randn(1, vllm_config.model_config.get_vocab_size())
+    b.update_state(BatchUpdate(batch_size=1, removed=[], added=[(0, SamplingParams(extra_args={"tts_think_max": 0}), [1], [])], moved=[]))
+    assert b.apply(z) is z and not b.state.active
