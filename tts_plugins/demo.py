@@ -38,10 +38,10 @@ def run(model_dir: Path, cases: list[tuple[str, dict]], title: str) -> None:
     sps = [SamplingParams(temperature=0, max_tokens=28, extra_args=p or None, skip_special_tokens=False) for _, p in cases]
     outs = llm.generate([prompt] * len(cases), sps, use_tqdm=False)
     print(f"\n{title}  (engine start {started:.1f}s; one batch of {len(cases)} requests)")
-    print(f"  {'request':<34} {'thinking tokens':>15}  output (prompt opened <think>)")
+    print(f"  {'request':<34} {'tokens to </think>':>17}  output (prompt opened <think>)")
     for (name, params), out in zip(cases, outs):
         ids = list(out.outputs[0].token_ids)
-        print(f"  {name:<34} {_thinking(tok, ids):>15}  {_show(tok, ids)}")
+        print(f"  {name:<34} {_thinking(tok, ids):>17}  {_show(tok, ids)}")
     llm.llm_engine.engine_core.shutdown()
     del llm
 
