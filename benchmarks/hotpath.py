@@ -1,0 +1,126 @@
+"""Hot-path cost of every registered logits technique, as ratios to a memory-bound floor.
+
+For each technique and case the script times ``apply`` on a realistic batch
+(vocabulary 151,936 by default) and, interleaved in the same run, the floor
+``out.copy_(logits)`` into a preallocated buffer: one read and one write of
+the same tensor. Reported: median microseconds, spread, and the ratio.
+
+Cases: ``unused`` (no row opted in; target <= 0.01x copy), ``active`` (every
+row opted in and acted on this step; target <= 2x copy), ``mixed`` (a quarter
+of the rows). Needs only torch and the package: it runs unchanged on a GPU
+machine (``--device cuda``) without an engine.
+
+    python benchmarks/hotpath.py --quick --json out.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+from tts_plugins.batch import RowMap, SlotState
+from tts_plugins.manager import build_registry, plugin_manager
+from tts_plugins.technique import EngineInfo, SlotRequest
+
+TARGETS = {"unused": 0.01, "active": 2.0}
+
+
+def sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+
+
+def timed(fn, device: torch.device) -> float:
+    sync(device)
+    t0 = time.perf_counter()
+    fn()
+    sync(device)
+    return (time.perf_counter() - t0) * 1e6
+
+
+def think_cases(tok, prompt_opened: list[int]):
+    """(case name, per-row parameter dicts builder) for the think technique."""
+    forced = {"tts_no_think": True}  # forced from step 0
+    gated = {"tts_think_min": 10**6}  # gate closed for the whole run
+    return {
+        "unused": lambda n: [{}] * n,
+        "active-force": lambda n: [forced] * n,
+        "active-gate": lambda n: [gated] * n,
+        "mixed": lambda n: [forced if i % 8 == 0 else gated if i % 8 == 4 else {} for i in range(n)],
+    }
+
+
+def bench(args) -> list[dict]:
+    from transformers import AutoTokenizer
+
+    from tts_plugins.tiny import build_tiny_model
+
+    device = torch.device(args.device)
+    model_dir = build_tiny_model(Path(tempfile.gettempdir()) / "tts-plugins-tiny" / "dense", "dense")
+    tok = AutoTokenizer.from_pretrained(str(model_dir))
+    prompt = tok.apply_chat_template([{"role": "user", "content": "What is 2 + 3?"}], add_generation_prompt=True, tokenize=True, return_dict=False)
+    registry = build_registry(plugin_manager(load_entry_points=False))
+    results = []
+    dtypes = {"fp32": torch.float32, "bf16": torch.bfloat16}
+    for batch in args.batch:
+        info = EngineInfo(vocab_size=args.vocab, max_slots=batch, device=device, tokenizer=tok, eos_token_ids=(tok.eos_token_id,), pin_memory=device.type == "cuda")
+        for case, rows_params in think_cases(tok, prompt).items():
+            state, rows = SlotState(registry, info), RowMap(batch, info)
+            for r, flat in enumerate(rows_params(batch)):
+                parsed = registry.parse(flat)
+                if parsed:
+                    state.admit(rows.take(r), parsed, SlotRequest(prompt, greedy=r % 2 == 0), [])
+            row_slots = rows.device_view(batch)
+            for dname in args.dtype:
+                logits = torch.randn(batch, args.vocab, device=device).to(dtypes[dname])
+                out = torch.empty_like(logits)
+                for _ in range(3):  # warm-up
+                    out.copy_(logits)
+                    state.apply(logits, row_slots)
+                copy_t, apply_t = [], []
+                for _ in range(args.reps):  # interleaved, so drift hits both alike
+                    copy_t.append(timed(lambda: out.copy_(logits), device))
+                    apply_t.append(timed(lambda: state.apply(logits, row_slots), device))
+                cm, am = statistics.median(copy_t), statistics.median(apply_t)
+                target = TARGETS.get(case.split("-")[0])
+                results.append({
+                    "technique": "think", "case": case, "batch": batch, "vocab": args.vocab, "dtype": dname,
+                    "ratio_to_copy": am / cm, "median_us": am, "copy_us": cm,
+                    "spread_us": statistics.quantiles(apply_t, n=4)[2] - statistics.quantiles(apply_t, n=4)[0] if len(apply_t) >= 4 else 0.0,
+                    "target": target, "meets_target": None if target is None else am / cm <= target,
+                })
+                print(f"think  {case:<13} batch {batch:>4} {dname}  apply {am:10.1f} us  copy {cm:9.1f} us  ratio {am / cm:7.4f}"
+                      + ("" if target is None else f"  target <= {target}: {'ok' if am / cm <= target else 'MISSED'}"), flush=True)
+    return results
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--device", default="cpu")
+    p.add_argument("--vocab", type=int, default=151_936)
+    p.add_argument("--batch", type=int, nargs="+", default=[64, 256])
+    p.add_argument("--dtype", nargs="+", default=["fp32", "bf16"], choices=["fp32", "bf16"])
+    p.add_argument("--reps", type=int, default=30)
+    p.add_argument("--quick", action="store_true", help="batch 64, fp32, 15 repetitions")
+    p.add_argument("--json", type=Path)
+    args = p.parse_args(argv)
+    if args.quick:
+        args.batch, args.dtype, args.reps = [64], ["fp32"], 15
+    torch.manual_seed(0)
+    results = bench(args)
+    missed = [r for r in results if r["meets_target"] is False]
+    print(f"\n{len(results)} measurements, {len(missed)} missed targets" + ("".join(f"\n  MISSED: {r['technique']} {r['case']} batch {r['batch']} {r['dtype']}: {r['ratio_to_copy']:.3f}x > {r['target']}x" for r in missed)))
+    if args.json:
+        args.json.write_text(json.dumps(results, indent=1))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
