@@ -222,9 +222,12 @@ class TTSLogitsProcessor(*_BASES):  # type: ignore[misc]
         if ctx is None:
             if self.state.pending_placeholders:
                 self.state.observe()
-            return self.state.apply(logits, self.rows.device_view(logits.shape[0]))
+            n = logits.shape[0]
+            return self.state.apply(logits, self.rows.device_view(n), self.rows.host_view(n))
         self._observe_v2(ctx)
-        return self.state.apply(logits, ctx.expanded_idx_mapping.to(torch.int64))
+        host = np.asarray(ctx.idx_mapping_np, dtype=np.int64)
+        rows_are_requests = host.shape[0] == logits.shape[0]  # not under speculative decoding
+        return self.state.apply(logits, ctx.expanded_idx_mapping.to(torch.int64), host if rows_are_requests else None)
 
     def release_finished(self, req_idx: int) -> None:
         """V2 has no removal callback; tests and the runner patch call this when a slot's request ends."""

@@ -77,6 +77,7 @@ def think_kernel(
     *,
     do_force: bool,
     do_gate: bool,
+    force_rows: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Apply forcing and gating in place; see the module docstring.
 
@@ -87,8 +88,15 @@ def think_kernel(
     ``block_ids[G, K]``: token ids per gate row, padded by repeating a member;
     ``block_mass[G, K]``: False on the padding, so it is not counted twice
     (an empty row is all padding of token 0 and blocks nothing).
+    ``force_rows``: the rows to force, when the caller knows them without a
+    device sync; then only those rows are written. Otherwise every row is
+    masked by ``force_tok[row_slots] >= 0``.
+
+    Single-element writes go through a flat ``index_put_`` (``scatter_`` on a
+    CPU bf16 tensor rewrites the whole tensor: ~16x slower than a copy).
     """
     neg_inf = float("-inf")
+    put = _putter(logits)
     if do_gate:
         g = gate[row_slots]
         gi = g.clamp(min=0)
@@ -101,21 +109,47 @@ def think_kernel(
         mass = torch.logsumexp(in_set, dim=1, keepdim=True)
         top = logits.amax(dim=1, keepdim=True)
         hit = in_set.amax(dim=1, keepdim=True) >= top  # a blocked token was the argmax
-        logits.scatter_(1, ids, vals.masked_fill(gated[:, None], neg_inf))
+        put(ids, vals.masked_fill(gated[:, None], neg_inf))
         w = wait_tok[row_slots]
         redirect = (gated & (w >= 0))[:, None]
         wi = w.clamp(min=0)[:, None]
         cur = logits.gather(1, wi)
         spliced = torch.where(greedy[row_slots][:, None] > 0, torch.where(hit, top + 1.0, cur), torch.logaddexp(cur, mass))
-        logits.scatter_(1, wi, torch.where(redirect, spliced, cur))
+        put(wi, torch.where(redirect, spliced, cur))
     if do_force:
-        f = force_tok[row_slots]
-        forced = f >= 0
-        fi = f.clamp(min=0)[:, None]
-        keep = logits.gather(1, fi)
-        logits.masked_fill_(forced[:, None], neg_inf)
-        logits.scatter_(1, fi, torch.where(forced[:, None], torch.zeros_like(keep), keep))
+        if force_rows is None:
+            f = force_tok[row_slots]
+            forced = f >= 0
+            fi = f.clamp(min=0)[:, None]
+            keep = logits.gather(1, fi)
+            logits.masked_fill_(forced[:, None], neg_inf)
+            put(fi, torch.where(forced[:, None], torch.zeros_like(keep), keep))
+        else:
+            f = force_tok[row_slots[force_rows]]
+            if force_rows.shape[0] == logits.shape[0]:  # every row: a plain fill is the cheapest write
+                logits.fill_(neg_inf)
+            else:
+                logits.index_fill_(0, force_rows, neg_inf)
+            put(f[:, None], torch.zeros(f.shape[0], 1, dtype=logits.dtype, device=logits.device), rows=force_rows)
     return logits
+
+
+def _putter(logits: torch.Tensor):
+    """``put(cols[n, k], values[n, k], rows=None)``: ``logits[rows[i], cols[i, j]] = values[i, j]``."""
+    if not logits.is_contiguous():
+        def put_scatter(cols, values, rows=None):
+            if rows is None:
+                logits.scatter_(1, cols, values)
+            else:
+                logits[rows[:, None], cols] = values
+        return put_scatter
+    flat, width = logits.view(-1), logits.shape[1]
+
+    def put(cols, values, rows=None):
+        base = (torch.arange(cols.shape[0], device=cols.device) if rows is None else rows) * width
+        flat.index_put_(((base[:, None] + cols).reshape(-1),), values.reshape(-1))
+
+    return put
 
 
 def think_reference_row(
@@ -196,6 +230,8 @@ class ThinkSteering(LogitsTechnique):
         self._counts = [0, 0, 0]
         self._counts[NONE] = n
         self.rows: dict[int, _Row] = {}
+        self._rows_host: torch.Tensor | None = None
+        self._rows_dev: torch.Tensor | None = None
 
     # --- host side --------------------------------------------------------
 
@@ -301,10 +337,20 @@ class ThinkSteering(LogitsTechnique):
 
     # --- hot path ---------------------------------------------------------
 
-    def apply(self, logits: torch.Tensor, row_slots: torch.Tensor) -> torch.Tensor:
+    def apply(self, logits: torch.Tensor, row_slots: torch.Tensor, host_slots: np.ndarray | None = None) -> torch.Tensor:
         do_force, do_gate = self._counts[FORCE] > 0, self._counts[GATE] > 0
         if not (do_force or do_gate):
             return logits
+        force_rows = None
+        if host_slots is not None:  # the adapter knows the rows: touch only those that need it
+            modes = self._mode[host_slots]
+            do_gate = bool((modes == GATE).any())
+            rows = np.flatnonzero(modes == FORCE)
+            do_force = rows.size > 0
+            if not (do_force or do_gate):
+                return logits
+            if do_force:
+                force_rows = self._upload_rows(rows, logits.device)
         if self._dirty:
             if self._dev is not self._host:
                 self._dev.copy_(self._host, non_blocking=True)
@@ -320,4 +366,16 @@ class ThinkSteering(LogitsTechnique):
             self.block_mass,
             do_force=do_force,
             do_gate=do_gate,
+            force_rows=force_rows,
         )
+
+    def _upload_rows(self, rows: np.ndarray, device: torch.device) -> torch.Tensor:
+        if device.type == "cpu":
+            return torch.from_numpy(rows)
+        n = rows.size
+        if self._rows_host is None or self._rows_host.shape[0] < n:
+            size = max(n, 2 * (0 if self._rows_host is None else self._rows_host.shape[0]), 64)
+            self._rows_host = torch.empty(size, dtype=torch.int64, pin_memory=self.info.pin_memory)
+            self._rows_dev = torch.empty(size, dtype=torch.int64, device=device)
+        self._rows_host[:n].numpy()[:] = rows
+        return self._rows_dev[:n].copy_(self._rows_host[:n], non_blocking=True)

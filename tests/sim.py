@@ -51,8 +51,9 @@ class Request:
 
 
 class Sim:
-    def __init__(self, tokenizer, *, max_slots: int = 8, registry=None, vocab: int | None = None, greedy: bool = True) -> None:
+    def __init__(self, tokenizer, *, max_slots: int = 8, registry=None, vocab: int | None = None, greedy: bool = True, host_rows: bool = True) -> None:
         self.greedy = greedy
+        self.host_rows = host_rows
         self.tok = tokenizer
         self.vocab = vocab or len(tokenizer)
         self.info = EngineInfo(
@@ -76,7 +77,8 @@ class Sim:
         for _ in range(steps):
             self.state.observe()
             logits = torch.stack([model(r, outs[r]) for r in range(len(requests))])
-            logits = self.state.apply(logits, self.rows.device_view(len(requests)))
+            host = self.rows.host_view(len(requests)) if self.host_rows else None
+            logits = self.state.apply(logits, self.rows.device_view(len(requests)), host)
             picks = logits.argmax(dim=1)
             for r in range(len(requests)):
                 if not done[r]:

@@ -45,7 +45,7 @@ class Recorder(LogitsTechnique):
     def num_active(self):
         return len(self.owner)
 
-    def apply(self, logits, row_slots):
+    def apply(self, logits, row_slots, host_slots=None):
         return logits + self.mark[row_slots][:, None]
 
 

@@ -20,7 +20,7 @@ def make_technique(name, keys):
 
         num_active = 0
 
-        def apply(self, logits, row_slots):
+        def apply(self, logits, row_slots, host_slots=None):
             return logits
 
     T.name, T.keys = name, frozenset(keys)

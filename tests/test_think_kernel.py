@@ -121,3 +121,20 @@ def test_bf16_rows_work():
     )
     assert out.dtype == torch.bfloat16
     assert int(out[0].argmax()) == 4 and out[1, 1] == float("-inf") and torch.equal(out[2], logits[2])
+
+
+@given(batches(), st.booleans())
+def test_host_known_rows_path_equals_device_path(batch, contiguous):
+    """With the forced rows known on the host only those rows are written; the result is the same."""
+    logits, row_slots, force, gate, wait, greedy, members = batch
+    want = run_kernel(*batch)
+    ids, mass = tables(members)
+    z = torch.from_numpy(logits.copy())
+    if not contiguous:  # a column-sliced view: the scatter fallback
+        z = torch.cat([z, torch.zeros_like(z)], dim=1)[:, :V]
+    rows = torch.tensor([r for r, s in enumerate(row_slots) if force[s] >= 0], dtype=torch.int64)
+    got = think_kernel(
+        z, torch.tensor(row_slots, dtype=torch.int64), torch.tensor(force), torch.tensor(gate), torch.tensor(wait),
+        torch.tensor(greedy), ids, mass, do_force=rows.numel() > 0, do_gate=True, force_rows=rows,
+    )
+    assert torch.equal(got, want)

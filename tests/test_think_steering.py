@@ -151,3 +151,11 @@ def test_reentering_thinking_starts_a_new_count(dense_tokenizer):
     assert text.count("</think>") == 2
     second = out[out.index(think_open) + 1 :]
     assert second[5:7] == encode(tok, "\n</think>"), "the second block gets its own count of 5"
+
+
+@given(seed=st.integers(0, 1000))
+def test_host_row_hints_change_nothing(tok, seed):
+    prompt = chat_prompt(tok)
+    reqs = [Request(prompt, {"tts_think_max": 3}), Request(prompt, {}), Request(prompt, {"tts_think_min": 5}), Request(prompt, {"tts_no_think": True})]
+    model = wants(len(tok), end_spelling(tok), seed)
+    assert Sim(tok, host_rows=True).run(reqs, model, 16) == Sim(tok, host_rows=False).run(reqs, model, 16)

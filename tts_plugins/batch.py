@@ -92,12 +92,12 @@ class SlotState:
         for slot in self._watch:
             self.observe_slot(slot)
 
-    def apply(self, logits: torch.Tensor, row_slots: torch.Tensor) -> torch.Tensor:
+    def apply(self, logits: torch.Tensor, row_slots: torch.Tensor, host_slots: np.ndarray | None = None) -> torch.Tensor:
         if not self.active:
             return logits
         for tech in self.techniques:
             if tech.num_active:
-                logits = tech.apply(logits, row_slots)
+                logits = tech.apply(logits, row_slots, host_slots)
         return logits
 
     @property
@@ -151,6 +151,9 @@ class RowMap:
         self._np[dst] = a
         self._np[src] = b if swap else self.neutral
         self._dirty = True
+
+    def host_view(self, num_rows: int) -> np.ndarray:
+        return self._np[:num_rows]
 
     def device_view(self, num_rows: int) -> torch.Tensor:
         if self._dirty:

@@ -19,6 +19,7 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
+import numpy as np
 import torch
 
 
@@ -86,10 +87,13 @@ class LogitsTechnique(ABC):
         """How many slots currently have this technique switched on."""
 
     @abstractmethod
-    def apply(self, logits: torch.Tensor, row_slots: torch.Tensor) -> torch.Tensor:
+    def apply(self, logits: torch.Tensor, row_slots: torch.Tensor, host_slots: np.ndarray | None = None) -> torch.Tensor:
         """Transform ``logits[R, V]`` in place (or return a new tensor).
 
         ``row_slots[R]`` (int64, on the logits' device) maps each row to its slot,
-        or to ``info.neutral_slot``. Must not sync with the host, loop over rows
-        in Python, or touch rows whose slot is not active.
+        or to ``info.neutral_slot``. ``host_slots`` is the same map as a numpy
+        array when the adapter knows it on the host without a sync (vLLM V1,
+        SGLang), else ``None``; use it to skip work, never require it. Must not
+        sync with the host, loop over rows in Python, or touch rows whose slot
+        is not active.
         """
