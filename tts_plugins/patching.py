@@ -82,3 +82,36 @@ def install_patches(registry: Any, engine: str) -> Patcher:
         if getattr(patch, "engine", None) == engine:
             patch.install(patcher)
     return patcher
+
+
+SGLANG_MIN_VERSION = "0.5.20"
+
+
+def sglang_hooks(hooks: list[tuple[str, Callable[..., Any], str]]) -> bool:
+    """Register ``(target, hook, kind)`` hooks with SGLang's own ``HookRegistry`` (kind: before/after/around).
+
+    SGLang applies them right after its general plugins ran, in each process.
+    Checks the version and that every target exists first; registers nothing
+    on a mismatch, and nothing twice in one process.
+    """
+    import pkgutil
+
+    from sglang.srt.plugins.hook_registry import HookRegistry, HookType
+
+    ver = engine_version("sglang")
+    if ver is None or _vtuple(ver) < _vtuple(SGLANG_MIN_VERSION):
+        log.warning("tts_plugins: sglang %s is older than %s; not hooking", ver, SGLANG_MIN_VERSION)
+        return False
+    if getattr(HookRegistry, "_tts_plugins_registered", False):
+        return False
+    for target, _, _ in hooks:
+        try:
+            pkgutil.resolve_name(target)
+        except (ImportError, AttributeError) as exc:
+            log.warning("tts_plugins: sglang %s has no %s (%s); not hooking", ver, target, exc)
+            return False
+    for target, hook, kind in hooks:
+        HookRegistry.register(target, hook, HookType(kind))
+        log.info("tts_plugins: hooked %s (%s, sglang %s)", target, kind, ver)
+    HookRegistry._tts_plugins_registered = True
+    return True

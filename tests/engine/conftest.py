@@ -24,8 +24,9 @@ class EnginePool:
         self.key = None
         self.start_seconds: dict[str, float] = {}
 
-    def offline(self, variant: str):
-        if self.key != ("offline", variant):
+    def offline(self, variant: str, overlap: bool = True):
+        """The offline engine on a tiny model; ``overlap`` is SGLang's overlap scheduler (vLLM on CPU has none)."""
+        if self.key != ("offline", variant, overlap):
             self.close()
             model = self.tiny_model(variant)
             if self.engine == "vllm":
@@ -34,15 +35,20 @@ class EnginePool:
             else:
                 from sglang_harness import SglangOffline
 
-                self.current = SglangOffline(model)
-            self.key = ("offline", variant)
-            self.start_seconds[f"offline-{variant}"] = self.current.start_seconds
+                self.current = SglangOffline(model, overlap=overlap)
+            self.key = ("offline", variant, overlap)
+            self.start_seconds[f"offline-{variant}{'' if overlap else '-no-overlap'}"] = self.current.start_seconds
         return self.current
 
     def server(self, variant: str, args=(), env=None):
         key = ("server", variant, tuple(args), tuple(sorted((env or {}).items())))
         if self.key != key:
             self.close()
+            if self.engine == "sglang":
+                from sglang_harness import sglang_env
+
+                env = {**sglang_env(), **(env or {})}
+                args = ("--mem-fraction-static", "0.5", "--max-running-requests", "16", *args)
             self.current = Server(self.engine, self.tiny_model(variant), args=args, env=env)
             self.key = key
             self.start_seconds[f"server-{variant}"] = self.current.start_seconds
@@ -53,6 +59,20 @@ class EnginePool:
             self.current.close()
             self.current, self.key = None, None
             time.sleep(1)
+
+
+def pytest_generate_tests(metafunc):
+    """SGLang runs the offline cases with its overlap scheduler on and off; vLLM on CPU has one mode."""
+    if "overlap" in metafunc.fixturenames:
+        engine = metafunc.config.getoption("--engine") or ("vllm" if _has("vllm") else "sglang")
+        modes = [True, False] if engine == "sglang" else [True]
+        metafunc.parametrize("overlap", modes, ids=lambda v: "overlap" if v else "no-overlap", scope="session")
+
+
+def _has(name: str) -> bool:
+    import importlib.util
+
+    return importlib.util.find_spec(name) is not None
 
 
 @pytest.fixture(scope="session")

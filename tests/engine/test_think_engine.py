@@ -32,8 +32,8 @@ def chat_text(tok, q):
 
 
 @pytest.mark.parametrize("cap", [0, 1, 5, 12])
-def test_cap_forces_conclusion_and_end_after_exactly_cap_tokens(engines, cap):
-    eng = engines.offline("dense")
+def test_cap_forces_conclusion_and_end_after_exactly_cap_tokens(engines, overlap, cap):
+    eng = engines.offline("dense", overlap)
     tok = eng.tokenizer
     prompt = chat_ids(tok, QUESTIONS[0])
     [out] = eng.generate([prompt], [{"tts_think_max": cap}], max_tokens=cap + 10)
@@ -44,25 +44,25 @@ def test_cap_forces_conclusion_and_end_after_exactly_cap_tokens(engines, cap):
     assert len(out.token_ids) > cap + len(forced) and out.token_ids[cap + len(forced)] != tok.eos_token_id
 
 
-def test_configurable_conclusion_phrase(engines):
-    eng = engines.offline("dense")
+def test_configurable_conclusion_phrase(engines, overlap):
+    eng = engines.offline("dense", overlap)
     tok = eng.tokenizer
     phrase = " Considering the limited time, I have to give the solution now.\n"
     [out] = eng.generate([chat_ids(tok, QUESTIONS[1])], [{"tts_think_max": 3, "tts_think_conclusion": phrase}], max_tokens=40)
     assert out.token_ids[3 : 3 + len(encode(tok, phrase + "</think>"))] == encode(tok, phrase + "</think>")
 
 
-def test_no_think_prefills_at_step_zero(engines):
-    eng = engines.offline("dense")
+def test_no_think_prefills_at_step_zero(engines, overlap):
+    eng = engines.offline("dense", overlap)
     tok = eng.tokenizer
     [out] = eng.generate([chat_ids(tok, QUESTIONS[0])], [{"tts_no_think": True}], max_tokens=24)
     forced = encode(tok, NO_THINK + "\n</think>")
     assert out.token_ids[: len(forced)] == forced
 
 
-def test_mixed_batch_plain_rows_equal_a_run_without_the_package(engines):
+def test_mixed_batch_plain_rows_equal_a_run_without_the_package(engines, overlap):
     """Plain rows next to steered ones decode exactly like transformers' greedy loop."""
-    eng = engines.offline("dense")
+    eng = engines.offline("dense", overlap)
     tok = eng.tokenizer
     prompts = [chat_ids(tok, QUESTIONS[i % 3]) for i in range(6)]
     params = [{}, {"tts_think_max": 2}, {}, {"tts_no_think": True}, {"tts_think_min": 4, "tts_think_extend": 1}, {}]
@@ -73,8 +73,8 @@ def test_mixed_batch_plain_rows_equal_a_run_without_the_package(engines):
     assert outs[3].token_ids[: len(encode(tok, NO_THINK))] == encode(tok, NO_THINK)
 
 
-def test_bad_parameters_are_refused_and_the_engine_goes_on(engines):
-    eng = engines.offline("dense")
+def test_bad_parameters_are_refused_and_the_engine_goes_on(engines, overlap):
+    eng = engines.offline("dense", overlap)
     tok = eng.tokenizer
     for bad, key in [({"tts_think_max": -3}, "tts_think_max"), ({"tts_think_mx": 3}, "tts_think_mx"), ({"tts_no_think": "maybe"}, "tts_no_think")]:
         with pytest.raises(Exception, match=key) as err:  # vLLM wraps it in VLLMValidationError
@@ -85,10 +85,10 @@ def test_bad_parameters_are_refused_and_the_engine_goes_on(engines):
 
 
 @pytest.mark.vllm_only
-def test_composes_with_vllms_thinking_token_budget(engines, engine_name):
+def test_composes_with_vllms_thinking_token_budget(engines, engine_name, overlap):
     if engine_name != "vllm":
         pytest.fail("thinking_token_budget is vLLM's; this test is selected for vLLM only")
-    eng = engines.offline("dense")
+    eng = engines.offline("dense", overlap)
     tok = eng.tokenizer
     prompt = chat_ids(tok, QUESTIONS[0])
     end = tok.convert_tokens_to_ids("</think>")
@@ -108,8 +108,8 @@ def test_composes_with_vllms_thinking_token_budget(engines, engine_name):
 
 
 @pytest.mark.parametrize("cap", [0, 4])
-def test_multi_token_end_string_cap(engines, cap):
-    eng = engines.offline("multi")
+def test_multi_token_end_string_cap(engines, overlap, cap):
+    eng = engines.offline("multi", overlap)
     tok = eng.tokenizer
     forced = encode(tok, "\n</think>")
     assert len(encode(tok, "</think>")) > 1, "fixture: </think> must be several tokens here"
@@ -120,8 +120,8 @@ def test_multi_token_end_string_cap(engines, cap):
     assert "</think>" in tok.decode(out.token_ids)
 
 
-def test_multi_token_end_string_no_think(engines):
-    eng = engines.offline("multi")
+def test_multi_token_end_string_no_think(engines, overlap):
+    eng = engines.offline("multi", overlap)
     tok = eng.tokenizer
     [out] = eng.generate([chat_ids(tok, QUESTIONS[0])], [{"tts_no_think": True}], max_tokens=30)
     assert tok.decode(out.token_ids, skip_special_tokens=False).startswith(NO_THINK + "\n</think>")
@@ -135,16 +135,16 @@ def thinking_part(tok, out):
     return text.split("</think>")[0] if "</think>" in text else None
 
 
-def test_eager_model_really_tries_to_stop(engines):
-    eng = engines.offline("eager")
+def test_eager_model_really_tries_to_stop(engines, overlap):
+    eng = engines.offline("eager", overlap)
     tok = eng.tokenizer
     [out] = eng.generate([chat_ids(tok, QUESTIONS[0])], [{}], max_tokens=4)
     assert out.token_ids[0] == tok.convert_tokens_to_ids("</think>")
 
 
 @pytest.mark.parametrize("minimum", [1, 6, 15])
-def test_minimum_suppresses_the_end_and_splices_wait(engines, minimum):
-    eng = engines.offline("eager")
+def test_minimum_suppresses_the_end_and_splices_wait(engines, overlap, minimum):
+    eng = engines.offline("eager", overlap)
     tok = eng.tokenizer
     end = tok.convert_tokens_to_ids("</think>")
     [out] = eng.generate([chat_ids(tok, QUESTIONS[1])], [{"tts_think_min": minimum}], max_tokens=minimum + 8)
@@ -155,15 +155,15 @@ def test_minimum_suppresses_the_end_and_splices_wait(engines, minimum):
 
 
 @pytest.mark.parametrize("extend, wait", [(1, "Wait"), (3, "Hmm"), (2, "Alternatively")])
-def test_extension_ignores_exactly_n_attempts(engines, extend, wait):
-    eng = engines.offline("eager")
+def test_extension_ignores_exactly_n_attempts(engines, overlap, extend, wait):
+    eng = engines.offline("eager", overlap)
     tok = eng.tokenizer
     [out] = eng.generate([chat_ids(tok, QUESTIONS[2])], [{"tts_think_extend": extend, "tts_think_wait": wait}], max_tokens=40)
     assert thinking_part(tok, out) == wait * extend
 
 
-def test_extension_under_sampling(engines):
-    eng = engines.offline("eager")
+def test_extension_under_sampling(engines, overlap):
+    eng = engines.offline("eager", overlap)
     tok = eng.tokenizer
     outs = eng.generate([chat_ids(tok, QUESTIONS[0])] * 4, [{"tts_think_extend": 2}] * 4, max_tokens=30, temperature=1.0, seed=7)
     for out in outs:
@@ -228,3 +228,18 @@ def test_http_named_and_installed_processor_runs_once(engines, engine_name):
     assert r.status_code == 200
     log = srv.log()
     assert log.count("this duplicate stays inert") == 1, "the second instance in the engine must stay inert"
+
+
+def test_engine_parity_greedy_ids(engines, overlap):
+    """The same request with the same keys gives the same ids in every engine: both equal this reference."""
+    eng = engines.offline("dense", overlap)
+    tok = eng.tokenizer
+    model = engines.tiny_model("dense")
+    prompt = chat_ids(tok, QUESTIONS[1])
+    ref = hf_greedy(model, prompt, 4)
+    forced = encode(tok, "\n</think>")
+    # a cap of 4 forces "\n</think>" after the model's own 4 tokens; what follows is transformers' greedy
+    expected = ref + forced
+    expected += hf_greedy(model, prompt + expected, 16 - len(expected))
+    [out] = eng.generate([prompt], [{"tts_think_max": 4}], max_tokens=16)
+    assert out.token_ids == expected

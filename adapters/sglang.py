@@ -1,0 +1,228 @@
+"""SGLang adapter: every registered technique in SGLang's sampling step, per request, JSON only.
+
+Activated by SGLang's own general-plugin entry-point group ``sglang.srt.plugins``
+(entry point name ``tts_plugins``), which SGLang loads in the launcher, every
+scheduler process and the detokenizer; restrict or disable it with SGLang's
+``SGLANG_PLUGINS`` whitelist. Requests carry flat ``tts_*`` keys in
+``sampling_params.custom_params`` (offline and ``/generate``) or the top-level
+``custom_params`` field of ``/v1/completions`` and ``/v1/chat/completions``.
+SGLang's ``--enable-custom-logit-processor`` (pickled code over the wire) is
+neither needed nor used.
+
+Hooks (all through :mod:`tts_plugins.patching`, registered with SGLang's
+``HookRegistry``):
+
+* ``SamplingParams.verify`` (after): parses the ``tts_*`` keys at admission in
+  the tokenizer manager, so a bad request fails with ``ValueError`` (HTTP 400
+  on the OpenAI endpoints and non-streaming ``/generate``) before it reaches a
+  batch.
+* ``ForwardBatch.init_new`` (around): SGLang's sampler sees no request
+  identity, so when a request of the batch carries ``tts_*`` keys, the forward
+  batch remembers its requests (one pass over the batch's request list, as
+  SGLang's own ``rids`` list does; nothing when no request opted in).
+* ``ModelRunner.sample`` (around): applies the techniques to
+  ``next_token_logits`` before SGLang's penalties, grammar and sampler, then
+  feeds the sampled ids back to the technique state. The state therefore
+  follows the tokens actually sampled, whatever the overlap scheduler has
+  appended to ``req.output_ids`` yet.
+* ``release_kv_cache`` (after): frees a request's slot when it finishes or is
+  aborted (a retracted request keeps its state and resumes).
+"""
+
+from __future__ import annotations
+
+import logging
+import weakref
+from typing import Any
+
+import numpy as np
+import torch
+
+from tts_plugins.batch import SlotState
+from tts_plugins.manager import default_registry
+from tts_plugins.params import PREFIX
+from tts_plugins.technique import EngineInfo, SlotRequest
+
+log = logging.getLogger("sglang.tts_plugins")
+
+_LIVE: weakref.WeakSet[SglangTTS] = weakref.WeakSet()  # per process; hooks get no context argument
+
+TARGETS = {
+    "verify": "sglang.srt.sampling.sampling_params.SamplingParams.verify",
+    "init_new": "sglang.srt.model_executor.forward_batch_info.ForwardBatch.init_new",
+    "sample": "sglang.srt.model_executor.model_runner.ModelRunner.sample",
+    "release": "sglang.srt.mem_cache.common.release_kv_cache",
+}
+
+
+def _tts_params(req: Any) -> dict | None:
+    cp = getattr(req.sampling_params, "custom_params", None)
+    if not cp:
+        return None
+    return cp if any(isinstance(k, str) and k.startswith(PREFIX) for k in cp) else None
+
+
+class SglangTTS:
+    """Per-model-runner state: slots keyed by request id, the technique state, pending sampled ids."""
+
+    def __init__(self, model_runner: Any, vocab_size: int, device: torch.device) -> None:
+        from transformers import AutoTokenizer
+
+        args = model_runner.server_args
+        tokenizer = AutoTokenizer.from_pretrained(args.tokenizer_path or args.model_path, trust_remote_code=bool(getattr(args, "trust_remote_code", False)))
+        registry = default_registry()
+        start, end = registry.think_strings(tokenizer, args.model_path, None)
+        eos = {tokenizer.eos_token_id} if tokenizer.eos_token_id is not None else set()
+        hf_eos = getattr(model_runner.model_config, "hf_eos_token_id", None)
+        if isinstance(hf_eos, int):
+            eos.add(hf_eos)
+        elif hf_eos:
+            eos.update(int(i) for i in hf_eos)
+        max_slots = int(getattr(model_runner.req_to_token_pool, "size", 0) or 0) + 1
+        self.info = EngineInfo(
+            vocab_size=vocab_size, max_slots=max_slots, device=device, tokenizer=tokenizer,
+            eos_token_ids=tuple(sorted(eos)), think_start=start, think_end=end, pin_memory=device.type == "cuda",
+        )
+        self.registry = registry
+        self.state = SlotState(registry, self.info)
+        self.slot_of: dict[str, int] = {}
+        self._free = list(range(max_slots - 1, -1, -1))
+        self._pending: tuple[torch.Tensor, list[tuple[int, int, str]], Any] | None = None
+        _LIVE.add(self)
+
+    # --- slots ------------------------------------------------------------
+
+    def slot_for(self, req: Any) -> int:
+        slot = self.slot_of.get(req.rid)
+        if slot is not None:
+            return slot
+        flat = _tts_params(req)
+        if flat is None or req.finished():
+            return self.info.neutral_slot
+        try:
+            parsed = self.registry.parse(flat)
+        except ValueError as exc:  # admission validated it; a request that slipped through runs plain
+            log.error("tts_plugins: ignoring invalid parameters of request %s: %s", req.rid, exc)
+            parsed = {}
+        if not parsed or not self._free:
+            if parsed:
+                log.error("tts_plugins: no free slot for request %s; it runs plain", req.rid)
+            return self.info.neutral_slot
+        slot = self._free.pop()
+        greedy = int(getattr(req.sampling_params, "top_k", -1)) == 1 or float(getattr(req.sampling_params, "temperature", 1.0)) < 1e-5
+        try:
+            self.state.admit(slot, parsed, SlotRequest(list(req.origin_input_ids), greedy))
+        except Exception:
+            log.exception("tts_plugins: could not start techniques for request %s; it runs plain", req.rid)
+            self._free.append(slot)
+            return self.info.neutral_slot
+        self.slot_of[req.rid] = slot
+        return slot
+
+    def release(self, rid: str) -> None:
+        slot = self.slot_of.pop(rid, None)
+        if slot is not None:
+            self.state.release(slot)
+            self._free.append(slot)
+
+    # --- sampled ids --------------------------------------------------------
+
+    def record(self, next_ids: torch.Tensor, rows: list[tuple[int, int, str]]) -> None:
+        if not rows:
+            return
+        if next_ids.device.type == "cpu":
+            self._feed(next_ids, rows)
+            return
+        host = torch.empty(next_ids.shape, dtype=next_ids.dtype, pin_memory=True)
+        host.copy_(next_ids, non_blocking=True)
+        event = torch.cuda.Event()
+        event.record()
+        self._pending = (host, rows, event)
+
+    def consume_pending(self) -> None:
+        if self._pending is not None:
+            host, rows, event = self._pending
+            self._pending = None
+            event.synchronize()
+            self._feed(host, rows)
+
+    def _feed(self, ids: torch.Tensor, rows: list[tuple[int, int, str]]) -> None:
+        values = ids.numpy()
+        for row, slot, rid in rows:
+            if self.slot_of.get(rid) == slot:  # the request may have finished meanwhile
+                self.state.feed(slot, (int(values[row]),))
+
+
+# --- hooks --------------------------------------------------------------------
+
+
+def _verify_after(result: Any, sampling_params: Any, *args: Any, **kwargs: Any) -> None:
+    default_registry().parse(getattr(sampling_params, "custom_params", None))
+
+
+def _init_new_around(orig: Any, cls: Any, batch: Any, *args: Any, **kwargs: Any) -> Any:
+    fb = orig(cls, batch, *args, **kwargs)
+    reqs = batch.reqs
+    if any(_tts_params(r) is not None for r in reqs):
+        decode = batch.forward_mode.is_decode()
+        # rows whose sampled token is kept: decode rows, and the last chunk of a prefill
+        last = [decode or getattr(r, "extend_end", 0) == len(getattr(r, "full_untruncated_fill_ids", ()) or ()) or not hasattr(r, "extend_end") for r in reqs]
+        fb.tts_plugins_rows = (list(reqs), last)
+    return fb
+
+
+def _state(model_runner: Any, logits: torch.Tensor) -> SglangTTS:
+    st = getattr(model_runner, "tts_plugins_state", None)
+    if st is None:
+        st = SglangTTS(model_runner, logits.shape[-1], logits.device)
+        model_runner.tts_plugins_state = st
+    return st
+
+
+def _sample_around(orig: Any, model_runner: Any, logits_output: Any, forward_batch: Any, *args: Any, **kwargs: Any) -> Any:
+    rows = getattr(forward_batch, "tts_plugins_rows", None)
+    st = getattr(model_runner, "tts_plugins_state", None)
+    if rows is None:
+        if st is not None:
+            st.consume_pending()
+        return orig(model_runner, logits_output, forward_batch, *args, **kwargs)
+    logits = logits_output.next_token_logits
+    st = _state(model_runner, logits)
+    st.consume_pending()
+    reqs, keep = rows
+    host_slots = np.fromiter((st.slot_for(r) for r in reqs), dtype=np.int64, count=len(reqs))
+    if logits.shape[0] == len(reqs) and st.state.active:
+        row_slots = torch.from_numpy(host_slots).to(logits.device, non_blocking=True)
+        out = st.state.apply(logits, row_slots, host_slots)
+        if out is not logits:
+            logits_output.next_token_logits = out
+    next_ids = orig(model_runner, logits_output, forward_batch, *args, **kwargs)
+    neutral = st.info.neutral_slot
+    mine = [(i, int(s), reqs[i].rid) for i, s in enumerate(host_slots) if s != neutral and keep[i]]
+    st.record(next_ids, mine)
+    return next_ids
+
+
+def _release_after(result: Any, req: Any, *args: Any, **kwargs: Any) -> None:
+    if req.finished():
+        for st in list(_LIVE):
+            st.release(req.rid)
+
+
+def register() -> None:
+    """Entry point of ``sglang.srt.plugins``: register our hooks (idempotent per process)."""
+    from tts_plugins.patching import sglang_hooks
+
+    sglang_hooks(
+        [
+            (TARGETS["verify"], _verify_after, "after"),
+            (TARGETS["init_new"], _init_new_around, "around"),
+            (TARGETS["sample"], _sample_around, "around"),
+            (TARGETS["release"], _release_after, "after"),
+        ]
+    )
+
+
+def live_states() -> list[SglangTTS]:
+    """The adapter states of this process (tests and debugging)."""
+    return list(_LIVE)

@@ -1,0 +1,66 @@
+"""SGLang for the tests: stand-ins on the path for the engine's processes, offline engine wrapper."""
+
+from __future__ import annotations
+
+import os
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any, Sequence
+
+from harness import Output
+
+STUBS = Path(__file__).resolve().parent.parent / "stubs"
+CALLS = Path(tempfile.gettempdir()) / f"tts-sgl-kernel-calls-{os.getpid()}"
+
+
+def sglang_env() -> dict[str, str]:
+    """What SGLang processes need here: CPU engine, and the test stand-ins for sgl_kernel and torchvision."""
+    pp = os.environ.get("PYTHONPATH", "")
+    return {
+        "SGLANG_USE_CPU_ENGINE": "1",
+        "PYTHONPATH": f"{STUBS}{os.pathsep}{pp}" if pp else str(STUBS),
+        "TTS_SGL_KERNEL_CALLS": str(CALLS),
+    }
+
+
+def activate_stubs() -> None:
+    os.environ.update(sglang_env())
+    if str(STUBS) not in sys.path:
+        sys.path.insert(0, str(STUBS))
+
+
+class SglangOffline:
+    """``sgl.Engine`` on the CPU, float32, torch_native attention."""
+
+    engine = "sglang"
+
+    def __init__(self, model: Path, overlap: bool = True) -> None:
+        activate_stubs()
+        import sglang as sgl
+        from transformers import AutoTokenizer
+
+        t0 = time.perf_counter()
+        self.eng = sgl.Engine(
+            model_path=str(model), device="cpu", attention_backend="torch_native", dtype="float32", random_seed=0,
+            disable_overlap_schedule=not overlap, mem_fraction_static=0.5, max_running_requests=16,
+        )
+        self.start_seconds = time.perf_counter() - t0
+        self.tokenizer = AutoTokenizer.from_pretrained(str(model))
+
+    def generate(self, prompts: Sequence[str | list[int]], params: Sequence[dict], *, max_tokens: int = 32, **sampling: Any) -> list[Output]:
+        sps = []
+        for p in params:
+            sp = {"temperature": sampling.get("temperature", 0.0), "max_new_tokens": max_tokens, "skip_special_tokens": False}
+            if p:
+                sp["custom_params"] = dict(p)
+            if sampling.get("seed") is not None:
+                sp["sampling_seed"] = sampling["seed"]
+            sps.append(sp)
+        ids = [p if isinstance(p, list) else self.tokenizer.encode(p, add_special_tokens=False) for p in prompts]
+        outs = self.eng.generate(input_ids=ids, sampling_params=sps)
+        return [Output(list(o["output_ids"]), o["text"], (o["meta_info"].get("finish_reason") or {}).get("type")) for o in outs]
+
+    def close(self) -> None:
+        self.eng.shutdown()
