@@ -15,8 +15,6 @@ import torch
 
 pytestmark = pytest.mark.vllm_only
 
-vllm = pytest.importorskip("vllm", reason="the vLLM venv runs this module (selected by -m vllm_only)")
-
 from vllm import SamplingParams  # noqa: E402
 from vllm.v1.sample.logits_processor import BatchUpdate  # noqa: E402
 from vllm.v1.worker.gpu.sample.logits_processor import LogitsContext  # noqa: E402
