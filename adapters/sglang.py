@@ -190,8 +190,10 @@ def _sample_around(orig: Any, model_runner: Any, logits_output: Any, forward_bat
     st = _state(model_runner, logits)
     st.consume_pending()
     reqs, keep = rows
+    if logits.shape[0] != len(reqs):  # rows are not requests (speculative decoding): not supported, run plain
+        return orig(model_runner, logits_output, forward_batch, *args, **kwargs)
     host_slots = np.fromiter((st.slot_for(r) for r in reqs), dtype=np.int64, count=len(reqs))
-    if logits.shape[0] == len(reqs) and st.state.active:
+    if st.state.active:
         row_slots = torch.from_numpy(host_slots).to(logits.device, non_blocking=True)
         out = st.state.apply(logits, row_slots, host_slots)
         if out is not logits:

@@ -254,6 +254,7 @@ class ThinkSteering(LogitsTechnique):
             elif params.no_think:
                 row.forced.extend(encode(tok, self.start + "\n" + params.no_think_text + "\n" + self.end))
                 row.concluding = True
+            row.gated = not row.forced and self._gate_closed(row)
         self._publish(slot)
 
     def on_tokens(self, slot: int, token_ids: Sequence[int]) -> None:
@@ -307,6 +308,9 @@ class ThinkSteering(LogitsTechnique):
         if counted:
             row.count += 1
             self._check_cap(row)
+        # the gate as it stands for the next token; kept per token so that replaying a history
+        # (a preempted request re-added with its outputs) counts ignored attempts exactly
+        row.gated = not row.forced and self._gate_closed(row)
 
     def _gate_closed(self, row: _Row) -> bool:
         p = row.params
@@ -321,7 +325,6 @@ class ThinkSteering(LogitsTechnique):
                 force = row.forced[0]
             elif self._gate_closed(row):
                 gate, wait = row.matcher.end_partial(), row.wait_ids[0]
-                row.gated = True
             elif row.eos_block and not self._empty_eos:
                 gate = self.eos_gate
         mode = FORCE if force >= 0 else GATE if gate >= 0 else NONE

@@ -90,3 +90,16 @@ def test_think_strings_resolution(monkeypatch):
     reg = build_registry(plugin_manager(load_entry_points=False, extra_plugins=[Custom()]))
     assert reg.think_strings(None, "mine") == ("[T]", "[/T]")
     assert reg.think_strings(None, "other")[0] == "<think>"
+
+
+def test_think_strings_come_from_the_tokenizer():
+    class Tok:
+        def __init__(self, added):
+            self.added = added
+
+        def get_added_vocab(self):
+            return {t: i for i, t in enumerate(self.added)}
+
+    reg = build_registry(plugin_manager(load_entry_points=False))
+    assert reg.think_strings(Tok(["<seed:think>", "</seed:think>"])) == ("<seed:think>", "</seed:think>")
+    assert reg.think_strings(Tok(["<|im_end|>"])) == ("<think>", "</think>")

@@ -80,6 +80,7 @@ def test_min_above_max_is_refused(lo, hi):
         ({"tts_no_think": True, "tts_think_min": 3}, "tts_no_think"),
         ({"tts_think_max": 3, "tts_no_think_text": "done"}, "tts_no_think_text"),
         ({"tts_think_max": 3, "tts_think_wait": "a\x00b"}, "tts_think_wait"),
+        ({"tts_think_min": 3, "tts_think_wait": "ok</think>"}, "tts_think_wait"),
     ],
 )
 def test_bad_combinations_are_named(flat, key):

@@ -11,6 +11,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from sim import Request, Sim, random_model, wants
+from tts_plugins.technique import SlotRequest
 from tts_plugins.text import encode
 
 
@@ -159,3 +160,23 @@ def test_host_row_hints_change_nothing(tok, seed):
     reqs = [Request(prompt, {"tts_think_max": 3}), Request(prompt, {}), Request(prompt, {"tts_think_min": 5}), Request(prompt, {"tts_no_think": True})]
     model = wants(len(tok), end_spelling(tok), seed)
     assert Sim(tok, host_rows=True).run(reqs, model, 16) == Sim(tok, host_rows=False).run(reqs, model, 16)
+
+
+@given(extend=st.integers(1, 4), cut=st.integers(1, 12), seed=st.integers(0, 100))
+def test_readmission_with_history_reproduces_the_state(tok, extend, cut, seed):
+    """A preempted request comes back with its outputs so far; replaying them must give the same decisions."""
+    prompt = chat_prompt(tok)
+    model = wants(len(tok), end_spelling(tok), seed)
+    params = {"tts_think_extend": extend, "tts_think_max": 40}
+    [full] = Sim(tok).run([Request(prompt, params)], model, 30)
+    sim = Sim(tok)
+    history = list(full[:cut])
+    sim.state.admit(sim.rows.take(0), sim.registry.parse(params), SlotRequest(prompt, greedy=True), history)
+    out = history
+    for _ in range(30 - cut):
+        if out and out[-1] == tok.eos_token_id:
+            break
+        sim.state.observe()
+        z = sim.state.apply(model(0, out)[None].clone(), sim.rows.device_view(1), sim.rows.host_view(1))
+        out.append(int(z[0].argmax()))
+    assert out == full[: len(out)]

@@ -10,6 +10,7 @@ naming the key, the value received and what was expected.
 from __future__ import annotations
 
 import math
+import os
 from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
@@ -135,6 +136,9 @@ class ThinkParams:
             no_think=get_bool(flat, "tts_no_think"),
             no_think_text=get_text(flat, "tts_no_think_text", DEFAULT_NO_THINK_TEXT),
         )
+        end = os.environ.get("TTS_PLUGINS_THINK_END") or "</think>"
+        if end in params.wait:
+            raise ValueError(f"tts_think_wait must not contain the end-of-thinking string {end!r}, got {params.wait!r}")
         if params.max_tokens is not None and params.min_tokens > params.max_tokens:
             raise ValueError(
                 f"tts_think_min must be <= tts_think_max, got tts_think_min={params.min_tokens} "
