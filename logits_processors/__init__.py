@@ -9,6 +9,8 @@ from tts_plugins.hookspecs import hookimpl
 
 @hookimpl
 def tts_register_techniques(register: Callable[[type], None]) -> None:
+    from tts_plugins.logits_processors.group import GroupStop
     from tts_plugins.logits_processors.think import ThinkSteering
 
     register(ThinkSteering)
+    register(GroupStop)

@@ -60,7 +60,8 @@ import torch
 
 from tts_plugins.params import THINK_KEYS, ThinkParams
 from tts_plugins.technique import EngineInfo, LogitsTechnique, SlotRequest
-from tts_plugins.text import StreamMatcher, completion_sets, encode, thinking_state, token_texts
+from tts_plugins.logits_processors.forcing import force_kernel, putter, upload_rows
+from tts_plugins.text import StreamMatcher, cached_token_texts, completion_sets, encode, thinking_state
 
 NONE, FORCE, GATE = 0, 1, 2
 
@@ -96,7 +97,7 @@ def think_kernel(
     CPU bf16 tensor rewrites the whole tensor: ~16x slower than a copy).
     """
     neg_inf = float("-inf")
-    put = _putter(logits)
+    put = putter(logits)
     if do_gate:
         g = gate[row_slots]
         gi = g.clamp(min=0)
@@ -117,39 +118,8 @@ def think_kernel(
         spliced = torch.where(greedy[row_slots][:, None] > 0, torch.where(hit, top + 1.0, cur), torch.logaddexp(cur, mass))
         put(wi, torch.where(redirect, spliced, cur))
     if do_force:
-        if force_rows is None:
-            f = force_tok[row_slots]
-            forced = f >= 0
-            fi = f.clamp(min=0)[:, None]
-            keep = logits.gather(1, fi)
-            logits.masked_fill_(forced[:, None], neg_inf)
-            put(fi, torch.where(forced[:, None], torch.zeros_like(keep), keep))
-        else:
-            f = force_tok[row_slots[force_rows]]
-            if force_rows.shape[0] == logits.shape[0]:  # every row: a plain fill is the cheapest write
-                logits.fill_(neg_inf)
-            else:
-                logits.index_fill_(0, force_rows, neg_inf)
-            put(f[:, None], torch.zeros(f.shape[0], 1, dtype=logits.dtype, device=logits.device), rows=force_rows)
+        force_kernel(logits, row_slots, force_tok, force_rows, put)
     return logits
-
-
-def _putter(logits: torch.Tensor):
-    """``put(cols[n, k], values[n, k], rows=None)``: ``logits[rows[i], cols[i, j]] = values[i, j]``."""
-    if not logits.is_contiguous():
-        def put_scatter(cols, values, rows=None):
-            if rows is None:
-                logits.scatter_(1, cols, values)
-            else:
-                logits[rows[:, None], cols] = values
-        return put_scatter
-    flat, width = logits.view(-1), logits.shape[1]
-
-    def put(cols, values, rows=None):
-        base = (torch.arange(cols.shape[0], device=cols.device) if rows is None else rows) * width
-        flat.index_put_(((base[:, None] + cols).reshape(-1),), values.reshape(-1))
-
-    return put
 
 
 def think_reference_row(
@@ -204,7 +174,7 @@ class ThinkSteering(LogitsTechnique):
         self.start, self.end = info.think_start, info.think_end
         if not self.end:
             raise ValueError("think end string must be non-empty")
-        self.texts = token_texts(info.tokenizer, info.vocab_size)
+        self.texts = cached_token_texts(info)
         self.end_ids = encode(info.tokenizer, self.end)
         self.eos = [i for i in info.eos_token_ids if 0 <= i < info.vocab_size]
         sets = completion_sets(self.texts, self.end)
@@ -230,8 +200,7 @@ class ThinkSteering(LogitsTechnique):
         self._counts = [0, 0, 0]
         self._counts[NONE] = n
         self.rows: dict[int, _Row] = {}
-        self._rows_host: torch.Tensor | None = None
-        self._rows_dev: torch.Tensor | None = None
+        self._row_buffers: dict[str, torch.Tensor] = {}
 
     # --- host side --------------------------------------------------------
 
@@ -353,7 +322,7 @@ class ThinkSteering(LogitsTechnique):
             if not (do_force or do_gate):
                 return logits
             if do_force:
-                force_rows = self._upload_rows(rows, logits.device)
+                force_rows = upload_rows(self._row_buffers, rows, logits.device, self.info.pin_memory)
         if self._dirty:
             if self._dev is not self._host:
                 self._dev.copy_(self._host, non_blocking=True)
@@ -371,14 +340,3 @@ class ThinkSteering(LogitsTechnique):
             do_gate=do_gate,
             force_rows=force_rows,
         )
-
-    def _upload_rows(self, rows: np.ndarray, device: torch.device) -> torch.Tensor:
-        if device.type == "cpu":
-            return torch.from_numpy(rows)
-        n = rows.size
-        if self._rows_host is None or self._rows_host.shape[0] < n:
-            size = max(n, 2 * (0 if self._rows_host is None else self._rows_host.shape[0]), 64)
-            self._rows_host = torch.empty(size, dtype=torch.int64, pin_memory=self.info.pin_memory)
-            self._rows_dev = torch.empty(size, dtype=torch.int64, device=device)
-        self._rows_host[:n].numpy()[:] = rows
-        return self._rows_dev[:n].copy_(self._rows_host[:n], non_blocking=True)

@@ -154,3 +154,58 @@ class ThinkParams:
         if params.max_tokens is None and params.min_tokens == 0 and params.extend == 0 and not params.no_think:
             return None  # e.g. tts_no_think=false alone: valid, and opts out
         return params
+
+
+def get_choice(flat: Mapping[str, Any], key: str, default: str, choices: tuple[str, ...]) -> str:
+    if key not in flat:
+        return default
+    value = flat[key]
+    if value not in choices:
+        raise ValueError(f"{key} must be one of {', '.join(map(repr, choices))}, got {_show(value)}")
+    return value
+
+
+def get_text_list(flat: Mapping[str, Any], key: str, default: tuple[str, ...], *, max_items: int = 16) -> tuple[str, ...]:
+    if key not in flat:
+        return default
+    value = flat[key]
+    if isinstance(value, str):
+        value = [value]
+    if not isinstance(value, (list, tuple)) or not value or len(value) > max_items:
+        raise ValueError(f"{key} must be a list of 1 to {max_items} non-empty strings, got {_show(value)}")
+    for item in value:
+        if not isinstance(item, str) or not item or len(item) > 64:
+            raise ValueError(f"{key} must be a list of non-empty strings of at most 64 characters, got item {_show(item)}")
+    return tuple(value)
+
+
+# --- group early stop -------------------------------------------------------
+
+GROUP_KEYS = frozenset({"tts_group", "tts_group_stop_after", "tts_group_finish", "tts_group_stop_text"})
+
+
+@dataclass(frozen=True)
+class GroupParams:
+    """Group early stop (First Finish Search, short-m@k) options of one request."""
+
+    group: str
+    stop_after: int = 1
+    finish: str = "think"  # what counts as a member finishing: "think" (end of thinking) or "eos"
+    stop_text: str = ""
+
+    @classmethod
+    def parse(cls, flat: Mapping[str, Any]) -> GroupParams | None:
+        if "tts_group" not in flat:
+            for key in GROUP_KEYS - {"tts_group"}:
+                if key in flat:
+                    raise ValueError(f"{key} needs tts_group (the group's id), got {key}={_show(flat[key])} alone")
+            return None
+        group = flat["tts_group"]
+        if not isinstance(group, str) or not group or len(group) > 128:
+            raise ValueError(f"tts_group must be a non-empty string of at most 128 characters, got {_show(group)}")
+        return cls(
+            group=group,
+            stop_after=get_int(flat, "tts_group_stop_after", 1, minimum=1, maximum=100_000),
+            finish=get_choice(flat, "tts_group_finish", "think", ("think", "eos")),
+            stop_text=get_text(flat, "tts_group_stop_text", ""),
+        )

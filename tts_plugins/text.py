@@ -96,3 +96,11 @@ def thinking_state(text: str, start: str, end: str) -> tuple[bool, str]:
     cut = max(s + len(start) if s >= 0 else 0, e + len(end) if e >= 0 else 0)
     rest = text[cut:]
     return inside, rest[-keep:] if keep else ""
+
+
+def cached_token_texts(info: Any) -> list[str]:
+    """``token_texts`` for an engine's tokenizer, computed once per engine (techniques share it)."""
+    texts = info.extra.get("token_texts")
+    if texts is None:
+        texts = info.extra["token_texts"] = token_texts(info.tokenizer, info.vocab_size)
+    return texts

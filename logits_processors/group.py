@@ -1,0 +1,174 @@
+"""Group early stop: First Finish Search and short-m@k, inside the engine.
+
+Keys (see :class:`tts_plugins.params.GroupParams`): ``tts_group`` (the group's
+id), ``tts_group_stop_after`` (m, default 1), ``tts_group_finish`` (``"think"``:
+a member finishes when it closes its thinking block, as short-m@k counts;
+``"eos"``: when it ends, as First Finish Search counts; default ``"think"``),
+``tts_group_stop_text`` (forced before EOS on stopped members, default empty).
+
+Requests that carry the same ``tts_group`` form a group (one request with
+``n > 1`` is a group by itself: its samples share the parameters). Once
+``m`` members have finished, every member that has not finished is ended at
+once: its next tokens are forced to ``tts_group_stop_text`` and EOS, without a
+client round trip. The finished members go on (with ``"think"`` they write
+their answers), and the client votes among them (short-m@k: majority, ties to
+the shortest; ``tts_plugins.aggregate``). A stopped member's response ends
+with finish reason ``stop``; it is recognisable by not having finished (no
+end-of-thinking string, or the stop text).
+
+Group state is cross-request and lives here, in the engine-neutral technique:
+a group exists while it has members in the engine; a member that leaves
+(finished, aborted, preempted) leaves its group; an empty group is deleted,
+so an id can be reused later without inheriting anything. Members that join a
+group which has already stopped are stopped at once. Cost: host work on the
+tokens of grouped requests only; ``apply`` forces rows only while a stop is
+being delivered, and returns at once otherwise.
+"""
+
+from __future__ import annotations
+
+from collections import deque
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import torch
+
+from tts_plugins.logits_processors.forcing import force_kernel, upload_rows
+from tts_plugins.params import GROUP_KEYS, GroupParams
+from tts_plugins.technique import EngineInfo, LogitsTechnique, SlotRequest
+from tts_plugins.text import StreamMatcher, cached_token_texts, encode, thinking_state
+
+
+@dataclass
+class _Group:
+    stop_after: int
+    members: set[int] = field(default_factory=set)
+    finished: int = 0
+    stopped: bool = False
+
+
+@dataclass
+class _Member:
+    params: GroupParams
+    group: _Group
+    matcher: StreamMatcher
+    finished: bool = False
+    queue: deque[int] = field(default_factory=deque)
+
+
+class GroupStop(LogitsTechnique):
+    name = "group"
+    keys = GROUP_KEYS
+    argmax_invariant = False
+
+    @classmethod
+    def parse_params(cls, flat: Mapping[str, Any]) -> GroupParams | None:
+        return GroupParams.parse(flat)
+
+    def __init__(self, info: EngineInfo) -> None:
+        super().__init__(info)
+        self.texts = cached_token_texts(info)
+        self.eos = [i for i in info.eos_token_ids if 0 <= i < info.vocab_size]
+        n = info.max_slots + 1
+        pin = info.pin_memory and info.device.type != "cpu"
+        self._host = torch.full((n,), -1, dtype=torch.int64, pin_memory=pin)
+        self._np = self._host.numpy()
+        self._dev = self._host if info.device.type == "cpu" else self._host.to(info.device)
+        self._dirty = False
+        self._n_forced = 0
+        self._row_buffers: dict[str, torch.Tensor] = {}
+        self.members: dict[int, _Member] = {}
+        self.groups: dict[str, _Group] = {}
+
+    @property
+    def num_active(self) -> int:
+        return len(self.members)
+
+    # --- host side --------------------------------------------------------
+
+    def set_slot(self, slot: int, params: GroupParams | None, request: SlotRequest) -> None:
+        old = self.members.pop(slot, None)
+        if old is not None:
+            old.group.members.discard(slot)
+            if not old.group.members:
+                self.groups.pop(old.params.group, None)
+        if params is not None:
+            if not self.eos:
+                raise ValueError("tts_group needs the model's EOS token id to stop members, and none is known")
+            group = self.groups.get(params.group)
+            if group is None:
+                group = self.groups[params.group] = _Group(stop_after=params.stop_after)
+            _, tail = thinking_state(self.info.tokenizer.decode(list(request.prompt_ids), skip_special_tokens=False), self.info.think_start, self.info.think_end)
+            member = _Member(params=params, group=group, matcher=StreamMatcher(self.info.think_start, self.info.think_end, tail))
+            self.members[slot] = member
+            group.members.add(slot)
+            if group.stopped:
+                self._stop(member)
+        self._publish(slot)
+
+    def on_tokens(self, slot: int, token_ids: Sequence[int]) -> None:
+        member = self.members.get(slot)
+        if member is None:
+            return
+        stopped_now: list[_Group] = []
+        for t in token_ids:
+            if member.queue:
+                # A stop is never given up: a different token here was sampled before the stop was
+                # published (members of one step are fed one after another), so keep forcing.
+                if member.queue[0] == t:
+                    member.queue.popleft()
+                continue
+            if member.finished:
+                continue
+            done = t in self.eos
+            if member.params.finish == "think" and not done:
+                done = "end" in member.matcher.feed(self.texts[t] if 0 <= t < len(self.texts) else "")
+            if done:
+                member.finished = True
+                g = member.group
+                g.finished += 1
+                if g.finished >= g.stop_after and not g.stopped:
+                    g.stopped = True
+                    stopped_now.append(g)
+        self._publish(slot)
+        for g in stopped_now:
+            for other in g.members:
+                m = self.members[other]
+                if not m.finished and not m.queue:
+                    self._stop(m)
+                    self._publish(other)
+
+    def _stop(self, member: _Member) -> None:
+        member.queue.extend(encode(self.info.tokenizer, member.params.stop_text) + [self.eos[0]])
+
+    def _publish(self, slot: int) -> None:
+        member = self.members.get(slot)
+        tok = member.queue[0] if member is not None and member.queue else -1
+        old = self._np[slot]
+        if old != tok:
+            self._n_forced += int(tok >= 0) - int(old >= 0)
+            self._np[slot] = tok
+            self._dirty = True
+
+    def debug_counts(self) -> dict[str, int]:
+        """Live members and groups: both return to 0 when every request has left."""
+        return {"members": len(self.members), "groups": len(self.groups)}
+
+    # --- hot path ---------------------------------------------------------
+
+    def apply(self, logits: torch.Tensor, row_slots: torch.Tensor, host_slots: np.ndarray | None = None) -> torch.Tensor:
+        if self._n_forced == 0:
+            return logits
+        rows_dev = None
+        if host_slots is not None:
+            rows = np.flatnonzero(self._np[host_slots] >= 0)
+            if rows.size == 0:
+                return logits
+            rows_dev = upload_rows(self._row_buffers, rows, logits.device, self.info.pin_memory)
+        if self._dirty:
+            if self._dev is not self._host:
+                self._dev.copy_(self._host, non_blocking=True)
+            self._dirty = False
+        return force_kernel(logits, row_slots, self._dev, rows_dev)

@@ -1,0 +1,141 @@
+"""Group early stop: group bookkeeping against a model, and the stop delivered in a decode loop."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from hypothesis import given
+from hypothesis import strategies as st
+from hypothesis.stateful import RuleBasedStateMachine, invariant, precondition, rule
+
+from sim import Request, Sim, random_model
+from tts_plugins.logits_processors.group import GroupStop
+from tts_plugins.manager import build_registry, plugin_manager
+from tts_plugins.params import GroupParams
+from tts_plugins.technique import EngineInfo, SlotRequest
+
+REG = build_registry(plugin_manager(load_entry_points=False))
+
+
+def test_group_params():
+    assert REG.parse({"tts_group": "q1"})["group"] == GroupParams("q1")
+    with pytest.raises(ValueError, match="tts_group_stop_after"):
+        REG.parse({"tts_group": "q1", "tts_group_stop_after": 0})
+    with pytest.raises(ValueError, match="tts_group_finish"):
+        REG.parse({"tts_group": "q1", "tts_group_finish": "answer"})
+    with pytest.raises(ValueError, match="tts_group"):
+        REG.parse({"tts_group_stop_after": 2})
+    with pytest.raises(ValueError, match="tts_group"):
+        REG.parse({"tts_group": ""})
+
+
+class GroupMachine(RuleBasedStateMachine):
+    """Members join, finish, leave (finish or abort) in any order; the technique must agree with a model."""
+
+    SLOTS = 6
+
+    def __init__(self):
+        super().__init__()
+        from transformers import AutoTokenizer
+
+        from models import tiny_model
+
+        tok = AutoTokenizer.from_pretrained(str(tiny_model("dense")))
+        self.eos = tok.eos_token_id
+        self.tech = GroupStop(EngineInfo(vocab_size=len(tok), max_slots=self.SLOTS, device=torch.device("cpu"), tokenizer=tok, eos_token_ids=(self.eos,)))
+        self.model: dict[int, dict] = {}  # slot -> {"group", "m", "finished"}
+
+    def _group_state(self, gid):
+        members = [s for s, v in self.model.items() if v["group"] == gid]
+        finished = sum(self.model[s]["finished"] for s in members)
+        return members, finished
+
+    @rule(slot=st.integers(0, SLOTS - 1), gid=st.sampled_from(["a", "b"]), m=st.integers(1, 3))
+    def join(self, slot, gid, m):
+        if slot in self.model:
+            return
+        members, _ = self._group_state(gid)
+        m_eff = self.model[members[0]]["m"] if members else m  # the group keeps the m it was created with
+        self.tech.set_slot(slot, GroupParams(gid, stop_after=m, finish="eos"), SlotRequest([1]))
+        self.model[slot] = {"group": gid, "m": m_eff, "finished": False, "stopped_at_join": False}
+
+    @precondition(lambda self: self.model)
+    @rule(data=st.data())
+    def finish(self, data):
+        slot = data.draw(st.sampled_from(sorted(self.model)))
+        queue = list(self.tech.members[slot].queue)
+        if queue:  # being stopped: it emits the forced tokens, ends with EOS, and the engine lets it go
+            self.tech.on_tokens(slot, queue)
+            assert self.tech._np[slot] == -1 and not self.tech.members[slot].finished
+            self.tech.set_slot(slot, None, SlotRequest())
+            del self.model[slot]
+            return
+        self.tech.on_tokens(slot, [self.eos])
+        self.model[slot]["finished"] = True
+
+    @precondition(lambda self: self.model)
+    @rule(data=st.data())
+    def leave(self, data):
+        slot = data.draw(st.sampled_from(sorted(self.model)))
+        self.tech.set_slot(slot, None, SlotRequest())
+        del self.model[slot]
+
+    @invariant()
+    def agrees_with_model(self):
+        assert set(self.tech.members) == set(self.model)
+        gids = {v["group"] for v in self.model.values()}
+        assert set(self.tech.groups) == gids, "empty groups must be deleted, live ones kept"
+        for slot, v in self.model.items():
+            member = self.tech.members[slot]
+            assert member.finished == v["finished"]
+            g = member.group
+            if g.stopped and not v["finished"]:
+                assert member.queue, f"slot {slot} should be being stopped"
+                assert self.tech._np[slot] == member.queue[0]
+        for slot in range(self.SLOTS + 1):
+            if slot not in self.model:
+                assert self.tech._np[slot] == -1, "slots without a member force nothing"
+        assert self.tech._n_forced == int((self.tech._np >= 0).sum())
+
+
+TestGroupMachine = GroupMachine.TestCase
+
+
+@given(k=st.integers(2, 6), m=st.integers(1, 3), seed=st.integers(0, 500))
+def test_first_m_to_finish_thinking_stop_the_rest(dense_tokenizer, k, m, seed):
+    tok = dense_tokenizer
+    sim = Sim(tok, max_slots=8)
+    prompt = tok.apply_chat_template([{"role": "user", "content": "What is 2 + 3?"}], add_generation_prompt=True, tokenize=True, return_dict=False)
+    caps = [2 + 3 * i for i in range(k)]  # member i closes its thinking after caps[i] tokens
+    reqs = [Request(prompt, {"tts_group": "g", "tts_group_stop_after": m, "tts_think_max": c}) for c in caps]
+    banned = [i for i in range(len(tok)) if ">" in tok.decode([i])] + [tok.eos_token_id]
+    outs = sim.run(reqs, random_model(len(tok), seed, banned=banned), 60)
+    m = min(m, k)
+    close = len(tok.encode("\n</think>", add_special_tokens=False))
+    stop_step = caps[m - 1] + close  # the step at which the m-th member has closed its thinking
+    for i, out in enumerate(outs):
+        text = tok.decode(out, skip_special_tokens=False)
+        if i < m:
+            assert "</think>" in text and len(out) > stop_step, f"finished member {i} must go on answering"
+        else:
+            assert out[-1] == tok.eos_token_id and len(out) == stop_step + 1, f"member {i}: {len(out)} tokens, expected {stop_step + 1}"
+    assert sim.state.num_active == 0
+
+
+def test_groups_do_not_leak_into_each_other(dense_tokenizer):
+    tok = dense_tokenizer
+    sim = Sim(tok)
+    prompt = tok.apply_chat_template([{"role": "user", "content": "What is 2 + 3?"}], add_generation_prompt=True, tokenize=True, return_dict=False)
+    reqs = [
+        Request(prompt, {"tts_group": "a", "tts_think_max": 1}),
+        Request(prompt, {"tts_group": "a"}),
+        Request(prompt, {"tts_group": "b"}),
+        Request(prompt, {}),
+    ]
+    banned = [i for i in range(len(tok)) if ">" in tok.decode([i])] + [tok.eos_token_id]
+    model = random_model(len(tok), 3, banned=banned)
+    outs = sim.run(reqs, model, 20)
+    assert outs[1][-1] == tok.eos_token_id and len(outs[1]) <= 5, "group a's other member is stopped"
+    assert len(outs[2]) == 20 and len(outs[3]) == 20, "group b and plain requests are untouched"
+    alone = Sim(tok).run([Request(prompt, {})] * 4, model, 20)
+    assert outs[3] == alone[3]
