@@ -24,6 +24,7 @@ request gets HTTP 400 and the engine goes on.
 from __future__ import annotations
 
 import logging
+import os
 import weakref
 from typing import TYPE_CHECKING, Any
 
@@ -47,6 +48,7 @@ if TYPE_CHECKING:
 
 log = logging.getLogger("vllm.tts_plugins")  # under vLLM's logger, so its handlers print it
 
+_DEBUG = bool(os.environ.get("TTS_PLUGINS_DEBUG"))
 _BASES: tuple[type, ...] = (_V1LogitsProcessor,) + ((_V2LogitsProcessor,) if _V2LogitsProcessor else ())
 
 
@@ -164,9 +166,12 @@ class TTSLogitsProcessor(*_BASES):  # type: ignore[misc]
                         log.exception("tts_plugins: could not start techniques for a request; it runs plain")
                         self.state.release(self.rows.clear(row))
             for src, dst, direction in batch_update.moved:
-                self.rows.move(src, dst, direction == MoveDirectionality.SWAP)
+                self.state.release(self.rows.move(src, dst, direction == MoveDirectionality.SWAP))
         if self.state.active:
             self.state.observe()
+        if _DEBUG and batch_update is not None:
+            log.warning("tts_plugins debug: removed=%s added=%s moved=%s rows=%s debug=%s", list(batch_update.removed),
+                        [a[0] for a in batch_update.added], list(batch_update.moved), self.rows.mapped(), self.debug_counts())
 
     # --- V2 ---------------------------------------------------------------
 
@@ -228,6 +233,14 @@ class TTSLogitsProcessor(*_BASES):  # type: ignore[misc]
         host = np.asarray(ctx.idx_mapping_np, dtype=np.int64)
         rows_are_requests = host.shape[0] == logits.shape[0]  # not under speculative decoding
         return self.state.apply(logits, ctx.expanded_idx_mapping.to(torch.int64), host if rows_are_requests else None)
+
+    def debug_counts(self) -> dict[str, int]:
+        """Live per-request state in this processor: all zero once every request has left."""
+        counts = {"slots": self.state.num_active}
+        for tech in self.state.techniques:
+            counts.update({f"{tech.name}.{k}": v for k, v in getattr(tech, "debug_counts", dict)().items()})
+            counts[f"{tech.name}.active"] = tech.num_active
+        return counts
 
     def release_finished(self, req_idx: int) -> None:
         """V2 has no removal callback; tests and the runner patch call this when a slot's request ends."""

@@ -114,19 +114,20 @@ class GroupStop(LogitsTechnique):
             return
         stopped_now: list[_Group] = []
         for t in token_ids:
-            if member.queue:
-                # A stop is never given up: a different token here was sampled before the stop was
-                # published (members of one step are fed one after another), so keep forcing.
-                if member.queue[0] == t:
-                    member.queue.popleft()
+            if member.queue and member.queue[0] == t:
+                member.queue.popleft()
                 continue
             if member.finished:
                 continue
+            # A member with a stop pending may still finish with this token: it was sampled in the same
+            # step as the finish that stopped the group (members of a step are fed one after another).
+            # Then it counts as finished, like the others of that step; otherwise the stop stays.
             done = t in self.eos
             if member.params.finish == "think" and not done:
                 done = "end" in member.matcher.feed(self.texts[t] if 0 <= t < len(self.texts) else "")
             if done:
                 member.finished = True
+                member.queue.clear()
                 g = member.group
                 g.finished += 1
                 if g.finished >= g.stop_after and not g.stopped:

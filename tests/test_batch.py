@@ -90,10 +90,12 @@ class RowMachine(RuleBasedStateMachine):
     @precondition(lambda self: self.model)
     @rule(data=st.data(), dst=st.integers(0, ROWS - 1))
     def move(self, data, dst):
+        """V1 condenses by moving a request onto the index of one that left (reported by the move alone)."""
         src = data.draw(st.sampled_from(sorted(self.model)))
-        if dst in self.model or dst == src:
-            return  # V1 moves a request only into an empty index
-        self.rows.move(src, dst, swap=False)
+        if dst == src:
+            return
+        self.state.release(self.rows.move(src, dst, swap=False))
+        self.model.pop(dst, None)
         self.model[dst] = self.model.pop(src)
 
     @rule(a=st.integers(0, ROWS - 1), b=st.integers(0, ROWS - 1))
@@ -124,6 +126,7 @@ class RowMachine(RuleBasedStateMachine):
             assert rec.seen[slot] == outputs
         assert len(set(mapped.values())) == len(mapped), "two rows share a slot"
         assert self.state.num_active == len(mapped) == rec.num_active
+        assert len(self.rows._free) + len(mapped) == ROWS, "every slot is either mapped or free: none leaks"
 
     @invariant()
     def apply_touches_only_opted_in_rows(self):

@@ -139,3 +139,14 @@ def test_groups_do_not_leak_into_each_other(dense_tokenizer):
     assert len(outs[2]) == 20 and len(outs[3]) == 20, "group b and plain requests are untouched"
     alone = Sim(tok).run([Request(prompt, {})] * 4, model, 20)
     assert outs[3] == alone[3]
+
+
+def test_members_finishing_in_the_same_step_all_count(dense_tokenizer):
+    tok = dense_tokenizer
+    sim = Sim(tok)
+    prompt = tok.apply_chat_template([{"role": "user", "content": "What is 2 + 3?"}], add_generation_prompt=True, tokenize=True, return_dict=False)
+    reqs = [Request(prompt, {"tts_group": "g", "tts_think_max": 2}) for _ in range(3)] + [Request(prompt, {"tts_group": "g", "tts_think_max": 9})]
+    banned = [i for i in range(len(tok)) if ">" in tok.decode([i])] + [tok.eos_token_id]
+    outs = sim.run(reqs, random_model(len(tok), 4, banned=banned), 20)
+    assert all(len(o) == 20 and "</think>" in tok.decode(o) for o in outs[:3]), "three members tied: all finished"
+    assert outs[3][-1] == tok.eos_token_id and len(outs[3]) == 5

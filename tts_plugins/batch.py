@@ -144,13 +144,22 @@ class RowMap:
             self._dirty = True
         return slot
 
-    def move(self, src: int, dst: int, swap: bool) -> None:
-        a, b = self._np[src], self._np[dst]
+    def move(self, src: int, dst: int, swap: bool) -> int:
+        """Swap two rows, or move ``src`` onto ``dst`` (V1 condenses the batch this way: the request that
+        was at ``dst`` has left, without a separate removal). Returns the slot that left (or the neutral
+        slot), which the caller must release."""
+        a, b = int(self._np[src]), int(self._np[dst])
         if a == self.neutral and b == self.neutral:
-            return
+            return self.neutral
         self._np[dst] = a
-        self._np[src] = b if swap else self.neutral
         self._dirty = True
+        if swap:
+            self._np[src] = b
+            return self.neutral
+        self._np[src] = self.neutral
+        if b != self.neutral:
+            self._free.append(b)
+        return b
 
     def host_view(self, num_rows: int) -> np.ndarray:
         return self._np[:num_rows]

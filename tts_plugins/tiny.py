@@ -11,6 +11,9 @@ Qwen3-MoE model with safetensors. Variants:
 * ``eager``: dense, but the weights make the first token of the end-of-thinking
   string the argmax at every step, so "the model tries to stop thinking" is
   deterministic (for the minimum/extension tests and the demo).
+* ``wobbly``: dense, with ``</think>`` given about a 10% chance at each step at
+  temperature 1, so sampled chains end their thinking at different, random
+  lengths (for group early stop and its token savings).
 
 The chat template opens ``<think>\\n`` in the assistant turn, as reasoning
 models' templates do. Needs ``tokenizers``, ``transformers`` and ``torch``.
@@ -77,13 +80,31 @@ def build_tokenizer(path: Path, variant: str, vocab_size: int, seed: int):
     return fast
 
 
+def _calibrate(model, tok, target: int, p: float, seed: int) -> float:
+    """The output weight that gives ``target`` probability ``p`` on average (temperature 1)."""
+    import torch
+
+    g = torch.Generator().manual_seed(seed)
+    ids = torch.randint(5, len(tok), (4, 48), generator=g)
+    with torch.no_grad():
+        h = model.model(input_ids=ids).last_hidden_state.reshape(-1, model.config.hidden_size)
+        others = model.lm_head(h)
+    lo, hi = -50.0, 50.0
+    for _ in range(60):
+        w = (lo + hi) / 2
+        z = others.clone()
+        z[:, target] = w * h[:, 0]
+        lo, hi = (w, hi) if torch.softmax(z, -1)[:, target].mean() < p else (lo, w)
+    return (lo + hi) / 2
+
+
 def build_tiny_model(path: str | Path, variant: str = "dense", *, seed: int = 0, vocab_size: int = 512) -> Path:
     """Build (or reuse, if already built with the same recipe) a tiny model under ``path``."""
     import torch
     from transformers import Qwen3Config, Qwen3ForCausalLM, Qwen3MoeConfig, Qwen3MoeForCausalLM
 
-    if variant not in ("dense", "multi", "moe", "eager"):
-        raise ValueError(f"variant must be one of dense, multi, moe, eager, got {variant!r}")
+    if variant not in ("dense", "multi", "moe", "eager", "wobbly"):
+        raise ValueError(f"variant must be one of dense, multi, moe, eager, wobbly, got {variant!r}")
     path = Path(path)
     stamp = {"variant": variant, "seed": seed, "vocab_size": vocab_size, "recipe": 3}
     marker = path / "tts_tiny.json"
@@ -117,12 +138,12 @@ def build_tiny_model(path: str | Path, variant: str = "dense", *, seed: int = 0,
     with torch.no_grad():
         for p in model.parameters():  # larger than the default init: distinct, confident argmaxes
             p.mul_(4.0) if p.dim() > 1 else None
-        if variant == "eager":
+        if variant in ("eager", "wobbly"):
             # A constant residual direction (embedding column 0) read only by the end token's output row.
             target = tok.convert_tokens_to_ids("</think>")
             model.model.embed_tokens.weight[:, 0] = 30.0
             model.lm_head.weight[:, 0] = 0.0
-            model.lm_head.weight[target, 0] = 10.0
+            model.lm_head.weight[target, 0] = 10.0 if variant == "eager" else _calibrate(model, tok, target, 0.10, seed)
     model.generation_config.eos_token_id = tok.eos_token_id
     model.save_pretrained(str(path), safe_serialization=True)
     marker.write_text(json.dumps(stamp))

@@ -54,13 +54,14 @@ class VllmOffline:
     def generate(self, prompts: Sequence[str | list[int]], params: Sequence[dict], *, max_tokens: int = 32, **sampling: Any) -> list[Output]:
         from vllm import SamplingParams
 
+        n = sampling.get("n", 1)
         sps = [
-            SamplingParams(temperature=sampling.get("temperature", 0.0), max_tokens=max_tokens, extra_args=dict(p) or None, skip_special_tokens=False, seed=sampling.get("seed"), **sampling.get("extra", {}))
+            SamplingParams(n=n, temperature=sampling.get("temperature", 0.0), max_tokens=max_tokens, extra_args=dict(p) or None, skip_special_tokens=False, seed=sampling.get("seed"), **sampling.get("extra", {}))
             for p in params
         ]
         inputs = [{"prompt_token_ids": p} if isinstance(p, list) else p for p in prompts]
         outs = self.llm.generate(inputs, sps, use_tqdm=False)
-        return [Output(list(o.outputs[0].token_ids), o.outputs[0].text, o.outputs[0].finish_reason) for o in outs]
+        return [Output(list(c.token_ids), c.text, c.finish_reason) for o in outs for c in o.outputs]
 
     def close(self) -> None:
         with contextlib.suppress(Exception):

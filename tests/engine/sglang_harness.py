@@ -57,9 +57,12 @@ class SglangOffline:
                 sp["custom_params"] = dict(p)
             if sampling.get("seed") is not None:
                 sp["sampling_seed"] = sampling["seed"]
+            if sampling.get("n", 1) > 1:
+                sp["n"] = sampling["n"]
             sps.append(sp)
         ids = [p if isinstance(p, list) else self.tokenizer.encode(p, add_special_tokens=False) for p in prompts]
         outs = self.eng.generate(input_ids=ids, sampling_params=sps)
+        outs = outs if isinstance(outs, list) else [outs]
         return [Output(list(o["output_ids"]), o["text"], (o["meta_info"].get("finish_reason") or {}).get("type")) for o in outs]
 
     def close(self) -> None:
