@@ -75,8 +75,9 @@ def test_n_samples_of_one_request_form_a_group(engines, overlap):
     for o, c in zip(grouped, closes):
         if c == first:
             continue
-        assert o.token_ids[-1] == tok.eos_token_id and len(o.token_ids) <= first + 2, (first, c, len(o.token_ids))
-        assert c is None or c >= first
+        # stopped at the next step; the engine may start the samples a step apart (one step of slack)
+        assert o.token_ids[-1] == tok.eos_token_id and len(o.token_ids) <= first + 3, (first, c, len(o.token_ids))
+        assert c is None or c <= first + 1, "only samples that finished in the same step (give or take the start offset) go on"
     spent = sum(len(o.token_ids) for o in grouped)
     full = sum(len(o.token_ids) for o in free)
     assert spent < full
