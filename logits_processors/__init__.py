@@ -11,6 +11,8 @@ from tts_plugins.hookspecs import hookimpl
 def tts_register_techniques(register: Callable[[type], None]) -> None:
     from tts_plugins.logits_processors.group import GroupStop
     from tts_plugins.logits_processors.think import ThinkSteering
+    from tts_plugins.logits_processors.trim import ThoughtTrim
 
     register(ThinkSteering)
+    register(ThoughtTrim)
     register(GroupStop)

@@ -33,6 +33,8 @@ class SlotState:
     def __init__(self, registry: Registry, info: EngineInfo) -> None:
         self.registry = registry
         self.info = info
+        if "verifiers" not in info.extra:
+            info.extra["verifiers"] = registry.verifiers()
         self.techniques: list[LogitsTechnique] = [cls(info) for cls in registry.techniques]
         self._by_name = {t.name: t for t in self.techniques}
         self.active: dict[int, list[LogitsTechnique]] = {}

@@ -61,6 +61,22 @@ def tts_register_model_patches(register: Callable[[Any], None]) -> None:
     """
 
 
+@hookspec
+def tts_register_verifiers(register: Callable[[str, Callable[[], Any]], None]) -> None:
+    """Register answer verifiers that thought trimming may consult (``tts_trim_verifier``).
+
+    Called once when a registry is built. Call ``register(name, factory)``;
+    ``factory()`` is called lazily, once per engine process, and returns an
+    object with ``submit(previous_answer: str, answer: str, thought: str) ->
+    concurrent.futures.Future[bool]`` (True: the answers agree, the thinking
+    has converged). ``submit`` must not block: the engine polls the future and
+    never waits for it. A factory may return ``None`` when it is not
+    configured; requests naming it are then refused at admission.
+
+    :param register: callback taking a name and a zero-argument factory.
+    """
+
+
 @hookspec(firstresult=True)
 def tts_think_strings(tokenizer: Any, model_name: str | None, engine_hint: Mapping[str, str] | None) -> tuple[str, str] | None:
     """Resolve the start and end strings of a model's thinking block.

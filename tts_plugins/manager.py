@@ -35,6 +35,9 @@ def plugin_manager(*, load_entry_points: bool = True, extra_plugins: Iterable[An
     if builtin_techniques:
         pm.register(logits_processors, name="tts_plugins.logits_processors")
     pm.register(builtin, name="tts_plugins.builtin")
+    from tts_plugins import verifier
+
+    pm.register(verifier, name="tts_plugins.verifier")
     if load_entry_points:
         pm.load_setuptools_entrypoints(ENTRY_POINT_GROUP)
     for plugin in extra_plugins:
@@ -50,6 +53,16 @@ class Registry:
     pm: pluggy.PluginManager
     techniques: tuple[type, ...]
     key_owner: Mapping[str, str]
+    verifier_factories: Mapping[str, Any]
+
+    @property
+    def verifier_names(self) -> frozenset[str]:
+        return frozenset(self.verifier_factories)
+
+    def verifiers(self) -> dict[str, Any]:
+        """Fresh verifier instances for one engine process (unconfigured ones left out)."""
+        made = {name: factory() for name, factory in self.verifier_factories.items()}
+        return {name: v for name, v in made.items() if v is not None}
 
     def parse(self, extra: Mapping[str, Any] | None) -> dict[str, Any]:
         """Parse a request's flat extra arguments into ``{technique name: params}``.
@@ -68,6 +81,9 @@ class Registry:
         for cls in self.techniques:
             params = cls.parse_params({k: v for k, v in flat.items() if k in cls.keys})
             if params is not None:
+                check = getattr(cls, "check_params", None)
+                if check is not None:
+                    check(params, self)
                 parsed[cls.name] = params
         return parsed
 
@@ -106,7 +122,15 @@ def build_registry(pm: pluggy.PluginManager | None = None) -> Registry:
             if key in owner:
                 raise ValueError(f"request key {key!r} is claimed by techniques {owner[key]!r} and {name!r}")
             owner[key] = name
-    return Registry(pm=pm, techniques=tuple(names.values()), key_owner=owner)
+    factories: dict[str, Any] = {}
+
+    def add_verifier(name: str, factory: Any) -> None:
+        if not isinstance(name, str) or not name or name in factories:
+            raise ValueError(f"verifier name must be a new non-empty string, got {name!r}")
+        factories[name] = factory
+
+    pm.hook.tts_register_verifiers(register=add_verifier)
+    return Registry(pm=pm, techniques=tuple(names.values()), key_owner=owner, verifier_factories=factories)
 
 
 @functools.lru_cache(maxsize=1)

@@ -1,0 +1,259 @@
+"""Thought trimming (TrimR-style): stop redundant thinking inside the engine.
+
+Keys (see :class:`tts_plugins.params.TrimParams`): ``tts_trim`` (on with the
+defaults), ``tts_trim_converge``, ``tts_trim_max_thoughts``,
+``tts_trim_min_tokens``, ``tts_trim_ngram``, ``tts_trim_repeats``,
+``tts_trim_markers``, ``tts_trim_conclusion``, ``tts_trim_verifier``.
+
+Thinking is split into thoughts at reflection markers ("Wait",
+"Alternatively", "But", blank lines by default), found in the decoded text.
+Three triggers, each switched off with 0:
+
+* **overthinking**: the same extracted answer in ``converge`` consecutive
+  thoughts (default 3). Thoughts without an extractable answer neither count
+  nor break the run. The answer is the last ``\\boxed{...}``, else what follows
+  "answer is" / "Answer:". TrimR judges equivalence with a 7B verifier; this
+  cheap rule is our default, and ``tts_trim_verifier`` names a registered
+  verifier (``tts_register_verifiers`` hook) that decides instead.
+* **underthinking**: more than ``max_thoughts`` thoughts (default 12) once
+  past ``min_tokens`` thinking tokens (default 1024) without convergence.
+* **repetition loop**: one n-gram of ``ngram`` tokens (default 12) seen
+  ``repeats`` times (default 3) in the thinking.
+
+TrimR's thresholds are reported, not verified, so every one is a key. On a
+trigger the conclusion phrase and the end-of-thinking string are forced token
+by token (the forced-token primitive think steering uses too); the answer
+then follows normally.
+
+Cost: host work only for opted-in rows, per new token a short string scan
+near the end of the current thought and one n-gram dictionary update;
+answer extraction runs only when a thought ends. ``apply`` forces rows only
+while a conclusion is being delivered. A verifier is asked asynchronously (a
+thread pool); a decode step never waits for it, and its verdict applies at
+the first step after it arrives.
+"""
+
+from __future__ import annotations
+
+import re
+from collections import deque
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import torch
+
+from tts_plugins.logits_processors.forcing import force_kernel, upload_rows
+from tts_plugins.params import TRIM_KEYS, TrimParams
+from tts_plugins.technique import EngineInfo, LogitsTechnique, SlotRequest
+from tts_plugins.text import StreamMatcher, cached_token_texts, encode, thinking_state
+
+_ANSWER = re.compile(r"(?:answer is|Answer:)\s*\$?\s*([^\s$.,;]+(?:\.\d+)?)", re.IGNORECASE)
+
+
+def extract_answer(thought: str) -> str | None:
+    """The last ``\\boxed{..}`` content (balanced braces), else the last "answer is X"; normalized."""
+    start = thought.rfind("\\boxed{")
+    if start >= 0:
+        depth, i = 1, start + len("\\boxed{")
+        begin = i
+        while i < len(thought) and depth:
+            depth += {"{": 1, "}": -1}.get(thought[i], 0)
+            i += 1
+        if depth == 0:
+            return _norm(thought[begin : i - 1])
+    found = _ANSWER.findall(thought)
+    return _norm(found[-1]) if found else None
+
+
+def _norm(answer: str) -> str | None:
+    answer = answer.strip().rstrip(".").replace(" ", "")
+    return answer or None
+
+
+def split_points(text: str, markers: Sequence[str], start: int) -> list[int]:
+    """Positions >= ``start`` (and > 0) in ``text`` where a new thought begins, in order."""
+    points = set()
+    for m in markers:
+        pos = text.find(m, max(start, 1))
+        while pos >= 0:
+            points.add(pos)
+            pos = text.find(m, pos + 1)
+    return sorted(points)
+
+
+@dataclass
+class _Row:
+    params: TrimParams
+    matcher: StreamMatcher
+    thinking: bool
+    thought: str = ""
+    thoughts: int = 0
+    answers: list[str] = field(default_factory=list)  # answers of the answered thoughts, in order
+    tokens: int = 0
+    window: deque[int] = field(default_factory=deque)
+    seen: dict[tuple[int, ...], int] = field(default_factory=dict)
+    queue: deque[int] = field(default_factory=deque)
+    fired: str | None = None  # which trigger ended the thinking (for tests and logs)
+    pending: Any = None  # a verifier's future
+
+
+class ThoughtTrim(LogitsTechnique):
+    name = "trim"
+    keys = TRIM_KEYS
+    argmax_invariant = False
+
+    @classmethod
+    def parse_params(cls, flat: Mapping[str, Any]) -> TrimParams | None:
+        return TrimParams.parse(flat)
+
+    @classmethod
+    def check_params(cls, params: TrimParams, registry: Any) -> None:
+        if params.verifier is not None and params.verifier not in registry.verifier_names:
+            raise ValueError(f"tts_trim_verifier must name a registered verifier ({sorted(registry.verifier_names) or 'none registered'}), got {params.verifier!r}")
+
+    def __init__(self, info: EngineInfo) -> None:
+        super().__init__(info)
+        self.texts = cached_token_texts(info)
+        n = info.max_slots + 1
+        pin = info.pin_memory and info.device.type != "cpu"
+        self._host = torch.full((n,), -1, dtype=torch.int64, pin_memory=pin)
+        self._np = self._host.numpy()
+        self._dev = self._host if info.device.type == "cpu" else self._host.to(info.device)
+        self._dirty = False
+        self._n_forced = 0
+        self._row_buffers: dict[str, torch.Tensor] = {}
+        self.rows: dict[int, _Row] = {}
+        self.verifiers: dict[str, Any] = info.extra.get("verifiers") or {}
+
+    @property
+    def num_active(self) -> int:
+        return len(self.rows)
+
+    def set_slot(self, slot: int, params: TrimParams | None, request: SlotRequest) -> None:
+        old = self.rows.pop(slot, None)
+        if old is not None and old.pending is not None:
+            old.pending.cancel()
+        if params is not None:
+            if params.verifier is not None and params.verifier not in self.verifiers:
+                raise ValueError(f"tts_trim_verifier names no registered verifier, got {params.verifier!r}; known: {sorted(self.verifiers)}")
+            inside, tail = thinking_state(self.info.tokenizer.decode(list(request.prompt_ids), skip_special_tokens=False), self.info.think_start, self.info.think_end)
+            self.rows[slot] = _Row(params=params, matcher=StreamMatcher(self.info.think_start, self.info.think_end, tail), thinking=inside)
+        self._publish(slot)
+
+    def on_tokens(self, slot: int, token_ids: Sequence[int]) -> None:
+        row = self.rows.get(slot)
+        if row is None:
+            return
+        for t in token_ids:
+            if row.queue:
+                if row.queue[0] == t:
+                    row.queue.popleft()
+                else:  # someone else decided this token; our conclusion is stale
+                    row.queue.clear()
+            piece = self.texts[t] if 0 <= t < len(self.texts) else ""
+            for event in row.matcher.feed(piece):
+                if event == "start" and not row.thinking:
+                    self._restart(row)
+                elif event == "end" and row.thinking:
+                    row.thinking = False
+                    row.queue.clear()
+            if row.thinking and not row.queue and row.fired is None:
+                self._observe(row, t, piece)
+        self._check_verdict(row)
+        self._publish(slot)
+
+    def _restart(self, row: _Row) -> None:
+        row.thinking, row.thought, row.thoughts, row.tokens, row.fired = True, "", 0, 0, None
+        row.answers.clear()
+        row.window.clear()
+        row.seen.clear()
+
+    def _observe(self, row: _Row, t: int, piece: str) -> None:
+        p = row.params
+        row.tokens += 1
+        if p.ngram:
+            row.window.append(t)
+            if len(row.window) > p.ngram:
+                row.window.popleft()
+            if len(row.window) == p.ngram:
+                key = tuple(row.window)
+                row.seen[key] = row.seen.get(key, 0) + 1
+                if row.seen[key] >= p.repeats:
+                    self._fire(row, "repetition")
+                    return
+        before = len(row.thought)
+        row.thought += piece
+        # only a marker completed by this piece can start a new thought: scan just the tail
+        start = max(1, before - max(len(m) for m in p.markers) + 1)
+        while points := split_points(row.thought, p.markers, start):
+            done, row.thought = row.thought[: points[0]], row.thought[points[0] :]
+            start = 1
+            if done.strip():
+                self._close_thought(row, done)
+                if row.fired:
+                    return
+        if p.max_thoughts and row.thoughts > p.max_thoughts and row.tokens >= p.min_tokens:
+            self._fire(row, "underthinking")
+
+    def _close_thought(self, row: _Row, thought: str) -> None:
+        p = row.params
+        row.thoughts += 1
+        answer = extract_answer(thought)
+        if answer is None:
+            return
+        row.answers.append(answer)
+        if p.verifier is not None:
+            if len(row.answers) >= 2 and row.pending is None:
+                row.pending = self.verifiers[p.verifier].submit(row.answers[-2], row.answers[-1], thought)
+            return
+        if p.converge and len(row.answers) >= p.converge and len(set(row.answers[-p.converge :])) == 1:
+            self._fire(row, "overthinking")
+
+    def _check_verdict(self, row: _Row) -> None:
+        fut = row.pending
+        if fut is None or not fut.done():
+            return
+        row.pending = None
+        try:
+            agreed = bool(fut.result())
+        except Exception:  # a verifier that fails leaves the request to the other triggers
+            agreed = False
+        if agreed and row.thinking and row.fired is None:
+            self._fire(row, "verifier")
+
+    def _fire(self, row: _Row, why: str) -> None:
+        row.fired = why
+        row.queue.extend(encode(self.info.tokenizer, row.params.conclusion + self.info.think_end))
+
+    def _publish(self, slot: int) -> None:
+        row = self.rows.get(slot)
+        tok = row.queue[0] if row is not None and row.queue else -1
+        old = self._np[slot]
+        if old != tok:
+            self._n_forced += int(tok >= 0) - int(old >= 0)
+            self._np[slot] = tok
+            self._dirty = True
+
+    def poll(self) -> None:
+        """Apply verdicts that arrived since the last token (adapters may call this once per step)."""
+        for slot, row in self.rows.items():
+            if row.pending is not None and row.pending.done():
+                self._check_verdict(row)
+                self._publish(slot)
+
+    def apply(self, logits: torch.Tensor, row_slots: torch.Tensor, host_slots: np.ndarray | None = None) -> torch.Tensor:
+        if self._n_forced == 0:
+            return logits
+        rows_dev = None
+        if host_slots is not None:
+            rows = np.flatnonzero(self._np[host_slots] >= 0)
+            if rows.size == 0:
+                return logits
+            rows_dev = upload_rows(self._row_buffers, rows, logits.device, self.info.pin_memory)
+        if self._dirty:
+            if self._dev is not self._host:
+                self._dev.copy_(self._host, non_blocking=True)
+            self._dirty = False
+        return force_kernel(logits, row_slots, self._dev, rows_dev)
