@@ -101,6 +101,42 @@ def bench(args) -> list[dict]:
     return results
 
 
+def host_step_cost(args) -> list[dict]:
+    """Per-step host cost of the token state machines (trigger checks included), per opted-in row."""
+    from transformers import AutoTokenizer
+
+    from tts_plugins.tiny import build_tiny_model
+
+    model_dir = build_tiny_model(Path(tempfile.gettempdir()) / "tts-plugins-tiny" / "dense", "dense")
+    tok = AutoTokenizer.from_pretrained(str(model_dir))
+    prompt = tok.apply_chat_template([{"role": "user", "content": "What is 2 + 3?"}], add_generation_prompt=True, tokenize=True, return_dict=False)
+    registry = build_registry(plugin_manager(load_entry_points=False))
+    cases = {
+        "think (cap)": {"tts_think_max": 10**6},
+        "trim (all triggers)": {"tts_trim": True},
+        "group": {"tts_group": "g", "tts_group_stop_after": 10**5},
+    }
+    results = []
+    rows = 64
+    text_ids = tok.encode(" 12 + 7 = 19. Wait, the answer is 19. But let me check 3 * 4 = 12.\n\n", add_special_tokens=False)
+    for name, params in cases.items():
+        info = EngineInfo(vocab_size=len(tok), max_slots=rows, device=torch.device("cpu"), tokenizer=tok, eos_token_ids=(tok.eos_token_id,))
+        state = SlotState(registry, info)
+        for slot in range(rows):
+            state.admit(slot, registry.parse(params), SlotRequest(prompt))
+        times = []
+        for step in range(args.reps * 10):
+            t = text_ids[step % len(text_ids)]
+            t0 = time.perf_counter()
+            for slot in range(rows):
+                state.feed(slot, (t,))
+            times.append((time.perf_counter() - t0) * 1e6)
+        med = statistics.median(times)
+        results.append({"technique": name, "case": "host-step", "batch": rows, "median_us": med, "per_row_us": med / rows})
+        print(f"host   {name:<20} {rows} opted-in rows: {med:8.1f} us per step, {med / rows:6.2f} us per row", flush=True)
+    return results
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--device", default="cpu")
@@ -115,7 +151,8 @@ def main(argv=None) -> int:
         args.batch, args.dtype, args.reps = [64], ["fp32"], 15
     torch.manual_seed(0)
     results = bench(args)
-    missed = [r for r in results if r["meets_target"] is False]
+    results += host_step_cost(args)
+    missed = [r for r in results if r.get("meets_target") is False]
     print(f"\n{len(results)} measurements, {len(missed)} missed targets" + ("".join(f"\n  MISSED: {r['technique']} {r['case']} batch {r['batch']} {r['dtype']}: {r['ratio_to_copy']:.3f}x > {r['target']}x" for r in missed)))
     if args.json:
         args.json.write_text(json.dumps(results, indent=1))
