@@ -78,16 +78,18 @@ def bench(args) -> list[dict]:
                 if parsed:
                     state.admit(rows.take(r), parsed, SlotRequest(prompt, greedy=r % 2 == 0), [])
             row_slots = rows.device_view(batch)
+            # vLLM V1 and SGLang hand the row map over on the host as well (V2 too, without speculative decoding)
+            host_slots = rows.host_view(batch) if not args.device_only else None
             for dname in args.dtype:
                 logits = torch.randn(batch, args.vocab, device=device).to(dtypes[dname])
                 out = torch.empty_like(logits)
                 for _ in range(3):  # warm-up
                     out.copy_(logits)
-                    state.apply(logits, row_slots)
+                    state.apply(logits, row_slots, host_slots)
                 copy_t, apply_t = [], []
                 for _ in range(args.reps):  # interleaved, so drift hits both alike
                     copy_t.append(timed(lambda: out.copy_(logits), device))
-                    apply_t.append(timed(lambda: state.apply(logits, row_slots), device))
+                    apply_t.append(timed(lambda: state.apply(logits, row_slots, host_slots), device))
                 cm, am = statistics.median(copy_t), statistics.median(apply_t)
                 target = TARGETS.get(case.split("-")[0])
                 results.append({
@@ -145,6 +147,7 @@ def main(argv=None) -> int:
     p.add_argument("--dtype", nargs="+", default=["fp32", "bf16"], choices=["fp32", "bf16"])
     p.add_argument("--reps", type=int, default=30)
     p.add_argument("--quick", action="store_true", help="batch 64, fp32, 15 repetitions")
+    p.add_argument("--device-only", action="store_true", help="no host row map (the V2 path under speculative decoding)")
     p.add_argument("--json", type=Path)
     args = p.parse_args(argv)
     if args.quick:
