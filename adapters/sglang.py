@@ -213,8 +213,11 @@ def _release_after(result: Any, req: Any, *args: Any, **kwargs: Any) -> None:
 
 def register() -> None:
     """Entry point of ``sglang.srt.plugins``: register our hooks (idempotent per process)."""
+    from tts_plugins.manager import disabled
     from tts_plugins.patching import sglang_hooks
 
+    if disabled():
+        return
     sglang_hooks(
         [
             (TARGETS["verify"], _verify_after, "after"),

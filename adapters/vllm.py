@@ -35,7 +35,7 @@ from vllm.v1.sample.logits_processor import BatchUpdate, MoveDirectionality
 from vllm.v1.sample.logits_processor import LogitsProcessor as _V1LogitsProcessor
 
 from tts_plugins.batch import RowMap, SlotState
-from tts_plugins.manager import Registry, build_registry, default_registry
+from tts_plugins.manager import Registry, build_registry, default_registry, disabled
 from tts_plugins.technique import EngineInfo, SlotRequest
 
 try:  # Model Runner V2's interface (vLLM >= 0.20); absent in older releases
@@ -107,11 +107,12 @@ class TTSLogitsProcessor(*_BASES):  # type: ignore[misc]
 
     @classmethod
     def validate_params(cls, sampling_params: SamplingParams) -> None:
-        default_registry().parse(sampling_params.extra_args)
+        if not disabled():
+            default_registry().parse(sampling_params.extra_args)
 
     def __init__(self, vllm_config: Any, *args: Any) -> None:
         self.vllm_config = vllm_config
-        self.inert = any(o.vllm_config is vllm_config and not o.inert for o in type(self)._instances)
+        self.inert = disabled() or any(o.vllm_config is vllm_config and not o.inert for o in type(self)._instances)
         type(self)._instances.add(self)
         if self.inert:
             log.info("tts_plugins: a processor is already active in this engine; this duplicate stays inert")

@@ -14,7 +14,8 @@ log = logging.getLogger("vllm.tts_plugins")  # under vLLM's logger, so its handl
 
 
 def register() -> None:
-    from tts_plugins.manager import default_registry
+    from tts_plugins.manager import default_registry, disabled
     from tts_plugins.patching import install_patches
 
-    install_patches(default_registry(), engine="vllm")
+    if not disabled():
+        install_patches(default_registry(), engine="vllm")

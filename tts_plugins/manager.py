@@ -139,5 +139,10 @@ def default_registry() -> Registry:
     return build_registry()
 
 
+def disabled() -> bool:
+    """``TTS_PLUGINS_DISABLE=1``: the operator's switch; installed plugins then do nothing in this engine."""
+    return os.environ.get("TTS_PLUGINS_DISABLE", "").lower() in ("1", "true", "yes")
+
+
 def env_think_strings() -> tuple[str | None, str | None]:
     return os.environ.get("TTS_PLUGINS_THINK_START"), os.environ.get("TTS_PLUGINS_THINK_END")
