@@ -45,15 +45,50 @@ def timed(fn, device: torch.device) -> float:
     return (time.perf_counter() - t0) * 1e6
 
 
-def think_cases(tok, prompt_opened: list[int]):
-    """(case name, per-row parameter dicts builder) for the think technique."""
+def cases(tok):
+    """{technique: {case: setup(state, rows, batch, prompt)}}; each setup admits rows so ``apply`` has work."""
+
+    def admit(state, rows, r, flat, prompt):
+        parsed = state.registry.parse(flat)
+        if parsed:
+            state.admit(rows.take(r), parsed, SlotRequest(prompt, greedy=r % 2 == 0), [])
+        return rows.slot_of(r)
+
+    def think(flat_of):
+        def setup(state, rows, batch, prompt):
+            for r in range(batch):
+                admit(state, rows, r, flat_of(r), prompt)
+        return setup
+
     forced = {"tts_no_think": True}  # forced from step 0
     gated = {"tts_think_min": 10**6}  # gate closed for the whole run
+
+    def trim(share):  # share: one row in `share` opts in; 0: none
+        def setup(state, rows, batch, prompt):
+            loop = {"tts_trim_ngram": 2, "tts_trim_repeats": 2, "tts_trim_converge": 0, "tts_trim_max_thoughts": 0}
+            for r in range(batch):
+                opted = share and r % share == 0
+                slot = admit(state, rows, r, loop if opted else {}, prompt)
+                if opted:
+                    state.feed(slot, [5, 6, 5, 6])  # a loop: the trigger fires, the conclusion is being forced
+        return setup
+
+    def group(share):
+        def setup(state, rows, batch, prompt):
+            slots = [admit(state, rows, r, {"tts_group": "g", "tts_group_finish": "eos"} if share and r % share == 0 else {}, prompt) for r in range(batch)]
+            if share:
+                state.feed(slots[0], [tok.eos_token_id])  # the first finishes: the others are being stopped
+        return setup
+
     return {
-        "unused": lambda n: [{}] * n,
-        "active-force": lambda n: [forced] * n,
-        "active-gate": lambda n: [gated] * n,
-        "mixed": lambda n: [forced if i % 8 == 0 else gated if i % 8 == 4 else {} for i in range(n)],
+        "think": {
+            "unused": think(lambda r: {}),
+            "active-force": think(lambda r: forced),
+            "active-gate": think(lambda r: gated),
+            "mixed": think(lambda r: forced if r % 8 == 0 else gated if r % 8 == 4 else {}),
+        },
+        "trim": {"unused": trim(0), "active": trim(1), "mixed": trim(4)},
+        "group": {"unused": group(0), "active": group(1), "mixed": group(4)},
     }
 
 
@@ -71,12 +106,9 @@ def bench(args) -> list[dict]:
     dtypes = {"fp32": torch.float32, "bf16": torch.bfloat16}
     for batch in args.batch:
         info = EngineInfo(vocab_size=args.vocab, max_slots=batch, device=device, tokenizer=tok, eos_token_ids=(tok.eos_token_id,), pin_memory=device.type == "cuda")
-        for case, rows_params in think_cases(tok, prompt).items():
+        for technique, case, setup in [(t, c, f) for t, cs in cases(tok).items() for c, f in cs.items()]:
             state, rows = SlotState(registry, info), RowMap(batch, info)
-            for r, flat in enumerate(rows_params(batch)):
-                parsed = registry.parse(flat)
-                if parsed:
-                    state.admit(rows.take(r), parsed, SlotRequest(prompt, greedy=r % 2 == 0), [])
+            setup(state, rows, batch, prompt)
             row_slots = rows.device_view(batch)
             # vLLM V1 and SGLang hand the row map over on the host as well (V2 too, without speculative decoding)
             host_slots = rows.host_view(batch) if not args.device_only else None
@@ -93,12 +125,12 @@ def bench(args) -> list[dict]:
                 cm, am = statistics.median(copy_t), statistics.median(apply_t)
                 target = TARGETS.get(case.split("-")[0])
                 results.append({
-                    "technique": "think", "case": case, "batch": batch, "vocab": args.vocab, "dtype": dname,
+                    "technique": technique, "case": case, "batch": batch, "vocab": args.vocab, "dtype": dname,
                     "ratio_to_copy": am / cm, "median_us": am, "copy_us": cm,
                     "spread_us": statistics.quantiles(apply_t, n=4)[2] - statistics.quantiles(apply_t, n=4)[0] if len(apply_t) >= 4 else 0.0,
                     "target": target, "meets_target": None if target is None else am / cm <= target,
                 })
-                print(f"think  {case:<13} batch {batch:>4} {dname}  apply {am:10.1f} us  copy {cm:9.1f} us  ratio {am / cm:7.4f}"
+                print(f"{technique:<6} {case:<13} batch {batch:>4} {dname}  apply {am:10.1f} us  copy {cm:9.1f} us  ratio {am / cm:7.4f}"
                       + ("" if target is None else f"  target <= {target}: {'ok' if am / cm <= target else 'MISSED'}"), flush=True)
     return results
 
