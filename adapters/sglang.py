@@ -86,6 +86,7 @@ class SglangTTS:
         self.registry = registry
         self.state = SlotState(registry, self.info)
         self.slot_of: dict[str, int] = {}
+        self.failed: dict[str, int] = {}  # requests whose techniques failed: they run plain to the end
         self._free = list(range(max_slots - 1, -1, -1))
         self._pending: tuple[torch.Tensor, list[tuple[int, int, str]], Any] | None = None
         _LIVE.add(self)
@@ -97,7 +98,7 @@ class SglangTTS:
         if slot is not None:
             return slot
         flat = _tts_params(req)
-        if flat is None or req.finished():
+        if flat is None or req.finished() or req.rid in self.failed:
             return self.info.neutral_slot
         try:
             parsed = self.registry.parse(flat)
@@ -119,7 +120,18 @@ class SglangTTS:
         self.slot_of[req.rid] = slot
         return slot
 
+    def fail_safe(self) -> None:
+        """A technique raised in the sampling step: log it, and let its requests go on without techniques
+        (they are not re-admitted) rather than take the scheduler down."""
+        log.exception("tts_plugins: a technique failed; its requests continue without tts techniques")
+        self.state.release_all()
+        self.failed.update(self.slot_of)
+        self.slot_of.clear()
+        self._free = list(range(self.info.max_slots - 1, -1, -1))
+        self._pending = None
+
     def release(self, rid: str) -> None:
+        self.failed.pop(rid, None)
         slot = self.slot_of.pop(rid, None)
         if slot is not None:
             self.state.release(slot)
@@ -188,20 +200,29 @@ def _sample_around(orig: Any, model_runner: Any, logits_output: Any, forward_bat
         return orig(model_runner, logits_output, forward_batch, *args, **kwargs)
     logits = logits_output.next_token_logits
     st = _state(model_runner, logits)
-    st.consume_pending()
     reqs, keep = rows
     if logits.shape[0] != len(reqs):  # rows are not requests (speculative decoding): not supported, run plain
         return orig(model_runner, logits_output, forward_batch, *args, **kwargs)
-    host_slots = np.fromiter((st.slot_for(r) for r in reqs), dtype=np.int64, count=len(reqs))
-    if st.state.active:
-        row_slots = torch.from_numpy(host_slots).to(logits.device, non_blocking=True)
-        out = st.state.apply(logits, row_slots, host_slots)
-        if out is not logits:
-            logits_output.next_token_logits = out
+    host_slots = None
+    try:
+        st.consume_pending()
+        host_slots = np.fromiter((st.slot_for(r) for r in reqs), dtype=np.int64, count=len(reqs))
+        if st.state.active:
+            row_slots = torch.from_numpy(host_slots).to(logits.device, non_blocking=True)
+            out = st.state.apply(logits, row_slots, host_slots)
+            if out is not logits:
+                logits_output.next_token_logits = out
+    except Exception:
+        st.fail_safe()
+        host_slots = None
     next_ids = orig(model_runner, logits_output, forward_batch, *args, **kwargs)
-    neutral = st.info.neutral_slot
-    mine = [(i, int(s), reqs[i].rid) for i, s in enumerate(host_slots) if s != neutral and keep[i]]
-    st.record(next_ids, mine)
+    if host_slots is not None:
+        neutral = st.info.neutral_slot
+        mine = [(i, int(s), reqs[i].rid) for i, s in enumerate(host_slots) if s != neutral and keep[i]]
+        try:
+            st.record(next_ids, mine)
+        except Exception:
+            st.fail_safe()
     return next_ids
 
 

@@ -153,6 +153,12 @@ class TTSLogitsProcessor(*_BASES):  # type: ignore[misc]
     def update_state(self, batch_update: BatchUpdate | None) -> None:
         if self.inert:
             return
+        try:
+            self._update_state(batch_update)
+        except Exception:
+            self._fail_safe()
+
+    def _update_state(self, batch_update: BatchUpdate | None) -> None:
         if batch_update is not None:
             for row in batch_update.removed:
                 self.state.release(self.rows.clear(row))
@@ -222,9 +228,25 @@ class TTSLogitsProcessor(*_BASES):  # type: ignore[misc]
 
     # --- both -------------------------------------------------------------
 
+    def _fail_safe(self) -> None:
+        """A technique raised in the engine's hot path: log it, and let every request go on without
+        techniques rather than take the engine down. (Rows already edited this step keep the edit.)"""
+        log.exception("tts_plugins: a technique failed; its requests continue without tts techniques")
+        self.state.release_all()
+        self.rows.clear_all()
+        self._active_np[:] = False
+        self._staged.clear()
+
     def apply(self, logits: torch.Tensor, ctx: Any = None) -> torch.Tensor:
         if self.inert or not self.state.active:
             return logits
+        try:
+            return self._apply(logits, ctx)
+        except Exception:
+            self._fail_safe()
+            return logits
+
+    def _apply(self, logits: torch.Tensor, ctx: Any) -> torch.Tensor:
         if ctx is None:
             if self.state.pending_placeholders:
                 self.state.observe()

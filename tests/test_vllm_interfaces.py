@@ -126,3 +126,47 @@ def test_named_twice_in_one_engine_runs_once(vllm_config):
     z = torch.randn(1, vllm_config.model_config.get_vocab_size())
     b.update_state(BatchUpdate(batch_size=1, removed=[], added=[(0, SamplingParams(extra_args={"tts_think_max": 0}), [1], [])], moved=[]))
     assert b.apply(z) is z and not b.state.active
+
+
+def test_a_failing_technique_does_not_take_the_engine_down(vllm_config, monkeypatch):
+    """A technique that raises in the hot path: the step goes on, its requests continue without techniques."""
+    import tts_plugins.adapters.vllm as adapter
+    from tts_plugins import hookimpl
+    from tts_plugins.manager import build_registry, plugin_manager
+    from tts_plugins.technique import LogitsTechnique
+
+    class Faulty(LogitsTechnique):
+        name, keys = "faulty", frozenset({"tts_faulty"})
+
+        @classmethod
+        def parse_params(cls, flat):
+            return flat.get("tts_faulty")
+
+        def set_slot(self, slot, params, request):
+            self.on = params is not None
+
+        num_active = 1
+
+        def apply(self, logits, row_slots, host_slots=None):
+            raise RuntimeError("deliberate failure")
+
+    class Plugin:
+        @hookimpl
+        def tts_register_techniques(self, register):
+            register(Faulty)
+
+    monkeypatch.setattr(adapter, "build_registry", lambda: build_registry(plugin_manager(load_entry_points=False, extra_plugins=[Plugin()])))
+    gc.collect()
+    proc = TTSLogitsProcessor(vllm_config, torch.device("cpu"), False)
+    vocab = vllm_config.model_config.get_vocab_size()
+    added = [(0, SamplingParams(extra_args={"tts_faulty": 1}), [1], []), (1, SamplingParams(extra_args={"tts_think_max": 0}), [1], []), (2, SamplingParams(), [1], [])]
+    proc.update_state(BatchUpdate(batch_size=3, removed=[], added=added, moved=[]))
+    assert proc.state.num_active == 2
+    z = torch.randn(3, vocab)
+    out = proc.apply(z.clone())  # must not raise
+    assert out.shape == z.shape and torch.equal(out[2], z[2])
+    assert proc.state.num_active == 0 and proc.rows.mapped() == {}, "after a failure every request runs plain"
+    z2 = torch.randn(3, vocab)
+    assert proc.apply(z2) is z2
+    del proc
+    gc.collect()

@@ -106,6 +106,17 @@ class SlotState:
     def num_active(self) -> int:
         return len(self.active)
 
+    def release_all(self) -> list[int]:
+        """Drop every slot's state (after a technique failed: its requests go on without techniques)."""
+        slots = list(self.active)
+        for slot in slots:
+            try:
+                self.release(slot)
+            except Exception:  # a broken technique must not keep the others from resetting
+                self.active.pop(slot, None)
+                self._watch.pop(slot, None)
+        return slots
+
 
 class RowMap:
     """vLLM V1 persistent-batch rows to stable slots.
@@ -172,6 +183,10 @@ class RowMap:
                 self._dev.copy_(self._host, non_blocking=True)
             self._dirty = False
         return self._dev[:num_rows]
+
+    def clear_all(self) -> None:
+        for row in np.flatnonzero(self._np != self.neutral):
+            self.clear(int(row))
 
     def mapped(self) -> dict[int, int]:
         """``{row: slot}`` for rows that hold a slot (for tests and debugging)."""
