@@ -70,3 +70,46 @@ def upload_rows(buffers: dict[str, torch.Tensor], rows: np.ndarray, device: torc
         buffers["dev"] = torch.empty(size, dtype=torch.int64, device=device)
     host[:n].numpy()[:] = rows
     return buffers["dev"][:n].copy_(host[:n], non_blocking=True)
+
+
+class ForcedTokens:
+    """Per-slot "force this token next" state for ``max_slots + 1`` slots, and its ``apply``.
+
+    Host writes (``set``) go to a (pinned) host buffer and reach the device at
+    the next ``apply`` that needs them, only when something changed. ``apply``
+    returns at once while no slot has a forced token, and touches only the
+    forced rows when the adapter knows the rows on the host.
+    """
+
+    def __init__(self, max_slots: int, device: torch.device, pin_memory: bool) -> None:
+        n = max_slots + 1
+        self.pin_memory = pin_memory and device.type != "cpu"
+        self._host = torch.full((n,), -1, dtype=torch.int64, pin_memory=self.pin_memory)
+        self.np = self._host.numpy()
+        self._dev = self._host if device.type == "cpu" else self._host.to(device)
+        self._dirty = False
+        self.count = 0
+        self._rows: dict[str, torch.Tensor] = {}
+
+    def set(self, slot: int, tok: int) -> None:
+        """Force ``tok`` for ``slot`` from the next step on (-1: nothing)."""
+        old = int(self.np[slot])
+        if old != tok:
+            self.count += int(tok >= 0) - int(old >= 0)
+            self.np[slot] = tok
+            self._dirty = True
+
+    def apply(self, logits: torch.Tensor, row_slots: torch.Tensor, host_slots: np.ndarray | None = None) -> torch.Tensor:
+        if self.count == 0:
+            return logits
+        rows_dev = None
+        if host_slots is not None:
+            rows = np.flatnonzero(self.np[host_slots] >= 0)
+            if rows.size == 0:
+                return logits
+            rows_dev = upload_rows(self._rows, rows, logits.device, self.pin_memory)
+        if self._dirty:
+            if self._dev is not self._host:
+                self._dev.copy_(self._host, non_blocking=True)
+            self._dirty = False
+        return force_kernel(logits, row_slots, self._dev, rows_dev)

@@ -35,7 +35,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from tts_plugins.logits_processors.forcing import force_kernel, upload_rows
+from tts_plugins.logits_processors.forcing import ForcedTokens
 from tts_plugins.params import GROUP_KEYS, GroupParams
 from tts_plugins.technique import EngineInfo, LogitsTechnique, SlotRequest
 from tts_plugins.text import StreamMatcher, cached_token_texts, encode, thinking_state
@@ -71,14 +71,7 @@ class GroupStop(LogitsTechnique):
         super().__init__(info)
         self.texts = cached_token_texts(info)
         self.eos = [i for i in info.eos_token_ids if 0 <= i < info.vocab_size]
-        n = info.max_slots + 1
-        pin = info.pin_memory and info.device.type != "cpu"
-        self._host = torch.full((n,), -1, dtype=torch.int64, pin_memory=pin)
-        self._np = self._host.numpy()
-        self._dev = self._host if info.device.type == "cpu" else self._host.to(info.device)
-        self._dirty = False
-        self._n_forced = 0
-        self._row_buffers: dict[str, torch.Tensor] = {}
+        self.forced = ForcedTokens(info.max_slots, info.device, info.pin_memory)
         self.members: dict[int, _Member] = {}
         self.groups: dict[str, _Group] = {}
 
@@ -147,11 +140,7 @@ class GroupStop(LogitsTechnique):
     def _publish(self, slot: int) -> None:
         member = self.members.get(slot)
         tok = member.queue[0] if member is not None and member.queue else -1
-        old = self._np[slot]
-        if old != tok:
-            self._n_forced += int(tok >= 0) - int(old >= 0)
-            self._np[slot] = tok
-            self._dirty = True
+        self.forced.set(slot, tok)
 
     def debug_counts(self) -> dict[str, int]:
         """Live members and groups: both return to 0 when every request has left."""
@@ -160,16 +149,4 @@ class GroupStop(LogitsTechnique):
     # --- hot path ---------------------------------------------------------
 
     def apply(self, logits: torch.Tensor, row_slots: torch.Tensor, host_slots: np.ndarray | None = None) -> torch.Tensor:
-        if self._n_forced == 0:
-            return logits
-        rows_dev = None
-        if host_slots is not None:
-            rows = np.flatnonzero(self._np[host_slots] >= 0)
-            if rows.size == 0:
-                return logits
-            rows_dev = upload_rows(self._row_buffers, rows, logits.device, self.info.pin_memory)
-        if self._dirty:
-            if self._dev is not self._host:
-                self._dev.copy_(self._host, non_blocking=True)
-            self._dirty = False
-        return force_kernel(logits, row_slots, self._dev, rows_dev)
+        return self.forced.apply(logits, row_slots, host_slots)

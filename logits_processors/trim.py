@@ -44,7 +44,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from tts_plugins.logits_processors.forcing import force_kernel, upload_rows
+from tts_plugins.logits_processors.forcing import ForcedTokens
 from tts_plugins.params import TRIM_KEYS, TrimParams
 from tts_plugins.technique import EngineInfo, LogitsTechnique, SlotRequest
 from tts_plugins.text import StreamMatcher, cached_token_texts, encode, thinking_state
@@ -116,14 +116,7 @@ class ThoughtTrim(LogitsTechnique):
     def __init__(self, info: EngineInfo) -> None:
         super().__init__(info)
         self.texts = cached_token_texts(info)
-        n = info.max_slots + 1
-        pin = info.pin_memory and info.device.type != "cpu"
-        self._host = torch.full((n,), -1, dtype=torch.int64, pin_memory=pin)
-        self._np = self._host.numpy()
-        self._dev = self._host if info.device.type == "cpu" else self._host.to(info.device)
-        self._dirty = False
-        self._n_forced = 0
-        self._row_buffers: dict[str, torch.Tensor] = {}
+        self.forced = ForcedTokens(info.max_slots, info.device, info.pin_memory)
         self.rows: dict[int, _Row] = {}
         self.verifiers: dict[str, Any] = info.extra.get("verifiers") or {}
 
@@ -230,11 +223,7 @@ class ThoughtTrim(LogitsTechnique):
     def _publish(self, slot: int) -> None:
         row = self.rows.get(slot)
         tok = row.queue[0] if row is not None and row.queue else -1
-        old = self._np[slot]
-        if old != tok:
-            self._n_forced += int(tok >= 0) - int(old >= 0)
-            self._np[slot] = tok
-            self._dirty = True
+        self.forced.set(slot, tok)
 
     def poll(self) -> None:
         """Apply verdicts that arrived since the last token (adapters may call this once per step)."""
@@ -244,16 +233,4 @@ class ThoughtTrim(LogitsTechnique):
                 self._publish(slot)
 
     def apply(self, logits: torch.Tensor, row_slots: torch.Tensor, host_slots: np.ndarray | None = None) -> torch.Tensor:
-        if self._n_forced == 0:
-            return logits
-        rows_dev = None
-        if host_slots is not None:
-            rows = np.flatnonzero(self._np[host_slots] >= 0)
-            if rows.size == 0:
-                return logits
-            rows_dev = upload_rows(self._row_buffers, rows, logits.device, self.info.pin_memory)
-        if self._dirty:
-            if self._dev is not self._host:
-                self._dev.copy_(self._host, non_blocking=True)
-            self._dirty = False
-        return force_kernel(logits, row_slots, self._dev, rows_dev)
+        return self.forced.apply(logits, row_slots, host_slots)

@@ -66,7 +66,7 @@ class GroupMachine(RuleBasedStateMachine):
         queue = list(self.tech.members[slot].queue)
         if queue:  # being stopped: it emits the forced tokens, ends with EOS, and the engine lets it go
             self.tech.on_tokens(slot, queue)
-            assert self.tech._np[slot] == -1 and not self.tech.members[slot].finished
+            assert self.tech.forced.np[slot] == -1 and not self.tech.members[slot].finished
             self.tech.set_slot(slot, None, SlotRequest())
             del self.model[slot]
             return
@@ -91,11 +91,11 @@ class GroupMachine(RuleBasedStateMachine):
             g = member.group
             if g.stopped and not v["finished"]:
                 assert member.queue, f"slot {slot} should be being stopped"
-                assert self.tech._np[slot] == member.queue[0]
+                assert self.tech.forced.np[slot] == member.queue[0]
         for slot in range(self.SLOTS + 1):
             if slot not in self.model:
-                assert self.tech._np[slot] == -1, "slots without a member force nothing"
-        assert self.tech._n_forced == int((self.tech._np >= 0).sum())
+                assert self.tech.forced.np[slot] == -1, "slots without a member force nothing"
+        assert self.tech.forced.count == int((self.tech.forced.np >= 0).sum())
 
 
 TestGroupMachine = GroupMachine.TestCase
