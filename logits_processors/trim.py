@@ -225,12 +225,5 @@ class ThoughtTrim(LogitsTechnique):
         tok = row.queue[0] if row is not None and row.queue else -1
         self.forced.set(slot, tok)
 
-    def poll(self) -> None:
-        """Apply verdicts that arrived since the last token (adapters may call this once per step)."""
-        for slot, row in self.rows.items():
-            if row.pending is not None and row.pending.done():
-                self._check_verdict(row)
-                self._publish(slot)
-
     def apply(self, logits: torch.Tensor, row_slots: torch.Tensor, host_slots: np.ndarray | None = None) -> torch.Tensor:
         return self.forced.apply(logits, row_slots, host_slots)
