@@ -159,6 +159,10 @@ class TTSLogitsProcessor(*_BASES):  # type: ignore[misc]
             self._fail_safe()
 
     def _update_state(self, batch_update: BatchUpdate | None) -> None:
+        # Read new tokens first: a request that just finished leaves in this very update, and its last
+        # token (EOS, say) may matter to others (a group's First Finish Search counts it).
+        if self.state.active:
+            self.state.observe()
         if batch_update is not None:
             for row in batch_update.removed:
                 self.state.release(self.rows.clear(row))
@@ -174,8 +178,6 @@ class TTSLogitsProcessor(*_BASES):  # type: ignore[misc]
                         self.state.release(self.rows.clear(row))
             for src, dst, direction in batch_update.moved:
                 self.state.release(self.rows.move(src, dst, direction == MoveDirectionality.SWAP))
-        if self.state.active:
-            self.state.observe()
         if _DEBUG and batch_update is not None:
             log.warning("tts_plugins debug: removed=%s added=%s moved=%s rows=%s debug=%s", list(batch_update.removed),
                         [a[0] for a in batch_update.added], list(batch_update.moved), self.rows.mapped(), self.debug_counts())

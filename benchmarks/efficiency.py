@@ -55,6 +55,7 @@ def main(argv=None) -> int:
         {"prompt_token_ids": tok.apply_chat_template([{"role": "user", "content": f"What is {7 * i + 3} + {i}?"}], add_generation_prompt=True, tokenize=True, return_dict=False)}
         for i in range(args.prompts)
     ]
+    end = tok.convert_tokens_to_ids("</think>")
     results = []
     try:
         from tqdm import tqdm
@@ -65,13 +66,15 @@ def main(argv=None) -> int:
         sps = [SamplingParams(n=args.k, temperature=1.0, seed=1000 + i, max_tokens=args.max_tokens, extra_args=make(i) or None) for i in range(args.prompts)]
         outs = llm.generate(prompts, sps, use_tqdm=False)
         spent = sum(len(c.token_ids) for o in outs for c in o.outputs)
-        results.append({"strategy": name, "k": args.k, "prompts": args.prompts, "decode_tokens": spent})
-    base = results[0]["decode_tokens"]
+        thinking = sum(list(c.token_ids).index(end) if end in c.token_ids else len(c.token_ids) for o in outs for c in o.outputs)
+        results.append({"strategy": name, "k": args.k, "prompts": args.prompts, "decode_tokens": spent, "thinking_tokens": thinking})
+    base, base_think = results[0]["decode_tokens"], results[0]["thinking_tokens"]
     for r in results:
         r["ratio_to_all_k"] = r["decode_tokens"] / base
-    print(f"\n{'strategy':<14} {'decode tokens':>14} {'ratio to all-k':>15}   (k={args.k}, {args.prompts} prompts, max {args.max_tokens} tokens)")
+        r["thinking_ratio_to_all_k"] = r["thinking_tokens"] / base_think
+    print(f"\n{'strategy':<14} {'decode tokens':>14} {'ratio':>7} {'thinking tokens':>16} {'ratio':>7}   (k={args.k}, {args.prompts} prompts, max {args.max_tokens} tokens)")
     for r in results:
-        print(f"{r['strategy']:<14} {r['decode_tokens']:14d} {r['ratio_to_all_k']:15.2f}")
+        print(f"{r['strategy']:<14} {r['decode_tokens']:14d} {r['ratio_to_all_k']:7.2f} {r['thinking_tokens']:16d} {r['thinking_ratio_to_all_k']:7.2f}")
     if args.json:
         args.json.write_text(json.dumps(results, indent=1))
     if args.png:

@@ -11,9 +11,9 @@ Qwen3-MoE model with safetensors. Variants:
 * ``eager``: dense, but the weights make the first token of the end-of-thinking
   string the argmax at every step, so "the model tries to stop thinking" is
   deterministic (for the minimum/extension tests and the demo).
-* ``wobbly``: dense, with ``</think>`` given about a 10% chance at each step at
-  temperature 1, so sampled chains end their thinking at different, random
-  lengths (for group early stop and its token savings).
+* ``wobbly``: dense, with ``</think>`` given about a 10% chance and EOS about
+  3% at each step at temperature 1, so sampled chains end their thinking, and
+  end, at different, random lengths (for group early stop and its savings).
 
 The chat template opens ``<think>\\n`` in the assistant turn, as reasoning
 models' templates do. Needs ``tokenizers``, ``transformers`` and ``torch``.
@@ -106,7 +106,7 @@ def build_tiny_model(path: str | Path, variant: str = "dense", *, seed: int = 0,
     if variant not in ("dense", "multi", "moe", "eager", "wobbly"):
         raise ValueError(f"variant must be one of dense, multi, moe, eager, wobbly, got {variant!r}")
     path = Path(path)
-    stamp = {"variant": variant, "seed": seed, "vocab_size": vocab_size, "recipe": 3}
+    stamp = {"variant": variant, "seed": seed, "vocab_size": vocab_size, "recipe": 4}
     marker = path / "tts_tiny.json"
     if marker.exists() and json.loads(marker.read_text()) == stamp:
         return path
@@ -144,6 +144,8 @@ def build_tiny_model(path: str | Path, variant: str = "dense", *, seed: int = 0,
             model.model.embed_tokens.weight[:, 0] = 30.0
             model.lm_head.weight[:, 0] = 0.0
             model.lm_head.weight[target, 0] = 10.0 if variant == "eager" else _calibrate(model, tok, target, 0.10, seed)
+            if variant == "wobbly":  # and chains end (EOS) at random lengths too, for First Finish Search
+                model.lm_head.weight[tok.eos_token_id, 0] = _calibrate(model, tok, tok.eos_token_id, 0.03, seed)
     model.generation_config.eos_token_id = tok.eos_token_id
     model.save_pretrained(str(path), safe_serialization=True)
     marker.write_text(json.dumps(stamp))

@@ -71,14 +71,32 @@ def test_n_samples_of_one_request_form_a_group(engines, overlap):
     free = eng.generate([prompt], [{}], max_tokens=48, temperature=1.0, seed=11, n=k)
     assert len(grouped) == k
     closes = [closing_step(tok, o.token_ids) for o in grouped]
-    first = min(c for c in closes if c is not None)
-    for o, c in zip(grouped, closes):
-        if c == first:
+    # a sample finishes when it closes its thinking, or ends (EOS) without closing it
+    finishes = [c if c is not None else len(o.token_ids) - 1 for o, c in zip(grouped, closes)]
+    first = min(finishes)
+    for o, c, f in zip(grouped, closes, finishes):
+        if f <= first + 1:  # finished in the same step as the first, give or take the start offset
             continue
         # stopped at the next step; the engine may start the samples a step apart (one step of slack)
         assert o.token_ids[-1] == tok.eos_token_id and len(o.token_ids) <= first + 3, (first, c, len(o.token_ids))
-        assert c is None or c <= first + 1, "only samples that finished in the same step (give or take the start offset) go on"
     spent = sum(len(o.token_ids) for o in grouped)
     full = sum(len(o.token_ids) for o in free)
     assert spent < full
     print(f"\n[{engines.engine}] short-1@{k} (n={k}, one request) decode tokens {spent} vs all-{k} {full}: ratio {spent / full:.2f}")
+
+
+def test_first_finish_search_counts_the_eos_of_the_first_to_end(engines, overlap):
+    """First Finish Search (finish = EOS): the first sample to end stops the rest, whose EOS comes right after."""
+    eng = engines.offline("wobbly", overlap)
+    tok = eng.tokenizer
+    prompt = chat_ids(tok, QUESTIONS[2])
+    k = 8
+    grouped = eng.generate([prompt], [{"tts_group": "ffs", "tts_group_finish": "eos"}], max_tokens=64, temperature=1.0, seed=5, n=k)
+    free = eng.generate([prompt], [{}], max_tokens=64, temperature=1.0, seed=5, n=k)
+    natural = [o for o in free if o.token_ids[-1] == tok.eos_token_id]
+    assert natural, "fixture: some samples must end by themselves within 64 tokens"
+    shortest = min(len(o.token_ids) for o in grouped)
+    assert all(len(o.token_ids) <= shortest + 2 for o in grouped), [len(o.token_ids) for o in grouped]
+    spent, full = sum(len(o.token_ids) for o in grouped), sum(len(o.token_ids) for o in free)
+    assert spent < full
+    print(f"\n[{engines.engine}] first-finish@{k} decode tokens {spent} vs all-{k} {full}: ratio {spent / full:.2f}")
