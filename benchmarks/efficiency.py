@@ -83,9 +83,13 @@ def main(argv=None) -> int:
         matplotlib.use("Agg")
         import matplotlib.pyplot as plt
 
-        fig, ax = plt.subplots(figsize=(6, 3.2))
-        ax.bar([r["strategy"] for r in results], [r["decode_tokens"] for r in results], color="#4c72b0")
-        ax.set_ylabel("decode tokens")
+        fig, ax = plt.subplots(figsize=(6.5, 3.4))
+        xs = range(len(results))
+        ax.bar([x - 0.2 for x in xs], [r["decode_tokens"] for r in results], width=0.4, color="#4c72b0", label="decode tokens")
+        ax.bar([x + 0.2 for x in xs], [r["thinking_tokens"] for r in results], width=0.4, color="#dd8452", label="of which thinking")
+        ax.set_xticks(list(xs), [r["strategy"] for r in results])
+        ax.set_ylabel("tokens")
+        ax.legend()
         ax.set_title(f"Tokens spent, k={args.k}, {args.prompts} prompts (tiny model, vLLM CPU)")
         fig.tight_layout()
         fig.savefig(args.png, dpi=120)
