@@ -197,6 +197,7 @@ class ThinkSteering(LogitsTechnique):
         self._dev = self._host if info.device.type == "cpu" else self._host.to(info.device)
         self._dirty = False
         self._mode = np.zeros(n, dtype=np.int8)
+        self._published: dict[int, tuple[int, int, int, int]] = {}
         self._counts = [0, 0, 0]
         self._counts[NONE] = n
         self.rows: dict[int, _Row] = {}
@@ -296,16 +297,18 @@ class ThinkSteering(LogitsTechnique):
                 gate, wait = row.matcher.end_partial(), row.wait_ids[0]
             elif row.eos_block and not self._empty_eos:
                 gate = self.eos_gate
+        new = (force, gate, wait, greedy)
+        if self._published.get(slot) == new:  # the common case: nothing changed (plain Python, no numpy)
+            return
+        self._published[slot] = new
         mode = FORCE if force >= 0 else GATE if gate >= 0 else NONE
         old = self._mode[slot]
         if old != mode:
             self._counts[old] -= 1
             self._counts[mode] += 1
             self._mode[slot] = mode
-        col = self._np[:, slot]
-        if col[0] != force or col[1] != gate or col[2] != wait or col[3] != greedy:
-            col[:] = (force, gate, wait, greedy)
-            self._dirty = True
+        self._np[:, slot] = new
+        self._dirty = True
 
     # --- hot path ---------------------------------------------------------
 

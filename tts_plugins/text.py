@@ -42,6 +42,8 @@ def completion_sets(texts: Sequence[str], pattern: str) -> list[list[int]]:
 
 def partial_match(tail: str, pattern: str) -> int:
     """Length of the longest proper prefix of ``pattern`` that ``tail`` ends with."""
+    if not tail or tail[-1] not in pattern[:-1]:  # the usual case, decided by one character
+        return 0
     for j in range(min(len(pattern) - 1, len(tail)), 0, -1):
         if tail.endswith(pattern[:j]):
             return j
