@@ -168,6 +168,24 @@ def host_step_cost(args) -> list[dict]:
         med = statistics.median(times)
         results.append({"technique": name, "case": "host-step", "batch": rows, "median_us": med, "per_row_us": med / rows})
         print(f"host   {name:<20} {rows} opted-in rows: {med:8.1f} us per step, {med / rows:6.2f} us per row", flush=True)
+
+    # Batch-state churn: each step one opted-in request leaves and another joins (vLLM V1 row events).
+    info = EngineInfo(vocab_size=len(tok), max_slots=rows, device=torch.device("cpu"), tokenizer=tok, eos_token_ids=(tok.eos_token_id,))
+    state, rowmap = SlotState(registry, info), RowMap(rows, info)
+    parsed = registry.parse({"tts_think_max": 64, "tts_group": "g"})
+    for r in range(rows):
+        state.admit(rowmap.take(r), parsed, SlotRequest(prompt), [])
+    times = []
+    for step in range(args.reps * 10):
+        r = step % rows
+        t0 = time.perf_counter()
+        state.release(rowmap.clear(r))
+        state.admit(rowmap.take(r), parsed, SlotRequest(prompt), [])
+        rowmap.device_view(rows)
+        times.append((time.perf_counter() - t0) * 1e6)
+    med = statistics.median(times)
+    results.append({"technique": "batch-state", "case": "join+leave", "batch": rows, "median_us": med})
+    print(f"host   batch state: one request leaves and one joins (think + group): {med:8.1f} us", flush=True)
     return results
 
 
