@@ -33,11 +33,20 @@ def putter(logits: torch.Tensor):
     return put
 
 
-def force_kernel(logits: torch.Tensor, row_slots: torch.Tensor, force_tok: torch.Tensor, force_rows: torch.Tensor | None = None, put=None) -> torch.Tensor:
+def force_kernel(
+    logits: torch.Tensor,
+    row_slots: torch.Tensor,
+    force_tok: torch.Tensor,
+    force_rows: torch.Tensor | None = None,
+    put=None,
+    keep_rows: torch.Tensor | None = None,
+) -> torch.Tensor:
     """Force ``force_tok[slot]`` (>= 0) on each row; -1 leaves the row alone.
 
     ``force_rows``: the rows to force when the caller knows them without a
     device sync (then only they are written); otherwise every row is masked.
+    ``keep_rows``: with ``force_rows``, the other rows, when they are few:
+    filling the whole tensor and restoring them beats a scattered row fill.
     """
     put = put or putter(logits)
     neg_inf = float("-inf")
@@ -52,10 +61,22 @@ def force_kernel(logits: torch.Tensor, row_slots: torch.Tensor, force_tok: torch
         f = force_tok[row_slots[force_rows]]
         if force_rows.shape[0] == logits.shape[0]:  # every row: a plain fill is the cheapest write
             logits.fill_(neg_inf)
+        elif keep_rows is not None:
+            saved = logits.index_select(0, keep_rows)
+            logits.fill_(neg_inf)
+            logits.index_copy_(0, keep_rows, saved)
         else:
             logits.index_fill_(0, force_rows, neg_inf)
         put(f[:, None], torch.zeros(f.shape[0], 1, dtype=logits.dtype, device=logits.device), rows=force_rows)
     return logits
+
+
+def few_other_rows(buffers: dict[str, torch.Tensor], forced: np.ndarray, device: torch.device, pin_memory: bool) -> torch.Tensor | None:
+    """The unforced rows as a device tensor when they are fewer than a quarter of the batch, else None."""
+    others = np.flatnonzero(~forced)
+    if others.size == 0 or others.size * 4 >= forced.size:
+        return None
+    return upload_rows(buffers, others, device, pin_memory)
 
 
 def upload_rows(buffers: dict[str, torch.Tensor], rows: np.ndarray, device: torch.device, pin_memory: bool) -> torch.Tensor:
@@ -90,6 +111,7 @@ class ForcedTokens:
         self._dirty = False
         self.count = 0
         self._rows: dict[str, torch.Tensor] = {}
+        self._keep: dict[str, torch.Tensor] = {}
 
     def set(self, slot: int, tok: int) -> None:
         """Force ``tok`` for ``slot`` from the next step on (-1: nothing)."""
@@ -102,14 +124,16 @@ class ForcedTokens:
     def apply(self, logits: torch.Tensor, row_slots: torch.Tensor, host_slots: np.ndarray | None = None) -> torch.Tensor:
         if self.count == 0:
             return logits
-        rows_dev = None
+        rows_dev = keep_dev = None
         if host_slots is not None:
-            rows = np.flatnonzero(self.np[host_slots] >= 0)
+            forced = self.np[host_slots] >= 0
+            rows = np.flatnonzero(forced)
             if rows.size == 0:
                 return logits
             rows_dev = upload_rows(self._rows, rows, logits.device, self.pin_memory)
+            keep_dev = few_other_rows(self._keep, forced, logits.device, self.pin_memory)
         if self._dirty:
             if self._dev is not self._host:
                 self._dev.copy_(self._host, non_blocking=True)
             self._dirty = False
-        return force_kernel(logits, row_slots, self._dev, rows_dev)
+        return force_kernel(logits, row_slots, self._dev, rows_dev, keep_rows=keep_dev if rows_dev is not None else None)

@@ -60,7 +60,7 @@ import torch
 
 from tts_plugins.params import THINK_KEYS, ThinkParams
 from tts_plugins.technique import EngineInfo, LogitsTechnique, SlotRequest
-from tts_plugins.logits_processors.forcing import force_kernel, putter, upload_rows
+from tts_plugins.logits_processors.forcing import few_other_rows, force_kernel, putter, upload_rows
 from tts_plugins.text import StreamMatcher, cached_token_texts, completion_sets, encode, thinking_state
 
 NONE, FORCE, GATE = 0, 1, 2
@@ -79,6 +79,7 @@ def think_kernel(
     do_force: bool,
     do_gate: bool,
     force_rows: torch.Tensor | None = None,
+    keep_rows: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Apply forcing and gating in place; see the module docstring.
 
@@ -118,7 +119,7 @@ def think_kernel(
         spliced = torch.where(greedy[row_slots][:, None] > 0, torch.where(hit, top + 1.0, cur), torch.logaddexp(cur, mass))
         put(wi, torch.where(redirect, spliced, cur))
     if do_force:
-        force_kernel(logits, row_slots, force_tok, force_rows, put)
+        force_kernel(logits, row_slots, force_tok, force_rows, put, keep_rows)
     return logits
 
 
@@ -202,6 +203,7 @@ class ThinkSteering(LogitsTechnique):
         self._counts[NONE] = n
         self.rows: dict[int, _Row] = {}
         self._row_buffers: dict[str, torch.Tensor] = {}
+        self._keep_buffers: dict[str, torch.Tensor] = {}
 
     # --- host side --------------------------------------------------------
 
@@ -316,7 +318,7 @@ class ThinkSteering(LogitsTechnique):
         do_force, do_gate = self._counts[FORCE] > 0, self._counts[GATE] > 0
         if not (do_force or do_gate):
             return logits
-        force_rows = None
+        force_rows = keep_rows = None
         if host_slots is not None:  # the adapter knows the rows: touch only those that need it
             modes = self._mode[host_slots]
             do_gate = bool((modes == GATE).any())
@@ -326,6 +328,7 @@ class ThinkSteering(LogitsTechnique):
                 return logits
             if do_force:
                 force_rows = upload_rows(self._row_buffers, rows, logits.device, self.info.pin_memory)
+                keep_rows = few_other_rows(self._keep_buffers, modes == FORCE, logits.device, self.info.pin_memory)
         if self._dirty:
             if self._dev is not self._host:
                 self._dev.copy_(self._host, non_blocking=True)
@@ -342,4 +345,5 @@ class ThinkSteering(LogitsTechnique):
             do_force=do_force,
             do_gate=do_gate,
             force_rows=force_rows,
+            keep_rows=keep_rows,
         )

@@ -129,12 +129,17 @@ def test_host_known_rows_path_equals_device_path(batch, contiguous):
     logits, row_slots, force, gate, wait, greedy, members = batch
     want = run_kernel(*batch)
     ids, mass = tables(members)
-    z = torch.from_numpy(logits.copy())
-    if not contiguous:  # a column-sliced view: the scatter fallback
-        z = torch.cat([z, torch.zeros_like(z)], dim=1)[:, :V]
+    def fresh():
+        z = torch.from_numpy(logits.copy())
+        if not contiguous:  # a column-sliced view: the scatter fallback
+            z = torch.cat([z, torch.zeros_like(z)], dim=1)[:, :V]
+        return z
+
     rows = torch.tensor([r for r, s in enumerate(row_slots) if force[s] >= 0], dtype=torch.int64)
-    got = think_kernel(
-        z, torch.tensor(row_slots, dtype=torch.int64), torch.tensor(force), torch.tensor(gate), torch.tensor(wait),
-        torch.tensor(greedy), ids, mass, do_force=rows.numel() > 0, do_gate=True, force_rows=rows,
-    )
-    assert torch.equal(got, want)
+    others = torch.tensor([r for r, s in enumerate(row_slots) if force[s] < 0], dtype=torch.int64)
+    for keep in (None, others if 0 < others.numel() < len(row_slots) else None):  # both ways of writing the rows
+        got = think_kernel(
+            fresh(), torch.tensor(row_slots, dtype=torch.int64), torch.tensor(force), torch.tensor(gate), torch.tensor(wait),
+            torch.tensor(greedy), ids, mass, do_force=rows.numel() > 0, do_gate=True, force_rows=rows, keep_rows=keep,
+        )
+        assert torch.equal(got, want)
