@@ -266,8 +266,3 @@ class TTSLogitsProcessor(*_BASES):  # type: ignore[misc]
             counts.update({f"{tech.name}.{k}": v for k, v in getattr(tech, "debug_counts", dict)().items()})
             counts[f"{tech.name}.active"] = tech.num_active
         return counts
-
-    def release_finished(self, req_idx: int) -> None:
-        """V2 has no removal callback; tests and the runner patch call this when a slot's request ends."""
-        self._active_np[req_idx] = False
-        self.state.release(req_idx)
