@@ -202,3 +202,25 @@ def test_external_verifier_decides_without_blocking_decode(dense_tokenizer, judg
     asked_at = first_index(tok, ids, lambda s: s.count("Wait") >= 2)
     fired_at = out.index(encode(tok, DEFAULT_TRIM_CONCLUSION + "</think>")[0], asked_at + 1)
     assert fired_at >= asked_at + 5, "the verdict took ~0.3 s; decoding went on meanwhile"
+
+
+@given(answers=st.lists(st.one_of(st.none(), st.sampled_from(["3", "4"])), min_size=1, max_size=7), k=st.integers(2, 3))
+def test_overthinking_rule_against_a_reference(dense_tokenizer, answers, k):
+    """On any sequence of thoughts, the trigger fires exactly where k consecutive answered thoughts first agree."""
+    tok = dense_tokenizer
+    thoughts = [f"the answer is {a}." if a else "hmm, not sure." for a in answers]
+    text = " " + " Wait, ".join(thoughts) + " Wait, end."
+    seen, fire_thought = [], None
+    for i, a in enumerate(answers):
+        if a is None:
+            continue
+        seen.append(a)
+        if len(seen) >= k and len(set(seen[-k:])) == 1:
+            fire_thought = i
+            break
+    ids, out = run_script(tok, text, {"tts_trim_converge": k, "tts_trim_ngram": 0, "tts_trim_max_thoughts": 0})
+    if fire_thought is None:
+        assert out[: len(ids)] == ids
+    else:  # thought i closes when the (i+1)-th "Wait" is complete
+        i = first_index(tok, ids, lambda s: s.count("Wait") >= fire_thought + 1)
+        assert_trimmed_at(tok, ids, out, i)
