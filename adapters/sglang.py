@@ -89,6 +89,7 @@ class SglangTTS:
         self.failed: dict[str, int] = {}  # requests whose techniques failed: they run plain to the end
         self._free = list(range(max_slots - 1, -1, -1))
         self._pending: tuple[torch.Tensor, list[tuple[int, int, str]], Any] | None = None
+        self._ids_host: torch.Tensor | None = None  # reused pinned buffer for the sampled ids (GPU)
         _LIVE.add(self)
 
     # --- slots ------------------------------------------------------------
@@ -145,7 +146,10 @@ class SglangTTS:
         if next_ids.device.type == "cpu":
             self._feed(next_ids, rows)
             return
-        host = torch.empty(next_ids.shape, dtype=next_ids.dtype, pin_memory=True)
+        n = next_ids.shape[0]
+        if self._ids_host is None or self._ids_host.shape[0] < n or self._ids_host.dtype != next_ids.dtype:
+            self._ids_host = torch.empty(max(n, 256), dtype=next_ids.dtype, pin_memory=True)
+        host = self._ids_host[:n]
         host.copy_(next_ids, non_blocking=True)
         event = torch.cuda.Event()
         event.record()

@@ -67,7 +67,10 @@ def force_kernel(
             logits.index_copy_(0, keep_rows, saved)
         else:
             logits.index_fill_(0, force_rows, neg_inf)
-        put(f[:, None], torch.zeros(f.shape[0], 1, dtype=logits.dtype, device=logits.device), rows=force_rows)
+        if logits.is_contiguous():  # a scalar fill: no values tensor to allocate
+            logits.view(-1).index_fill_(0, force_rows * logits.shape[1] + f, 0.0)
+        else:
+            put(f[:, None], torch.zeros(f.shape[0], 1, dtype=logits.dtype, device=logits.device), rows=force_rows)
     return logits
 
 
