@@ -251,8 +251,3 @@ def register() -> None:
             (TARGETS["release"], _release_after, "after"),
         ]
     )
-
-
-def live_states() -> list[SglangTTS]:
-    """The adapter states of this process (tests and debugging)."""
-    return list(_LIVE)

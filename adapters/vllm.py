@@ -137,6 +137,7 @@ class TTSLogitsProcessor(*_BASES):  # type: ignore[misc]
         self._last_pos = np.full(max_rows + 1, -1, dtype=np.int64)
         self._active_np = np.zeros(max_rows + 1, dtype=bool)
         self._prompt_len = np.zeros(max_rows + 1, dtype=np.int64)
+        self._warned_spec = False
 
     def is_argmax_invariant(self) -> bool:
         return all(t.argmax_invariant for t in self.registry.techniques)
@@ -212,18 +213,17 @@ class TTSLogitsProcessor(*_BASES):  # type: ignore[misc]
             self._last_pos[slot] = plen - 1
         self._staged.clear()
 
-    def _observe_v2(self, ctx: Any) -> None:
-        slots = np.asarray(ctx.idx_mapping_np)
+    def _observe_v2(self, ctx: Any, slots: np.ndarray) -> None:
         mine = self._active_np[slots]
         if not mine.any():
             return
-        # One small device-to-host copy per step, only while opted-in rows exist: the tokens fed this step
-        # are the tokens sampled at the previous one.
+        # Rows are requests here, so slots and positions are known on the host (position = sequence length
+        # - 1); the tokens fed this step, sampled at the previous one, take the one device-to-host copy,
+        # made only while opted-in rows exist.
+        pos = np.asarray(ctx.seq_lens_upper_bound_np) - 1
         ids = ctx.input_ids.cpu().numpy()
-        pos = ctx.pos.cpu().numpy()
-        rows = ctx.expanded_idx_mapping.cpu().numpy()
-        for r in np.flatnonzero(self._active_np[rows]):
-            slot, p = int(rows[r]), int(pos[r])
+        for r in np.flatnonzero(mine):
+            slot, p = int(slots[r]), int(pos[r])
             if p > self._last_pos[slot] and p >= self._prompt_len[slot]:
                 self._last_pos[slot] = p
                 self.state.feed(slot, (int(ids[r]),))
@@ -254,10 +254,16 @@ class TTSLogitsProcessor(*_BASES):  # type: ignore[misc]
                 self.state.observe()
             n = logits.shape[0]
             return self.state.apply(logits, self.rows.device_view(n), self.rows.host_view(n))
-        self._observe_v2(ctx)
         host = np.asarray(ctx.idx_mapping_np, dtype=np.int64)
-        rows_are_requests = host.shape[0] == logits.shape[0]  # not under speculative decoding
-        return self.state.apply(logits, ctx.expanded_idx_mapping.to(torch.int64), host if rows_are_requests else None)
+        if host.shape[0] != logits.shape[0]:
+            # Speculative decoding: rows are draft positions, not requests, and our token state would follow
+            # drafts that may be rejected. Refuse loudly rather than steer wrongly.
+            if not self._warned_spec:
+                log.error("tts_plugins: speculative decoding is not supported; requests run without tts techniques")
+                self._warned_spec = True
+            return logits
+        self._observe_v2(ctx, host)
+        return self.state.apply(logits, ctx.expanded_idx_mapping.to(torch.int64), host)
 
     def debug_counts(self) -> dict[str, int]:
         """Live per-request state in this processor: all zero once every request has left."""

@@ -170,3 +170,24 @@ def test_a_failing_technique_does_not_take_the_engine_down(vllm_config, monkeypa
     assert proc.apply(z2) is z2
     del proc
     gc.collect()
+
+
+def test_v2_refuses_speculative_rows_instead_of_steering_wrongly(vllm_config, dense_tokenizer):
+    gc.collect()
+    vocab = vllm_config.model_config.get_vocab_size()
+    rs = ReqStates(vocab)
+    v2 = TTSLogitsProcessor(vllm_config, rs)
+    assert v2.add_request(1, SamplingParams(temperature=0, extra_args={"tts_think_max": 0}))
+    rs.prompt_len.np[1] = 1
+    v2.apply_staged_writes()
+    idx = torch.tensor([1], dtype=torch.int32)
+    rows = torch.tensor([1, 1, 1], dtype=torch.int32)  # one request, three draft rows
+    ctx = LogitsContext(
+        expanded_idx_mapping=rows, idx_mapping=idx, idx_mapping_np=idx.numpy(), expanded_local_pos=torch.arange(3, dtype=torch.int32),
+        input_ids=torch.zeros(3, dtype=torch.int64), pos=torch.tensor([0, 1, 2]), seq_lens_upper_bound_np=np.array([3]),
+    )
+    z = torch.randn(3, vocab)
+    out = v2.apply(z.clone(), ctx)
+    assert torch.equal(out, z), "a request under speculative decoding must not be steered from draft rows"
+    del v2
+    gc.collect()

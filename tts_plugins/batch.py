@@ -191,7 +191,3 @@ class RowMap:
     def mapped(self) -> dict[int, int]:
         """``{row: slot}`` for rows that hold a slot (for tests and debugging)."""
         return {int(r): int(s) for r, s in enumerate(self._np) if s != self.neutral}
-
-
-def neutral_rows(n: int, info: EngineInfo) -> np.ndarray:
-    return np.full(n, info.neutral_slot, dtype=np.int64)
