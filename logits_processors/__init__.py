@@ -16,3 +16,13 @@ def tts_register_techniques(register: Callable[[type], None]) -> None:
     register(ThinkSteering)
     register(ThoughtTrim)
     register(GroupStop)
+
+
+@hookimpl
+def tts_register_model_patches(register: Callable[[object], None]) -> None:
+    # Importing these modules imports no engine: each patch imports its engine in install().
+    from tts_plugins.adapters.sglang_moi import SglangMoIPatch
+    from tts_plugins.adapters.vllm_moi import VllmMoIPatch
+
+    register(VllmMoIPatch())
+    register(SglangMoIPatch())

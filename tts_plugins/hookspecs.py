@@ -57,6 +57,14 @@ def tts_register_model_patches(register: Callable[[Any], None]) -> None:
     patcher (:mod:`tts_plugins.patching`), which checks the engine version and
     the target, refuses to patch twice, logs, and can undo.
 
+    A patch that techniques turn on per request also declares the request
+    keys it owns: ``keys`` (a frozenset of ``tts_*`` names), ``parse_params(flat)``
+    (torch-free; the parsed parameters or ``None`` when not opted in, raising
+    ``ValueError`` naming key, value and expectation, like a technique's) and
+    ``supported()`` (``None`` when this engine's installed version can run it,
+    else the reason, which admission returns to the client). One patch object
+    per engine shares a ``name`` and the same ``keys``.
+
     :param register: callback taking one patch object.
     """
 

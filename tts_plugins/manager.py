@@ -54,6 +54,7 @@ class Registry:
     techniques: tuple[type, ...]
     key_owner: Mapping[str, str]
     verifier_factories: Mapping[str, Any]
+    patches: tuple[Any, ...] = ()
 
     @property
     def verifier_names(self) -> frozenset[str]:
@@ -64,11 +65,13 @@ class Registry:
         made = {name: factory() for name, factory in self.verifier_factories.items()}
         return {name: v for name, v in made.items() if v is not None}
 
-    def parse(self, extra: Mapping[str, Any] | None) -> dict[str, Any]:
+    def parse(self, extra: Mapping[str, Any] | None, engine: str | None = None) -> dict[str, Any]:
         """Parse a request's flat extra arguments into ``{technique name: params}``.
 
         Keys not starting with ``tts_`` are ignored (they belong to other
-        processors); an unknown ``tts_*`` key is a ``ValueError``.
+        processors); an unknown ``tts_*`` key is a ``ValueError``. With
+        ``engine`` (admission), the keys of model patches are checked too,
+        including that this engine can run them.
         """
         flat = tts_keys(extra)
         unknown = sorted(k for k in flat if k not in self.key_owner)
@@ -77,6 +80,8 @@ class Registry:
                 f"unknown request key {unknown[0]} (value {flat[unknown[0]]!r}); expected one of: "
                 + ", ".join(sorted(self.key_owner))
             )
+        if engine is not None:
+            self.parse_patches(flat, engine)
         parsed = {}
         for cls in self.techniques:
             params = cls.parse_params({k: v for k, v in flat.items() if k in cls.keys})
@@ -87,6 +92,23 @@ class Registry:
                 parsed[cls.name] = params
         return parsed
 
+    def parse_patches(self, extra: Mapping[str, Any] | None, engine: str) -> dict[str, Any]:
+        """``{patch name: params}`` for the model patches a request turns on in ``engine``."""
+        flat = tts_keys(extra)
+        out: dict[str, Any] = {}
+        for patch in self.patches:
+            if getattr(patch, "engine", None) != engine or not getattr(patch, "keys", None):
+                continue
+            params = patch.parse_params({k: v for k, v in flat.items() if k in patch.keys})
+            if params is None:
+                continue
+            reason = patch.supported()
+            if reason is not None:
+                key = sorted(k for k in flat if k in patch.keys)[0]
+                raise ValueError(f"{key}={flat[key]!r} is refused: {reason}")
+            out[patch.name] = params
+        return out
+
     def think_strings(self, tokenizer: Any, model_name: str | None = None, engine_hint: Mapping[str, str] | None = None) -> tuple[str, str]:
         result = self.pm.hook.tts_think_strings(tokenizer=tokenizer, model_name=model_name, engine_hint=engine_hint)
         start, end = result
@@ -95,9 +117,7 @@ class Registry:
         return start, end
 
     def model_patches(self) -> list[Any]:
-        patches: list[Any] = []
-        self.pm.hook.tts_register_model_patches(register=patches.append)
-        return patches
+        return list(self.patches)
 
 
 def build_registry(pm: pluggy.PluginManager | None = None) -> Registry:
@@ -130,7 +150,27 @@ def build_registry(pm: pluggy.PluginManager | None = None) -> Registry:
         factories[name] = factory
 
     pm.hook.tts_register_verifiers(register=add_verifier)
-    return Registry(pm=pm, techniques=tuple(names.values()), key_owner=owner, verifier_factories=factories)
+    patches: list[Any] = []
+    pm.hook.tts_register_model_patches(register=patches.append)
+    patch_keys: dict[str, frozenset[str]] = {}
+    for patch in patches:
+        name, keys = getattr(patch, "name", None), frozenset(getattr(patch, "keys", ()) or ())
+        if not isinstance(name, str) or not name or getattr(patch, "engine", None) not in ("vllm", "sglang"):
+            raise ValueError(f"model patch {patch!r} needs a non-empty str name and an engine ('vllm' or 'sglang')")
+        if name in names:
+            raise ValueError(f"model patch {name!r} has the name of a technique")
+        if name in patch_keys:
+            if patch_keys[name] != keys:
+                raise ValueError(f"model patches named {name!r} declare different keys: {sorted(patch_keys[name])} and {sorted(keys)}")
+            continue
+        patch_keys[name] = keys
+        for key in keys:
+            if not key.startswith(PREFIX):
+                raise ValueError(f"model patch {name!r} key {key!r} must start with {PREFIX!r}")
+            if key in owner:
+                raise ValueError(f"request key {key!r} is claimed by {owner[key]!r} and model patch {name!r}")
+            owner[key] = name
+    return Registry(pm=pm, techniques=tuple(names.values()), key_owner=owner, verifier_factories=factories, patches=tuple(patches))
 
 
 @functools.lru_cache(maxsize=1)

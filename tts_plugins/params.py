@@ -41,6 +41,21 @@ def get_int(flat: Mapping[str, Any], key: str, default: int | None = None, *, mi
     return value
 
 
+def get_float(flat: Mapping[str, Any], key: str, default: float | None = None, *, minimum: float, maximum: float, open_min: bool = False) -> float | None:
+    """A finite float in [minimum, maximum] (``(minimum, maximum]`` with ``open_min``); bools are refused."""
+    if key not in flat:
+        return default
+    value = flat[key]
+    low = "> " if open_min else ">= "
+    want = f"a finite number {low}{minimum:g} and <= {maximum:g}"
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise ValueError(f"{key} must be {want}, got {_show(value)}")
+    value = float(value)
+    if not math.isfinite(value) or value < minimum or (open_min and value == minimum) or value > maximum:
+        raise ValueError(f"{key} must be {want}, got {_show(flat[key])}")
+    return value
+
+
 def get_bool(flat: Mapping[str, Any], key: str, default: bool = False) -> bool:
     """A bool; 0/1 and "true"/"false" are accepted because some transports stringify."""
     if key not in flat:
@@ -280,3 +295,34 @@ class TrimParams:
         if params.ngram == 1:
             raise ValueError("tts_trim_ngram must be 0 (off) or an int >= 2, got 1")
         return params
+
+
+# --- Mixture of Inputs ----------------------------------------------------------
+
+MOI_KEYS = frozenset({"tts_moi_beta", "tts_moi_topk"})
+MOI_MAX_TOPK = 256
+
+
+@dataclass(frozen=True)
+class MoIParams:
+    """Mixture of Inputs options of one request (authors' defaults: beta 1.0, top-20).
+
+    ``beta`` > 0 is the weight of the sampled token against the distribution
+    (larger keeps more of the sample; beta -> inf is plain decoding). ``topk``
+    is the support of the distribution that is mixed, at most ``MOI_MAX_TOPK``
+    so per-request memory stays O(k).
+    """
+
+    beta: float = 1.0
+    topk: int = 20
+
+    @classmethod
+    def parse(cls, flat: Mapping[str, Any]) -> MoIParams | None:
+        if "tts_moi_beta" not in flat:
+            if "tts_moi_topk" in flat:
+                raise ValueError(f"tts_moi_topk needs tts_moi_beta (which switches Mixture of Inputs on), got tts_moi_topk={_show(flat['tts_moi_topk'])} alone")
+            return None
+        return cls(
+            beta=get_float(flat, "tts_moi_beta", minimum=0.0, maximum=1e6, open_min=True),
+            topk=get_int(flat, "tts_moi_topk", 20, minimum=1, maximum=MOI_MAX_TOPK),
+        )

@@ -34,14 +34,19 @@ class Patcher:
     engine: str
     applied: list[tuple[Any, str, Any]] = field(default_factory=list)
 
-    def replace(self, target: str, make: Callable[[Any], Any], *, min_version: str | None = None) -> bool:
-        """Replace ``module:attr.path`` by ``make(original)``; False if skipped."""
+    def replace(self, target: str, make: Callable[[Any], Any], *, min_version: str | None = None, max_version: str | None = None) -> bool:
+        """Replace ``module:attr.path`` by ``make(original)``; False if skipped.
+
+        ``min_version`` is inclusive and ``max_version`` exclusive: a patch
+        written against one engine's internals refuses versions nobody read.
+        """
         ver = engine_version(self.engine)
         if ver is None:
             log.warning("tts_plugins: %s is not installed; not patching %s", self.engine, target)
             return False
-        if min_version is not None and _vtuple(ver) < _vtuple(min_version):
-            log.warning("tts_plugins: %s %s is older than %s; not patching %s", self.engine, ver, min_version, target)
+        if not version_in_range(ver, min_version, max_version):
+            log.error("tts_plugins: %s %s is outside the versions [%s, %s) this patch was written for; not patching %s",
+                      self.engine, ver, min_version or "any", max_version or "any", target)
             return False
         module_name, _, path = target.partition(":")
         owner: Any = importlib.import_module(module_name)
@@ -65,6 +70,14 @@ class Patcher:
         while self.applied:
             owner, attr, original = self.applied.pop()
             setattr(owner, attr, original)
+
+
+def version_in_range(ver: str, min_version: str | None = None, max_version: str | None = None) -> bool:
+    """``min_version <= ver < max_version`` (either bound may be None), comparing release numbers."""
+    v = _vtuple(ver)
+    if min_version is not None and v < _vtuple(min_version):
+        return False
+    return max_version is None or v < _vtuple(max_version)
 
 
 def _vtuple(v: str) -> tuple[int, ...]:

@@ -27,3 +27,29 @@ def hf_greedy(model_dir: Path, prompt_ids: list[int], max_new: int, eos: int | N
                 break
             ids = torch.cat([ids, torch.tensor([[nxt]])], dim=1)
     return out
+
+
+def hf_moi_greedy(model_dir: Path, prompt_ids: list[int], max_new: int, beta: float, topk: int = 20, eos: int | None = None) -> list[int]:
+    """Greedy decoding where every generated token's input embedding is the MoI mixture (a plain loop).
+
+    Independent of the engine code path: it uses the full-vocabulary float64
+    formula (``moi_reference``) and feeds ``inputs_embeds`` to transformers.
+    """
+    import torch
+
+    from tts_plugins.logits_processors.moi import moi_reference
+
+    model = _model(str(model_dir))
+    table = model.get_input_embeddings().weight.detach()
+    embeds = table[torch.tensor(prompt_ids)].unsqueeze(0)
+    out: list[int] = []
+    with torch.no_grad():
+        for _ in range(max_new):
+            logits = model(inputs_embeds=embeds).logits[0, -1]
+            nxt = int(logits.argmax())
+            out.append(nxt)
+            if nxt == eos:
+                break
+            mixed = moi_reference(table, logits, nxt, beta, topk).to(table.dtype)
+            embeds = torch.cat([embeds, mixed.view(1, 1, -1)], dim=1)
+    return out

@@ -1,0 +1,241 @@
+"""Mixture of Inputs in vLLM's V1 model runner (the CPU runner subclasses it), per request.
+
+Three patches on ``GPUModelRunner``, installed by the general plugin through
+:mod:`tts_plugins.patching` (version-checked, logged, never twice):
+
+* ``_update_states`` (after): admits requests that carry ``tts_moi_beta`` in
+  ``SamplingParams.extra_args`` and releases finished ones. Keeps the step's
+  scheduler output for the two hooks below.
+* ``_sample`` (around): for opted-in rows whose sampled token is real (not a
+  discarded partial-prefill sample), takes the top-k of the raw logits before
+  the sampler's processors and temperature touch them, then stashes it with
+  the sampled id: O(k) per request.
+* ``_model_forward`` (around): when a step feeds an opted-in request exactly
+  the token that was stashed (one scheduled token at that position), that
+  row's input embedding becomes the mixture. Only then does the forward take
+  ``inputs_embeds``; steps without such a row run untouched, so requests
+  without the key are bit-identical to an engine without the package.
+
+Limits, enforced rather than silently wrong:
+
+* Preemption: a resumed request re-prefills its history with plain token
+  embeddings (a per-request buffer of past mixtures would cost O(length x
+  hidden)); the stash's position check then skips the stale mixture and
+  mixing resumes from the next sampled token. Chunked prefill: the discarded
+  sample of a partial prefill is never stashed.
+* Compiled models and CUDA graphs: a step that mixes runs the model's eager
+  forward (vLLM's own ``skip_compiled`` switch, cudagraph mode NONE), because a
+  captured graph would replay fixed input buffers and ignore the mixture.
+  Other steps keep the compiled path. Only eager CPU runs are tested here.
+* Tensor parallelism: the mixture embeds the top-k ids through the model's
+  vocab-parallel ``embed_input_ids``, which all-reduces, so each rank builds
+  the same mixture. Pipeline parallelism and speculative decoding are refused
+  (logged once; the rows run plain).
+* Model Runner V2 (the GPU default) is not patched: MoI needs
+  ``VLLM_USE_V2_MODEL_RUNNER=0`` there, and admission refuses the key when
+  the V1 runner is not in use.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+import numpy as np
+import torch
+
+from tts_plugins.params import MOI_KEYS, MoIParams
+from tts_plugins.patching import Patcher, engine_version, version_in_range
+
+log = logging.getLogger("vllm.tts_plugins")
+
+# The runner internals these patches rely on were read in this range; anything else is refused.
+MIN_VERSION, MAX_VERSION = "0.32.0", "0.33.0"
+_RUNNER = "vllm.v1.worker.gpu_model_runner:GPUModelRunner"
+
+
+class _RunnerMoI:
+    """Mixture-of-Inputs state of one model runner."""
+
+    def __init__(self, runner: Any) -> None:
+        from tts_plugins.logits_processors.moi import MoIStash
+
+        self.stash = MoIStash(runner.max_num_reqs, runner.device)
+        self.sched: Any = None
+        self.warned: set[str] = set()
+        pc = runner.vllm_config.parallel_config
+        self.refuse = "pipeline parallelism" if pc.pipeline_parallel_size > 1 else None
+
+    def warn_once(self, what: str) -> None:
+        if what not in self.warned:
+            self.warned.add(what)
+            log.error("tts_plugins: Mixture of Inputs does not support %s; those requests run without it", what)
+
+    def admit(self, new_reqs: Any) -> None:
+        for new in new_reqs:
+            sp = new.sampling_params
+            extra = getattr(sp, "extra_args", None) if sp is not None else None
+            if not extra or "tts_moi_beta" not in extra:
+                continue
+            if self.refuse:
+                self.warn_once(self.refuse)
+                continue
+            try:
+                params = MoIParams.parse({k: v for k, v in extra.items() if k in MOI_KEYS})
+                if params is not None:
+                    self.stash.admit(new.req_id, params)
+            except Exception:  # admission validated it; never take the engine down
+                log.exception("tts_plugins: Mixture of Inputs could not start for request %s; it runs plain", new.req_id)
+
+    def rows_to_stash(self, runner: Any) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """Rows (of the logits), slots and positions of opted-in requests whose sample this step is real."""
+        batch, sched = runner.input_batch, self.sched
+        rows, slots, pos = [], [], []
+        for rid, slot in self.stash.slot_of.items():  # opted-in requests only, never the whole batch
+            row = batch.req_id_to_index.get(rid)
+            n = sched.num_scheduled_tokens.get(rid) if sched is not None else None
+            req = runner.requests.get(rid)
+            if row is None or not n or req is None:
+                continue
+            seq_len = int(batch.num_computed_tokens_cpu[row]) + n
+            if seq_len < req.num_tokens:  # partial prefill: vLLM discards this sample
+                continue
+            rows.append(row), slots.append(slot), pos.append(seq_len)
+        return np.asarray(rows, np.int64), np.asarray(slots, np.int64), np.asarray(pos, np.int64)
+
+    def rows_to_mix(self, runner: Any) -> tuple[np.ndarray, np.ndarray]:
+        """Token indices and slots whose input this step is exactly the stashed sampled token."""
+        batch, sched, stash = runner.input_batch, self.sched, self.stash
+        tokens, slots = [], []
+        for rid, slot in stash.slot_of.items():
+            if stash.pos[slot] < 0:
+                continue
+            row = batch.req_id_to_index.get(rid)
+            n = sched.num_scheduled_tokens.get(rid)
+            if row is None or not n:
+                continue  # not in this step; a later step re-prefills it (n > 1) and drops the stash
+            if n == 1 and int(batch.num_computed_tokens_cpu[row]) == stash.pos[slot]:
+                tokens.append(int(runner.query_start_loc.np[row]))
+                slots.append(slot)
+            stash.pos[slot] = -1  # consumed, or stale (re-prefill)
+        return np.asarray(tokens, np.int64), np.asarray(slots, np.int64)
+
+
+def _state(runner: Any) -> _RunnerMoI:
+    st = runner.__dict__.get("_tts_moi")
+    if st is None:
+        st = runner.__dict__["_tts_moi"] = _RunnerMoI(runner)
+    return st
+
+
+def _wrap_update_states(original: Any) -> Any:
+    def _update_states(self: Any, scheduler_output: Any, *args: Any, **kwargs: Any) -> Any:
+        out = original(self, scheduler_output, *args, **kwargs)
+        st = self.__dict__.get("_tts_moi")
+        if st is None and not any(
+            getattr(getattr(n, "sampling_params", None), "extra_args", None) and "tts_moi_beta" in n.sampling_params.extra_args
+            for n in scheduler_output.scheduled_new_reqs
+        ):
+            return out  # no request ever opted in: nothing to keep
+        st = st or _state(self)
+        for rid in scheduler_output.finished_req_ids:
+            st.stash.release(rid)
+        if scheduler_output.scheduled_new_reqs:
+            st.admit(scheduler_output.scheduled_new_reqs)
+        st.sched = scheduler_output if len(st.stash) else None
+        return out
+
+    return _update_states
+
+
+def _wrap_sample(original: Any) -> Any:
+    def _sample(self: Any, logits: Any, spec_decode_metadata: Any, *args: Any, **kwargs: Any) -> Any:
+        st = self.__dict__.get("_tts_moi")
+        if st is None or st.sched is None or logits is None:
+            return original(self, logits, spec_decode_metadata, *args, **kwargs)
+        if spec_decode_metadata is not None:
+            st.warn_once("speculative decoding")
+            st.stash.pos[:] = -1
+            return original(self, logits, spec_decode_metadata, *args, **kwargs)
+        rows, slots, pos = st.rows_to_stash(self)
+        if not len(rows):
+            return original(self, logits, spec_decode_metadata, *args, **kwargs)
+        index = torch.from_numpy(rows).to(logits.device, non_blocking=True)
+        raw = logits.index_select(0, index)  # a copy: the sampler may edit logits in place
+        out = original(self, logits, spec_decode_metadata, *args, **kwargs)
+        st.stash.stash(slots, raw, out.sampled_token_ids.index_select(0, index)[:, 0], pos)
+        return out
+
+    return _sample
+
+
+def _wrap_model_forward(original: Any) -> Any:
+    def _model_forward(self: Any, input_ids: Any = None, positions: Any = None, intermediate_tensors: Any = None, inputs_embeds: Any = None, **kwargs: Any) -> Any:
+        st = self.__dict__.get("_tts_moi")
+        if st is None or st.sched is None:
+            return original(self, input_ids=input_ids, positions=positions, intermediate_tensors=intermediate_tensors, inputs_embeds=inputs_embeds, **kwargs)
+        tokens, slots = st.rows_to_mix(self)
+        if not len(tokens) or (input_ids is None and inputs_embeds is None):
+            return original(self, input_ids=input_ids, positions=positions, intermediate_tensors=intermediate_tensors, inputs_embeds=inputs_embeds, **kwargs)
+        from vllm.config import CUDAGraphMode
+        from vllm.forward_context import get_forward_context
+
+        model = self.get_model()
+        mixed = st.stash.mix(slots, model.embed_input_ids)
+        if inputs_embeds is None:
+            inputs_embeds = model.embed_input_ids(input_ids)
+        index = torch.from_numpy(tokens).to(inputs_embeds.device, non_blocking=True)
+        inputs_embeds.index_copy_(0, index, mixed.to(inputs_embeds.dtype))
+        ctx = get_forward_context()
+        saved = (ctx.skip_compiled, ctx.cudagraph_runtime_mode)
+        ctx.skip_compiled, ctx.cudagraph_runtime_mode = True, CUDAGraphMode.NONE  # a graph would ignore the mixture
+        try:
+            return original(self, input_ids=None, positions=positions, intermediate_tensors=intermediate_tensors, inputs_embeds=inputs_embeds, **kwargs)
+        finally:
+            ctx.skip_compiled, ctx.cudagraph_runtime_mode = saved
+
+    return _model_forward
+
+
+def _uses_v2_runner() -> bool:
+    """Whether this vLLM picks Model Runner V2 (explicitly, or by default on CUDA-like GPUs)."""
+    from vllm import envs
+
+    choice = envs.VLLM_USE_V2_MODEL_RUNNER
+    if choice is not None:
+        return bool(choice)
+    from vllm.platforms import current_platform
+
+    return bool(current_platform.is_cuda_alike())
+
+
+class VllmMoIPatch:
+    """Mixture of Inputs for vLLM, switched on per request by ``tts_moi_beta``."""
+
+    name = "moi"
+    engine = "vllm"
+    keys = MOI_KEYS
+
+    @staticmethod
+    def parse_params(flat: Any) -> MoIParams | None:
+        return MoIParams.parse(flat)
+
+    @staticmethod
+    def supported() -> str | None:
+        ver = engine_version("vllm")
+        if ver is None:
+            return "vLLM is not installed"
+        if not version_in_range(ver, MIN_VERSION, MAX_VERSION):
+            return f"Mixture of Inputs supports vLLM >= {MIN_VERSION}, < {MAX_VERSION}; this server runs vLLM {ver}"
+        if _uses_v2_runner():
+            return "Mixture of Inputs needs vLLM's V1 model runner; start the server with VLLM_USE_V2_MODEL_RUNNER=0"
+        return None
+
+    def install(self, patcher: Patcher) -> None:
+        reason = self.supported()
+        if reason is not None:
+            log.error("tts_plugins: not installing Mixture of Inputs: %s (requests with tts_moi_beta are refused)", reason)
+            return
+        patcher.replace(f"{_RUNNER}._update_states", _wrap_update_states, min_version=MIN_VERSION, max_version=MAX_VERSION)
+        patcher.replace(f"{_RUNNER}._sample", _wrap_sample, min_version=MIN_VERSION, max_version=MAX_VERSION)
+        patcher.replace(f"{_RUNNER}._model_forward", _wrap_model_forward, min_version=MIN_VERSION, max_version=MAX_VERSION)

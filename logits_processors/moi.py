@@ -1,0 +1,173 @@
+"""Mixture of Inputs (MoI): the next step's input embedding mixes the sampled token with the distribution.
+
+Paper: "Text Generation Beyond Discrete Token Sampling" (arXiv 2505.14827) and
+the authors' vLLM patch (PyPI ``mixinputs``). After token ``y`` is sampled from
+``p``, the next input embedding is ``h = sum_i w_i E_i`` with::
+
+    w = (H * p + (beta + 1 - H) * y) / (beta + 1)
+
+``H`` the entropy of ``p`` normalized by ``log k`` to [0, 1]. As in the
+authors' code, ``p`` is the model's distribution restricted to its top-k
+tokens (softmax over the top-k raw logits, before temperature and other
+processors; k = 20 by default) and beta defaults to 1.0.
+
+One deliberate difference from the authors' code, which writes the mixture as
+``H * sum_i ((p_i + beta * [i == y]) / (1 + beta)) E_i + (1 - H) E_y`` over the
+top-k ids only: when the sampled token lies outside the top-k (a tail sample
+at high temperature) their ``beta * y`` term vanishes and the weights sum to
+less than 1. We keep the paper's formula, whose weights always sum to 1; the
+two agree whenever ``y`` is in the top-k (always for greedy rows).
+
+Engine-neutral: adapters own the hook points. They call :meth:`MoIStash.stash`
+right after the engine sampled (with the raw logits of the opted-in rows and
+the sampled ids) and :meth:`MoIStash.mix` when the next forward of those
+requests is built. State is O(k) per request (ids and probabilities of the
+top-k, the entropy and the sampled id), never the O(length x hidden) buffer
+of the authors' patch.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Hashable
+
+import numpy as np
+import torch
+
+from tts_plugins.params import MOI_KEYS, MOI_MAX_TOPK, MoIParams
+
+__all__ = ["MOI_KEYS", "MoIParams", "MoIStash", "moi_reference", "topk_distribution"]
+
+
+def topk_distribution(logits: torch.Tensor, topk: torch.Tensor, kmax: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Rows' top-k ids, renormalized probabilities (zero past each row's own k) and normalized entropy.
+
+    ``logits[n, V]`` raw scores, ``topk[n]`` each row's k (<= kmax). Returns
+    ``ids[n, kmax]`` (int64), ``probs[n, kmax]`` (float32), ``entropy[n]`` in [0, 1]
+    (0 for k = 1).
+    """
+    vals, ids = logits.float().topk(kmax, dim=-1)
+    keep = torch.arange(kmax, device=logits.device) < topk.unsqueeze(1)
+    vals = vals.masked_fill(~keep, float("-inf"))
+    logp = torch.log_softmax(vals, dim=-1)
+    probs = logp.exp()
+    ent = -(probs * logp.masked_fill(~keep, 0.0)).sum(-1)
+    norm = torch.log(topk.float()).clamp_min(1e-12)
+    ent = torch.where(topk > 1, ent / norm, torch.zeros_like(ent)).clamp_(0.0, 1.0)
+    return ids, probs, ent
+
+
+def mixture_weights(probs: torch.Tensor, ent: torch.Tensor, beta: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Weights of the top-k rows and of the sampled token: ``(H p / (1 + beta), (beta + 1 - H) / (beta + 1))``."""
+    scale = ent / (1.0 + beta)
+    return probs * scale.unsqueeze(1), (beta + 1.0 - ent) / (beta + 1.0)
+
+
+class MoIStash:
+    """Per-request top-k stash keyed by an engine's request key, in buffers allocated on first use.
+
+    ``pos[slot]`` is the sequence position of the stashed sampled token; an
+    adapter mixes a row only when the token it feeds sits at exactly that
+    position (the first decode step after the sample), so chunked-prefill
+    tokens that the engine discards, re-prefills after preemption and any
+    other mismatch run with plain embeddings instead of a wrong mixture.
+    """
+
+    def __init__(self, max_requests: int, device: torch.device | str = "cpu", kmax: int = MOI_MAX_TOPK) -> None:
+        self.max_requests, self.device, self.kmax = max_requests, torch.device(device), kmax
+        self.slot_of: dict[Hashable, int] = {}
+        self._free = list(range(max_requests - 1, -1, -1))
+        self._allocated = False
+        self.pos = np.full(max_requests, -1, dtype=np.int64)
+        self.topk = np.zeros(max_requests, dtype=np.int64)
+        self.beta_host = np.ones(max_requests, dtype=np.float32)
+
+    def _allocate(self) -> None:
+        n, k, dev = self.max_requests, self.kmax, self.device
+        self.ids = torch.zeros(n, k, dtype=torch.int64, device=dev)
+        self.probs = torch.zeros(n, k, dtype=torch.float32, device=dev)
+        self.ent = torch.zeros(n, dtype=torch.float32, device=dev)
+        self.sampled = torch.zeros(n, dtype=torch.int64, device=dev)
+        self.beta = torch.ones(n, dtype=torch.float32, device=dev)
+        self._allocated = True
+
+    def __len__(self) -> int:
+        return len(self.slot_of)
+
+    def bytes_per_request(self) -> int:
+        """Device bytes held per request slot (ids, probabilities, entropy, sampled id, beta)."""
+        return self.kmax * (8 + 4) + 4 + 8 + 4
+
+    def admit(self, key: Hashable, params: MoIParams) -> int:
+        if key in self.slot_of:
+            self.release(key)
+        if not self._free:
+            raise RuntimeError(f"Mixture of Inputs: more than {self.max_requests} requests at once")
+        if not self._allocated:
+            self._allocate()
+        slot = self._free.pop()
+        self.slot_of[key] = slot
+        self.pos[slot] = -1
+        self.topk[slot] = params.topk
+        self.beta_host[slot] = params.beta
+        self.beta[slot] = params.beta  # admission only, never on the per-step path
+        self.probs[slot].zero_()  # columns past this request's k stay zero for its whole life
+        return slot
+
+    def release(self, key: Hashable) -> None:
+        slot = self.slot_of.pop(key, None)
+        if slot is not None:
+            self.pos[slot] = -1
+            self._free.append(slot)
+
+    def clear(self) -> None:
+        for key in list(self.slot_of):
+            self.release(key)
+
+    def stash(self, slots: np.ndarray, logits_rows: torch.Tensor, sampled: torch.Tensor, positions: np.ndarray) -> None:
+        """After sampling: keep the top-k of ``logits_rows[n, V]`` and ``sampled[n]`` for ``slots[n]``."""
+        if len(slots) == 0:
+            return
+        topk_np = np.minimum(self.topk[slots], logits_rows.shape[-1])
+        kmax = int(topk_np.max())
+        index = torch.from_numpy(slots).to(self.device, non_blocking=True)
+        topk = torch.from_numpy(topk_np).to(self.device, non_blocking=True)
+        ids, probs, ent = topk_distribution(logits_rows, topk, kmax)
+        self.ids[index, :kmax] = ids
+        self.probs[index, :kmax] = probs
+        self.ent[index] = ent
+        self.sampled[index] = sampled.to(torch.int64)
+        self.pos[slots] = positions
+
+    def mix(self, slots: np.ndarray, embed: Callable[[torch.Tensor], torch.Tensor]) -> torch.Tensor:
+        """The mixed input embeddings ``[n, d]`` of ``slots`` (float32); ``embed`` maps ids to embeddings."""
+        kmax = int(np.minimum(self.topk[slots], self.kmax).max())
+        index = torch.from_numpy(slots).to(self.device, non_blocking=True)
+        ids, probs = self.ids[index, :kmax], self.probs[index, :kmax]
+        w_top, w_y = mixture_weights(probs, self.ent[index], self.beta[index])
+        y = self.sampled[index]
+        emb = embed(torch.cat([ids.reshape(-1), y])).float()
+        n = len(slots)
+        e_top, e_y = emb[: n * kmax].view(n, kmax, -1), emb[n * kmax :]
+        return torch.einsum("nk,nkd->nd", w_top, e_top) + w_y.unsqueeze(1) * e_y
+
+
+def moi_reference(embedding: torch.Tensor, logits: torch.Tensor, sampled: int, beta: float, topk: int = 20) -> torch.Tensor:
+    """One row, the paper's formula over the whole vocabulary in float64: ``w @ E``.
+
+    ``w = (H p + (beta + 1 - H) y) / (beta + 1)`` with ``p`` the softmax of the
+    top-k logits (zero elsewhere) and ``H`` its entropy over ``log k``. The
+    oracle for the engines' vectorized path.
+    """
+    z = logits.double()
+    k = min(topk, z.shape[-1])
+    vals, ids = z.topk(k)
+    p = torch.zeros_like(z)
+    p[ids] = torch.softmax(vals, -1)
+    nz = p[ids]
+    h = float(-(nz * nz.clamp_min(1e-300).log()).sum() / math.log(k)) if k > 1 else 0.0
+    h = min(max(h, 0.0), 1.0)
+    y = torch.zeros_like(z)
+    y[sampled] = 1.0
+    w = (h * p + (beta + 1.0 - h) * y) / (beta + 1.0)
+    return w @ embedding.double()
