@@ -80,8 +80,7 @@ class Registry:
                 f"unknown request key {unknown[0]} (value {flat[unknown[0]]!r}); expected one of: "
                 + ", ".join(sorted(self.key_owner))
             )
-        if engine is not None:
-            self.parse_patches(flat, engine)
+        self.parse_patches(flat, engine)
         parsed = {}
         for cls in self.techniques:
             params = cls.parse_params({k: v for k, v in flat.items() if k in cls.keys})
@@ -92,17 +91,23 @@ class Registry:
                 parsed[cls.name] = params
         return parsed
 
-    def parse_patches(self, extra: Mapping[str, Any] | None, engine: str) -> dict[str, Any]:
-        """``{patch name: params}`` for the model patches a request turns on in ``engine``."""
+    def parse_patches(self, extra: Mapping[str, Any] | None, engine: str | None = None) -> dict[str, Any]:
+        """``{patch name: params}`` for the model patches a request turns on.
+
+        With ``engine``, only that engine's patches, and each must be able to
+        run in the installed engine (``supported()``), else ``ValueError``.
+        """
         flat = tts_keys(extra)
         out: dict[str, Any] = {}
         for patch in self.patches:
-            if getattr(patch, "engine", None) != engine or not getattr(patch, "keys", None):
+            if not getattr(patch, "keys", None) or patch.name in out:
+                continue
+            if engine is not None and patch.engine != engine:
                 continue
             params = patch.parse_params({k: v for k, v in flat.items() if k in patch.keys})
             if params is None:
                 continue
-            reason = patch.supported()
+            reason = patch.supported() if engine is not None else None
             if reason is not None:
                 key = sorted(k for k in flat if k in patch.keys)[0]
                 raise ValueError(f"{key}={flat[key]!r} is refused: {reason}")
