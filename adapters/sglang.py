@@ -38,6 +38,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from tts_plugins.adapters import sglang_moi
 from tts_plugins.batch import SlotState
 from tts_plugins.manager import default_registry
 from tts_plugins.params import PREFIX
@@ -180,6 +181,12 @@ def _init_new_around(orig: Any, cls: Any, batch: Any, *args: Any, **kwargs: Any)
     fb = orig(cls, batch, *args, **kwargs)
     reqs = batch.reqs
     if any(_tts_params(r) is not None for r in reqs):
+        if sglang_moi.installed():
+            model_runner = args[0] if args else kwargs.get("model_runner")
+            try:
+                sglang_moi.on_init_new(batch, fb, model_runner)
+            except Exception:
+                log.exception("tts_plugins: Mixture of Inputs failed to plan this step; its requests run plain")
         decode = batch.forward_mode.is_decode()
         # rows whose sampled token is kept: decode rows, and the last chunk of a prefill
         last = [decode or getattr(r, "extend_end", 0) == len(getattr(r, "full_untruncated_fill_ids", ()) or ()) or not hasattr(r, "extend_end") for r in reqs]
@@ -208,6 +215,11 @@ def _sample_around(orig: Any, model_runner: Any, logits_output: Any, forward_bat
     if logits.shape[0] != len(reqs):  # rows are not requests (speculative decoding): not supported, run plain
         return orig(model_runner, logits_output, forward_batch, *args, **kwargs)
     host_slots = None
+    moi = None
+    try:
+        moi = sglang_moi.before_sample(model_runner, forward_batch, logits)
+    except Exception:
+        log.exception("tts_plugins: Mixture of Inputs failed to read this step's logits; its requests run plain")
     try:
         st.consume_pending()
         host_slots = np.fromiter((st.slot_for(r) for r in reqs), dtype=np.int64, count=len(reqs))
@@ -220,6 +232,11 @@ def _sample_around(orig: Any, model_runner: Any, logits_output: Any, forward_bat
         st.fail_safe()
         host_slots = None
     next_ids = orig(model_runner, logits_output, forward_batch, *args, **kwargs)
+    if moi is not None:
+        try:
+            sglang_moi.after_sample(model_runner, moi, next_ids)
+        except Exception:
+            log.exception("tts_plugins: Mixture of Inputs failed to stash this step; its requests run plain")
     if host_slots is not None:
         neutral = st.info.neutral_slot
         mine = [(i, int(s), reqs[i].rid) for i, s in enumerate(host_slots) if s != neutral and keep[i]]
@@ -234,15 +251,17 @@ def _release_after(result: Any, req: Any, *args: Any, **kwargs: Any) -> None:
     if req.finished():
         for st in list(_LIVE):
             st.release(req.rid)
+        sglang_moi.release(req.rid)
 
 
 def register() -> None:
     """Entry point of ``sglang.srt.plugins``: register our hooks (idempotent per process)."""
     from tts_plugins.manager import disabled
-    from tts_plugins.patching import sglang_hooks
+    from tts_plugins.patching import install_patches, sglang_hooks
 
     if disabled():
         return
+    install_patches(default_registry(), engine="sglang")
     sglang_hooks(
         [
             (TARGETS["verify"], _verify_after, "after"),

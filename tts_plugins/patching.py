@@ -100,12 +100,12 @@ def install_patches(registry: Any, engine: str) -> Patcher:
 SGLANG_MIN_VERSION = "0.5.20"
 
 
-def sglang_hooks(hooks: list[tuple[str, Callable[..., Any], str]]) -> bool:
+def sglang_hooks(hooks: list[tuple[str, Callable[..., Any], str]], tag: str = "core") -> bool:
     """Register ``(target, hook, kind)`` hooks with SGLang's own ``HookRegistry`` (kind: before/after/around).
 
     SGLang applies them right after its general plugins ran, in each process.
     Checks the version and that every target exists first; registers nothing
-    on a mismatch, and nothing twice in one process.
+    on a mismatch, and nothing twice in one process (per ``tag``).
     """
     import pkgutil
 
@@ -115,7 +115,11 @@ def sglang_hooks(hooks: list[tuple[str, Callable[..., Any], str]]) -> bool:
     if ver is None or _vtuple(ver) < _vtuple(SGLANG_MIN_VERSION):
         log.warning("tts_plugins: sglang %s is older than %s; not hooking", ver, SGLANG_MIN_VERSION)
         return False
-    if getattr(HookRegistry, "_tts_plugins_registered", False):
+    done = HookRegistry.__dict__.get("_tts_plugins_registered")
+    if not isinstance(done, set):
+        done = set()
+        HookRegistry._tts_plugins_registered = done
+    if tag in done:
         return False
     for target, _, _ in hooks:
         try:
@@ -126,5 +130,5 @@ def sglang_hooks(hooks: list[tuple[str, Callable[..., Any], str]]) -> bool:
     for target, hook, kind in hooks:
         HookRegistry.register(target, hook, HookType(kind))
         log.info("tts_plugins: hooked %s (%s, sglang %s)", target, kind, ver)
-    HookRegistry._tts_plugins_registered = True
+    done.add(tag)
     return True

@@ -24,20 +24,27 @@ class EnginePool:
         self.key = None
         self.start_seconds: dict[str, float] = {}
 
-    def offline(self, variant: str, overlap: bool = True):
-        """The offline engine on a tiny model; ``overlap`` is SGLang's overlap scheduler (vLLM on CPU has none)."""
-        if self.key != ("offline", variant, overlap):
+    def offline(self, variant: str, overlap: bool = True, chunked_prefill: int | None = None):
+        """The offline engine on a tiny model; ``overlap`` is SGLang's overlap scheduler (vLLM on CPU has none).
+
+        ``chunked_prefill``: a small prefill chunk (tokens), so long prompts prefill over several steps.
+        """
+        if self.key != ("offline", variant, overlap, chunked_prefill):
             self.close()
             model = self.tiny_model(variant)
             if self.engine == "vllm":
                 kwargs = {"reasoning_parser": "qwen3"} if variant == "dense" else {}
+                if chunked_prefill:
+                    kwargs.update(enable_chunked_prefill=True, max_num_batched_tokens=chunked_prefill)
                 self.current = VllmOffline(model, **kwargs)
             else:
                 from sglang_harness import SglangOffline
 
-                self.current = SglangOffline(model, overlap=overlap)
-            self.key = ("offline", variant, overlap)
-            self.start_seconds[f"offline-{variant}{'' if overlap else '-no-overlap'}"] = self.current.start_seconds
+                extra = {"chunked_prefill_size": chunked_prefill} if chunked_prefill else {}
+                self.current = SglangOffline(model, overlap=overlap, **extra)
+            self.key = ("offline", variant, overlap, chunked_prefill)
+            name = f"offline-{variant}{'' if overlap else '-no-overlap'}{f'-chunk{chunked_prefill}' if chunked_prefill else ''}"
+            self.start_seconds[name] = self.current.start_seconds
         return self.current
 
     def server(self, variant: str, args=(), env=None):

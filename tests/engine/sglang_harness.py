@@ -36,7 +36,7 @@ class SglangOffline:
 
     engine = "sglang"
 
-    def __init__(self, model: Path, overlap: bool = True) -> None:
+    def __init__(self, model: Path, overlap: bool = True, **kwargs: Any) -> None:
         activate_stubs()
         import sglang as sgl
         from transformers import AutoTokenizer
@@ -44,7 +44,7 @@ class SglangOffline:
         t0 = time.perf_counter()
         self.eng = sgl.Engine(
             model_path=str(model), device="cpu", attention_backend="torch_native", dtype="float32", random_seed=0,
-            disable_overlap_schedule=not overlap, mem_fraction_static=0.5, max_running_requests=16,
+            disable_overlap_schedule=not overlap, mem_fraction_static=0.5, max_running_requests=16, **kwargs,
         )
         self.start_seconds = time.perf_counter() - t0
         self.tokenizer = AutoTokenizer.from_pretrained(str(model))
