@@ -1,6 +1,6 @@
 """Mixture of Inputs in vLLM's V1 model runner (the CPU runner subclasses it), per request.
 
-Three patches on ``GPUModelRunner``, installed by the general plugin through
+Three patches on ``GPUModelRunner`` (and one on the engine core's ``Request``), installed by the general plugin through
 :mod:`tts_plugins.patching` (version-checked, logged, never twice):
 
 * ``_update_states`` (after): admits requests that carry ``tts_moi_beta`` in
@@ -31,6 +31,11 @@ Limits, enforced rather than silently wrong:
   vocab-parallel ``embed_input_ids``, which all-reduces, so each rank builds
   the same mixture. Pipeline parallelism and speculative decoding are refused
   (logged once; the rows run plain).
+* Prefix caching: KV computed from mixtures is not determined by the token
+  ids, so ``Request.from_engine_core_request`` (engine core) salts the block
+  hashes of opted-in requests (``cache_salt``). No plain request reuses their
+  blocks; the price is that they do not share prompt blocks with plain
+  requests either (they do share them with each other).
 * Model Runner V2 (the GPU default) is not patched: MoI needs
   ``VLLM_USE_V2_MODEL_RUNNER=0`` there, and admission refuses the key when
   the V1 runner is not in use.
@@ -209,6 +214,24 @@ def _uses_v2_runner() -> bool:
     return bool(current_platform.is_cuda_alike())
 
 
+MOI_CACHE_SALT = "tts_plugins:moi"
+
+
+def _wrap_from_engine_core_request(original: Any) -> Any:
+    def from_engine_core_request(cls: Any, request: Any, *args: Any, **kwargs: Any) -> Any:
+        sp = getattr(request, "sampling_params", None)
+        extra = getattr(sp, "extra_args", None) if sp is not None else None
+        if extra and "tts_moi_beta" in extra:
+            # KV computed from mixtures is not determined by the token ids: salt the block hashes so
+            # no plain request ever reuses it (and a mixed request never reuses plain generated KV).
+            salt = getattr(request, "cache_salt", None)
+            request.cache_salt = f"{salt}|{MOI_CACHE_SALT}" if salt else MOI_CACHE_SALT
+        return original(request, *args, **kwargs)
+
+    from_engine_core_request.__tts_plugins_original__ = original  # type: ignore[attr-defined]
+    return classmethod(from_engine_core_request)
+
+
 class VllmMoIPatch:
     """Mixture of Inputs for vLLM, switched on per request by ``tts_moi_beta``."""
 
@@ -239,3 +262,4 @@ class VllmMoIPatch:
         patcher.replace(f"{_RUNNER}._update_states", _wrap_update_states, min_version=MIN_VERSION, max_version=MAX_VERSION)
         patcher.replace(f"{_RUNNER}._sample", _wrap_sample, min_version=MIN_VERSION, max_version=MAX_VERSION)
         patcher.replace(f"{_RUNNER}._model_forward", _wrap_model_forward, min_version=MIN_VERSION, max_version=MAX_VERSION)
+        patcher.replace("vllm.v1.request:Request.from_engine_core_request", _wrap_from_engine_core_request, min_version=MIN_VERSION, max_version=MAX_VERSION)

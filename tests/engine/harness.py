@@ -29,6 +29,7 @@ class Output:
     token_ids: list[int]
     text: str
     finish_reason: str | None = None
+    logprobs: list[float] | None = None  # of each generated token, when asked for (``logprobs=True``)
 
 
 def free_port() -> int:
@@ -56,12 +57,19 @@ class VllmOffline:
 
         n = sampling.get("n", 1)
         sps = [
-            SamplingParams(n=n, temperature=sampling.get("temperature", 0.0), max_tokens=max_tokens, extra_args=dict(p) or None, skip_special_tokens=False, seed=sampling.get("seed"), **sampling.get("extra", {}))
+            SamplingParams(n=n, temperature=sampling.get("temperature", 0.0), max_tokens=max_tokens, extra_args=dict(p) or None, skip_special_tokens=False, seed=sampling.get("seed"),
+                           logprobs=0 if sampling.get("logprobs") else None, **sampling.get("extra", {}))
             for p in params
         ]
         inputs = [{"prompt_token_ids": p} if isinstance(p, list) else p for p in prompts]
         outs = self.llm.generate(inputs, sps, use_tqdm=False)
-        return [Output(list(c.token_ids), c.text, c.finish_reason) for o in outs for c in o.outputs]
+
+        def logprobs(c):
+            if not sampling.get("logprobs"):
+                return None
+            return [float(step[t].logprob) for step, t in zip(c.logprobs, c.token_ids)]
+
+        return [Output(list(c.token_ids), c.text, c.finish_reason, logprobs(c)) for o in outs for c in o.outputs]
 
     def close(self) -> None:
         with contextlib.suppress(Exception):

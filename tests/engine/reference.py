@@ -53,3 +53,14 @@ def hf_moi_greedy(model_dir: Path, prompt_ids: list[int], max_new: int, beta: fl
             mixed = moi_reference(table, logits, nxt, beta, topk).to(table.dtype)
             embeds = torch.cat([embeds, mixed.view(1, 1, -1)], dim=1)
     return out
+
+
+def hf_logprobs(model_dir: Path, prompt_ids: list[int], continuation: list[int]) -> list[float]:
+    """Log-probabilities of ``continuation`` after ``prompt_ids`` under plain decoding, in one forward."""
+    import torch
+
+    model = _model(str(model_dir))
+    ids = torch.tensor([prompt_ids + continuation])
+    with torch.no_grad():
+        logp = torch.log_softmax(model(ids).logits[0, len(prompt_ids) - 1 : -1].double(), -1)
+    return [float(logp[i, t]) for i, t in enumerate(continuation)]

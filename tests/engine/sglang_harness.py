@@ -61,9 +61,14 @@ class SglangOffline:
                 sp["n"] = sampling["n"]
             sps.append(sp)
         ids = [p if isinstance(p, list) else self.tokenizer.encode(p, add_special_tokens=False) for p in prompts]
-        outs = self.eng.generate(input_ids=ids, sampling_params=sps)
+        extra = {"return_logprob": True} if sampling.get("logprobs") else {}
+        outs = self.eng.generate(input_ids=ids, sampling_params=sps, **extra)
         outs = outs if isinstance(outs, list) else [outs]
-        return [Output(list(o["output_ids"]), o["text"], (o["meta_info"].get("finish_reason") or {}).get("type")) for o in outs]
+        return [
+            Output(list(o["output_ids"]), o["text"], (o["meta_info"].get("finish_reason") or {}).get("type"),
+                   [float(t[0]) for t in o["meta_info"]["output_token_logprobs"]] if extra else None)
+            for o in outs
+        ]
 
     def close(self) -> None:
         self.eng.shutdown()
