@@ -52,7 +52,8 @@ class SglangOffline:
     def generate(self, prompts: Sequence[str | list[int]], params: Sequence[dict], *, max_tokens: int = 32, **sampling: Any) -> list[Output]:
         sps = []
         for p in params:
-            sp = {"temperature": sampling.get("temperature", 0.0), "max_new_tokens": max_tokens, "skip_special_tokens": False}
+            sp = {"temperature": p.get("_temperature", sampling.get("temperature", 0.0)), "max_new_tokens": max_tokens, "skip_special_tokens": False}
+            p = {k: v for k, v in p.items() if k != "_temperature"}  # a per-request temperature, for mixed batches
             if p:
                 sp["custom_params"] = dict(p)
             if sampling.get("seed") is not None:
