@@ -67,6 +67,8 @@ class _RunnerMoI:
 
         self.stash = MoIStash(runner.max_num_reqs, runner.device)
         self.sched: Any = None
+        self._rows_for: Any = None
+        self._rows: tuple[np.ndarray, np.ndarray, np.ndarray] = ()  # type: ignore[assignment]
         self.warned: set[str] = set()
         pc = runner.vllm_config.parallel_config
         self.refuse = "pipeline parallelism" if pc.pipeline_parallel_size > 1 else None
@@ -92,38 +94,33 @@ class _RunnerMoI:
             except Exception:  # admission validated it; never take the engine down
                 log.exception("tts_plugins: Mixture of Inputs could not start for request %s; it runs plain", new.req_id)
 
+    def step_rows(self, runner: Any) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """Rows, slots and scheduled token counts of this step's opted-in requests (computed once a step)."""
+        if self._rows_for is self.sched:
+            return self._rows
+        index, scheduled = runner.input_batch.req_id_to_index, self.sched.num_scheduled_tokens
+        # one pass over the opted-in requests only (never the whole batch); the rest is numpy
+        found = [(index.get(rid), scheduled.get(rid, 0), slot) for rid, slot in self.stash.slot_of.items()]
+        found = [f for f in found if f[0] is not None and f[1]]
+        arr = np.asarray(found, np.int64).reshape(-1, 3)
+        self._rows, self._rows_for = (arr[:, 0], arr[:, 2], arr[:, 1]), self.sched
+        return self._rows
+
     def rows_to_stash(self, runner: Any) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         """Rows (of the logits), slots and positions of opted-in requests whose sample this step is real."""
-        batch, sched = runner.input_batch, self.sched
-        rows, slots, pos = [], [], []
-        for rid, slot in self.stash.slot_of.items():  # opted-in requests only, never the whole batch
-            row = batch.req_id_to_index.get(rid)
-            n = sched.num_scheduled_tokens.get(rid) if sched is not None else None
-            req = runner.requests.get(rid)
-            if row is None or not n or req is None:
-                continue
-            seq_len = int(batch.num_computed_tokens_cpu[row]) + n
-            if seq_len < req.num_tokens:  # partial prefill: vLLM discards this sample
-                continue
-            rows.append(row), slots.append(slot), pos.append(seq_len)
-        return np.asarray(rows, np.int64), np.asarray(slots, np.int64), np.asarray(pos, np.int64)
+        rows, slots, n = self.step_rows(runner)
+        batch = runner.input_batch
+        seq_len = batch.num_computed_tokens_cpu[rows] + n
+        real = seq_len >= batch.num_tokens_no_spec[rows]  # else a partial prefill: vLLM discards this sample
+        return rows[real], slots[real], seq_len[real]
 
     def rows_to_mix(self, runner: Any) -> tuple[np.ndarray, np.ndarray]:
         """Token indices and slots whose input this step is exactly the stashed sampled token."""
-        batch, sched, stash = runner.input_batch, self.sched, self.stash
-        tokens, slots = [], []
-        for rid, slot in stash.slot_of.items():
-            if stash.pos[slot] < 0:
-                continue
-            row = batch.req_id_to_index.get(rid)
-            n = sched.num_scheduled_tokens.get(rid)
-            if row is None or not n:
-                continue  # not in this step; a later step re-prefills it (n > 1) and drops the stash
-            if n == 1 and int(batch.num_computed_tokens_cpu[row]) == stash.pos[slot]:
-                tokens.append(int(runner.query_start_loc.np[row]))
-                slots.append(slot)
-            stash.pos[slot] = -1  # consumed, or stale (re-prefill)
-        return np.asarray(tokens, np.int64), np.asarray(slots, np.int64)
+        rows, slots, n = self.step_rows(runner)
+        pos = self.stash.pos[slots]
+        ok = (n == 1) & (pos >= 0) & (runner.input_batch.num_computed_tokens_cpu[rows] == pos)
+        self.stash.pos[slots] = -1  # consumed, or stale (a re-prefill); requests not in this step keep theirs
+        return runner.query_start_loc.np[rows[ok]].astype(np.int64), slots[ok]
 
 
 def _state(runner: Any) -> _RunnerMoI:

@@ -6,6 +6,7 @@ patch twice, logs what it replaced, and can be undone (tests do).
 
 from __future__ import annotations
 
+import functools
 import importlib
 import logging
 from collections.abc import Callable
@@ -18,7 +19,9 @@ log = logging.getLogger("tts_plugins.patching")
 _MARK = "__tts_plugins_original__"
 
 
+@functools.lru_cache(maxsize=None)
 def engine_version(engine: str) -> str | None:
+    """The installed engine's version (cached: admission asks once per request, and metadata parsing is slow)."""
     for dist in ((engine, f"{engine}-cpu") if engine == "vllm" else (engine,)):
         try:
             return version(dist)
