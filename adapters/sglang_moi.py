@@ -23,9 +23,11 @@ Hooks, registered with SGLang's ``HookRegistry`` through
 Limits: a retracted request re-prefills its history with plain embeddings and
 resumes mixing from its next sampled token (the stale stash is dropped by the
 position check). Speculative decoding is not supported (the adapter runs such
-batches plain). CUDA graphs replay fixed inputs: on GPU, start the server with
-``--disable-cuda-graph`` (admission cannot see the server's graph settings,
-so this is documented rather than enforced). Tested on CPU, eager.
+batches plain). CUDA graphs (and torch.compile's CPU decode graphs) replay
+fixed inputs: with a decode graph runner present, opted-in requests run plain
+and the scheduler logs an error (admission cannot see the scheduler's graph
+settings); start such servers with ``--cuda-graph-backend-decode=disabled``.
+Tested on CPU, eager.
 """
 
 from __future__ import annotations
@@ -67,6 +69,10 @@ class SglangMoI:
         self.stash = MoIStash(size, model_runner.device)
         self.refused: set[str] = set()
         self.warned: set[str] = set()
+        # A captured decode graph (CUDA graphs, or torch.compile's CPU graphs) replays fixed inputs and would
+        # ignore the mixture: refuse rather than pretend.
+        graphs = getattr(model_runner, "decode_cuda_graph_runner", None) is not None
+        self.refuse = "decode graphs are on (CUDA graphs or torch.compile); start the server with them disabled" if graphs else None
         _LIVE.add(self)
 
     def warn_once(self, what: str) -> None:
@@ -80,6 +86,10 @@ class SglangMoI:
             return slot
         cp = getattr(req.sampling_params, "custom_params", None)
         if not cp or "tts_moi_beta" not in cp or req.finished():
+            return None
+        if self.refuse:
+            self.warn_once(f"{self.refuse}; request {req.rid} and later ones run without it")
+            self.refused.add(req.rid)
             return None
         try:
             params = MoIParams.parse({k: v for k, v in cp.items() if k in MOI_KEYS})

@@ -208,6 +208,9 @@ def test_http_completions_and_chat(engines, engine_name):
         ({"tts_unknown": 1}, "tts_unknown"),
         ({"tts_no_think": 7}, "tts_no_think"),
         ({"tts_think_max": 2**40}, "tts_think_max"),
+        ({"tts_moi_beta": -1}, "tts_moi_beta"),
+        ({"tts_moi_beta": 1.0, "tts_moi_topk": 0}, "tts_moi_topk"),
+        ({"tts_moi_topk": 4}, "tts_moi_topk"),
     ],
 )
 def test_http_bad_parameters_get_400_and_the_server_keeps_serving(engines, engine_name, params, key):
@@ -219,6 +222,23 @@ def test_http_bad_parameters_get_400_and_the_server_keeps_serving(engines, engin
     assert key in r.text
     ok = requests.post(srv.base + "/v1/completions", json={"model": srv.model, "prompt": "What is 1 + 1?", "max_tokens": 4, field: {"tts_think_max": 1}}, timeout=60)
     assert ok.status_code == 200 and srv.alive()
+
+
+def test_http_mixture_of_inputs_matches_the_reference(engines, engine_name):
+    """MoI over the OpenAI endpoint (same server as above): the text equals the MoI reference loop's."""
+    from reference import hf_moi_greedy
+    from transformers import AutoTokenizer
+
+    srv = engines.server("dense", args=SERVER_ARGS[engine_name])
+    model = engines.tiny_model("dense")
+    tok = AutoTokenizer.from_pretrained(str(model))
+    prompt = chat_ids(tok, QUESTIONS[2])
+    r = srv.client().completions.create(
+        model=srv.model, prompt=prompt, max_tokens=16, temperature=0,
+        extra_body={**extra_body(engine_name, tts_moi_beta=0.5, tts_moi_topk=10), "skip_special_tokens": False},
+    )
+    ref = hf_moi_greedy(model, prompt, 16, 0.5, 10, eos=tok.eos_token_id)
+    assert r.choices[0].text == tok.decode(ref, skip_special_tokens=False)
 
 
 @pytest.mark.vllm_only
