@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import contextlib
+import os
 import sys
 import time
 from pathlib import Path
@@ -24,26 +26,33 @@ class EnginePool:
         self.key = None
         self.start_seconds: dict[str, float] = {}
 
-    def offline(self, variant: str, overlap: bool = True, chunked_prefill: int | None = None):
+    def offline(self, variant: str, overlap: bool = True, chunked_prefill: int | None = None, tensor_parallel: int = 1):
         """The offline engine on a tiny model; ``overlap`` is SGLang's overlap scheduler (vLLM on CPU has none).
 
         ``chunked_prefill``: a small prefill chunk (tokens), so long prompts prefill over several steps.
+        ``tensor_parallel``: vLLM only, one CPU core per rank.
         """
-        if self.key != ("offline", variant, overlap, chunked_prefill):
+        if self.key != ("offline", variant, overlap, chunked_prefill, tensor_parallel):
             self.close()
             model = self.tiny_model(variant)
             if self.engine == "vllm":
                 kwargs = {"reasoning_parser": "qwen3"} if variant == "dense" else {}
                 if chunked_prefill:
                     kwargs.update(enable_chunked_prefill=True, max_num_batched_tokens=chunked_prefill)
-                self.current = VllmOffline(model, **kwargs)
+                if tensor_parallel > 1:
+                    kwargs.update(tensor_parallel_size=tensor_parallel, distributed_executor_backend="mp")
+                    # one core per rank; read when the workers start, so restored right after
+                    with _env(VLLM_CPU_OMP_THREADS_BIND="|".join(str(i) for i in range(tensor_parallel))):
+                        self.current = VllmOffline(model, **kwargs)
+                else:
+                    self.current = VllmOffline(model, **kwargs)
             else:
                 from sglang_harness import SglangOffline
 
                 extra = {"chunked_prefill_size": chunked_prefill} if chunked_prefill else {}
                 self.current = SglangOffline(model, overlap=overlap, **extra)
-            self.key = ("offline", variant, overlap, chunked_prefill)
-            name = f"offline-{variant}{'' if overlap else '-no-overlap'}{f'-chunk{chunked_prefill}' if chunked_prefill else ''}"
+            self.key = ("offline", variant, overlap, chunked_prefill, tensor_parallel)
+            name = f"offline-{variant}{'' if overlap else '-no-overlap'}{f'-chunk{chunked_prefill}' if chunked_prefill else ''}{f'-tp{tensor_parallel}' if tensor_parallel > 1 else ''}"
             self.start_seconds[name] = self.current.start_seconds
         return self.current
 
@@ -66,6 +75,20 @@ class EnginePool:
             self.current.close()
             self.current, self.key = None, None
             time.sleep(1)
+
+
+@contextlib.contextmanager
+def _env(**values: str):
+    saved = {k: os.environ.get(k) for k in values}
+    os.environ.update(values)
+    try:
+        yield
+    finally:
+        for k, v in saved.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
 
 
 def pytest_generate_tests(metafunc):

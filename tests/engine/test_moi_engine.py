@@ -93,17 +93,6 @@ def test_plain_requests_never_reuse_kv_computed_from_mixtures(engines, overlap):
     assert again.token_ids == hf_greedy(model, prompt, 16, tok.eos_token_id)
 
 
-def test_chunked_prefill(engines):
-    """Prompts longer than the prefill chunk: the discarded samples of partial prefills are never mixed."""
-    eng = engines.offline("dense", True, chunked_prefill=64)
-    tok, model = eng.tokenizer, engines.tiny_model("dense")
-    prompts = [tok.encode(" ".join(WORDS * 6))[: 70 + 13 * i] for i in range(3)]
-    params = [{"tts_moi_beta": 1.0}, {}, {"tts_moi_beta": 0.5, "tts_moi_topk": 10}]
-    outs = eng.generate(prompts, params, max_tokens=16)
-    for i, out in enumerate(outs):
-        assert out.token_ids == expected(model, prompts[i], params[i], 16, tok.eos_token_id), f"row {i}"
-
-
 def test_sampled_mixed_rows_leave_greedy_plain_rows_alone(engines, overlap):
     """Mixed rows sampled at temperature 1 next to greedy plain rows: the plain rows equal plain greedy."""
     eng = engines.offline("dense", overlap)
@@ -134,3 +123,28 @@ def test_bad_parameters_are_refused_and_the_engine_goes_on(engines, overlap, bad
         eng.generate([prompt], [bad], max_tokens=4)
     [out] = eng.generate([prompt], [{"tts_moi_beta": 1.0}], max_tokens=8)
     assert out.token_ids == hf_moi_greedy(model, prompt, 8, 1.0, eos=tok.eos_token_id)
+
+
+# --- engines of their own (started last, one each) ---------------------------
+
+
+def test_chunked_prefill(engines):
+    """Prompts longer than the prefill chunk: the discarded samples of partial prefills are never mixed."""
+    eng = engines.offline("dense", True, chunked_prefill=64)
+    tok, model = eng.tokenizer, engines.tiny_model("dense")
+    prompts = [tok.encode(" ".join(WORDS * 6))[: 70 + 13 * i] for i in range(3)]
+    params = [{"tts_moi_beta": 1.0}, {}, {"tts_moi_beta": 0.5, "tts_moi_topk": 10}]
+    outs = eng.generate(prompts, params, max_tokens=16)
+    for i, out in enumerate(outs):
+        assert out.token_ids == expected(model, prompts[i], params[i], 16, tok.eos_token_id), f"row {i}"
+
+
+@pytest.mark.vllm_only
+def test_tensor_parallel_ranks_build_the_same_mixture(engines):
+    """TP = 2 on two CPU cores: every rank embeds the top-k through the vocab-parallel embedding (all-reduce)."""
+    eng = engines.offline("dense", True, tensor_parallel=2)
+    tok, model = eng.tokenizer, engines.tiny_model("dense")
+    prompts = staggered_prompts(tok, len(MIXED_BATCH))
+    outs = eng.generate(prompts, MIXED_BATCH, max_tokens=24)
+    for i, (prompt, params, out) in enumerate(zip(prompts, MIXED_BATCH, outs)):
+        assert out.token_ids == expected(model, prompt, params, 24, tok.eos_token_id), f"row {i} {params}"
