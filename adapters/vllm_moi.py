@@ -33,9 +33,10 @@ Limits, enforced rather than silently wrong:
   (logged once; the rows run plain).
 * Prefix caching: KV computed from mixtures is not determined by the token
   ids, so ``Request.from_engine_core_request`` (engine core) salts the block
-  hashes of opted-in requests (``cache_salt``). No plain request reuses their
-  blocks; the price is that they do not share prompt blocks with plain
-  requests either (they do share them with each other).
+  hashes of opted-in requests (``cache_salt``, with their beta and k). No
+  plain request, and no request mixing with other settings, reuses their
+  blocks; the price is that they do not share prompt blocks with those
+  requests either (requests with equal settings share them).
 * Model Runner V2 (the GPU default) is not patched: MoI needs
   ``VLLM_USE_V2_MODEL_RUNNER=0`` there, and admission refuses the key when
   the V1 runner is not in use.
@@ -219,10 +220,12 @@ def _wrap_from_engine_core_request(original: Any) -> Any:
         sp = getattr(request, "sampling_params", None)
         extra = getattr(sp, "extra_args", None) if sp is not None else None
         if extra and "tts_moi_beta" in extra:
-            # KV computed from mixtures is not determined by the token ids: salt the block hashes so
-            # no plain request ever reuses it (and a mixed request never reuses plain generated KV).
+            # KV computed from mixtures is not determined by the token ids: salt the block hashes so no
+            # plain request ever reuses it, nor a request mixing with other settings. (Admission validated
+            # the keys; the salt only needs to tell settings apart.)
+            mine = f"{MOI_CACHE_SALT}:beta={extra.get('tts_moi_beta')!r}:topk={extra.get('tts_moi_topk', 20)!r}"
             salt = getattr(request, "cache_salt", None)
-            request.cache_salt = f"{salt}|{MOI_CACHE_SALT}" if salt else MOI_CACHE_SALT
+            request.cache_salt = f"{salt}|{mine}" if salt else mine
         return original(request, *args, **kwargs)
 
     from_engine_core_request.__tts_plugins_original__ = original  # type: ignore[attr-defined]

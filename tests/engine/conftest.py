@@ -26,17 +26,19 @@ class EnginePool:
         self.key = None
         self.start_seconds: dict[str, float] = {}
 
-    def offline(self, variant: str, overlap: bool = True, chunked_prefill: int | None = None, tensor_parallel: int = 1):
+    def offline(self, variant: str, overlap: bool = True, chunked_prefill: int | None = None, tensor_parallel: int = 1, **engine_args):
         """The offline engine on a tiny model; ``overlap`` is SGLang's overlap scheduler (vLLM on CPU has none).
 
         ``chunked_prefill``: a small prefill chunk (tokens), so long prompts prefill over several steps.
-        ``tensor_parallel``: vLLM only, one CPU core per rank.
+        ``tensor_parallel``: vLLM only, one CPU core per rank. ``engine_args``: passed to the engine as is.
         """
-        if self.key != ("offline", variant, overlap, chunked_prefill, tensor_parallel):
+        key = ("offline", variant, overlap, chunked_prefill, tensor_parallel, tuple(sorted(engine_args.items())))
+        if self.key != key:
             self.close()
             model = self.tiny_model(variant)
             if self.engine == "vllm":
                 kwargs = {"reasoning_parser": "qwen3"} if variant == "dense" else {}
+                kwargs.update(engine_args)
                 if chunked_prefill:
                     kwargs.update(enable_chunked_prefill=True, max_num_batched_tokens=chunked_prefill)
                 if tensor_parallel > 1:
@@ -50,9 +52,10 @@ class EnginePool:
                 from sglang_harness import SglangOffline
 
                 extra = {"chunked_prefill_size": chunked_prefill} if chunked_prefill else {}
+                extra.update(engine_args)
                 self.current = SglangOffline(model, overlap=overlap, **extra)
-            self.key = ("offline", variant, overlap, chunked_prefill, tensor_parallel)
-            name = f"offline-{variant}{'' if overlap else '-no-overlap'}{f'-chunk{chunked_prefill}' if chunked_prefill else ''}{f'-tp{tensor_parallel}' if tensor_parallel > 1 else ''}"
+            self.key = key
+            name = f"offline-{variant}{'' if overlap else '-no-overlap'}{f'-chunk{chunked_prefill}' if chunked_prefill else ''}{f'-tp{tensor_parallel}' if tensor_parallel > 1 else ''}{'-' + '-'.join(engine_args) if engine_args else ''}"
             self.start_seconds[name] = self.current.start_seconds
         return self.current
 

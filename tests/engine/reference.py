@@ -29,11 +29,14 @@ def hf_greedy(model_dir: Path, prompt_ids: list[int], max_new: int, eos: int | N
     return out
 
 
-def hf_moi_greedy(model_dir: Path, prompt_ids: list[int], max_new: int, beta: float, topk: int = 20, eos: int | None = None) -> list[int]:
+def hf_moi_greedy(model_dir: Path, prompt_ids: list[int], max_new: int, beta: float, topk: int = 20, eos: int | None = None,
+                  replain_at: int | None = None) -> list[int]:
     """Greedy decoding where every generated token's input embedding is the MoI mixture (a plain loop).
 
     Independent of the engine code path: it uses the full-vocabulary float64
     formula (``moi_reference``) and feeds ``inputs_embeds`` to transformers.
+    ``replain_at=t``: after t generated tokens the request is preempted and
+    re-prefilled, so those t tokens are fed as plain embeddings from then on.
     """
     import torch
 
@@ -50,6 +53,10 @@ def hf_moi_greedy(model_dir: Path, prompt_ids: list[int], max_new: int, beta: fl
             out.append(nxt)
             if nxt == eos:
                 break
+            if replain_at is not None and len(out) == replain_at:
+                # re-prefill: the history, this token included, as plain embeddings; mixing resumes after
+                embeds = table[torch.tensor(prompt_ids + out)].unsqueeze(0)
+                continue
             mixed = moi_reference(table, logits, nxt, beta, topk).to(table.dtype)
             embeds = torch.cat([embeds, mixed.view(1, 1, -1)], dim=1)
     return out

@@ -148,3 +148,29 @@ def test_tensor_parallel_ranks_build_the_same_mixture(engines):
     outs = eng.generate(prompts, MIXED_BATCH, max_tokens=24)
     for i, (prompt, params, out) in enumerate(zip(prompts, MIXED_BATCH, outs)):
         assert out.token_ids == expected(model, prompt, params, 24, tok.eos_token_id), f"row {i} {params}"
+
+
+@pytest.mark.vllm_only
+def test_a_preempted_request_re_prefills_plain_and_resumes_mixing(engines):
+    """KV for 9 blocks of 128 tokens, three requests growing to 4 blocks each: vLLM preempts one (recompute).
+
+    The documented behaviour, checked exactly: after t generated tokens the request is re-prefilled with
+    plain embeddings (the stashed mixture of its last token is dropped, not applied to a stale row) and
+    mixes again from its next sampled token. The reference replays that for some t before the divergence.
+    """
+    eng = engines.offline("dense", True, num_gpu_blocks_override=9, enable_prefix_caching=False)
+    tok, model = eng.tokenizer, engines.tiny_model("dense")
+    prompts = [tok.encode(" ".join(WORDS * 8))[i : i + 100] for i in range(3)]
+    params = [{}, {"tts_moi_beta": 1.0}, {"tts_moi_beta": 0.5}]
+    outs = eng.generate(prompts, params, max_tokens=300, extra={"ignore_eos": True})
+    assert outs[0].token_ids == hf_greedy(model, prompts[0], 300), "a plain request is unaffected by preemption"
+    preempted = 0
+    for prompt, p, out in zip(prompts[1:], params[1:], outs[1:]):
+        ref = hf_moi_greedy(model, prompt, 300, p["tts_moi_beta"])
+        if out.token_ids == ref:
+            continue
+        preempted += 1
+        d = next(i for i, (a, b) in enumerate(zip(out.token_ids, ref)) if a != b)
+        replays = (t for t in range(d, max(d - 60, 0), -1) if hf_moi_greedy(model, prompt, 300, p["tts_moi_beta"], replain_at=t) == out.token_ids)
+        assert next(replays, None) is not None, f"{p}: diverges at {d} and no plain re-prefill point explains it"
+    assert preempted >= 1, "no mixed request was preempted: the scenario no longer tests preemption"
