@@ -38,6 +38,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from tts_plugins import debug
 from tts_plugins.adapters import sglang_moi
 from tts_plugins.batch import SlotState
 from tts_plugins.manager import default_registry
@@ -88,10 +89,16 @@ class SglangTTS:
         self.state = SlotState(registry, self.info)
         self.slot_of: dict[str, int] = {}
         self.failed: dict[str, int] = {}  # requests whose techniques failed: they run plain to the end
+        self.plain: set[str] = set()  # requests with tts_* keys but no logits technique (or no free slot)
         self._free = list(range(max_slots - 1, -1, -1))
         self._pending: tuple[torch.Tensor, list[tuple[int, int, str]], Any] | None = None
         self._ids_host: torch.Tensor | None = None  # reused pinned buffer for the sampled ids (GPU)
         _LIVE.add(self)
+        debug.register("sglang", self)
+
+    def debug_counts(self) -> dict[str, int]:
+        """Live per-request state: all zero (failures aside) once every request has left."""
+        return {**self.state.debug_counts(), "requests": len(self.slot_of), "failed_requests": len(self.failed), "plain_requests": len(self.plain)}
 
     # --- slots ------------------------------------------------------------
 
@@ -100,7 +107,7 @@ class SglangTTS:
         if slot is not None:
             return slot
         flat = _tts_params(req)
-        if flat is None or req.finished() or req.rid in self.failed:
+        if flat is None or req.finished() or req.rid in self.failed or req.rid in self.plain:
             return self.info.neutral_slot
         try:
             parsed = self.registry.parse(flat)
@@ -110,6 +117,7 @@ class SglangTTS:
         if not parsed or not self._free:
             if parsed:
                 log.error("tts_plugins: no free slot for request %s; it runs plain", req.rid)
+            self.plain.add(req.rid)  # not parsed again at every step (e.g. keys of a model patch only)
             return self.info.neutral_slot
         slot = self._free.pop()
         greedy = int(getattr(req.sampling_params, "top_k", -1)) == 1 or float(getattr(req.sampling_params, "temperature", 1.0)) < 1e-5
@@ -134,6 +142,7 @@ class SglangTTS:
 
     def release(self, rid: str) -> None:
         self.failed.pop(rid, None)
+        self.plain.discard(rid)
         slot = self.slot_of.pop(rid, None)
         if slot is not None:
             self.state.release(slot)
@@ -191,6 +200,8 @@ def _init_new_around(orig: Any, cls: Any, batch: Any, *args: Any, **kwargs: Any)
         # rows whose sampled token is kept: decode rows, and the last chunk of a prefill
         last = [decode or getattr(r, "extend_end", 0) == len(getattr(r, "full_untruncated_fill_ids", ()) or ()) or not hasattr(r, "extend_end") for r in reqs]
         fb.tts_plugins_rows = (list(reqs), last)
+        if debug.PATH:
+            debug.publish()
     return fb
 
 
@@ -252,6 +263,7 @@ def _release_after(result: Any, req: Any, *args: Any, **kwargs: Any) -> None:
         for st in list(_LIVE):
             st.release(req.rid)
         sglang_moi.release(req.rid)
+        debug.publish()
 
 
 def register() -> None:

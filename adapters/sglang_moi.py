@@ -39,6 +39,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from tts_plugins import debug
 from tts_plugins.params import MOI_KEYS, MoIParams
 from tts_plugins.patching import engine_version, version_in_range
 
@@ -67,13 +68,26 @@ class SglangMoI:
 
         size = int(getattr(model_runner.req_to_token_pool, "size", 0) or 0) + 1
         self.stash = MoIStash(size, model_runner.device)
-        self.refused: set[str] = set()
+        self.refused: set[str] = set()  # requests that run without mixing (until they finish)
         self.warned: set[str] = set()
+        self.failures = 0
+        debug.register("sglang.moi", self)
         # A captured decode graph (CUDA graphs, or torch.compile's CPU graphs) replays fixed inputs and would
         # ignore the mixture: refuse rather than pretend.
         graphs = getattr(model_runner, "decode_cuda_graph_runner", None) is not None
         self.refuse = "decode graphs are on (CUDA graphs or torch.compile); start the server with them disabled" if graphs else None
         _LIVE.add(self)
+
+    def fail_safe(self, what: str) -> None:
+        """Our code raised in the scheduler: log it, drop every request's mixing (they run plain), go on."""
+        log.exception("tts_plugins: Mixture of Inputs failed %s; its requests continue without it", what)
+        self.failures += 1
+        for rid in list(self.stash.slot_of):
+            self.stash.release(rid)
+            self.refused.add(rid)
+
+    def debug_counts(self) -> dict[str, int]:
+        return {"moi.requests": len(self.stash), "moi.dropped": len(self.refused), "moi.failures": self.failures}
 
     def warn_once(self, what: str) -> None:
         if what not in self.warned:
@@ -158,7 +172,11 @@ def before_sample(model_runner: Any, fb: Any, logits: torch.Tensor) -> Any:
 
 def after_sample(model_runner: Any, ctx: Any, next_ids: torch.Tensor) -> None:
     index, slots, pos, raw = ctx
-    _state(model_runner).stash.stash(slots, raw, next_ids.index_select(0, index), pos)
+    st = _state(model_runner)
+    try:
+        st.stash.stash(slots, raw, next_ids.index_select(0, index), pos)
+    except Exception:
+        st.fail_safe("stashing the distribution")
 
 
 def _embed_module(model_runner: Any) -> Any:
@@ -173,9 +191,12 @@ def _forward_around(orig: Any, model_runner: Any, forward_batch: Any, *args: Any
         return orig(model_runner, forward_batch, *args, **kwargs)
     rows, slots = plan[0]
     st = _state(model_runner)
-    embed = _embed_module(model_runner)
-    mixed = st.stash.mix(slots, embed)
-    index = torch.from_numpy(rows).to(mixed.device, non_blocking=True)
+    try:
+        mixed = st.stash.mix(slots, _embed_module(model_runner))
+        index = torch.from_numpy(rows).to(mixed.device, non_blocking=True)
+    except Exception:
+        st.fail_safe("mixing the input embeddings")
+        return orig(model_runner, forward_batch, *args, **kwargs)
     _PENDING[:] = [(int(forward_batch.input_ids.shape[0]), index, mixed)]
     try:
         return orig(model_runner, forward_batch, *args, **kwargs)

@@ -34,6 +34,7 @@ import torch
 from vllm.v1.sample.logits_processor import BatchUpdate, MoveDirectionality
 from vllm.v1.sample.logits_processor import LogitsProcessor as _V1LogitsProcessor
 
+from tts_plugins import debug
 from tts_plugins.batch import RowMap, SlotState
 from tts_plugins.manager import Registry, build_registry, default_registry, disabled
 from tts_plugins.technique import EngineInfo, SlotRequest
@@ -138,6 +139,8 @@ class TTSLogitsProcessor(*_BASES):  # type: ignore[misc]
         self._active_np = np.zeros(max_rows + 1, dtype=bool)
         self._prompt_len = np.zeros(max_rows + 1, dtype=np.int64)
         self._warned_spec = False
+        if not self.inert:
+            debug.register("vllm", self)
 
     def is_argmax_invariant(self) -> bool:
         return all(t.argmax_invariant for t in self.registry.techniques)
@@ -158,6 +161,8 @@ class TTSLogitsProcessor(*_BASES):  # type: ignore[misc]
             self._update_state(batch_update)
         except Exception:
             self._fail_safe()
+        if batch_update is not None:
+            debug.publish()
 
     def _update_state(self, batch_update: BatchUpdate | None) -> None:
         # Read new tokens first: a request that just finished leaves in this very update, and its last
@@ -266,9 +271,5 @@ class TTSLogitsProcessor(*_BASES):  # type: ignore[misc]
         return self.state.apply(logits, ctx.expanded_idx_mapping.to(torch.int64), host)
 
     def debug_counts(self) -> dict[str, int]:
-        """Live per-request state in this processor: all zero once every request has left."""
-        counts = {"slots": self.state.num_active}
-        for tech in self.state.techniques:
-            counts.update({f"{tech.name}.{k}": v for k, v in getattr(tech, "debug_counts", dict)().items()})
-            counts[f"{tech.name}.active"] = tech.num_active
-        return counts
+        """Live per-request state in this processor: all zero (failures aside) once every request has left."""
+        return {**self.state.debug_counts(), "rows": len(self.rows.mapped()), "staged": len(self._staged)}

@@ -50,6 +50,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from tts_plugins import debug
 from tts_plugins.params import MOI_KEYS, MoIParams
 from tts_plugins.patching import Patcher, engine_version, version_in_range
 
@@ -71,8 +72,22 @@ class _RunnerMoI:
         self._rows_for: Any = None
         self._rows: tuple[np.ndarray, np.ndarray, np.ndarray] = ()  # type: ignore[assignment]
         self.warned: set[str] = set()
+        self.dropped: set[str] = set()  # requests whose mixing was dropped after a failure (until they finish)
+        self.failures = 0
+        debug.register("vllm.moi", self)
         pc = runner.vllm_config.parallel_config
         self.refuse = "pipeline parallelism" if pc.pipeline_parallel_size > 1 else None
+
+    def fail_safe(self, what: str) -> None:
+        """Our code raised inside the runner: log it, drop every request's mixing, let the engine go on."""
+        log.exception("tts_plugins: Mixture of Inputs failed %s; its requests continue without it", what)
+        self.failures += 1
+        for rid in list(self.stash.slot_of):
+            self.stash.release(rid)
+            self.dropped.add(rid)
+
+    def debug_counts(self) -> dict[str, int]:
+        return {"moi.requests": len(self.stash), "moi.dropped": len(self.dropped), "moi.failures": self.failures}
 
     def warn_once(self, what: str) -> None:
         if what not in self.warned:
@@ -143,9 +158,12 @@ def _wrap_update_states(original: Any) -> Any:
         st = st or _state(self)
         for rid in scheduler_output.finished_req_ids:
             st.stash.release(rid)
+            st.dropped.discard(rid)
         if scheduler_output.scheduled_new_reqs:
             st.admit(scheduler_output.scheduled_new_reqs)
         st.sched = scheduler_output if len(st.stash) else None
+        if scheduler_output.finished_req_ids or scheduler_output.scheduled_new_reqs:
+            debug.publish()
         return out
 
     return _update_states
@@ -160,13 +178,20 @@ def _wrap_sample(original: Any) -> Any:
             st.warn_once("speculative decoding")
             st.stash.pos[:] = -1
             return original(self, logits, spec_decode_metadata, *args, **kwargs)
-        rows, slots, pos = st.rows_to_stash(self)
-        if not len(rows):
+        try:
+            rows, slots, pos = st.rows_to_stash(self)
+            if not len(rows):
+                return original(self, logits, spec_decode_metadata, *args, **kwargs)
+            index = torch.from_numpy(rows).to(logits.device, non_blocking=True)
+            raw = logits.index_select(0, index)  # a copy: the sampler may edit logits in place
+        except Exception:
+            st.fail_safe("reading the logits")
             return original(self, logits, spec_decode_metadata, *args, **kwargs)
-        index = torch.from_numpy(rows).to(logits.device, non_blocking=True)
-        raw = logits.index_select(0, index)  # a copy: the sampler may edit logits in place
         out = original(self, logits, spec_decode_metadata, *args, **kwargs)
-        st.stash.stash(slots, raw, out.sampled_token_ids.index_select(0, index)[:, 0], pos)
+        try:
+            st.stash.stash(slots, raw, out.sampled_token_ids.index_select(0, index)[:, 0], pos)
+        except Exception:
+            st.fail_safe("stashing the distribution")
         return out
 
     return _sample
@@ -177,18 +202,23 @@ def _wrap_model_forward(original: Any) -> Any:
         st = self.__dict__.get("_tts_moi")
         if st is None or st.sched is None:
             return original(self, input_ids=input_ids, positions=positions, intermediate_tensors=intermediate_tensors, inputs_embeds=inputs_embeds, **kwargs)
-        tokens, slots = st.rows_to_mix(self)
-        if not len(tokens) or (input_ids is None and inputs_embeds is None):
-            return original(self, input_ids=input_ids, positions=positions, intermediate_tensors=intermediate_tensors, inputs_embeds=inputs_embeds, **kwargs)
-        from vllm.config import CUDAGraphMode
-        from vllm.forward_context import get_forward_context
+        plain = {"input_ids": input_ids, "positions": positions, "intermediate_tensors": intermediate_tensors, "inputs_embeds": inputs_embeds}
+        try:
+            tokens, slots = st.rows_to_mix(self)
+            if not len(tokens) or (input_ids is None and inputs_embeds is None):
+                return original(self, **plain, **kwargs)
+            from vllm.config import CUDAGraphMode
+            from vllm.forward_context import get_forward_context
 
-        model = self.get_model()
-        mixed = st.stash.mix(slots, model.embed_input_ids)
-        if inputs_embeds is None:
-            inputs_embeds = model.embed_input_ids(input_ids)
-        index = torch.from_numpy(tokens).to(inputs_embeds.device, non_blocking=True)
-        inputs_embeds.index_copy_(0, index, mixed.to(inputs_embeds.dtype))
+            model = self.get_model()
+            mixed = st.stash.mix(slots, model.embed_input_ids)
+            embeds = model.embed_input_ids(input_ids) if inputs_embeds is None else inputs_embeds.clone()
+            index = torch.from_numpy(tokens).to(embeds.device, non_blocking=True)
+            embeds.index_copy_(0, index, mixed.to(embeds.dtype))
+        except Exception:
+            st.fail_safe("mixing the input embeddings")
+            return original(self, **plain, **kwargs)
+        inputs_embeds = embeds
         ctx = get_forward_context()
         saved = (ctx.skip_compiled, ctx.cudagraph_runtime_mode)
         ctx.skip_compiled, ctx.cudagraph_runtime_mode = True, CUDAGraphMode.NONE  # a graph would ignore the mixture

@@ -129,7 +129,12 @@ def test_named_twice_in_one_engine_runs_once(vllm_config):
 
 
 def test_a_failing_technique_does_not_take_the_engine_down(vllm_config, monkeypatch):
-    """A technique that raises in the hot path: the step goes on, its requests continue without techniques."""
+    """A technique that raises in the hot path: the step goes on, only its own requests lose it.
+
+    Request 0 uses the faulty technique and think steering, request 1 think steering only, request 2
+    nothing: after the failure request 0 keeps think steering, request 1 is steered as before, and row 2
+    is untouched.
+    """
     import tts_plugins.adapters.vllm as adapter
     from tts_plugins import hookimpl
     from tts_plugins.manager import build_registry, plugin_manager
@@ -142,10 +147,16 @@ def test_a_failing_technique_does_not_take_the_engine_down(vllm_config, monkeypa
         def parse_params(cls, flat):
             return flat.get("tts_faulty")
 
-        def set_slot(self, slot, params, request):
-            self.on = params is not None
+        def __init__(self, info):
+            super().__init__(info)
+            self.slots = set()
 
-        num_active = 1
+        def set_slot(self, slot, params, request):
+            (self.slots.add if params is not None else self.slots.discard)(slot)
+
+        @property
+        def num_active(self):
+            return len(self.slots)
 
         def apply(self, logits, row_slots, host_slots=None):
             raise RuntimeError("deliberate failure")
@@ -159,15 +170,21 @@ def test_a_failing_technique_does_not_take_the_engine_down(vllm_config, monkeypa
     gc.collect()
     proc = TTSLogitsProcessor(vllm_config, torch.device("cpu"), False)
     vocab = vllm_config.model_config.get_vocab_size()
-    added = [(0, SamplingParams(extra_args={"tts_faulty": 1}), [1], []), (1, SamplingParams(extra_args={"tts_think_max": 0}), [1], []), (2, SamplingParams(), [1], [])]
+    both = {"tts_faulty": 1, "tts_no_think": True}
+    added = [(0, SamplingParams(extra_args=both), [1], []), (1, SamplingParams(extra_args={"tts_no_think": True}), [1], []), (2, SamplingParams(), [1], [])]
     proc.update_state(BatchUpdate(batch_size=3, removed=[], added=added, moved=[]))
     assert proc.state.num_active == 2
     z = torch.randn(3, vocab)
     out = proc.apply(z.clone())  # must not raise
-    assert out.shape == z.shape and torch.equal(out[2], z[2])
-    assert proc.state.num_active == 0 and proc.rows.mapped() == {}, "after a failure every request runs plain"
+    assert out.shape == z.shape and torch.equal(out[2], z[2]), "a row that opted into nothing is untouched"
+    forced = out[1].argmax()
+    assert torch.isinf(out[1]).sum() == vocab - 1, "request 1 is still steered (NoThinking forces a token)"
+    assert torch.equal(out[0].argmax(), forced) and torch.isinf(out[0]).sum() == vocab - 1, "request 0 keeps think steering"
+    assert proc.state.failures == {"faulty": 1}
+    assert [t.name for t in proc.state.active[proc.rows.slot_of(0)]] == ["think"]
     z2 = torch.randn(3, vocab)
-    assert proc.apply(z2) is z2
+    out2 = proc.apply(z2.clone())  # the quarantined technique is not called again
+    assert proc.state.failures == {"faulty": 1} and torch.equal(out2[2], z2[2])
     del proc
     gc.collect()
 

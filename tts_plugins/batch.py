@@ -17,6 +17,7 @@ batch where nobody opted in costs one length check.
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Mapping, Sequence
 from typing import Any
 
@@ -25,6 +26,8 @@ import torch
 
 from tts_plugins.manager import Registry
 from tts_plugins.technique import EngineInfo, LogitsTechnique, SlotRequest
+
+log = logging.getLogger("tts_plugins")
 
 
 class SlotState:
@@ -40,6 +43,8 @@ class SlotState:
         self.active: dict[int, list[LogitsTechnique]] = {}
         self._watch: dict[int, list[Any]] = {}  # slot -> [live token list, number seen]
         self.pending_placeholders = False
+        self.failures: dict[str, int] = {}  # technique name -> times it raised (quarantined)
+        self._users: dict[str, int] = {}  # technique name -> slots using it (a quarantined one is skipped at once)
 
     def admit(self, slot: int, parsed: Mapping[str, Any], request: SlotRequest, live_outputs: list[int] | None = None) -> bool:
         """Start ``slot`` with already-parsed parameters; True if any technique is on for it."""
@@ -47,16 +52,24 @@ class SlotState:
         if not parsed:
             return False
         techs = []
-        try:
-            for name, params in parsed.items():
-                tech = self._by_name[name]
+        for name, params in parsed.items():
+            tech = self._by_name[name]
+            try:
                 tech.set_slot(slot, params, request)
-                techs.append(tech)
-        except Exception:
-            for tech in techs:
-                tech.set_slot(slot, None, SlotRequest())
-            raise
+            except Exception:  # the fault policy: this technique is off for this request, the others go on
+                log.exception("tts_plugins: technique %r failed to start a request; the request goes on without it", name)
+                self.failures[name] = self.failures.get(name, 0) + 1
+                try:
+                    tech.set_slot(slot, None, SlotRequest())
+                except Exception:
+                    log.exception("tts_plugins: technique %r also failed to clear slot %d", name, slot)
+                continue
+            techs.append(tech)
+        if not techs:
+            raise RuntimeError(f"no technique could start for slot {slot}")
         self.active[slot] = techs
+        for tech in techs:
+            self._users[tech.name] = self._users.get(tech.name, 0) + 1
         if live_outputs is not None:
             self._watch[slot] = [live_outputs, 0]
             if live_outputs:
@@ -67,11 +80,36 @@ class SlotState:
         techs = self.active.pop(slot, None)
         self._watch.pop(slot, None)
         for tech in techs or ():
+            self._users[tech.name] -= 1
+        for tech in techs or ():
             tech.set_slot(slot, None, SlotRequest())
 
     def feed(self, slot: int, token_ids: Sequence[int]) -> None:
-        for tech in self.active.get(slot, ()):
-            tech.on_tokens(slot, token_ids)
+        for tech in tuple(self.active.get(slot, ())):  # a snapshot: quarantine edits the list
+            try:
+                tech.on_tokens(slot, token_ids)
+            except Exception:
+                self.quarantine(tech, "on_tokens")  # the slot's other techniques still see these tokens
+
+    def quarantine(self, tech: LogitsTechnique, where: str) -> list[int]:
+        """``tech`` raised: switch it off for every slot that uses it; those requests go on without it.
+
+        The fault policy: a failing technique never takes the engine down and never touches requests that
+        do not use it; the requests that do continue with their other techniques (or plain), and the error
+        is logged with the technique's name and the slots it affected. Returns those slots.
+        """
+        slots = [slot for slot, techs in self.active.items() if tech in techs]
+        log.exception("tts_plugins: technique %r failed in %s; it is switched off for the %d request(s) using it, "
+                      "which continue without it", tech.name, where, len(slots))
+        self.failures[tech.name] = self.failures.get(tech.name, 0) + 1
+        self._users[tech.name] = self._users.get(tech.name, 0) - len(slots)
+        for slot in slots:
+            self.active[slot] = [t for t in self.active[slot] if t is not tech]
+            try:
+                tech.set_slot(slot, None, SlotRequest())
+            except Exception:
+                log.exception("tts_plugins: technique %r also failed to clear slot %d", tech.name, slot)
+        return slots
 
     def observe_slot(self, slot: int) -> None:
         entry = self._watch[slot]
@@ -98,8 +136,11 @@ class SlotState:
         if not self.active:
             return logits
         for tech in self.techniques:
-            if tech.num_active:
-                logits = tech.apply(logits, row_slots, host_slots)
+            try:
+                if self._users.get(tech.name) and tech.num_active:
+                    logits = tech.apply(logits, row_slots, host_slots)
+            except Exception:
+                self.quarantine(tech, "apply")
         return logits
 
     @property
@@ -115,7 +156,17 @@ class SlotState:
             except Exception:  # a broken technique must not keep the others from resetting
                 self.active.pop(slot, None)
                 self._watch.pop(slot, None)
+        self._users.clear()
         return slots
+
+    def debug_counts(self) -> dict[str, int]:
+        """Live state: all zero (failures aside) once every request has left."""
+        counts = {"slots": len(self.active), "watched": len(self._watch)}
+        for tech in self.techniques:
+            counts[f"{tech.name}.active"] = tech.num_active
+            counts.update({f"{tech.name}.{k}": v for k, v in getattr(tech, "debug_counts", dict)().items()})
+        counts.update({f"{name}.failures": n for name, n in self.failures.items()})
+        return counts
 
 
 class RowMap:

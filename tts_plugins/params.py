@@ -211,7 +211,7 @@ class GroupParams:
     @classmethod
     def parse(cls, flat: Mapping[str, Any]) -> GroupParams | None:
         if "tts_group" not in flat:
-            for key in GROUP_KEYS - {"tts_group"}:
+            for key in sorted(GROUP_KEYS - {"tts_group"}):
                 if key in flat:
                     raise ValueError(f"{key} needs tts_group (the group's id), got {key}={_show(flat[key])} alone")
             return None
@@ -269,7 +269,7 @@ class TrimParams:
 
     @classmethod
     def parse(cls, flat: Mapping[str, Any]) -> TrimParams | None:
-        present = [k for k in TRIM_KEYS if k in flat]
+        present = sorted(k for k in TRIM_KEYS if k in flat)
         if not present:
             return None
         if "tts_trim" in flat and not get_bool(flat, "tts_trim") :

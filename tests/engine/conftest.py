@@ -66,7 +66,11 @@ class EnginePool:
             if self.engine == "sglang":
                 from sglang_harness import sglang_env
 
-                env = {**sglang_env(), **(env or {})}
+                base = sglang_env()
+                extra = dict(env or {})
+                if "PYTHONPATH" in extra:  # keep the stand-ins on the path too
+                    extra["PYTHONPATH"] = f"{extra['PYTHONPATH']}{os.pathsep}{base['PYTHONPATH']}"
+                env = {**base, **extra}
                 args = ("--mem-fraction-static", "0.5", "--max-running-requests", "16", *args)
             self.current = Server(self.engine, self.tiny_model(variant), args=args, env=env)
             self.key = key
