@@ -359,3 +359,25 @@ def run_soak(server: Any, tok: Any, n: int, prefix: str, workers: int = 16, seed
     report.peak = watch.peak
     report.after = settle_counts(server, prefix, tok)
     return report
+
+
+def run_aborts(server: Any, tok: Any, n: int, seed: int = 2) -> int:
+    """``n`` streaming requests with techniques on, each dropped by the client after its first chunk
+    (the server aborts them). Returns how many streams started."""
+    rng = random.Random(seed)
+    started = 0
+
+    def one(i: int) -> int:
+        req = random_request(random.Random(seed * 7919 + i), i)
+        body = {"model": server.model, "prompt": chat_prompt(tok, QUESTIONS[i % len(QUESTIONS)]), "max_tokens": 900, "ignore_eos": True, "temperature": req["temperature"],
+                "n": req["n"], "stream": True, FIELD[server.engine]: req["params"]}
+        with requests.post(server.base + "/v1/completions", json=body, stream=True, timeout=120) as r:
+            for line in r.iter_lines():
+                if line:
+                    return 1  # leaving the block closes the connection mid-stream
+        return 0
+
+    with ThreadPoolExecutor(max_workers=8) as pool:
+        started = sum(pool.map(one, range(n)))
+    del rng
+    return started
