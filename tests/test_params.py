@@ -98,3 +98,13 @@ def test_integral_floats_and_stringified_bools_are_accepted():
 def test_extra_args_must_be_a_mapping():
     with pytest.raises(ValueError, match="JSON object"):
         REG.parse(["tts_think_max"])  # type: ignore[arg-type]
+
+
+def test_group_id_refuses_nul():
+    """Found by the server fuzzer: text keys refused NUL, the group id did not."""
+    import pytest
+
+    from tts_plugins.params import GroupParams
+
+    with pytest.raises(ValueError, match="tts_group"):
+        GroupParams.parse({"tts_group": "a\x00b"})

@@ -216,8 +216,8 @@ class GroupParams:
                     raise ValueError(f"{key} needs tts_group (the group's id), got {key}={_show(flat[key])} alone")
             return None
         group = flat["tts_group"]
-        if not isinstance(group, str) or not group or len(group) > 128:
-            raise ValueError(f"tts_group must be a non-empty string of at most 128 characters, got {_show(group)}")
+        if not isinstance(group, str) or not group or len(group) > 128 or "\x00" in group:
+            raise ValueError(f"tts_group must be a non-empty string of at most 128 characters without NUL, got {_show(group)}")
         return cls(
             group=group,
             stop_after=get_int(flat, "tts_group_stop_after", 1, minimum=1, maximum=100_000),
