@@ -64,6 +64,13 @@ class GroupStop(LogitsTechnique):
     argmax_invariant = False
 
     @classmethod
+    def conformance_params(cls) -> list[dict[str, Any]]:
+        """Valid parameter sets covering this technique's modes, for the conformance suite."""
+        return [
+            {"tts_group": "a"}, {"tts_group": "b", "tts_group_stop_after": 2}, {"tts_group": "a", "tts_group_finish": "eos", "tts_group_stop_text": " stop"},
+        ]
+
+    @classmethod
     def parse_params(cls, flat: Mapping[str, Any]) -> GroupParams | None:
         return GroupParams.parse(flat)
 

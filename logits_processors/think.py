@@ -166,6 +166,14 @@ class ThinkSteering(LogitsTechnique):
     argmax_invariant = False
 
     @classmethod
+    def conformance_params(cls) -> list[dict[str, Any]]:
+        """Valid parameter sets covering this technique's modes, for the conformance suite."""
+        return [
+            {"tts_think_max": 0}, {"tts_think_max": 3, "tts_think_conclusion": " Time to answer.\n"}, {"tts_think_min": 5},
+            {"tts_think_min": 2, "tts_think_extend": 1, "tts_think_wait": "Hmm"}, {"tts_no_think": True},
+        ]
+
+    @classmethod
     def parse_params(cls, flat: Mapping[str, Any]) -> ThinkParams | None:
         return ThinkParams.parse(flat)
 
@@ -311,6 +319,12 @@ class ThinkSteering(LogitsTechnique):
             self._mode[slot] = mode
         self._np[:, slot] = new
         self._dirty = True
+
+    def reference_row(self, z: torch.Tensor, slot: int) -> torch.Tensor:
+        """The conformance suite's oracle: ``think_reference_row`` on this slot's published host state."""
+        force, gate, wait, greedy = self._published.get(slot, (-1, -1, -1, 0))
+        blocked = self.block_ids[gate][self.block_mass[gate]].tolist() if gate >= 0 else []
+        return think_reference_row(z, force, blocked, gate >= 0, wait, bool(greedy))
 
     # --- hot path ---------------------------------------------------------
 

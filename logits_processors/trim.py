@@ -105,6 +105,13 @@ class ThoughtTrim(LogitsTechnique):
     argmax_invariant = False
 
     @classmethod
+    def conformance_params(cls) -> list[dict[str, Any]]:
+        """Valid parameter sets covering this technique's modes, for the conformance suite."""
+        return [
+            {"tts_trim": True}, {"tts_trim_ngram": 2, "tts_trim_repeats": 2}, {"tts_trim_converge": 2, "tts_trim_markers": ["Wait", "\n"]},
+        ]
+
+    @classmethod
     def parse_params(cls, flat: Mapping[str, Any]) -> TrimParams | None:
         return TrimParams.parse(flat)
 

@@ -1,0 +1,12 @@
+"""The conformance tests that ``pytest -p tts_plugins.testing --tts-plugin NAME`` collects."""
+
+from __future__ import annotations
+
+import pytest
+
+from tts_plugins.conformance import CHECKS, INVARIANTS, tiny_info
+
+
+@pytest.mark.parametrize("invariant", INVARIANTS)
+def test_invariant(tts_technique, invariant, tts_examples):
+    CHECKS[invariant](tts_technique, tiny_info(), tts_examples)

@@ -1,0 +1,359 @@
+"""The conformance suite: invariants every logits technique must keep, checked with hypothesis.
+
+Each ``check_*`` function takes a technique class (and an :class:`EngineInfo`
+on the bundled tiny model's tokenizer) and raises :class:`ConformanceError`
+with the technique, the invariant, the row, the parameters and a reproduction
+command when the invariant breaks. ``pytest -p tts_plugins.testing
+--tts-plugin NAME`` runs them all (see :mod:`tts_plugins.testing`).
+
+What a technique provides for the suite (class attributes on the
+:class:`~tts_plugins.technique.LogitsTechnique` subclass):
+
+* ``conformance_params()`` (classmethod, required): a list of valid flat
+  parameter dicts that switch the technique on, covering its modes.
+* ``reference_row(self, logits_row, slot)`` (optional): the plugin's own
+  per-row reference; the vectorized ``apply`` must equal it on every row.
+
+The invariants (names used in failure messages and ``-k`` selection):
+``parse_rejects_bad_input``, ``rows_not_opted_in_unchanged``,
+``batch_order_equivariance``, ``slot_lifecycle``, ``shape_dtype_device``,
+``argmax_claim``, ``unused_path_does_nothing``, ``matches_reference``.
+"""
+
+from __future__ import annotations
+
+import functools
+from collections.abc import Callable, Mapping
+from typing import Any
+
+import numpy as np
+import torch
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from tts_plugins.hookspecs import hookimpl
+from tts_plugins.manager import Registry, build_registry, plugin_manager
+from tts_plugins.technique import EngineInfo, SlotRequest
+
+INVARIANTS = (
+    "parse_rejects_bad_input", "rows_not_opted_in_unchanged", "batch_order_equivariance", "slot_lifecycle",
+    "shape_dtype_device", "argmax_claim", "unused_path_does_nothing", "matches_reference",
+)
+MAX_SLOTS = 8
+JUNK: tuple[Any, ...] = (None, [], {}, {"a": 1}, [[1]], -1, -(2**40), 2**70, float("nan"), float("inf"), -0.5, "x" * 5000, "a\x00b", True, object())
+
+
+class ConformanceError(AssertionError):
+    """An invariant broken by a technique; the message says which, where, and how to reproduce it."""
+
+
+def fail(tech: type, invariant: str, detail: str, *, row: int | None = None, params: Any = None) -> None:
+    where = f" at row {row}" if row is not None else ""
+    with_params = f" with parameters {params!r}" if params is not None else ""
+    raise ConformanceError(
+        f"[{tech.name}] invariant '{invariant}' broken{where}{with_params}: {detail}\n"
+        f"  reproduce: pytest -p tts_plugins.testing --tts-plugin {tech.name} -k {invariant}"
+    )
+
+
+@functools.lru_cache(maxsize=1)
+def tiny_info() -> EngineInfo:
+    """Engine facts on the bundled tiny model's tokenizer (built locally on first use, about a second)."""
+    import os
+    import tempfile
+    from pathlib import Path
+
+    from transformers import AutoTokenizer
+
+    from tts_plugins.tiny import build_tiny_model
+
+    root = Path(os.environ.get("TTS_TINY_MODELS", Path(tempfile.gettempdir()) / "tts-plugins-tiny"))
+    tok = AutoTokenizer.from_pretrained(str(build_tiny_model(root / "dense", "dense")))
+    return EngineInfo(vocab_size=len(tok), max_slots=MAX_SLOTS, device=torch.device("cpu"), tokenizer=tok, eos_token_ids=(tok.eos_token_id,))
+
+
+def registry_for(tech: type) -> Registry:
+    class Only:
+        @hookimpl
+        def tts_register_techniques(self, register: Callable[[type], None]) -> None:
+            register(tech)
+
+    return build_registry(plugin_manager(load_entry_points=False, builtin_techniques=False, extra_plugins=[Only()]))
+
+
+def examples(tech: type) -> list[dict[str, Any]]:
+    get = getattr(tech, "conformance_params", None)
+    if get is None:
+        fail(tech, "parse_rejects_bad_input", "the technique has no conformance_params(): give the suite valid parameter sets to run with")
+    found = list(get())
+    if not found:
+        fail(tech, "parse_rejects_bad_input", "conformance_params() returned no parameter set")
+    for flat in found:
+        if tech.parse_params(flat) is None:
+            fail(tech, "parse_rejects_bad_input", "a conformance parameter set does not switch the technique on", params=flat)
+    return found
+
+
+# --- building batches -----------------------------------------------------------
+
+
+def _prompt(info: EngineInfo) -> list[int]:
+    from tts_plugins.text import encode
+
+    return encode(info.tokenizer, "What is 2 + 2?" + info.think_start)
+
+
+class Batch:
+    """A SlotState with some slots admitted and fed, and a row-to-slot map over a batch."""
+
+    def __init__(self, tech: type, info: EngineInfo, slots: Mapping[int, tuple[dict[str, Any], list[int], bool]]) -> None:
+        from tts_plugins.batch import SlotState
+
+        self.tech_cls = tech
+        self.state = SlotState(registry_for(tech), info)
+        self.tech = self.state.techniques[0]
+        prompt = _prompt(info)
+        for slot, (flat, history, greedy) in sorted(slots.items()):
+            self.state.admit(slot, {tech.name: tech.parse_params(flat)}, SlotRequest(prompt, greedy))
+            if history:
+                self.state.feed(slot, history)
+
+    def apply(self, logits: torch.Tensor, host: np.ndarray) -> torch.Tensor:
+        return self.state.apply(logits, torch.from_numpy(host).to(logits.device), host)
+
+
+def _logits(seed: int, rows: int, vocab: int, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    return (torch.randn(rows, vocab, generator=torch.Generator().manual_seed(seed)) * 3).to(dtype)
+
+
+@st.composite
+def batches(draw, n_params: int, vocab: int) -> dict[str, Any]:
+    """Rows mapped to slots (or the neutral slot), each slot's parameter set, history and greedy flag."""
+    rows = draw(st.integers(1, MAX_SLOTS))
+    slots: dict[int, tuple[int, list[int], bool]] = {}
+    mapping = []
+    free = list(range(MAX_SLOTS))
+    for _ in range(rows):
+        if draw(st.booleans()) and free:
+            slot = free.pop(draw(st.integers(0, len(free) - 1)))
+            slots[slot] = (draw(st.integers(0, n_params - 1)), draw(st.lists(st.integers(0, vocab - 1), max_size=10)), draw(st.booleans()))
+            mapping.append(slot)
+        else:
+            mapping.append(MAX_SLOTS)  # the neutral slot
+    return {"slots": slots, "host": np.asarray(mapping, np.int64), "seed": draw(st.integers(0, 2**31 - 1))}
+
+
+def _run(body: Callable[..., None], *strategies: Any, max_examples: int) -> None:
+    settings(max_examples=max_examples, deadline=None, database=None, suppress_health_check=list(HealthCheck))(given(*strategies)(body))()
+
+
+def _materialize(params: list[dict[str, Any]], case: dict[str, Any]) -> dict[int, tuple[dict[str, Any], list[int], bool]]:
+    return {slot: (params[i], hist, greedy) for slot, (i, hist, greedy) in case["slots"].items()}
+
+
+# --- the invariants ------------------------------------------------------------------
+
+
+def check_parse_rejects_bad_input(tech: type, info: EngineInfo | None = None, max_examples: int = 0) -> None:
+    """Bad values raise ``ValueError`` naming a key of the technique; nothing else ever escapes; no keys = off."""
+    examples(tech)
+    if tech.parse_params({}) is not None:
+        fail(tech, "parse_rejects_bad_input", "parse_params({}) must return None (not opted in)")
+    for key in sorted(tech.keys):
+        refused = 0
+        for junk in JUNK:
+            try:
+                tech.parse_params({key: junk})
+            except ValueError as exc:
+                if not any(k in str(exc) for k in tech.keys):
+                    fail(tech, "parse_rejects_bad_input", f"the error for {key}={junk!r} names no key: {exc}", params={key: junk})
+                refused += 1
+            except Exception as exc:  # noqa: BLE001 - any other exception would reach the engine
+                fail(tech, "parse_rejects_bad_input", f"{key}={junk!r} raised {type(exc).__name__} ({exc}), not ValueError", params={key: junk})
+        if not refused:
+            fail(tech, "parse_rejects_bad_input", f"{key} accepted every junk value ({len(JUNK)} tried: None, NaN, huge ints, 5,000 characters, ...)")
+    reg = registry_for(tech)
+    try:
+        reg.parse({"tts_not_a_key_of_anyone": 1})
+    except ValueError:
+        pass
+    else:
+        fail(tech, "parse_rejects_bad_input", "the registry accepted an unknown tts_* key")
+
+
+def check_rows_not_opted_in_unchanged(tech: type, info: EngineInfo, max_examples: int = 40) -> None:
+    params = examples(tech)
+
+    def body(case: dict[str, Any]) -> None:
+        b = Batch(tech, info, _materialize(params, case))
+        z = _logits(case["seed"], len(case["host"]), info.vocab_size)
+        out = b.apply(z.clone(), case["host"])
+        for row, slot in enumerate(case["host"]):
+            if slot == MAX_SLOTS and not torch.equal(out[row], z[row]):
+                fail(tech, "rows_not_opted_in_unchanged", "a row of a request that did not opt in changed", row=row)
+
+    _run(body, batches(len(params), info.vocab_size), max_examples=max_examples)
+
+
+def check_batch_order_equivariance(tech: type, info: EngineInfo, max_examples: int = 40) -> None:
+    params = examples(tech)
+
+    def body(case: dict[str, Any], perm_seed: int) -> None:
+        slots = _materialize(params, case)
+        z = _logits(case["seed"], len(case["host"]), info.vocab_size)
+        out = Batch(tech, info, slots).apply(z.clone(), case["host"])
+        perm = np.random.default_rng(perm_seed).permutation(len(case["host"]))
+        out_p = Batch(tech, info, slots).apply(z[torch.from_numpy(perm)].clone(), case["host"][perm])
+        for i, row in enumerate(perm):
+            if not torch.equal(out_p[i], out[row]):
+                slot = int(case["host"][row])
+                fail(tech, "batch_order_equivariance", f"the row moved to position {i} came out different",
+                     row=int(row), params=slots.get(slot, (None,))[0])
+
+    _run(body, batches(len(params), info.vocab_size), st.integers(0, 2**31 - 1), max_examples=max_examples)
+
+
+@st.composite
+def lifecycles(draw, n_params: int, vocab: int) -> list[tuple]:
+    ops = []
+    for _ in range(draw(st.integers(1, 14))):
+        kind = draw(st.sampled_from(["admit", "admit", "release", "feed", "feed"]))
+        slot = draw(st.integers(0, MAX_SLOTS - 1))
+        if kind == "admit":
+            ops.append(("admit", slot, draw(st.integers(0, n_params - 1)), draw(st.booleans())))
+        elif kind == "release":
+            ops.append(("release", slot))
+        else:
+            ops.append(("feed", slot, draw(st.lists(st.integers(0, vocab - 1), min_size=1, max_size=5))))
+    return ops
+
+
+def check_slot_lifecycle(tech: type, info: EngineInfo, max_examples: int = 40) -> None:
+    """Admit, release, re-admit and feed slots in any order: the state equals a fresh one built from a dict model."""
+    params = examples(tech)
+
+    def body(ops: list[tuple], seed: int) -> None:
+        live = Batch(tech, info, {})
+        model: dict[int, tuple[dict[str, Any], list[int], bool]] = {}
+        prompt = _prompt(info)
+        for op in ops:
+            if op[0] == "admit":
+                _, slot, i, greedy = op
+                live.state.admit(slot, {tech.name: tech.parse_params(params[i])}, SlotRequest(prompt, greedy))
+                model[slot] = (params[i], [], greedy)
+            elif op[0] == "release":
+                live.state.release(op[1])
+                model.pop(op[1], None)
+            elif op[1] in model:
+                live.state.feed(op[1], op[2])
+                model[op[1]][1].extend(op[2])
+        if live.tech.num_active != len(model):
+            fail(tech, "slot_lifecycle", f"num_active is {live.tech.num_active}, but {len(model)} slots are live after {ops!r}")
+        host = np.arange(MAX_SLOTS + 1, dtype=np.int64)
+        z = _logits(seed, len(host), info.vocab_size)
+        got = live.apply(z.clone(), host)
+        want = Batch(tech, info, model).apply(z.clone(), host)
+        for row in range(len(host)):
+            if not torch.equal(got[row], want[row]):
+                fail(tech, "slot_lifecycle", f"slot {row} differs from a fresh state after {ops!r}", row=row, params=model.get(row, (None,))[0])
+
+    _run(body, lifecycles(len(params), info.vocab_size), st.integers(0, 2**31 - 1), max_examples=max_examples)
+
+
+def check_shape_dtype_device(tech: type, info: EngineInfo, max_examples: int = 20) -> None:
+    params = examples(tech)
+
+    def body(case: dict[str, Any]) -> None:
+        for dtype in (torch.float32, torch.bfloat16):
+            z = _logits(case["seed"], len(case["host"]), info.vocab_size, dtype)
+            out = Batch(tech, info, _materialize(params, case)).apply(z.clone(), case["host"])
+            if out.shape != z.shape or out.dtype != z.dtype or out.device != z.device:
+                fail(tech, "shape_dtype_device", f"{tuple(z.shape)} {z.dtype} {z.device} came out as {tuple(out.shape)} {out.dtype} {out.device}")
+
+    _run(body, batches(len(params), info.vocab_size), max_examples=max_examples)
+
+
+def check_argmax_claim(tech: type, info: EngineInfo, max_examples: int = 40) -> None:
+    """If ``argmax_invariant``: for every state and every possible argmax position, the argmax stays.
+
+    One batch of ``V`` rows, all of one slot, row ``i`` peaked at token ``i``: every token the technique
+    could touch is the argmax of some row.
+    """
+    if not tech.argmax_invariant:
+        return
+    params = examples(tech)
+    vocab = info.vocab_size
+
+    def body(i: int, history: list[int], greedy: bool, seed: int) -> None:
+        b = Batch(tech, info, {0: (params[i], history, greedy)})
+        z = _logits(seed, vocab, vocab) * 0.1 + 10 * torch.eye(vocab)
+        out = b.apply(z.clone(), np.zeros(vocab, np.int64))
+        changed = (out.argmax(-1) != z.argmax(-1)).nonzero().flatten().tolist()
+        if changed:
+            fail(tech, "argmax_claim", f"argmax_invariant is True but the argmax moved off token {changed[0]}", row=changed[0], params=params[i])
+
+    _run(body, st.integers(0, len(params) - 1), st.lists(st.integers(0, vocab - 1), max_size=10), st.booleans(), st.integers(0, 2**31 - 1),
+         max_examples=max(1, max_examples // 4))
+
+
+class _CountOps(torch.utils._python_dispatch.TorchDispatchMode):
+    def __init__(self) -> None:
+        super().__init__()
+        self.ops: list[str] = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):  # noqa: ANN001
+        self.ops.append(str(func))
+        return func(*args, **(kwargs or {}))
+
+
+def check_unused_path_does_nothing(tech: type, info: EngineInfo, max_examples: int = 0) -> None:
+    """With no slot switched on, ``apply`` returns its input at once: no tensor operation at all."""
+    params = examples(tech)
+    b = Batch(tech, info, {0: (params[0], [], True)})
+    b.state.release(0)  # it was on once, so lazily built buffers exist: now nobody uses it
+    z = _logits(0, 4, info.vocab_size)
+    host = np.full(4, MAX_SLOTS, np.int64)
+    rows = torch.from_numpy(host)
+    with _CountOps() as seen:
+        out = b.tech.apply(z, rows, host)
+    if out is not z:
+        fail(tech, "unused_path_does_nothing", "with no active slot, apply must return the very tensor it got")
+    if seen.ops:
+        fail(tech, "unused_path_does_nothing", f"with no active slot, apply ran {len(seen.ops)} tensor operation(s): {seen.ops[:5]}")
+
+
+def check_matches_reference(tech: type, info: EngineInfo, max_examples: int = 40) -> None:
+    if getattr(tech, "reference_row", None) is None:
+        return
+    params = examples(tech)
+
+    def body(case: dict[str, Any]) -> None:
+        slots = _materialize(params, case)
+        b = Batch(tech, info, slots)
+        z = _logits(case["seed"], len(case["host"]), info.vocab_size)
+        out = b.apply(z.clone(), case["host"])
+        for row, slot in enumerate(case["host"]):
+            if slot == MAX_SLOTS:
+                continue
+            want = b.tech.reference_row(z[row].clone(), int(slot))
+            same = torch.equal(torch.isinf(want), torch.isinf(out[row])) and torch.allclose(
+                torch.nan_to_num(out[row], posinf=0, neginf=0), torch.nan_to_num(want, posinf=0, neginf=0), atol=1e-5)
+            if not same:
+                fail(tech, "matches_reference", "the vectorized apply differs from the plugin's reference_row", row=row, params=slots[int(slot)][0])
+
+    _run(body, batches(len(params), info.vocab_size), max_examples=max_examples)
+
+
+CHECKS: dict[str, Callable[..., None]] = {name: globals()[f"check_{name}"] for name in INVARIANTS}
+
+
+def check_all(tech: type, info: EngineInfo | None = None, max_examples: int | None = None) -> None:
+    info = info or tiny_info()
+    for name, check in CHECKS.items():
+        if max_examples is None:
+            check(tech, info)
+        else:
+            check(tech, info, max_examples)
+
+
+__all__ = ["CHECKS", "INVARIANTS", "ConformanceError", "check_all", "tiny_info"]

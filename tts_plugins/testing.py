@@ -1,0 +1,59 @@
+"""pytest plugin: the conformance suite for any registered technique.
+
+    pytest -p tts_plugins.testing --tts-plugin NAME [--tts-plugin OTHER] [--tts-examples 100]
+
+``NAME`` is a technique's ``name`` as registered through the ``tts_plugins``
+entry-point group (``all``: every registered technique). Without explicit test
+paths, only the conformance tests run; with paths, they run alongside yours.
+Each test is one technique and one invariant (``-k slot_lifecycle`` selects one);
+a failure names the technique, the invariant, the row and the parameters, and
+says how to reproduce it. The invariants are documented in
+:mod:`tts_plugins.conformance`.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+TESTS = Path(__file__).with_name("_conformance_tests.py")
+
+
+def pytest_addoption(parser: pytest.Parser) -> None:
+    group = parser.getgroup("tts-plugins", "tts-plugins conformance suite")
+    group.addoption("--tts-plugin", action="append", default=[], metavar="NAME",
+                    help="technique name to check (repeatable; 'all' for every registered technique)")
+    group.addoption("--tts-examples", type=int, default=40, metavar="N", help="hypothesis examples per invariant (default 40)")
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    if config.getoption("tts_plugin") and config.args_source != pytest.Config.ArgsSource.ARGS:
+        config.args[:] = [str(TESTS)]  # no paths given: run the suite only
+    elif config.getoption("tts_plugin"):
+        config.args.append(str(TESTS))
+
+
+def selected_techniques(config: pytest.Config) -> list[type]:
+    from tts_plugins.manager import build_registry
+
+    names = config.getoption("tts_plugin")
+    registry = build_registry()
+    by_name = {t.name: t for t in registry.techniques}
+    if "all" in names:
+        return list(by_name.values())
+    missing = [n for n in names if n not in by_name]
+    if missing:
+        raise pytest.UsageError(f"--tts-plugin {missing[0]!r} is not a registered technique; registered: {', '.join(sorted(by_name))}")
+    return [by_name[n] for n in names]
+
+
+def pytest_generate_tests(metafunc: pytest.Metafunc) -> None:
+    if "tts_technique" in metafunc.fixturenames:
+        techs = selected_techniques(metafunc.config)
+        metafunc.parametrize("tts_technique", techs, ids=[t.name for t in techs])
+
+
+@pytest.fixture
+def tts_examples(request: pytest.FixtureRequest) -> int:
+    return request.config.getoption("tts_examples")
