@@ -197,3 +197,13 @@ def test_row_slots_helper_is_consistent():
         assert np.all((case["host"] >= 0) & (case["host"] <= MAX_SLOTS))
 
     body()
+
+
+@pytest.mark.parametrize("invariant", INVARIANTS)
+def test_the_example_third_party_plugin_passes_the_suite(invariant):
+    """examples/ngram_ban, discovered the way engines discover it: the ``tts_plugins`` entry-point group."""
+    from tts_plugins.manager import build_registry
+
+    found = {t.name: t for t in build_registry().techniques}
+    assert "ngram_ban" in found, "pip install examples/ngram_ban (./dev test does)"
+    CHECKS[invariant](found["ngram_ban"], tiny_info(), 40)
