@@ -347,6 +347,72 @@ def check_matches_reference(tech: type, info: EngineInfo, max_examples: int = 40
 CHECKS: dict[str, Callable[..., None]] = {name: globals()[f"check_{name}"] for name in INVARIANTS}
 
 
+# --- in a real engine --------------------------------------------------------------
+
+
+def reference_decode(model_dir: Any, tech: type, prompt: list[int], flat: dict[str, Any], max_new: int) -> list[int]:
+    """Greedy decoding in a plain transformers loop with ``tech`` applied exactly as an engine adapter does.
+
+    The engine-neutral oracle of :func:`check_engine_matches_reference`: one slot, the technique's own
+    ``apply`` on each step's logits, the sampled token fed back, EOS ends the request.
+    """
+    from transformers import AutoTokenizer
+
+    from tts_plugins.batch import SlotState
+
+    tok = AutoTokenizer.from_pretrained(str(model_dir))
+    model = _hf_model(str(model_dir))
+    registry = registry_for(tech)
+    start, end = registry.think_strings(tok, str(model_dir), None)
+    eos = tok.eos_token_id
+    info = EngineInfo(vocab_size=model.config.vocab_size, max_slots=1, device=torch.device("cpu"), tokenizer=tok,
+                      eos_token_ids=(eos,) if eos is not None else (), think_start=start, think_end=end)
+    state = SlotState(registry, info)
+    state.admit(0, {tech.name: tech.parse_params(flat)}, SlotRequest(list(prompt), True))
+    host = np.zeros(1, np.int64)
+    ids, out = list(prompt), []
+    with torch.no_grad():
+        for _ in range(max_new):
+            logits = model(torch.tensor([ids])).logits[:, -1].float()
+            nxt = int(state.apply(logits, torch.from_numpy(host), host)[0].argmax())
+            out.append(nxt)
+            if nxt == eos:
+                break
+            ids.append(nxt)
+            state.feed(0, [nxt])
+    return out
+
+
+@functools.lru_cache(maxsize=2)
+def _hf_model(path: str) -> Any:
+    from transformers import AutoModelForCausalLM
+
+    return AutoModelForCausalLM.from_pretrained(path, dtype="float32").eval()
+
+
+def check_engine_matches_reference(tech: type, generate: Callable[[list[list[int]], list[dict[str, Any]], int], list[list[int]]],
+                                   model_dir: Any, prompts: list[list[int]], max_new: int = 24, engine: str = "engine") -> None:
+    """Every conformance parameter set, greedy, batched with plain requests through a real engine
+    (``generate(prompts, params, max_new) -> token ids``), equals :func:`reference_decode`.
+
+    Run in each engine, this is the "same token ids in vLLM and SGLang" guarantee: both equal one oracle.
+    """
+    params = examples(tech)
+    batch_prompts, batch_params = [], []
+    for i, flat in enumerate(params):
+        batch_prompts += [prompts[i % len(prompts)], prompts[(i + 1) % len(prompts)]]
+        batch_params += [flat, {}]
+    outs = generate(batch_prompts, batch_params, max_new)
+    for row, (prompt, flat, got) in enumerate(zip(batch_prompts, batch_params, outs)):
+        if not flat:
+            continue
+        want = reference_decode(model_dir, tech, prompt, flat, max_new)
+        if list(got) != want:
+            first = next((i for i, (a, b) in enumerate(zip(got, want)) if a != b), min(len(got), len(want)))
+            fail(tech, f"{engine}_matches_reference", f"greedy ids differ from the reference loop at token {first}: {list(got)[:first + 3]} vs {want[:first + 3]}",
+                 row=row, params=flat)
+
+
 def check_all(tech: type, info: EngineInfo | None = None, max_examples: int | None = None) -> None:
     info = info or tiny_info()
     for name, check in CHECKS.items():
