@@ -85,6 +85,16 @@ def tts_register_verifiers(register: Callable[[str, Callable[[], Any]], None]) -
     """
 
 
+@hookspec
+def tts_register_aggregators(register_aggregator: Callable[[str, Callable[..., Any]], None], register_reward: Callable[[str, Callable[..., float]], None]) -> None:
+    """Register client-side aggregators and reward functions (``tts_plugins.aggregate.registered``).
+
+    ``register_aggregator(name, fn)``: ``fn(answers, ...) -> tts_plugins.aggregate.Vote``, a pure
+    function of the answers and per-chain data. ``register_reward(name, fn)``: ``fn(prompt, completion)
+    -> float`` (higher is better), used by Best-of-N style selection. Names must be new.
+    """
+
+
 @hookspec(firstresult=True)
 def tts_think_strings(tokenizer: Any, model_name: str | None, engine_hint: Mapping[str, str] | None) -> tuple[str, str] | None:
     """Resolve the start and end strings of a model's thinking block.
