@@ -9,6 +9,7 @@ from tts_plugins.hookspecs import hookimpl
 
 @hookimpl
 def tts_register_techniques(register: Callable[[type], None]) -> None:
+    from tts_plugins.logits_processors.carbon import CarbonCalibration
     from tts_plugins.logits_processors.group import GroupStop
     from tts_plugins.logits_processors.think import ThinkSteering
     from tts_plugins.logits_processors.trim import ThoughtTrim
@@ -16,6 +17,7 @@ def tts_register_techniques(register: Callable[[type], None]) -> None:
     register(ThinkSteering)
     register(ThoughtTrim)
     register(GroupStop)
+    register(CarbonCalibration)
 
 
 @hookimpl

@@ -39,7 +39,7 @@ class Registers:
 
 def test_builtin_techniques_are_registered():
     reg = build_registry(plugin_manager(load_entry_points=False))
-    assert [t.name for t in reg.techniques] == ["think", "trim", "group"]
+    assert [t.name for t in reg.techniques] == ["think", "trim", "group", "carbon"]
     assert reg.key_owner["tts_think_max"] == "think"
 
 

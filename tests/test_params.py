@@ -108,3 +108,37 @@ def test_group_id_refuses_nul():
 
     with pytest.raises(ValueError, match="tts_group"):
         GroupParams.parse({"tts_group": "a\x00b"})
+
+
+def test_carbon_params():
+    import pytest
+
+    from tts_plugins.params import CarbonParams
+
+    assert CarbonParams.parse({}) is None
+    p = CarbonParams.parse({"tts_carbon_temperature": 0.8, "tts_carbon_bias_ids": [4, 2], "tts_carbon_bias_values": [1.5, -2]})
+    assert p == CarbonParams(0.8, ((4, 1.5), (2, -2.0)))
+    for bad, key in [
+        ({"tts_carbon_temperature": 0}, "tts_carbon_temperature"),
+        ({"tts_carbon_bias_ids": [1, 2], "tts_carbon_bias_values": [1.0]}, "tts_carbon_bias_values"),
+        ({"tts_carbon_bias_ids": [1, 1], "tts_carbon_bias_values": [1.0, 2.0]}, "tts_carbon_bias_ids"),
+        ({"tts_carbon_bias_ids": [-1], "tts_carbon_bias_values": [1.0]}, "tts_carbon_bias_ids"),
+        ({"tts_carbon_bias_ids": [1], "tts_carbon_bias_values": [float("nan")]}, "tts_carbon_bias_values"),
+        ({"tts_carbon_bias_ids": list(range(300)), "tts_carbon_bias_values": [0.0] * 300}, "tts_carbon_bias_ids"),
+    ]:
+        with pytest.raises(ValueError, match=key):
+            CarbonParams.parse(bad)
+
+
+def test_carbon_refuses_ids_outside_the_engine_vocabulary():
+    import pytest
+    import torch
+
+    from tts_plugins.logits_processors.carbon import CarbonCalibration
+    from tts_plugins.params import CarbonParams
+    from tts_plugins.technique import EngineInfo, SlotRequest
+
+    tech = CarbonCalibration(EngineInfo(vocab_size=10, max_slots=2, device=torch.device("cpu")))
+    with pytest.raises(ValueError, match="outside the vocabulary"):
+        tech.set_slot(0, CarbonParams(1.0, ((12, 1.0),)), SlotRequest())
+    assert tech.num_active == 0

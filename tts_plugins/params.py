@@ -326,3 +326,42 @@ class MoIParams:
             beta=get_float(flat, "tts_moi_beta", minimum=0.0, maximum=1e6, open_min=True),
             topk=get_int(flat, "tts_moi_topk", 20, minimum=1, maximum=MOI_MAX_TOPK),
         )
+
+
+# --- CarBoN calibration ---------------------------------------------------------
+
+CARBON_KEYS = frozenset({"tts_carbon_temperature", "tts_carbon_bias_ids", "tts_carbon_bias_values"})
+CARBON_MAX_BIAS = 256
+MAX_TOKEN_ID = 2**24  # ids are checked against the real vocabulary in the engine (see CarbonCalibration)
+
+
+@dataclass(frozen=True)
+class CarbonParams:
+    """CarBoN's calibrated sampling for one request: logits ``(z + b) / T``.
+
+    ``temperature`` is T (> 0; 1 = none), ``bias`` the sparse vocabulary shift
+    ``b`` as ``(token id, value)`` pairs (at most ``CARBON_MAX_BIAS``).
+    """
+
+    temperature: float = 1.0
+    bias: tuple[tuple[int, float], ...] = ()
+
+    @classmethod
+    def parse(cls, flat: Mapping[str, Any]) -> CarbonParams | None:
+        if not any(k in flat for k in CARBON_KEYS):
+            return None
+        t = get_float(flat, "tts_carbon_temperature", 1.0, minimum=1e-3, maximum=1e3)
+        ids, values = flat.get("tts_carbon_bias_ids", []), flat.get("tts_carbon_bias_values", [])
+        if not isinstance(ids, (list, tuple)) or len(ids) > CARBON_MAX_BIAS:
+            raise ValueError(f"tts_carbon_bias_ids must be a list of at most {CARBON_MAX_BIAS} token ids, got {_show(ids)}")
+        if not isinstance(values, (list, tuple)) or len(values) != len(ids):
+            raise ValueError(f"tts_carbon_bias_values must be a list as long as tts_carbon_bias_ids ({len(ids)}), got {_show(values)}")
+        for i in ids:
+            if isinstance(i, bool) or not isinstance(i, int) or not 0 <= i < MAX_TOKEN_ID:
+                raise ValueError(f"tts_carbon_bias_ids must hold token ids (ints >= 0), got {_show(i)}")
+        if len(set(ids)) != len(ids):
+            raise ValueError(f"tts_carbon_bias_ids must not repeat an id, got {_show(ids)}")
+        for v in values:
+            if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v) or abs(v) > 1e4:
+                raise ValueError(f"tts_carbon_bias_values must hold finite numbers in [-1e4, 1e4], got {_show(v)}")
+        return cls(temperature=t, bias=tuple(zip((int(i) for i in ids), (float(v) for v in values))))

@@ -11,7 +11,7 @@ from tts_plugins.manager import build_registry
 pytestmark = pytest.mark.engine
 
 
-@pytest.mark.parametrize("name", ["think", "trim", "ngram_ban"])
+@pytest.mark.parametrize("name", ["think", "trim", "carbon", "ngram_ban"])
 def test_engine_matches_the_reference_loop(engines, engine_name, overlap, name):
     eng = engines.offline("dense", overlap)
     tok, model = eng.tokenizer, engines.tiny_model("dense")
