@@ -63,6 +63,8 @@ class GroupStop(LogitsTechnique):
     keys = GROUP_KEYS
     argmax_invariant = False
 
+    cross_request_state = True  # members of a group see each other's finish (for the conformance suite)
+
     @classmethod
     def conformance_params(cls) -> list[dict[str, Any]]:
         """Valid parameter sets covering this technique's modes, for the conformance suite."""
