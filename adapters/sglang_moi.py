@@ -41,7 +41,7 @@ import torch
 
 from tts_plugins import debug
 from tts_plugins.params import MOI_KEYS, MoIParams
-from tts_plugins.patching import engine_version, version_in_range
+from tts_plugins.logits_processors.moi import MoIPatchBase
 
 log = logging.getLogger("sglang.tts_plugins")
 
@@ -219,25 +219,10 @@ def release(rid: str) -> None:
         st.release(rid)
 
 
-class SglangMoIPatch:
+class SglangMoIPatch(MoIPatchBase):
     """Mixture of Inputs for SGLang, switched on per request by ``tts_moi_beta``."""
 
-    name = "moi"
-    engine = "sglang"
-    keys = MOI_KEYS
-
-    @staticmethod
-    def parse_params(flat: Any) -> MoIParams | None:
-        return MoIParams.parse(flat)
-
-    @staticmethod
-    def supported() -> str | None:
-        ver = engine_version("sglang")
-        if ver is None:
-            return "SGLang is not installed"
-        if not version_in_range(ver, MIN_VERSION, MAX_VERSION):
-            return f"Mixture of Inputs supports SGLang >= {MIN_VERSION}, < {MAX_VERSION}; this server runs SGLang {ver}"
-        return None
+    engine, label, min_version, max_version = "sglang", "SGLang", MIN_VERSION, MAX_VERSION
 
     def install(self, patcher: Any) -> None:
         global _INSTALLED

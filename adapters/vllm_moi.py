@@ -52,7 +52,8 @@ import torch
 
 from tts_plugins import debug
 from tts_plugins.params import MOI_KEYS, MoIParams
-from tts_plugins.patching import Patcher, engine_version, version_in_range
+from tts_plugins.logits_processors.moi import MoIPatchBase
+from tts_plugins.patching import Patcher
 
 log = logging.getLogger("vllm.tts_plugins")
 
@@ -262,24 +263,13 @@ def _wrap_from_engine_core_request(original: Any) -> Any:
     return classmethod(from_engine_core_request)
 
 
-class VllmMoIPatch:
+class VllmMoIPatch(MoIPatchBase):
     """Mixture of Inputs for vLLM, switched on per request by ``tts_moi_beta``."""
 
-    name = "moi"
-    engine = "vllm"
-    keys = MOI_KEYS
+    engine, label, min_version, max_version = "vllm", "vLLM", MIN_VERSION, MAX_VERSION
 
-    @staticmethod
-    def parse_params(flat: Any) -> MoIParams | None:
-        return MoIParams.parse(flat)
-
-    @staticmethod
-    def supported() -> str | None:
-        ver = engine_version("vllm")
-        if ver is None:
-            return "vLLM is not installed"
-        if not version_in_range(ver, MIN_VERSION, MAX_VERSION):
-            return f"Mixture of Inputs supports vLLM >= {MIN_VERSION}, < {MAX_VERSION}; this server runs vLLM {ver}"
+    @classmethod
+    def _refuse(cls) -> str | None:
         if _uses_v2_runner():
             return "Mixture of Inputs needs vLLM's V1 model runner; start the server with VLLM_USE_V2_MODEL_RUNNER=0"
         return None

@@ -29,14 +29,15 @@ of the authors' patch.
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Hashable
+from collections.abc import Callable, Hashable, Mapping
+from typing import Any
 
 import numpy as np
 import torch
 
 from tts_plugins.params import MOI_KEYS, MOI_MAX_TOPK, MoIParams
 
-__all__ = ["MOI_KEYS", "MoIParams", "MoIStash", "moi_reference", "topk_distribution"]
+__all__ = ["MOI_KEYS", "MoIParams", "MoIPatchBase", "MoIStash", "moi_reference", "topk_distribution"]
 
 
 def topk_distribution(logits: torch.Tensor, topk: torch.Tensor, kmax: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -171,3 +172,37 @@ def moi_reference(embedding: torch.Tensor, logits: torch.Tensor, sampled: int, b
     y[sampled] = 1.0
     w = (h * p + (beta + 1.0 - h) * y) / (beta + 1.0)
     return w @ embedding.double()
+
+
+class MoIPatchBase:
+    """What the engines' Mixture-of-Inputs patches share: the request keys, parsing and the version check.
+
+    Subclasses set ``engine``, ``label`` (for messages) and the version range the patch was written for, and
+    may refuse more in ``_refuse()``.
+    """
+
+    name = "moi"
+    keys = MOI_KEYS
+    engine: str
+    label: str
+    min_version: str
+    max_version: str
+
+    @staticmethod
+    def parse_params(flat: Mapping[str, Any]) -> MoIParams | None:
+        return MoIParams.parse(flat)
+
+    @classmethod
+    def supported(cls) -> str | None:
+        from tts_plugins import patching
+
+        ver = patching.engine_version(cls.engine)
+        if ver is None:
+            return f"{cls.label} is not installed"
+        if not patching.version_in_range(ver, cls.min_version, cls.max_version):
+            return f"Mixture of Inputs supports {cls.label} >= {cls.min_version}, < {cls.max_version}; this server runs {cls.label} {ver}"
+        return cls._refuse()
+
+    @classmethod
+    def _refuse(cls) -> str | None:
+        return None

@@ -64,9 +64,10 @@ def test_registry_owns_the_keys_and_checks_the_engine():
 
 
 def test_an_unsupported_engine_version_is_refused_with_the_reason(monkeypatch):
+    import tts_plugins.patching as patching
     from tts_plugins.adapters import vllm_moi
 
-    monkeypatch.setattr(vllm_moi, "engine_version", lambda engine: "0.99.1")
+    monkeypatch.setattr(patching, "engine_version", lambda engine: "0.99.1")
     reason = vllm_moi.VllmMoIPatch.supported()
     assert reason is not None and "0.99.1" in reason and vllm_moi.MIN_VERSION in reason
     reg = build_registry(plugin_manager(load_entry_points=False))

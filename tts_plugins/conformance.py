@@ -63,16 +63,9 @@ def fail(tech: type, invariant: str, detail: str, *, row: int | None = None, par
 @functools.lru_cache(maxsize=1)
 def tiny_info() -> EngineInfo:
     """Engine facts on the bundled tiny model's tokenizer (built locally on first use, about a second)."""
-    import os
-    import tempfile
-    from pathlib import Path
-
     from transformers import AutoTokenizer
 
-    from tts_plugins.tiny import build_tiny_model
-
-    root = Path(os.environ.get("TTS_TINY_MODELS", Path(tempfile.gettempdir()) / "tts-plugins-tiny"))
-    tok = AutoTokenizer.from_pretrained(str(build_tiny_model(root / "dense", "dense")))
+    tok = AutoTokenizer.from_pretrained(str(tiny_model_dir()))
     return EngineInfo(vocab_size=len(tok), max_slots=MAX_SLOTS, device=torch.device("cpu"), tokenizer=tok, eos_token_ids=(tok.eos_token_id,))
 
 

@@ -97,7 +97,7 @@ class NgramBan(LogitsTechnique):
                 self._valid.copy_(self._valid_host, non_blocking=True)
             self._dirty = False
         ids, valid = self._dev[row_slots], self._valid[row_slots]  # [R, MAX_BANS]: small, never [R, V]
-        src = torch.where(valid, torch.tensor(float("-inf"), dtype=logits.dtype, device=logits.device), logits.gather(1, ids))
+        src = logits.gather(1, ids).masked_fill_(valid, float("-inf"))
         return logits.scatter_(1, ids, src)
 
     def reference_row(self, z, slot):

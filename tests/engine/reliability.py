@@ -364,9 +364,6 @@ def run_soak(server: Any, tok: Any, n: int, prefix: str, workers: int = 16, seed
 def run_aborts(server: Any, tok: Any, n: int, seed: int = 2) -> int:
     """``n`` streaming requests with techniques on, each dropped by the client after its first chunk
     (the server aborts them). Returns how many streams started."""
-    rng = random.Random(seed)
-    started = 0
-
     def one(i: int) -> int:
         req = random_request(random.Random(seed * 7919 + i), i)
         body = {"model": server.model, "prompt": chat_prompt(tok, QUESTIONS[i % len(QUESTIONS)]), "max_tokens": 900, "ignore_eos": True, "temperature": req["temperature"],
@@ -378,6 +375,4 @@ def run_aborts(server: Any, tok: Any, n: int, seed: int = 2) -> int:
         return 0
 
     with ThreadPoolExecutor(max_workers=8) as pool:
-        started = sum(pool.map(one, range(n)))
-    del rng
-    return started
+        return sum(pool.map(one, range(n)))
