@@ -183,7 +183,7 @@ class SglangTTS:
 
 
 def _verify_after(result: Any, sampling_params: Any, *args: Any, **kwargs: Any) -> None:
-    default_registry().parse(getattr(sampling_params, "custom_params", None), engine="sglang")
+    default_registry().parse(getattr(sampling_params, "custom_params", None), engine="sglang", request=sampling_params)
 
 
 def _init_new_around(orig: Any, cls: Any, batch: Any, *args: Any, **kwargs: Any) -> Any:

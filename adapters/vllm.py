@@ -109,7 +109,7 @@ class TTSLogitsProcessor(*_BASES):  # type: ignore[misc]
     @classmethod
     def validate_params(cls, sampling_params: SamplingParams) -> None:
         if not disabled():
-            default_registry().parse(sampling_params.extra_args, engine="vllm")
+            default_registry().parse(sampling_params.extra_args, engine="vllm", request=sampling_params)
 
     def __init__(self, vllm_config: Any, *args: Any) -> None:
         self.vllm_config = vllm_config

@@ -23,8 +23,11 @@ def tts_register_techniques(register: Callable[[type], None]) -> None:
 @hookimpl
 def tts_register_model_patches(register: Callable[[object], None]) -> None:
     # Importing these modules imports no engine: each patch imports its engine in install().
+    from tts_plugins.adapters.ladder import SglangLadderPatch, VllmLadderPatch
     from tts_plugins.adapters.sglang_moi import SglangMoIPatch
     from tts_plugins.adapters.vllm_moi import VllmMoIPatch
 
     register(VllmMoIPatch())
     register(SglangMoIPatch())
+    register(VllmLadderPatch())
+    register(SglangLadderPatch())

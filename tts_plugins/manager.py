@@ -65,13 +65,14 @@ class Registry:
         made = {name: factory() for name, factory in self.verifier_factories.items()}
         return {name: v for name, v in made.items() if v is not None}
 
-    def parse(self, extra: Mapping[str, Any] | None, engine: str | None = None) -> dict[str, Any]:
+    def parse(self, extra: Mapping[str, Any] | None, engine: str | None = None, request: Any = None) -> dict[str, Any]:
         """Parse a request's flat extra arguments into ``{technique name: params}``.
 
         Keys not starting with ``tts_`` are ignored (they belong to other
         processors); an unknown ``tts_*`` key is a ``ValueError``. With
         ``engine`` (admission), the keys of model patches are checked too,
-        including that this engine can run them.
+        including that this engine can run them; with ``request`` (the engine's
+        sampling parameters), a patch's ``check_request`` sees them too.
         """
         flat = tts_keys(extra)
         unknown = sorted(k for k in flat if k not in self.key_owner)
@@ -80,7 +81,7 @@ class Registry:
                 f"unknown request key {unknown[0]} (value {flat[unknown[0]]!r}); expected one of: "
                 + ", ".join(sorted(self.key_owner))
             )
-        self.parse_patches(flat, engine)
+        self.parse_patches(flat, engine, request)
         parsed = {}
         for cls in self.techniques:
             params = cls.parse_params({k: v for k, v in flat.items() if k in cls.keys})
@@ -91,7 +92,7 @@ class Registry:
                 parsed[cls.name] = params
         return parsed
 
-    def parse_patches(self, extra: Mapping[str, Any] | None, engine: str | None = None) -> dict[str, Any]:
+    def parse_patches(self, extra: Mapping[str, Any] | None, engine: str | None = None, request: Any = None) -> dict[str, Any]:
         """``{patch name: params}`` for the model patches a request turns on.
 
         With ``engine``, only that engine's patches, and each must be able to
@@ -111,6 +112,9 @@ class Registry:
             if reason is not None:
                 key = sorted(k for k in flat if k in patch.keys)[0]
                 raise ValueError(f"{key}={flat[key]!r} is refused: {reason}")
+            check = getattr(patch, "check_request", None)
+            if request is not None and check is not None:
+                check(params, request)
             out[patch.name] = params
         return out
 

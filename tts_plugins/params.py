@@ -365,3 +365,34 @@ class CarbonParams:
             if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v) or abs(v) > 1e4:
                 raise ValueError(f"tts_carbon_bias_values must hold finite numbers in [-1e4, 1e4], got {_show(v)}")
         return cls(temperature=t, bias=tuple(zip((int(i) for i in ids), (float(v) for v in values))))
+
+
+LADDER_KEYS = frozenset({"tts_temperature_ladder"})
+LADDER_MAX_RUNGS = 256
+LADDER_MAX_TEMPERATURE = 100.0
+
+
+@dataclass(frozen=True)
+class LadderParams:
+    """A temperature ladder for the ``n`` samples of one request: sample ``i`` runs at ``ladder[i % len(ladder)]``.
+
+    Rungs are temperatures in [0, 100]; 0 is greedy. The rung replaces the
+    request's own temperature for that sample.
+    """
+
+    ladder: tuple[float, ...]
+
+    @classmethod
+    def parse(cls, flat: Mapping[str, Any]) -> LadderParams | None:
+        if "tts_temperature_ladder" not in flat:
+            return None
+        value = flat["tts_temperature_ladder"]
+        if not isinstance(value, (list, tuple)) or not 1 <= len(value) <= LADDER_MAX_RUNGS:
+            raise ValueError(f"tts_temperature_ladder must be a list of 1 to {LADDER_MAX_RUNGS} temperatures, got {_show(value)}")
+        for t in value:
+            if isinstance(t, bool) or not isinstance(t, (int, float)) or not math.isfinite(t) or not 0 <= t <= LADDER_MAX_TEMPERATURE:
+                raise ValueError(f"tts_temperature_ladder must hold temperatures in [0, {LADDER_MAX_TEMPERATURE:g}], got {_show(t)} in {_show(value)}")
+        return cls(tuple(float(t) for t in value))
+
+    def temperature(self, index: int) -> float:
+        return self.ladder[index % len(self.ladder)]

@@ -1,0 +1,268 @@
+"""``tts``: run a test-time-scaling strategy over a JSONL of problems against a vLLM or SGLang server.
+
+    tts run problems.jsonl -o results.jsonl --url http://127.0.0.1:8000 --strategy ladder
+
+Input lines are ``{"id": ..., "prompt": "...", "answer": ...}`` (``answer``
+optional). Each result is written (and flushed) as soon as its problem is
+done: the chosen answer, every sample, the tokens spent, and ``correct`` when
+the problem has an answer. Running the same command again skips the ids
+already in the output file, so an interrupted run loses nothing finished.
+The summary (problems, samples, tokens, requests, early exits, accuracy) goes
+to stderr and, with ``--summary FILE``, to a JSON file.
+
+Exit status: 0 done, 1 some problems failed (their errors are in the output
+as ``{"id", "error"}`` lines and are retried on resume), 2 bad input or the
+server is unreachable or refuses the parameters, 130 interrupted.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import sys
+import time
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+from tts_plugins.client import EXTRACTORS, Server, ServerError, extractor
+from tts_plugins.strategies import DEFAULT_LADDER, STRATEGIES, Options, run_problem
+
+
+class InputError(ValueError):
+    pass
+
+
+def read_problems(path: Path) -> list[dict[str, Any]]:
+    problems, seen = [], set()
+    try:
+        lines = path.read_text(encoding="utf-8").splitlines()
+    except OSError as exc:
+        raise InputError(f"cannot read {path}: {exc.strerror}") from None
+    for no, line in enumerate(lines, 1):
+        if not line.strip():
+            continue
+        try:
+            p = json.loads(line)
+        except json.JSONDecodeError as exc:
+            raise InputError(f"{path}:{no}: not JSON ({exc.msg})") from None
+        if not isinstance(p, dict) or not isinstance(p.get("prompt"), str) or not p["prompt"]:
+            raise InputError(f'{path}:{no}: expected an object with a non-empty string "prompt", got {line[:120]!r}')
+        pid = p.get("id", no)
+        if not isinstance(pid, (str, int)) or isinstance(pid, bool):
+            raise InputError(f'{path}:{no}: "id" must be a string or an int, got {pid!r}')
+        if str(pid) in seen:
+            raise InputError(f"{path}:{no}: duplicate id {pid!r}")
+        seen.add(str(pid))
+        problems.append({**p, "id": pid})
+    return problems
+
+
+def finished_ids(path: Path) -> set[str]:
+    """Ids with a result in the output file (lines with an error, or cut short by an interruption, do not count)."""
+    done: set[str] = set()
+    if not path.exists():
+        return done
+    for line in path.read_text(encoding="utf-8").splitlines():
+        try:
+            r = json.loads(line)
+        except json.JSONDecodeError:
+            continue
+        if isinstance(r, dict) and "id" in r and "error" not in r:
+            done.add(str(r["id"]))
+    return done
+
+
+def _float_list(text: str) -> list[float]:
+    try:
+        return [float(x) for x in text.split(",") if x.strip()]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated numbers, got {text!r}") from None
+
+
+def _params(text: str) -> dict[str, Any]:
+    try:
+        value = json.loads(text)
+    except json.JSONDecodeError as exc:
+        raise argparse.ArgumentTypeError(f"--params must be a JSON object of tts_* keys: {exc.msg}") from None
+    if not isinstance(value, dict):
+        raise argparse.ArgumentTypeError(f"--params must be a JSON object of tts_* keys, got {text!r}")
+    return value
+
+
+def parser() -> argparse.ArgumentParser:
+    ap = argparse.ArgumentParser(prog="tts", description="Test-time-scaling strategies against a vLLM or SGLang OpenAI-compatible server.")
+    sub = ap.add_subparsers(dest="command", required=True)
+    r = sub.add_parser("run", help="run a strategy over a JSONL of problems")
+    r.add_argument("problems", type=Path, help='JSONL: {"id", "prompt", "answer"?} per line')
+    r.add_argument("-o", "--output", type=Path, required=True, help="JSONL results, appended as problems finish (resumes)")
+    r.add_argument("--url", default=os.environ.get("TTS_SERVER_URL", "http://127.0.0.1:8000"), help="server base URL (default $TTS_SERVER_URL or %(default)s)")
+    r.add_argument("--engine", choices=["auto", "vllm", "sglang"], default="auto")
+    r.add_argument("--model", default=None, help="model name (default: the first the server lists)")
+    r.add_argument("--strategy", choices=STRATEGIES, default="self-consistency")
+    r.add_argument("-n", "--samples", type=int, default=8, help="samples per problem (carbon: n1 + n2; ladder: per wave, see --waves)")
+    r.add_argument("--temperature", type=float, default=1.0)
+    r.add_argument("--max-tokens", type=int, default=256)
+    r.add_argument("--max-n", type=int, default=16, help="samples per request")
+    r.add_argument("--seed", type=int, default=None)
+    r.add_argument("--vote", default=None, help="majority, inverse_entropy, short_m, best_of_n, weighted_best_of_n, best_of_majority or a registered aggregator")
+    r.add_argument("--m", type=int, default=1, help="short-m@k's m")
+    r.add_argument("--reward", default=None, help="agreement, confidence, a registered reward, or module:function (prompt, completion) -> float")
+    r.add_argument("--extract", default="auto", help=f"answer extractor: {', '.join(EXTRACTORS)} or module:function (text) -> str | None")
+    r.add_argument("--params", type=_params, default={}, help='extra tts_* keys for every request, as JSON, e.g. \'{"tts_think_max": 128}\'')
+    r.add_argument("--ladder", type=_float_list, default=list(DEFAULT_LADDER), help="temperatures, comma-separated (default 0.0..1.2 step 0.1)")
+    r.add_argument("--waves", type=int, default=4, help="ladder: at most this many waves of one sample per rung")
+    r.add_argument("--min-waves", type=int, default=1, help="ladder: waves before the early-exit test")
+    r.add_argument("--ahead", type=int, default=2, help="ladder: waves in flight at once")
+    r.add_argument("--ladder-mode", choices=["engine", "fan-out"], default="engine", help="engine: one request per wave with tts_temperature_ladder; fan-out: one per rung")
+    r.add_argument("--tau-intra", type=float, default=0.8)
+    r.add_argument("--tau-cross", type=float, default=1.0)
+    r.add_argument("--n1", type=int, default=None, help="carbon: explore samples (default n // 2)")
+    r.add_argument("--keep", type=int, default=None, help="carbon: explore samples the fit keeps (default ceil(n1 / 2))")
+    r.add_argument("--l2", type=float, default=1e-2, help="carbon: L2 penalty on the bias")
+    r.add_argument("--top-logprobs", type=int, default=20)
+    r.add_argument("--concurrency", type=int, default=8, help="requests in flight at once")
+    r.add_argument("--summary", type=Path, default=None, help="also write the summary as JSON here")
+    r.add_argument("--timeout", type=float, default=600.0, help="seconds per request")
+    r.add_argument("--quiet", action="store_true", help="no progress bar")
+    return ap
+
+
+def options(a: argparse.Namespace) -> Options:
+    o = Options(strategy=a.strategy, n=a.samples, temperature=a.temperature, max_tokens=a.max_tokens, max_n=a.max_n, seed=a.seed, vote=a.vote,
+                m=a.m, reward=a.reward, top_logprobs=a.top_logprobs, params=a.params, ladder=tuple(a.ladder), waves=a.waves, min_waves=a.min_waves,
+                ahead=a.ahead, ladder_mode=a.ladder_mode, tau_intra=a.tau_intra, tau_cross=a.tau_cross, n1=a.n1, keep=a.keep, l2=a.l2)
+    o.check()
+    bad = [k for k in o.params if not str(k).startswith("tts_")]
+    if bad:
+        raise InputError(f"--params keys must start with tts_, got {bad[0]!r}")
+    return o
+
+
+class Summary:
+    def __init__(self) -> None:
+        self.problems = self.samples = self.tokens = self.requests = self.early_exits = self.waves_cancelled = 0
+        self.graded = self.correct = self.failed = self.skipped = 0
+        self.start = time.monotonic()
+
+    def add(self, r: dict[str, Any]) -> None:
+        if "error" in r:
+            self.failed += 1
+            return
+        self.problems += 1
+        self.samples += r["n_samples"]
+        self.tokens += r["tokens"]
+        self.requests += r["requests"]
+        self.early_exits += bool(r.get("early_exit"))
+        self.waves_cancelled += int(r.get("waves_cancelled", 0))
+        if "correct" in r:
+            self.graded += 1
+            self.correct += bool(r["correct"])
+
+    def as_dict(self) -> dict[str, Any]:
+        out = {"problems": self.problems, "failed": self.failed, "skipped_done": self.skipped, "samples": self.samples, "tokens": self.tokens,
+               "requests": self.requests, "early_exits": self.early_exits, "waves_cancelled": self.waves_cancelled,
+               "seconds": round(time.monotonic() - self.start, 2)}
+        if self.graded:
+            out.update(graded=self.graded, correct=self.correct, accuracy=self.correct / self.graded)
+        return out
+
+
+async def run(a: argparse.Namespace) -> tuple[Summary, int]:
+    o = options(a)
+    problems = read_problems(a.problems)
+    done = finished_ids(a.output)
+    todo = [p for p in problems if str(p["id"]) not in done]
+    summary = Summary()
+    summary.skipped = len(problems) - len(todo)
+    from tts_plugins.aggregate import registered
+
+    aggregators, rewards = registered()
+    if o.vote and o.vote not in ("majority", "inverse_entropy", "short_m", "best_of_n", "weighted_best_of_n", "best_of_majority") and o.vote not in aggregators:
+        raise InputError(f"unknown --vote {o.vote!r}; registered aggregators: {', '.join(sorted(aggregators))}")
+    if o.reward:
+        from tts_plugins.strategies import reward_fn
+
+        reward_fn(o.reward, rewards)  # fail before any request if it does not load
+    server = Server(a.url, engine=None if a.engine == "auto" else a.engine, model=a.model, concurrency=a.concurrency, timeout=a.timeout,
+                    answer=extractor(a.extract))
+    bar = None
+    if not a.quiet:
+        try:
+            from tqdm import tqdm
+
+            bar = tqdm(total=len(problems), initial=summary.skipped, unit="problem", file=sys.stderr, dynamic_ncols=True)
+        except ImportError:
+            bar = None
+    status = 0
+    a.output.parent.mkdir(parents=True, exist_ok=True)
+    async with server:
+        with a.output.open("a", encoding="utf-8") as out:
+            async def one(p: dict[str, Any]) -> None:
+                nonlocal status
+                try:
+                    r = await run_problem(server, p, o, aggregators, rewards)
+                except ServerError as exc:
+                    if exc.status in (0, 400, 404, 422):  # unreachable, or the parameters are refused: every problem would fail alike
+                        raise
+                    r, status = {"id": p["id"], "error": str(exc)}, 1
+                out.write(json.dumps(r, ensure_ascii=False) + "\n")
+                out.flush()
+                summary.add(r)
+                if bar is not None:
+                    bar.update(1)
+                    bar.set_postfix(tokens=summary.tokens, acc=f"{summary.correct}/{summary.graded}" if summary.graded else "-")
+
+            # problems run concurrently; the server's semaphore bounds the requests in flight
+            limit = asyncio.Semaphore(max(1, a.concurrency))
+
+            async def bounded(p: dict[str, Any]) -> None:
+                async with limit:
+                    await one(p)
+
+            tasks = [asyncio.ensure_future(bounded(p)) for p in todo]
+            try:
+                await asyncio.gather(*tasks)
+            finally:
+                for t in tasks:
+                    t.cancel()
+                await asyncio.gather(*tasks, return_exceptions=True)
+                if bar is not None:
+                    bar.close()
+    return summary, status
+
+
+def report(summary: Summary, a: argparse.Namespace) -> None:
+    s = summary.as_dict()
+    line = (f"tts: {s['problems']} problems ({s['skipped_done']} already done, {s['failed']} failed), {s['samples']} samples, "
+            f"{s['tokens']} tokens, {s['requests']} requests, {s['early_exits']} early exits ({s['waves_cancelled']} waves cancelled), {s['seconds']} s")
+    if "accuracy" in s:
+        line += f", accuracy {s['correct']}/{s['graded']} = {s['accuracy']:.3f}"
+    print(line, file=sys.stderr)
+    if a.summary:
+        a.summary.write_text(json.dumps(s, indent=2) + "\n")
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    a = parser().parse_args(argv)
+    summary = None
+    try:
+        summary, status = asyncio.run(run(a))
+    except (InputError, ValueError) as exc:
+        print(f"tts: error: {exc}", file=sys.stderr)
+        return 2
+    except ServerError as exc:
+        print(f"tts: error: {exc}", file=sys.stderr)
+        print(f"tts: results finished so far are in {a.output}; run the same command again to resume", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print(f"\ntts: interrupted; results finished so far are in {a.output}; run the same command again to resume", file=sys.stderr)
+        return 130
+    report(summary, a)
+    return status
+
+
+if __name__ == "__main__":
+    sys.exit(main())
