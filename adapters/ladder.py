@@ -107,6 +107,8 @@ def vllm_child_params(params: Any, index: int) -> Any:
     child.temperature = ladder.temperature(index)
     if child.temperature < GREEDY_EPS:  # what SamplingParams does for temperature 0
         child.top_p, child.top_k, child.min_p = 1.0, 0, 0.0
+    # the engine core checks the params again when it decodes the request, and an error there is fatal to it
+    child._verify_args()
     return child
 
 

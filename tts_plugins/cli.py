@@ -200,6 +200,8 @@ async def run(a: argparse.Namespace) -> tuple[Summary, int]:
     a.output.parent.mkdir(parents=True, exist_ok=True)
     async with server:
         with a.output.open("a", encoding="utf-8") as out:
+            if a.output.stat().st_size and not a.output.read_bytes().endswith(b"\n"):
+                out.write("\n")  # an interrupted run left half a line: start on a fresh one
             async def one(p: dict[str, Any]) -> None:
                 nonlocal status
                 try:

@@ -369,15 +369,16 @@ class CarbonParams:
 
 LADDER_KEYS = frozenset({"tts_temperature_ladder"})
 LADDER_MAX_RUNGS = 256
-LADDER_MAX_TEMPERATURE = 100.0
+LADDER_MAX_TEMPERATURE = 2.0  # vLLM's own limit (its engine core refuses more); the same bound for every engine
 
 
 @dataclass(frozen=True)
 class LadderParams:
     """A temperature ladder for the ``n`` samples of one request: sample ``i`` runs at ``ladder[i % len(ladder)]``.
 
-    Rungs are temperatures in [0, 100]; 0 is greedy. The rung replaces the
-    request's own temperature for that sample.
+    Rungs are temperatures in [0, 2] (vLLM's range; it raises rungs in (0, 0.01)
+    to 0.01); 0 is greedy. The rung replaces the request's own temperature for
+    that sample.
     """
 
     ladder: tuple[float, ...]

@@ -55,11 +55,13 @@ def first_top(srv, ids: list[int], *, n: int = 1, temperature: float = 1.0, para
     return [{int(e[1]): float(e[0]) for e in o["meta_info"]["output_top_logprobs"][0]} for o in outs]
 
 
-def assert_matches(got: dict[int, float], want, what: str, tol: float = 2e-3) -> None:
+def assert_matches(got: dict[int, float], want, what: str, k: int = 5, tol: float = 2e-3) -> None:
+    """The engine's top-k ids are the reference's, and every log-prob it returned (top-k, plus the sampled token
+    when vLLM adds it) equals the reference's."""
     import torch
 
-    order = torch.argsort(want, descending=True)[: len(got)].tolist()
-    assert sorted(got) == sorted(order), f"{what}: top ids {sorted(got)} vs {sorted(order)}"
+    order = torch.argsort(want, descending=True)[:k].tolist()
+    assert set(order) <= set(got), f"{what}: top ids {sorted(got)} vs {sorted(order)}"
     worst = max(abs(got[i] - float(want[i])) for i in got)
     assert worst < tol, f"{what}: log-probs differ from the hand computation by {worst:.2e}"
 
@@ -92,18 +94,18 @@ def test_ladder_rung_zero_is_greedy_and_the_rest_sample(served):
     srv, model_dir = served
     ids = prompt_ids(model_dir, "Greedy or not")
     body = {"model": srv.model, "prompt": ids, "max_tokens": 12, "n": 4, "temperature": 1.0, "seed": 3,
-            FIELD[srv.engine]: {"tts_temperature_ladder": [0.0, 50.0]}}
+            FIELD[srv.engine]: {"tts_temperature_ladder": [0.0, 2.0]}}
     r = requests.post(srv.base + "/v1/completions", json=body, timeout=120)
     assert r.status_code == 200, r.text
     texts = [c["text"] for c in sorted(r.json()["choices"], key=lambda c: c["index"])]
     greedy = requests.post(srv.base + "/v1/completions", json={"model": srv.model, "prompt": ids, "max_tokens": 12, "temperature": 0.0}, timeout=120).json()
     assert texts[0] == texts[2] == greedy["choices"][0]["text"], "rungs of 0 decode greedily"
-    assert texts[1] != texts[0] and texts[3] != texts[0], "rungs of 50 sample nearly uniformly (12 tokens over the vocabulary)"
+    assert texts[1] != texts[0] and texts[3] != texts[0], "rungs of 2 sample (12 tokens of a flat random model)"
 
 
 def test_ladder_refuses_greedy_requests_and_bad_rungs(served):
     srv, _ = served
-    for temperature, ladder, fragment in [(0.0, [0.5], "temperature > 0"), (1.0, [0.5, -1], "tts_temperature_ladder must hold"), (1.0, [], "tts_temperature_ladder must be a list")]:
+    for temperature, ladder, fragment in [(0.0, [0.5], "temperature > 0"), (1.0, [0.5, -1], "tts_temperature_ladder must hold"), (1.0, [2.5], "in [0, 2]"), (1.0, [], "tts_temperature_ladder must be a list")]:
         body = {"model": srv.model, "prompt": "x", "max_tokens": 2, "temperature": temperature, FIELD[srv.engine]: {"tts_temperature_ladder": ladder}}
         r = requests.post(srv.base + "/v1/completions", json=body, timeout=60)
         assert r.status_code == 400 and fragment in r.text, (temperature, ladder, r.status_code, r.text[:300])
@@ -140,7 +142,12 @@ def tts(srv, tmp_path: Path, *args: str, problems: list[dict] | None = None, out
     cmd = [sys.executable, "-m", "tts_plugins.cli", "run", str(src), "-o", str(tmp_path / out), "--url", srv.base, "--quiet",
            "--summary", str(summary), "--max-tokens", "4", "--extract", "full", "--seed", "7", *args]
     r = subprocess.run(cmd, capture_output=True, text=True, timeout=600, cwd=tmp_path)
-    lines = [json.loads(x) for x in (tmp_path / out).read_text().splitlines()] if (tmp_path / out).exists() else []
+    lines = []
+    for x in (tmp_path / out).read_text().splitlines() if (tmp_path / out).exists() else []:
+        try:
+            lines.append(json.loads(x))
+        except json.JSONDecodeError:  # a line an interrupted run left half-written
+            pass
     return r, lines, json.loads(summary.read_text()) if summary.exists() and r.returncode == 0 else {}
 
 
@@ -200,14 +207,14 @@ def test_cli_ladder_exits_early_and_cancels_waves_in_flight(served, tmp_path):
 def test_cli_ladder_without_agreement_runs_every_wave(served, tmp_path):
     srv, _ = served
     for mode in ("engine", "fan-out"):
-        r, lines, summary = tts(srv, tmp_path, "--strategy", "ladder", "--ladder", "0,30", "--waves", "3", "--ladder-mode", mode, out=f"{mode}.jsonl")
+        r, lines, summary = tts(srv, tmp_path, "--strategy", "ladder", "--ladder", "0,2", "--waves", "3", "--ladder-mode", mode, out=f"{mode}.jsonl")
         check_common(r, lines, summary, len(PROMPTS))
         for x in lines:
             temps = sorted(s["temperature"] for s in x["samples"])
-            assert temps == [0.0] * 3 + [30.0] * 3, (mode, temps)
+            assert temps == [0.0] * 3 + [2.0] * 3, (mode, temps)
             if not x["decided"]:
                 assert x["waves"] == 3 and not x["early_exit"]
-        assert summary["early_exits"] < len(PROMPTS), "temperature 30 almost never agrees with greedy"
+        assert summary["early_exits"] < len(PROMPTS), "temperature 2 rarely agrees with greedy"
 
 
 def test_cli_carbon_explores_fits_and_exploits(served, tmp_path):
