@@ -18,6 +18,7 @@ from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
+from types import SimpleNamespace
 from typing import Any
 
 import requests
@@ -53,7 +54,8 @@ INT_KEYS = {"tts_think_max": (0, None), "tts_think_min": (0, None), "tts_think_e
             "tts_trim_repeats": (2, 1000), "tts_moi_topk": (1, 256)}
 TEXT_KEYS = ["tts_think_wait", "tts_think_conclusion", "tts_no_think_text", "tts_group_stop_text", "tts_trim_conclusion", "tts_group", "tts_trim_verifier"]
 BOOL_KEYS = ["tts_no_think", "tts_trim"]
-FLOAT_KEYS = {"tts_moi_beta": (0.0, 1e6)}
+FLOAT_KEYS = {"tts_moi_beta": (0.0, 1e6), "tts_carbon_temperature": (1e-3, 1e3)}
+NUMBER_LIST_KEYS = ["tts_temperature_ladder", "tts_carbon_bias_ids", "tts_carbon_bias_values"]
 CHOICE_KEYS = {"tts_group_finish": ("think", "eos")}
 LIST_KEYS = ["tts_trim_markers"]
 
@@ -88,6 +90,13 @@ def bad_value(draw, key: str) -> tuple[Any, bool]:
     if key in CHOICE_KEYS:
         return draw(st.one_of(st.text(max_size=8).filter(lambda t: t not in CHOICE_KEYS[key]).map(lambda v: (v, True)),
                               st.sampled_from(CHOICE_KEYS[key]).map(lambda v: (v, False))))
+    if key in NUMBER_LIST_KEYS:
+        return draw(st.one_of(
+            st.sampled_from(["0.5", 7, None, [True], [[1]], [{"a": 1}], ["1"]]).map(lambda v: (v, True)),
+            st.lists(st.floats(-3, 3), min_size=1, max_size=6).map(lambda v: (v, False)),  # the oracle decides
+            st.lists(st.integers(-3, 600), min_size=0, max_size=6).map(lambda v: (v, False)),
+            st.lists(st.just(0.5), min_size=257, max_size=300).map(lambda v: (v, True)),
+        ))
     if key in LIST_KEYS:
         return draw(st.one_of(
             st.lists(st.text(min_size=1, max_size=5), min_size=17, max_size=5000).map(lambda v: (v, True)),
@@ -104,7 +113,7 @@ def bad_value(draw, key: str) -> tuple[Any, bool]:
     ))
 
 
-ALL_KEYS = [*INT_KEYS, *TEXT_KEYS, *BOOL_KEYS, *FLOAT_KEYS, *CHOICE_KEYS, *LIST_KEYS]
+ALL_KEYS = [*INT_KEYS, *TEXT_KEYS, *BOOL_KEYS, *FLOAT_KEYS, *CHOICE_KEYS, *LIST_KEYS, *NUMBER_LIST_KEYS]
 
 
 @st.composite
@@ -141,8 +150,13 @@ class FuzzReport:
     crashes: int = 0
 
 
+def _temperature(params: dict[str, Any]) -> float:
+    # a ladder replaces the temperature of a sampled request (a greedy one is refused: tested on its own)
+    return 0.7 if "tts_temperature_ladder" in params else 0.0
+
+
 def _body(engine: str, model: str, params: dict[str, Any]) -> str:
-    body = {"model": model, "prompt": "What is 1 + 1?", "max_tokens": 3, "temperature": 0, FIELD[engine]: params}
+    body = {"model": model, "prompt": "What is 1 + 1?", "max_tokens": 3, "temperature": _temperature(params), FIELD[engine]: params}
     return json.dumps(body, allow_nan=True)
 
 
@@ -171,8 +185,9 @@ def _has_huge_int(params: dict[str, Any]) -> bool:
 
 def fuzz_once(server: Any, registry: Any, params: dict[str, Any], certain: str | None, report: FuzzReport) -> None:
     report.tried += 1
+    request = SimpleNamespace(temperature=_temperature(params), top_k=-1)
     try:
-        registry.parse(params, engine=server.engine)
+        registry.parse(params, engine=server.engine, request=request)
         if certain is not None:
             report.failures.append(f"the parser accepted a certainly bad set {params!r} (bad key {certain})")
             return
@@ -185,7 +200,7 @@ def fuzz_once(server: Any, registry: Any, params: dict[str, Any], certain: str |
     expect_error = rejected_by_transport is not None
     if seen is not None:
         try:
-            registry.parse(seen, engine=server.engine)
+            registry.parse(seen, engine=server.engine, request=request)
         except ValueError:
             expect_error = True
     r = requests.post(server.base + "/v1/completions", data=text, headers={"Content-Type": "application/json"}, timeout=120)
