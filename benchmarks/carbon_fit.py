@@ -3,7 +3,7 @@
 Synthetic positions as in tests/test_carbon_fit.py (30-token vocabulary, random raw logits), sampled from
 ``softmax((z + b) / T)``; prints the relative error on T and the max error on the centered bias, per size.
 
-    python benchmarks/carbon_fit.py [--seeds 5]
+    python benchmarks/carbon_fit.py [--seeds 5] [--quick] [--json FILE]
 """
 
 from __future__ import annotations
@@ -34,7 +34,11 @@ def one(t_true: float, bias_true: dict[int, float], n: int, seed: int) -> tuple[
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--seeds", type=int, default=5)
+    ap.add_argument("--quick", action="store_true", help="2 seeds")
+    ap.add_argument("--json", type=Path, default=None)
     a = ap.parse_args()
+    if a.quick:
+        a.seeds = 2
     rows = []
     for n in (500, 2000, 6000):
         for t_true in (0.6, 1.0, 1.8):
@@ -44,7 +48,8 @@ def main() -> None:
             r = rows[-1]
             print(f"positions {n:5d}  T {t_true:.1f}:  T rel. error mean {r['T_rel_err_mean']:.3f} max {r['T_rel_err_max']:.3f};  "
                   f"bias error mean {r['bias_err_mean']:.3f} max {r['bias_err_max']:.3f}")
-    print(json.dumps(rows))
+    if a.json:
+        a.json.write_text(json.dumps(rows, indent=1) + "\n")
 
 
 if __name__ == "__main__":

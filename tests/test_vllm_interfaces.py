@@ -208,3 +208,27 @@ def test_v2_refuses_speculative_rows_instead_of_steering_wrongly(vllm_config, de
     assert torch.equal(out, z), "a request under speculative decoding must not be steered from draft rows"
     del v2
     gc.collect()
+
+
+def test_ladder_children_get_their_rung_and_the_parent_is_untouched():
+    import inspect
+
+    from vllm.v1.engine.output_processor import OutputProcessor
+    from vllm.v1.engine.parallel_sampling import ParentRequest
+
+    from tts_plugins.adapters.ladder import vllm_child_params
+
+    # the patched front-end call still has the parameters the wrapper reads by position
+    assert list(inspect.signature(OutputProcessor.add_request).parameters)[:5] == ["self", "request", "prompt", "parent_req", "request_index"]
+    parent = SamplingParams(n=4, temperature=0.8, top_p=0.9, seed=5, extra_args={"tts_temperature_ladder": [0.0, 1.5, 0.3]})
+    fan = ParentRequest.__new__(ParentRequest)
+    fan.sampling_params, fan.cached_child_sampling_params = parent, None
+    for i in range(4):
+        child = vllm_child_params(fan._get_child_sampling_params(i), i)
+        want = [0.0, 1.5, 0.3][i % 3]
+        assert child.temperature == want and child.seed == 5 + i
+        assert child.top_p == (1.0 if want == 0 else 0.9)
+        assert (child.sampling_type.name == "GREEDY") == (want == 0)
+    assert parent.temperature == 0.8 and parent.top_p == 0.9
+    plain = SamplingParams(temperature=0.8)
+    assert vllm_child_params(plain, 3) is plain
