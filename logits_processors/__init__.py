@@ -31,3 +31,7 @@ def tts_register_model_patches(register: Callable[[object], None]) -> None:
     register(SglangMoIPatch())
     register(VllmLadderPatch())
     register(SglangLadderPatch())
+    from tts_plugins.adapters.vllm_roe import SglangRoEPatch, VllmRoEPatch
+
+    register(VllmRoEPatch())
+    register(SglangRoEPatch())

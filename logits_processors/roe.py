@@ -80,3 +80,17 @@ def noisy_topk(router_logits: torch.Tensor, k: int, tau: torch.Tensor, noise: to
     if renormalize:
         weights = weights / weights.sum(-1, keepdim=True)
     return weights, ids
+
+
+def mask_router_logits(router_logits: torch.Tensor, k: int, tau: torch.Tensor, noise: torch.Tensor) -> torch.Tensor:
+    """The router logits an engine's own routing should see: rows with ``tau > 0`` keep only their noisy top-k experts.
+
+    The unselected experts get a large negative logit, so the model's routing function (softmax, top-k,
+    renormalization) picks exactly the noisy choice and weighs it from the clean logits; rows with ``tau == 0`` are
+    returned unchanged (bit-identical). With a softmax router that does not renormalize its top-k, the weights come
+    out renormalized among the chosen experts (the masked ones leave the normalizer); our choice, documented.
+    """
+    _, ids = noisy_topk(router_logits, k, tau, noise)
+    low = torch.finfo(router_logits.dtype).min / 2
+    masked = torch.full_like(router_logits, low).scatter(1, ids, router_logits.gather(1, ids))
+    return torch.where((tau > 0).unsqueeze(1), masked, router_logits)

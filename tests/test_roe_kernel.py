@@ -9,7 +9,7 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from tts_plugins.logits_processors.roe import gumbel, noisy_topk, splitmix64, uniform
+from tts_plugins.logits_processors.roe import gumbel, mask_router_logits, noisy_topk, splitmix64, uniform
 
 M64 = (1 << 64) - 1
 
@@ -83,3 +83,23 @@ def test_selection_frequencies_are_sampling_without_replacement_from_softmax_r_o
         worst = max(worst, abs(counts.get((a, b), 0) / n - want))
     assert worst < 0.005, worst
     assert math.isclose(sum(counts.values()), n)
+
+
+@given(routers)
+def test_masked_logits_make_the_engines_own_router_choose_the_noisy_experts_with_clean_weights(case):
+    """What an engine does with the masked logits (softmax, top-k, renormalize) selects the noisy experts and weighs
+    them as the clean router would; rows with tau 0 are the input itself."""
+    rows, k, taus, seed = case
+    r = torch.tensor(rows)
+    tau = torch.tensor(taus)
+    g = gumbel(torch.full((r.shape[0],), seed), torch.arange(r.shape[0]), 1, r.shape[1])
+    masked = mask_router_logits(r, k, tau, g)
+    zero = tau == 0
+    assert torch.equal(masked[zero], r[zero])
+    want_w, want_ids = noisy_topk(r, k, tau, g)
+    probs = torch.softmax(masked, -1)
+    got_w, got_ids = torch.topk(probs, k, -1)
+    got_w = got_w / got_w.sum(-1, keepdim=True)
+    assert torch.equal(got_ids.sort(-1).values, want_ids.sort(-1).values)
+    order = want_ids.argsort(-1)
+    assert torch.allclose(got_w.gather(1, got_ids.argsort(-1)), want_w.gather(1, order), atol=1e-5)

@@ -397,3 +397,24 @@ class LadderParams:
 
     def temperature(self, index: int) -> float:
         return self.ladder[index % len(self.ladder)]
+
+
+ROE_KEYS = frozenset({"tts_roe_tau"})
+ROE_MAX_TAU = 100.0
+
+
+@dataclass(frozen=True)
+class RoEParams:
+    """RoE routing noise for one request: experts ``TopK(R + tau * G, k)`` in every MoE layer, on all its tokens.
+
+    ``tau`` in [0, 100]; 0 is the model's own routing (no params: the request runs plain).
+    """
+
+    tau: float
+
+    @classmethod
+    def parse(cls, flat: Mapping[str, Any]) -> RoEParams | None:
+        if "tts_roe_tau" not in flat:
+            return None
+        tau = get_float(flat, "tts_roe_tau", minimum=0.0, maximum=ROE_MAX_TAU)
+        return cls(tau) if tau else None

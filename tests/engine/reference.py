@@ -71,3 +71,41 @@ def hf_logprobs(model_dir: Path, prompt_ids: list[int], continuation: list[int])
     with torch.no_grad():
         logp = torch.log_softmax(model(ids).logits[0, len(prompt_ids) - 1 : -1].double(), -1)
     return [float(logp[i, t]) for i, t in enumerate(continuation)]
+
+
+def hf_roe_greedy(model_dir: Path, prompt_ids: list[int], max_new: int, tau: float, seed: int, eos: int | None = None) -> list[int]:
+    """Greedy decoding of a Qwen3-MoE where every token (prompt included) of the sequence is routed
+    ``TopK(R + tau * G, k)`` with the draws of (seed, position, layer): the model's own gate on the masked logits.
+
+    A plain transformers loop (the whole sequence recomputed each step); it shares only the noise function and
+    the masking formula with the engines.
+    """
+    import contextlib
+
+    import torch
+    import torch.nn.functional as F
+
+    from tts_plugins.logits_processors.roe import gumbel, mask_router_logits
+
+    model = _model(str(model_dir))
+    gates = [layer.mlp.gate for layer in model.model.layers]
+
+    def routed(gate, layer_idx):
+        def forward(hidden_states):
+            hs = hidden_states.reshape(-1, gate.hidden_dim)
+            logits = F.linear(hs, gate.weight)
+            t = logits.shape[0]
+            noise = gumbel(torch.full((t,), seed, dtype=torch.int64), torch.arange(t), layer_idx, gate.num_experts)
+            logits = mask_router_logits(logits, gate.top_k, torch.full((t,), float(tau)), noise)
+            probs = torch.softmax(logits, dtype=torch.float, dim=-1)
+            top, idx = torch.topk(probs, gate.top_k, dim=-1)
+            if gate.norm_topk_prob:
+                top = top / top.sum(dim=-1, keepdim=True)
+            return logits, top.to(logits.dtype), idx
+        return forward
+
+    with contextlib.ExitStack() as stack:
+        for i, g in enumerate(gates):
+            g.forward = routed(g, i)
+            stack.callback(lambda g=g: g.__dict__.pop("forward", None))
+        return hf_greedy(model_dir, prompt_ids, max_new, eos)
