@@ -229,15 +229,3 @@ class VllmRoEPatch:
         # shared with Mixture of Inputs (one wrapper salts both; installing it twice is a no-op)
         patcher.replace("vllm.v1.request:Request.from_engine_core_request", _wrap_from_engine_core_request, min_version=MIN_VERSION, max_version=MAX_VERSION)
 
-
-class SglangRoEPatch(VllmRoEPatch):
-    """RoE is not wired into SGLang yet: admission refuses ``tts_roe_tau`` there with this reason, rather than run plain."""
-
-    engine = "sglang"
-
-    @classmethod
-    def supported(cls) -> str | None:
-        return "RoE routing noise is implemented for vLLM only so far; SGLang support is still to come"
-
-    def install(self, patcher: Any) -> None:
-        return None

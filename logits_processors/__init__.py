@@ -31,7 +31,8 @@ def tts_register_model_patches(register: Callable[[object], None]) -> None:
     register(SglangMoIPatch())
     register(VllmLadderPatch())
     register(SglangLadderPatch())
-    from tts_plugins.adapters.vllm_roe import SglangRoEPatch, VllmRoEPatch
+    from tts_plugins.adapters.sglang_roe import SglangRoEPatch
+    from tts_plugins.adapters.vllm_roe import VllmRoEPatch
 
     register(VllmRoEPatch())
     register(SglangRoEPatch())

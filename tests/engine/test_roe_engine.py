@@ -3,7 +3,7 @@
 The oracle (``reference.hf_roe_greedy``) routes every token of the sequence with the model's own gate on the
 logits masked to ``TopK(R + tau * G, k)``, with the draws of (seed, position, layer); it recomputes the whole
 sequence every step, so it also checks that the engine's KV cache, batching and chunking route each token once,
-the same way. SGLang refuses the key at admission until its patch lands.
+the same way.
 """
 
 from __future__ import annotations
@@ -20,7 +20,7 @@ SEED = 11
 
 
 def prompts(tok, n: int) -> list[list[int]]:
-    return [tok.encode(" ".join(WORDS[(i * 3) % len(WORDS):] + WORDS)[: 20 + 9 * i]) for i in range(n)]
+    return [tok.encode(" ".join(WORDS[(i * 3) % len(WORDS):] + WORDS)[: 60 + 25 * i]) for i in range(n)]
 
 
 def want(model, prompt, params, max_new, eos):
@@ -31,8 +31,7 @@ def want(model, prompt, params, max_new, eos):
 BATCH = [{"tts_roe_tau": 1.0}, {}, {"tts_roe_tau": 0.3}, {"tts_roe_tau": 0.0}, {"tts_roe_tau": 3.0}, {}]
 
 
-@pytest.mark.vllm_only
-@pytest.mark.parametrize("chunked", [None, 16])
+@pytest.mark.parametrize("chunked", [None, 32])
 def test_noisy_rows_match_the_reference_and_plain_rows_are_untouched(engines, chunked):
     eng = engines.offline("moe", chunked_prefill=chunked)
     model = engines.tiny_model("moe")
@@ -48,7 +47,6 @@ def test_noisy_rows_match_the_reference_and_plain_rows_are_untouched(engines, ch
     assert differs >= 1, "the noise must change some routing, or this test could not fail"
 
 
-@pytest.mark.vllm_only
 def test_noise_is_reproducible_and_never_leaks_through_the_prefix_cache(engines):
     eng = engines.offline("moe")
     model = engines.tiny_model("moe")
@@ -71,7 +69,4 @@ def test_bad_or_unsupported_roe_parameters_are_refused(engines):
         r = requests.post(srv.base + "/v1/completions", json={"model": srv.model, "prompt": "hi", "max_tokens": 2, field: {"tts_roe_tau": tau}}, timeout=60)
         assert r.status_code == 400 and fragment in r.text, (tau, r.text[:300])
     r = requests.post(srv.base + "/v1/completions", json={"model": srv.model, "prompt": "hi", "max_tokens": 2, "temperature": 0, field: {"tts_roe_tau": 1.0}}, timeout=60)
-    if srv.engine == "vllm":
-        assert r.status_code == 200, r.text
-    else:
-        assert r.status_code == 400 and "RoE routing noise is implemented for vLLM only" in r.text, r.text[:300]
+    assert r.status_code == 200, r.text
