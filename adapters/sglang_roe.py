@@ -74,6 +74,19 @@ def req_roe(req: Any) -> tuple[float, int]:
     return cached
 
 
+def _has_moe(model_runner: Any) -> bool:
+    found = model_runner.__dict__.get("_tts_has_moe")
+    if found is None:
+        try:
+            from sglang.srt.layers.moe.topk import TopK
+
+            found = any(isinstance(m, TopK) for m in model_runner.model.modules())
+        except Exception:
+            found = True  # cannot tell: do not refuse
+        model_runner.__dict__["_tts_has_moe"] = found
+    return found
+
+
 class _Step:
     def __init__(self, model_runner: Any, forward_batch: Any) -> None:
         self.model_runner, self.fb = model_runner, forward_batch
@@ -90,6 +103,9 @@ class _Step:
         pairs = [req_roe(r) for r in reqs]
         tau = np.fromiter((p[0] for p in pairs), dtype=np.float32, count=len(pairs))
         if not tau.any():
+            return
+        if not _has_moe(self.model_runner):
+            _error_once("dense", "tts_roe_tau on a model without MoE layers: nothing to route; those requests run plain")
             return
         if getattr(self.model_runner, "decode_cuda_graph_runner", None) is not None:
             _error_once("graphs", "RoE needs decode graphs off (CUDA graphs or torch.compile replay the captured routing); RoE requests run plain")

@@ -67,6 +67,7 @@ class _RunnerRoE:
         self.seed = torch.zeros(n, dtype=torch.int64, device=device)
         self.compiled = _compiled(runner)
         self.errors: set[str] = set()
+        self.has_moe = _has_moe(runner)
 
     def admit(self, scheduler_output: Any) -> None:
         for rid in scheduler_output.finished_req_ids:
@@ -83,6 +84,9 @@ class _RunnerRoE:
                 continue
             if p is None:
                 continue
+            if not self.has_moe:
+                self.error_once("dense", "tts_roe_tau on a model without MoE layers: nothing to route; those requests run plain")
+                continue
             if self.compiled:
                 self.error_once("compiled", "RoE needs an eager model (start vLLM with --enforce-eager); RoE requests run with the model's own routing")
                 continue
@@ -92,6 +96,15 @@ class _RunnerRoE:
         if key not in self.errors:
             self.errors.add(key)
             log.error("tts_plugins: %s", message)
+
+
+def _has_moe(runner: Any) -> bool:
+    try:
+        from vllm.model_executor.layers.fused_moe.runner.moe_runner import MoERunner
+
+        return any(isinstance(m, MoERunner) for m in runner.get_model().modules())
+    except Exception:
+        return True  # cannot tell: do not refuse
 
 
 def _compiled(runner: Any) -> bool:

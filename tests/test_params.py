@@ -142,3 +142,13 @@ def test_carbon_refuses_ids_outside_the_engine_vocabulary():
     with pytest.raises(ValueError, match="outside the vocabulary"):
         tech.set_slot(0, CarbonParams(1.0, ((12, 1.0),)), SlotRequest())
     assert tech.num_active == 0
+
+
+def test_roe_tau_is_a_bounded_non_negative_float_and_zero_is_plain():
+    from tts_plugins.params import RoEParams
+
+    assert RoEParams.parse({}) is None and RoEParams.parse({"tts_roe_tau": 0}) is None
+    assert RoEParams.parse({"tts_roe_tau": 1.5}).tau == 1.5
+    for bad in (-0.1, 100.5, float("nan"), "1", True, [1.0]):
+        with pytest.raises(ValueError, match="tts_roe_tau must be a finite number >= 0 and <= 100"):
+            RoEParams.parse({"tts_roe_tau": bad})

@@ -56,6 +56,7 @@ TEXT_KEYS = ["tts_think_wait", "tts_think_conclusion", "tts_no_think_text", "tts
 BOOL_KEYS = ["tts_no_think", "tts_trim"]
 FLOAT_KEYS = {"tts_moi_beta": (0.0, 1e6), "tts_carbon_temperature": (1e-3, 1e3)}
 NUMBER_LIST_KEYS = ["tts_temperature_ladder", "tts_carbon_bias_ids", "tts_carbon_bias_values"]
+NONNEG_FLOAT_KEYS = {"tts_roe_tau": 100.0}  # 0 is valid (the model's own routing)
 CHOICE_KEYS = {"tts_group_finish": ("think", "eos")}
 LIST_KEYS = ["tts_trim_markers"]
 
@@ -83,6 +84,11 @@ def bad_value(draw, key: str) -> tuple[Any, bool]:
         return draw(st.one_of(
             st.sampled_from([0, 0.0, -1.0, float("nan"), float("inf"), 1e300, "1.0", True, [1.0]]).map(lambda v: (v, True)),
             st.floats(1e-6, 10).map(lambda v: (v, False)),
+        ))
+    if key in NONNEG_FLOAT_KEYS:
+        return draw(st.one_of(
+            st.sampled_from([-1.0, float("nan"), float("inf"), 1e300, NONNEG_FLOAT_KEYS[key] * 1.01, "1.0", True, [1.0]]).map(lambda v: (v, True)),
+            st.floats(0, NONNEG_FLOAT_KEYS[key]).map(lambda v: (v, False)),
         ))
     if key in BOOL_KEYS:
         return draw(st.one_of(st.sampled_from([2, -1, "maybe", 0.5, [True], None]).map(lambda v: (v, True)),
@@ -113,7 +119,7 @@ def bad_value(draw, key: str) -> tuple[Any, bool]:
     ))
 
 
-ALL_KEYS = [*INT_KEYS, *TEXT_KEYS, *BOOL_KEYS, *FLOAT_KEYS, *CHOICE_KEYS, *LIST_KEYS, *NUMBER_LIST_KEYS]
+ALL_KEYS = [*INT_KEYS, *TEXT_KEYS, *BOOL_KEYS, *FLOAT_KEYS, *CHOICE_KEYS, *LIST_KEYS, *NUMBER_LIST_KEYS, *NONNEG_FLOAT_KEYS]
 
 
 @st.composite
