@@ -122,6 +122,14 @@ def _vllm_add_request(orig: Any) -> Any:
                 request.sampling_params = vllm_child_params(params, int(index))
         except Exception:  # admission validated the ladder; never fail a request here
             log.exception("tts_plugins: could not apply the temperature ladder; the sample keeps the request's temperature")
+        try:  # a request whose samples form a RoE roster (this patch is the front end's one per-sample hook)
+            from tts_plugins.adapters import roster
+
+            parent = kwargs.get("parent_req", args[1] if len(args) > 1 else None)
+            if parent is not None and getattr(request, "sampling_params", None) is not None:
+                request.sampling_params = roster.vllm_child_params(request.sampling_params, int(index), parent.request_id)
+        except Exception:
+            log.exception("tts_plugins: could not name the roster of a request's samples; they run as separate requests")
         return orig(self, request, *args, **kwargs)
 
     return add_request
@@ -171,11 +179,20 @@ _COUNTER = SglangChildCounter()
 
 def sglang_child(tokenized: Any, counter: SglangChildCounter = _COUNTER) -> None:
     params = getattr(tokenized, "sampling_params", None)
-    ladder = _ladder(getattr(params, "custom_params", None))
-    if ladder is None or getattr(params, "max_new_tokens", None) == 0:  # the prefix warm-up samples nothing
+    custom = getattr(params, "custom_params", None)
+    ladder = _ladder(custom)
+    roster = isinstance(custom, Mapping) and "tts_roe_roster_size" in custom and "tts_roe_roster" not in custom
+    if (ladder is None and not roster) or getattr(params, "max_new_tokens", None) == 0:  # the prefix warm-up samples nothing
         return
-    t = ladder.temperature(counter.index(params))
-    child = copy.copy(params)
+    index = counter.index(params)
+    if roster:  # the request's samples form a RoE roster (this is the tokenizer manager's one per-sample hook)
+        from tts_plugins.adapters import roster as roster_module
+
+        roster_module.sglang_child(tokenized, index)
+    if ladder is None:
+        return
+    t = ladder.temperature(index)
+    child = copy.copy(tokenized.sampling_params)
     if t < GREEDY_EPS:  # what SamplingParams does for temperature 0
         child.temperature, child.top_k = 1.0, 1
     else:

@@ -122,7 +122,9 @@ class SglangTTS:
         slot = self._free.pop()
         greedy = int(getattr(req.sampling_params, "top_k", -1)) == 1 or float(getattr(req.sampling_params, "temperature", 1.0)) < 1e-5
         try:
-            self.state.admit(slot, parsed, SlotRequest(list(req.origin_input_ids), greedy))
+            sp = req.sampling_params
+            seed = getattr(sp, "sampling_seed", None)
+            self.state.admit(slot, parsed, SlotRequest(list(req.origin_input_ids), greedy, float(getattr(sp, "temperature", 1.0)), None if seed is None else int(seed)))
         except Exception:
             log.exception("tts_plugins: could not start techniques for request %s; it runs plain", req.rid)
             self._free.append(slot)
@@ -235,8 +237,11 @@ def _sample_around(orig: Any, model_runner: Any, logits_output: Any, forward_bat
         st.consume_pending()
         host_slots = np.fromiter((st.slot_for(r) for r in reqs), dtype=np.int64, count=len(reqs))
         if st.state.active:
-            row_slots = torch.from_numpy(host_slots).to(logits.device, non_blocking=True)
-            out = st.state.apply(logits, row_slots, host_slots)
+            # rows whose sampled token is thrown away (a prefill chunk that is not the last) see no technique
+            # this step: a technique that reads the other rows (a RoE roster) must not count them
+            seen = host_slots if all(keep) else np.where(np.asarray(keep, dtype=bool), host_slots, st.info.neutral_slot)
+            row_slots = torch.from_numpy(seen).to(logits.device, non_blocking=True)
+            out = st.state.apply(logits, row_slots, seen)
             if out is not logits:
                 logits_output.next_token_logits = out
     except Exception:

@@ -35,6 +35,7 @@ from vllm.v1.sample.logits_processor import BatchUpdate, MoveDirectionality
 from vllm.v1.sample.logits_processor import LogitsProcessor as _V1LogitsProcessor
 
 from tts_plugins import debug
+from tts_plugins.adapters import vllm_roe
 from tts_plugins.batch import RowMap, SlotState
 from tts_plugins.manager import Registry, build_registry, default_registry, disabled
 from tts_plugins.technique import EngineInfo, SlotRequest
@@ -77,6 +78,11 @@ def _eos_ids(tokenizer: Any, vllm_config: Any) -> tuple[int, ...]:
 
 def _greedy(params: Any) -> bool:
     return float(getattr(params, "temperature", 1.0)) < 1e-5
+
+
+def _slot_request(prompt_ids: Any, params: Any) -> SlotRequest:
+    seed = getattr(params, "seed", None)
+    return SlotRequest(prompt_ids or (), _greedy(params), float(getattr(params, "temperature", 1.0)), None if seed is None else int(seed))
 
 
 def _think_hint(vllm_config: Any) -> dict[str, str] | None:
@@ -178,7 +184,7 @@ class TTSLogitsProcessor(*_BASES):  # type: ignore[misc]
                 if parsed:
                     slot = self.rows.take(row)
                     try:
-                        self.state.admit(slot, parsed, SlotRequest(prompt_ids or (), _greedy(params)), output_ids)
+                        self.state.admit(slot, parsed, _slot_request(prompt_ids, params), output_ids)
                     except Exception:
                         log.exception("tts_plugins: could not start techniques for a request; it runs plain")
                         self.state.release(self.rows.clear(row))
@@ -198,18 +204,18 @@ class TTSLogitsProcessor(*_BASES):  # type: ignore[misc]
         self._active_np[req_idx] = False
         parsed = self._parse_quietly(sampling_params) if sampling_params.extra_args else {}
         if parsed:
-            self._staged[req_idx] = (parsed, _greedy(sampling_params))
+            self._staged[req_idx] = (parsed, sampling_params)
         return bool(parsed)
 
     def apply_staged_writes(self) -> None:
         if not self._staged:
             return
         # Once per admitted opted-in request: read its prompt back from the runner's token buffer.
-        for slot, (parsed, greedy) in self._staged.items():
+        for slot, (parsed, params) in self._staged.items():
             plen = int(self.req_states.prompt_len.np[slot])
             prompt = self.req_states.all_token_ids.gpu[slot, :plen].tolist()
             try:
-                self.state.admit(slot, parsed, SlotRequest(prompt, greedy))
+                self.state.admit(slot, parsed, _slot_request(prompt, params))
             except Exception:
                 log.exception("tts_plugins: could not start techniques for a request; it runs plain")
                 continue
@@ -258,7 +264,16 @@ class TTSLogitsProcessor(*_BASES):  # type: ignore[misc]
             if self.state.pending_placeholders:
                 self.state.observe()
             n = logits.shape[0]
-            return self.state.apply(logits, self.rows.device_view(n), self.rows.host_view(n))
+            host, dev = self.rows.host_view(n), self.rows.device_view(n)
+            discard = vllm_roe.discarded_rows(n)
+            if discard is not None and discard.any():
+                # rows whose sampled token is thrown away (a prefill chunk that is not the last) see no technique
+                # this step: a technique that reads the other rows (a RoE roster) must not count them
+                host = np.where(discard, self.info.neutral_slot, host)
+                if not (host != self.info.neutral_slot).any():
+                    return logits
+                dev = torch.from_numpy(host).to(logits.device)
+            return self.state.apply(logits, dev, host)
         host = np.asarray(ctx.idx_mapping_np, dtype=np.int64)
         if host.shape[0] != logits.shape[0]:
             # Speculative decoding: rows are draft positions, not requests, and our token state would follow

@@ -33,6 +33,7 @@ from __future__ import annotations
 
 import contextvars
 import logging
+import weakref
 import zlib
 from typing import Any
 
@@ -162,8 +163,25 @@ def _state(runner: Any) -> _RunnerRoE:
     return st
 
 
+_LAST_RUNNER: Any = None
+
+
+def discarded_rows(num_rows: int) -> np.ndarray | None:
+    """The V1 runner's rows whose sampled token this step is thrown away (a prefill chunk that is not the last),
+    as a bool mask over the logits' rows, or None when unknown. Host memory the runner filled this step."""
+    runner = _LAST_RUNNER() if _LAST_RUNNER is not None else None
+    buf = getattr(runner, "discard_request_mask", None)
+    if buf is None:
+        return None
+    mask = buf.np[:num_rows]
+    return mask if mask.shape[0] == num_rows else None
+
+
 def _wrap_execute_model(original: Any) -> Any:
     def execute_model(self: Any, scheduler_output: Any, *args: Any, **kwargs: Any) -> Any:
+        global _LAST_RUNNER
+        if _LAST_RUNNER is None or _LAST_RUNNER() is not self:
+            _LAST_RUNNER = weakref.ref(self)
         st = self.__dict__.get("_tts_roe")
         try:
             if st is not None or any(

@@ -11,6 +11,7 @@ from tts_plugins.hookspecs import hookimpl
 def tts_register_techniques(register: Callable[[type], None]) -> None:
     from tts_plugins.logits_processors.carbon import CarbonCalibration
     from tts_plugins.logits_processors.group import GroupStop
+    from tts_plugins.logits_processors.roster import RoERoster
     from tts_plugins.logits_processors.think import ThinkSteering
     from tts_plugins.logits_processors.trim import ThoughtTrim
 
@@ -18,6 +19,7 @@ def tts_register_techniques(register: Callable[[type], None]) -> None:
     register(ThoughtTrim)
     register(GroupStop)
     register(CarbonCalibration)
+    register(RoERoster)
 
 
 @hookimpl
@@ -36,3 +38,7 @@ def tts_register_model_patches(register: Callable[[object], None]) -> None:
 
     register(VllmRoEPatch())
     register(SglangRoEPatch())
+    from tts_plugins.adapters.roster import SglangRosterPatch, VllmRosterPatch
+
+    register(VllmRosterPatch())
+    register(SglangRosterPatch())

@@ -19,7 +19,7 @@ from tts_plugins.conformance import CHECKS, INVARIANTS, ConformanceError, tiny_i
 from tts_plugins.params import get_int
 from tts_plugins.technique import LogitsTechnique
 
-BUILTINS = ["think", "trim", "group", "carbon"]
+BUILTINS = ["think", "trim", "group", "carbon", "roe_roster"]
 
 
 def builtin(name: str) -> type:

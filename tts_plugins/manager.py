@@ -72,7 +72,8 @@ class Registry:
         processors); an unknown ``tts_*`` key is a ``ValueError``. With
         ``engine`` (admission), the keys of model patches are checked too,
         including that this engine can run them; with ``request`` (the engine's
-        sampling parameters), a patch's ``check_request`` sees them too.
+        sampling parameters), a patch's or technique's ``check_request(params, request)``
+        sees them too.
         """
         flat = tts_keys(extra)
         unknown = sorted(k for k in flat if k not in self.key_owner)
@@ -89,6 +90,9 @@ class Registry:
                 check = getattr(cls, "check_params", None)
                 if check is not None:
                     check(params, self)
+                check_request = getattr(cls, "check_request", None)
+                if request is not None and check_request is not None:
+                    check_request(params, request)
                 parsed[cls.name] = params
         return parsed
 

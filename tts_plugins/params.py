@@ -418,3 +418,51 @@ class RoEParams:
             return None
         tau = get_float(flat, "tts_roe_tau", minimum=0.0, maximum=ROE_MAX_TAU)
         return cls(tau) if tau else None
+
+
+ROSTER_KEYS = frozenset({"tts_roe_roster", "tts_roe_roster_size"})
+ROSTER_MAX_SIZE = 64
+ROSTER_MAX_NAME = 200
+ROSTER_CHILD_PREFIX = "n:"  # names the engines' front ends give the samples of one request (n = K)
+
+
+@dataclass(frozen=True)
+class RosterParams:
+    """A RoE roster: ``size`` requests (or the ``n = size`` samples of one request) decode one sequence together.
+
+    ``tts_roe_roster``: the roster's name (any string the members share; omit it with ``n = size`` and the
+    request's samples form the roster). ``tts_roe_roster_size``: K in [2, 64], required.
+    """
+
+    name: str | None
+    size: int
+
+    @classmethod
+    def parse(cls, flat: Mapping[str, Any]) -> RosterParams | None:
+        if "tts_roe_roster" not in flat and "tts_roe_roster_size" not in flat:
+            return None
+        if "tts_roe_roster_size" not in flat:
+            raise ValueError(f"tts_roe_roster={_show(flat['tts_roe_roster'])} needs tts_roe_roster_size (the number of members, 2 to {ROSTER_MAX_SIZE})")
+        size = get_int(flat, "tts_roe_roster_size", minimum=2, maximum=ROSTER_MAX_SIZE)
+        name = None
+        if "tts_roe_roster" in flat:
+            name = get_text(flat, "tts_roe_roster", "", allow_empty=False)
+            if len(name) > ROSTER_MAX_NAME:
+                raise ValueError(f"tts_roe_roster must be at most {ROSTER_MAX_NAME} characters, got {len(name)} characters")
+        return cls(name, int(size))
+
+    def check_request(self, request: Any) -> None:
+        """Admission checks against the engine's sampling parameters (vLLM's or SGLang's)."""
+        n = int(getattr(request, "n", 1) or 1)
+        if self.name is None and n != self.size:
+            raise ValueError(f"tts_roe_roster_size={self.size} without tts_roe_roster makes the request's own samples the roster, "
+                             f"so n must be {self.size}, got n={n}")
+        temperature = getattr(request, "temperature", None)
+        if temperature is not None and temperature >= 1e-5 and getattr(request, "top_k", None) != 1:
+            top_p = getattr(request, "top_p", 1.0)
+            min_p = getattr(request, "min_p", 0.0)
+            top_k = getattr(request, "top_k", 0)
+            if (top_p is not None and top_p < 1.0) or (min_p is not None and min_p > 0.0) or (top_k is not None and 1 < top_k < (1 << 30)):
+                raise ValueError(f"tts_roe_roster_size={self.size}: a roster samples from the mean of its members' distributions at the "
+                                 f"request temperature; top_p, top_k and min_p are not applied to that draw, so send them unset "
+                                 f"(got top_p={top_p!r}, top_k={top_k!r}, min_p={min_p!r})")

@@ -48,6 +48,8 @@ class SlotRequest:
 
     prompt_ids: Sequence[int] = ()
     greedy: bool = False  # the engine picks the argmax for this request (temperature 0)
+    temperature: float = 1.0  # the request's sampling temperature (as sent; meaningless when greedy)
+    seed: int | None = None  # the request's sampling seed, when it has one
 
 
 class LogitsTechnique(ABC):

@@ -58,7 +58,7 @@ class VllmOffline:
         n = sampling.get("n", 1)
         sps = [
             SamplingParams(n=n, temperature=p.get("_temperature", sampling.get("temperature", 0.0)), max_tokens=max_tokens,
-                           extra_args={k: v for k, v in p.items() if k != "_temperature"} or None, skip_special_tokens=False, seed=sampling.get("seed"),
+                           extra_args={k: v for k, v in p.items() if k not in ("_temperature", "_seed")} or None, skip_special_tokens=False, seed=p.get("_seed", sampling.get("seed")),
                            logprobs=0 if sampling.get("logprobs") else None, **sampling.get("extra", {}))
             for p in params
         ]

@@ -73,13 +73,9 @@ def hf_logprobs(model_dir: Path, prompt_ids: list[int], continuation: list[int])
     return [float(logp[i, t]) for i, t in enumerate(continuation)]
 
 
-def hf_roe_greedy(model_dir: Path, prompt_ids: list[int], max_new: int, tau: float, seed: int, eos: int | None = None) -> list[int]:
-    """Greedy decoding of a Qwen3-MoE where every token (prompt included) of the sequence is routed
-    ``TopK(R + tau * G, k)`` with the draws of (seed, position, layer): the model's own gate on the masked logits.
-
-    A plain transformers loop (the whole sequence recomputed each step); it shares only the noise function and
-    the masking formula with the engines.
-    """
+def _routed(model, tau: float, seed: int):
+    """A context in which every MoE gate of ``model`` routes ``TopK(R + tau * G, k)`` with the draws of
+    (seed, position, layer): the model's own gate on the masked logits (tau 0: the plain model)."""
     import contextlib
 
     import torch
@@ -87,7 +83,9 @@ def hf_roe_greedy(model_dir: Path, prompt_ids: list[int], max_new: int, tau: flo
 
     from tts_plugins.logits_processors.roe import gumbel, mask_router_logits
 
-    model = _model(str(model_dir))
+    stack = contextlib.ExitStack()
+    if not tau:
+        return stack
     gates = [layer.mlp.gate for layer in model.model.layers]
 
     def routed(gate, layer_idx):
@@ -104,8 +102,52 @@ def hf_roe_greedy(model_dir: Path, prompt_ids: list[int], max_new: int, tau: flo
             return logits, top.to(logits.dtype), idx
         return forward
 
-    with contextlib.ExitStack() as stack:
-        for i, g in enumerate(gates):
-            g.forward = routed(g, i)
-            stack.callback(lambda g=g: g.__dict__.pop("forward", None))
+    for i, g in enumerate(gates):
+        g.forward = routed(g, i)
+        stack.callback(lambda g=g: g.__dict__.pop("forward", None))
+    return stack
+
+
+def hf_roe_greedy(model_dir: Path, prompt_ids: list[int], max_new: int, tau: float, seed: int, eos: int | None = None) -> list[int]:
+    """Greedy decoding of a Qwen3-MoE where every token (prompt included) of the sequence is routed
+    ``TopK(R + tau * G, k)`` with the draws of (seed, position, layer): the model's own gate on the masked logits.
+
+    A plain transformers loop (the whole sequence recomputed each step); it shares only the noise function and
+    the masking formula with the engines.
+    """
+    with _routed(_model(str(model_dir)), tau, seed):
         return hf_greedy(model_dir, prompt_ids, max_new, eos)
+
+
+def hf_roster(model_dir: Path, prompt_ids: list[int], max_new: int, members: list[tuple[float, int]], temperature: float = 0.0,
+              key: int | None = None, eos: int | None = None) -> list[int]:
+    """A RoE roster in a plain transformers loop: each step, every member ``(tau, seed)`` computes the next-token
+    distribution of the shared sequence under its own routing noise (the whole sequence recomputed), the roster's
+    distribution is the mean of ``softmax(z / T)`` (T = 1 when greedy), and its token is the argmax (greedy) or the
+    Gumbel-max draw with the noise of (key, step) that the engines use. Shares only the noise functions."""
+    import torch
+
+    from tts_plugins.logits_processors.roe import gumbel
+    from tts_plugins.logits_processors.roster import _DRAW_STREAM
+
+    model = _model(str(model_dir))
+    ids, out = list(prompt_ids), []
+    t = temperature if temperature > 0 else 1.0
+    with torch.no_grad():
+        for step in range(max_new):
+            mean = 0
+            for tau, seed in members:
+                with _routed(model, tau, seed):
+                    z = model(torch.tensor([ids])).logits[0, -1].double()
+                mean = mean + torch.softmax(z / t, -1)
+            mean = mean / len(members)
+            if temperature > 0:
+                noise = gumbel(torch.tensor([key]), torch.tensor([step]), _DRAW_STREAM, mean.shape[0])[0]
+                nxt = int((mean.log() + noise).argmax())
+            else:
+                nxt = int(mean.argmax())
+            out.append(nxt)
+            if nxt == eos:
+                break
+            ids.append(nxt)
+    return out

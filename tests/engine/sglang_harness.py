@@ -53,11 +53,12 @@ class SglangOffline:
         sps = []
         for p in params:
             sp = {"temperature": p.get("_temperature", sampling.get("temperature", 0.0)), "max_new_tokens": max_tokens, "skip_special_tokens": False}
-            p = {k: v for k, v in p.items() if k != "_temperature"}  # a per-request temperature, for mixed batches
+            seed = p.get("_seed", sampling.get("seed"))
+            p = {k: v for k, v in p.items() if k not in ("_temperature", "_seed")}  # per-request temperature and seed, for mixed batches
             if p:
                 sp["custom_params"] = dict(p)
-            if sampling.get("seed") is not None:
-                sp["sampling_seed"] = sampling["seed"]
+            if seed is not None:
+                sp["sampling_seed"] = seed
             if sampling.get("n", 1) > 1:
                 sp["n"] = sampling["n"]
             sps.append(sp)
