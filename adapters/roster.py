@@ -240,8 +240,17 @@ def sglang_child(tokenized: Any, index: int) -> None:
     tokenized.sampling_params = child
 
 
+_SGLANG_KEYS: dict[int, list[Any]] = {}  # id(shared params) -> [params, roster name, children named]; holding params keeps the id unique
+
+
 def _parent_key(params: Any) -> str:
-    key = params.__dict__.get("_tts_roster_key")
-    if key is None:
-        key = params.__dict__["_tts_roster_key"] = f"{next(_FORMED)}-{id(params):x}"
-    return key
+    """One name for the children of one SGLang request (they share one ``SamplingParams``, which has no ``__dict__``)."""
+    entry = _SGLANG_KEYS.get(id(params))
+    if entry is None or entry[0] is not params:
+        if len(_SGLANG_KEYS) >= 4096:  # requests whose children failed to send: drop the oldest
+            _SGLANG_KEYS.pop(next(iter(_SGLANG_KEYS)))
+        entry = _SGLANG_KEYS[id(params)] = [params, f"{next(_FORMED)}-{id(params):x}", 0]
+    entry[2] += 1
+    if entry[2] >= int(getattr(params, "n", 1) or 1):
+        del _SGLANG_KEYS[id(params)]
+    return entry[1]

@@ -174,13 +174,13 @@ def test_front_ends_name_a_requests_samples_and_split_sglang_seeds():
     named = types.SimpleNamespace(extra_args={"tts_roe_roster": "mine", "tts_roe_roster_size": 2})
     assert vllm_child_params(named, 0, "p") is named
 
-    shared = types.SimpleNamespace(custom_params={"tts_roe_roster_size": 2}, sampling_seed=5, max_new_tokens=8)
+    shared = types.SimpleNamespace(custom_params={"tts_roe_roster_size": 2}, sampling_seed=5, max_new_tokens=8, n=2)
     kids = [types.SimpleNamespace(sampling_params=shared) for _ in range(2)]
     for i, kid in enumerate(kids):
         sglang_child(kid, i)
     names = {k.sampling_params.custom_params["tts_roe_roster"] for k in kids}
     assert len(names) == 1 and next(iter(names)).startswith("n:")
     assert [k.sampling_params.sampling_seed for k in kids] == [5, 6] and shared.sampling_seed == 5
-    other = types.SimpleNamespace(sampling_params=types.SimpleNamespace(custom_params={"tts_roe_roster_size": 2}, sampling_seed=None, max_new_tokens=8))
+    other = types.SimpleNamespace(sampling_params=types.SimpleNamespace(custom_params={"tts_roe_roster_size": 2}, sampling_seed=None, max_new_tokens=8, n=2))
     sglang_child(other, 0)
     assert other.sampling_params.custom_params["tts_roe_roster"] not in names, "another request's samples form another roster"
