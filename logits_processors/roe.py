@@ -1,4 +1,4 @@
-"""RoE (Roster of Experts) routing noise: the engine-neutral kernel. Started; not yet wired into an engine.
+"""RoE (Roster of Experts) routing noise: the engine-neutral kernel.
 
 Paper: "MoEs Are Stronger than You Think: Hyper-Parallel Inference Scaling
 with RoE" (arXiv 2509.17238; no public code; reported). A token's experts are
@@ -19,9 +19,10 @@ Our choices, where the paper is not specific:
   the same in every engine. The rows whose ``tau`` is 0 keep ``R`` exactly
   (``torch.where``), so they route bit-identically to the unpatched model.
 
-The engine patches (vLLM's MoE runner, SGLang's ``select_experts``) and the
-per-request keys ``tts_roe_tau`` / ``tts_roe_tau_layers`` / roster
-aggregation are still to come; until then no request key turns this on.
+The engine patches (``tts_plugins.adapters.vllm_roe``: vLLM's MoE runner;
+``tts_plugins.adapters.sglang_roe``: SGLang's ``select_experts``) apply it per
+request (``tts_roe_tau``); rosters aggregate the members' distributions in
+:mod:`tts_plugins.logits_processors.roster`.
 """
 
 from __future__ import annotations
