@@ -39,8 +39,9 @@ class Registers:
 
 def test_builtin_techniques_are_registered():
     reg = build_registry(plugin_manager(load_entry_points=False))
-    assert [t.name for t in reg.techniques] == ["think", "trim", "group", "carbon"]
+    assert [t.name for t in reg.techniques] == ["think", "trim", "group", "carbon", "roe_roster"]
     assert reg.key_owner["tts_think_max"] == "think"
+    assert reg.key_owner["tts_roe_roster"] == "roe_roster" and reg.key_owner["tts_roe_tau"] == "roe"
 
 
 def test_each_build_is_fresh_and_building_twice_is_harmless():
