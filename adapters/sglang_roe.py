@@ -56,22 +56,37 @@ def _error_once(key: str, message: str) -> None:
         log.error("tts_plugins: %s", message)
 
 
-def req_roe(req: Any) -> tuple[float, int]:
-    """``(tau, seed)`` of a request (tau 0: none), parsed once and kept on the request."""
+def req_roe(req: Any) -> tuple[RoEParams | None, int]:
+    """``(params, seed)`` of a request (params None: none), parsed once and kept on the request."""
     cached = req.__dict__.get("_tts_roe")
     if cached is None:
         cp = getattr(req.sampling_params, "custom_params", None) or {}
-        tau = 0.0
-        if isinstance(cp, dict) and "tts_roe_tau" in cp:
+        params = None
+        if isinstance(cp, dict) and ("tts_roe_tau" in cp or "tts_roe_tau_layers" in cp):
             try:
-                p = RoEParams.parse({"tts_roe_tau": cp["tts_roe_tau"]})
-                tau = p.tau if p is not None else 0.0
+                params = RoEParams.parse({k: v for k, v in cp.items() if k in ROE_KEYS})
             except ValueError as exc:  # admission validated it
                 log.error("tts_plugins: ignoring invalid RoE parameters of an admitted request: %s", exc)
         seed = getattr(req.sampling_params, "sampling_seed", None)
-        cached = (tau, int(seed) % (2**62) if seed is not None else zlib.crc32(str(req.rid).encode()))
+        cached = (params, int(seed) % (2**62) if seed is not None else zlib.crc32(str(req.rid).encode()))
         req.__dict__["_tts_roe"] = cached
     return cached
+
+
+def _moe_ordinals(model_runner: Any) -> dict[int, int] | None:
+    """``{layer id: index among the MoE layers}`` ({} without MoE; None when it cannot tell), found once."""
+    found = model_runner.__dict__.get("_tts_moe_ordinals", False)
+    if found is False:
+        try:
+            from sglang.srt.layers.moe.topk import TopK
+
+            ids = sorted({int(m.layer_id) for m in model_runner.model.modules() if isinstance(m, TopK) and m.layer_id is not None})
+            n_topk = sum(isinstance(m, TopK) for m in model_runner.model.modules())
+            found = {layer: i for i, layer in enumerate(ids)} if len(ids) == n_topk else (None if n_topk else {})
+        except Exception:
+            found = None
+        model_runner.__dict__["_tts_moe_ordinals"] = found
+    return found
 
 
 def _has_moe(model_runner: Any) -> bool:
@@ -101,9 +116,23 @@ class _Step:
             return
         reqs = rows[0]
         pairs = [req_roe(r) for r in reqs]
-        tau = np.fromiter((p[0] for p in pairs), dtype=np.float32, count=len(pairs))
+        if not any(p[0] is not None for p in pairs):
+            return
+        ordinal = _moe_ordinals(self.model_runner)
+        width = max(1, len(ordinal or ()))
+        tau = np.zeros((len(pairs), width), dtype=np.float32)
+        for i, (params, _) in enumerate(pairs):  # the batch's requests, once per forward, only when one opted in
+            if params is None:
+                continue
+            taus = params.taus(len(ordinal)) if ordinal else ([params.tau] if params.layers is None else None)
+            if taus is None:
+                _error_once(f"layers{len(params.layers or ())}", f"tts_roe_tau_layers has {len(params.layers or ())} taus but this model has "
+                            f"{len(ordinal or ())} MoE layers; those requests run with the model's own routing")
+                continue
+            tau[i] = taus
         if not tau.any():
             return
+        self.ordinal = ordinal or {}
         if not _has_moe(self.model_runner):
             _error_once("dense", "tts_roe_tau on a model without MoE layers: nothing to route; those requests run plain")
             return
@@ -136,7 +165,7 @@ class _Step:
             _error_once("layer", "RoE saw router logits it cannot map (no layer id, or padded rows); those rows run plain")
             return None
         noise = gumbel(self.seed, self.fb.positions[: self.tau.shape[0]], int(layer_id), router_logits.shape[1])
-        return mask_router_logits(router_logits, int(top_k), self.tau, noise)
+        return mask_router_logits(router_logits, int(top_k), self.tau[:, self.ordinal.get(int(layer_id), 0)], noise)
 
 
 def _forward_around(orig: Any, model_runner: Any, forward_batch: Any, *args: Any, **kwargs: Any) -> Any:
@@ -164,9 +193,9 @@ def _select_around(orig: Any, hidden_states: Any, router_logits: Any, topk_confi
 
 def _req_after(result: Any, req: Any, *args: Any, **kwargs: Any) -> None:
     try:
-        tau, seed = req_roe(req)
-        if tau:
-            mine = f"tts_plugins:roe:tau={tau!r}:seed={seed}"
+        params, seed = req_roe(req)
+        if params is not None:
+            mine = f"tts_plugins:roe:{params.salt()}:seed={seed}"
             req.cache_salt = f"{req.cache_salt}|{mine}" if getattr(req, "cache_salt", None) else mine
     except Exception:
         log.exception("tts_plugins: RoE could not salt a request's cache key")

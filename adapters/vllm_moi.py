@@ -257,10 +257,11 @@ def _wrap_from_engine_core_request(original: Any) -> Any:
             mine = f"{MOI_CACHE_SALT}:beta={extra.get('tts_moi_beta')!r}:topk={extra.get('tts_moi_topk', 20)!r}"
             salt = getattr(request, "cache_salt", None)
             request.cache_salt = f"{salt}|{mine}" if salt else mine
-        if extra and extra.get("tts_roe_tau"):
-            # RoE: KV of noisily routed tokens depends on tau and the noise seed (the request id when unseeded)
+        if extra and (extra.get("tts_roe_tau") or extra.get("tts_roe_tau_layers")):
+            # RoE: KV of noisily routed tokens depends on the taus and the noise seed (the request id when unseeded)
             seed = getattr(sp, "seed", None)
-            mine = f"tts_plugins:roe:tau={extra.get('tts_roe_tau')!r}:seed={seed if seed is not None else request.request_id!r}"
+            taus = extra.get("tts_roe_tau_layers", extra.get("tts_roe_tau"))
+            mine = f"tts_plugins:roe:tau={taus!r}:seed={seed if seed is not None else request.request_id!r}"
             salt = getattr(request, "cache_salt", None)
             request.cache_salt = f"{salt}|{mine}" if salt else mine
         return original(request, *args, **kwargs)

@@ -63,12 +63,14 @@ class _RunnerRoE:
     def __init__(self, runner: Any) -> None:
         n = runner.input_batch.max_num_reqs
         device = runner.positions.device
-        self.reqs: dict[str, tuple[float, int]] = {}
-        self.tau = torch.zeros(n, dtype=torch.float32, device=device)
+        self.reqs: dict[str, tuple[list[float], int]] = {}  # req_id -> (one tau per MoE layer, seed)
+        self.ordinal = _moe_ordinals(runner)  # MoE layer id -> its index among the model's MoE layers
+        self.has_moe = bool(self.ordinal) or self.ordinal is None
+        layers = max(1, len(self.ordinal or ()))
+        self.tau = torch.zeros(n, layers, dtype=torch.float32, device=device)
         self.seed = torch.zeros(n, dtype=torch.int64, device=device)
         self.compiled = _compiled(runner)
         self.errors: set[str] = set()
-        self.has_moe = _has_moe(runner)
 
     def admit(self, scheduler_output: Any) -> None:
         for rid in scheduler_output.finished_req_ids:
@@ -76,7 +78,7 @@ class _RunnerRoE:
         for new in scheduler_output.scheduled_new_reqs:
             sp = getattr(new, "sampling_params", None)
             extra = getattr(sp, "extra_args", None)
-            if not extra or "tts_roe_tau" not in extra:
+            if not extra or ("tts_roe_tau" not in extra and "tts_roe_tau_layers" not in extra):
                 continue
             try:
                 p = RoEParams.parse({k: v for k, v in tts_keys(extra).items() if k in ROE_KEYS})
@@ -91,7 +93,12 @@ class _RunnerRoE:
             if self.compiled:
                 self.error_once("compiled", "RoE needs an eager model (start vLLM with --enforce-eager); RoE requests run with the model's own routing")
                 continue
-            self.reqs[new.req_id] = (p.tau, roe_seed(sp, new.req_id))
+            taus = p.taus(len(self.ordinal)) if self.ordinal else ([p.tau] if p.layers is None else None)
+            if taus is None:
+                self.error_once(f"layers{len(p.layers or ())}", f"tts_roe_tau_layers has {len(p.layers or ())} taus but this model has "
+                                f"{len(self.ordinal or ())} MoE layers; those requests run with the model's own routing")
+                continue
+            self.reqs[new.req_id] = (taus, roe_seed(sp, new.req_id))
 
     def error_once(self, key: str, message: str) -> None:
         if key not in self.errors:
@@ -99,13 +106,15 @@ class _RunnerRoE:
             log.error("tts_plugins: %s", message)
 
 
-def _has_moe(runner: Any) -> bool:
+def _moe_ordinals(runner: Any) -> dict[int, int] | None:
+    """``{layer id: index among the MoE layers}`` of the runner's model ({} without MoE; None if it cannot tell)."""
     try:
         from vllm.model_executor.layers.fused_moe.runner.moe_runner import MoERunner
 
-        return any(isinstance(m, MoERunner) for m in runner.get_model().modules())
+        ids = sorted({int(m.layer_id) for m in runner.get_model().modules() if isinstance(m, MoERunner)})
+        return {layer: i for i, layer in enumerate(ids)}
     except Exception:
-        return True  # cannot tell: do not refuse
+        return None
 
 
 def _compiled(runner: Any) -> bool:
@@ -129,7 +138,7 @@ class _Step:
         self.built = True
         batch = self.runner.input_batch
         num_reqs = batch.num_reqs
-        tau = np.zeros(num_reqs, dtype=np.float32)
+        tau = np.zeros((num_reqs, self.state.tau.shape[1]), dtype=np.float32)
         seed = np.zeros(num_reqs, dtype=np.int64)
         index = batch.req_id_to_index
         for rid, (t, s) in self.state.reqs.items():  # the opted-in requests only
@@ -151,7 +160,8 @@ class _Step:
             self.state.error_once("rows", f"RoE cannot map {t} router rows to the step's {self.num_tokens} tokens (data or sequence parallel?); RoE rows run plain")
             return None
         rows = self.runner.req_indices.gpu[:t]
-        tau = self.state.tau[rows]
+        column = (self.state.ordinal or {}).get(int(layer.layer_id), 0)
+        tau = self.state.tau[rows, column]
         noise = gumbel(self.state.seed[rows], self.runner.positions[:t], int(layer.layer_id), router_logits.shape[1])
         return mask_router_logits(router_logits, int(layer.router.top_k), tau, noise)
 
@@ -185,7 +195,8 @@ def _wrap_execute_model(original: Any) -> Any:
         st = self.__dict__.get("_tts_roe")
         try:
             if st is not None or any(
-                getattr(getattr(n, "sampling_params", None), "extra_args", None) and "tts_roe_tau" in n.sampling_params.extra_args
+                getattr(getattr(n, "sampling_params", None), "extra_args", None)
+                and ("tts_roe_tau" in n.sampling_params.extra_args or "tts_roe_tau_layers" in n.sampling_params.extra_args)
                 for n in scheduler_output.scheduled_new_reqs
             ):
                 st = st or _state(self)

@@ -152,3 +152,19 @@ def test_roe_tau_is_a_bounded_non_negative_float_and_zero_is_plain():
     for bad in (-0.1, 100.5, float("nan"), "1", True, [1.0]):
         with pytest.raises(ValueError, match="tts_roe_tau must be a finite number >= 0 and <= 100"):
             RoEParams.parse({"tts_roe_tau": bad})
+
+
+def test_roe_tau_layers_is_a_list_of_bounded_taus_one_per_moe_layer():
+    from tts_plugins.params import RoEParams
+
+    p = RoEParams.parse({"tts_roe_tau_layers": [0, 2.5, 1]})
+    assert p.layers == (0.0, 2.5, 1.0) and p.taus(3) == [0.0, 2.5, 1.0] and p.taus(2) is None
+    assert RoEParams.parse({"tts_roe_tau_layers": [0, 0.0]}) is None, "all zero: the model's own routing"
+    assert RoEParams.parse({"tts_roe_tau": 2.0}).taus(4) == [2.0] * 4
+    assert RoEParams.parse({"tts_roe_tau_layers": [1.0]}).salt() != RoEParams.parse({"tts_roe_tau_layers": [2.0]}).salt()
+    for bad, fragment in [([], "must be a list of 1 to"), ([1.0, -1.0], "must hold taus in"), ([float("nan")], "must hold taus in"),
+                          ([True], "must hold taus in"), ("1.0", "must be a list"), ([101.0], "must hold taus in"), ([0.5] * 1025, "must be a list")]:
+        with pytest.raises(ValueError, match=f"tts_roe_tau_layers {fragment}"):
+            RoEParams.parse({"tts_roe_tau_layers": bad})
+    with pytest.raises(ValueError, match="not both"):
+        RoEParams.parse({"tts_roe_tau": 1.0, "tts_roe_tau_layers": [1.0]})

@@ -399,25 +399,51 @@ class LadderParams:
         return self.ladder[index % len(self.ladder)]
 
 
-ROE_KEYS = frozenset({"tts_roe_tau"})
+ROE_KEYS = frozenset({"tts_roe_tau", "tts_roe_tau_layers"})
 ROE_MAX_TAU = 100.0
+ROE_MAX_LAYERS = 1024
 
 
 @dataclass(frozen=True)
 class RoEParams:
-    """RoE routing noise for one request: experts ``TopK(R + tau * G, k)`` in every MoE layer, on all its tokens.
+    """RoE routing noise for one request: experts ``TopK(R + tau * G, k)`` in the MoE layers, on all its tokens.
 
-    ``tau`` in [0, 100]; 0 is the model's own routing (no params: the request runs plain).
+    ``tts_roe_tau``: one tau in [0, 100] for every MoE layer; 0 is the model's own routing. Or
+    ``tts_roe_tau_layers``: a list of taus in [0, 100], one per MoE layer in model order (the engine checks the
+    length against the model; a mismatch runs the request plain with an error in the log). All zero: no params,
+    the request runs plain.
     """
 
     tau: float
+    layers: tuple[float, ...] | None = None
 
     @classmethod
     def parse(cls, flat: Mapping[str, Any]) -> RoEParams | None:
+        if "tts_roe_tau_layers" in flat:
+            if "tts_roe_tau" in flat:
+                raise ValueError(f"give tts_roe_tau (one tau for every MoE layer) or tts_roe_tau_layers (one per MoE layer), not both; "
+                                 f"got tts_roe_tau={_show(flat['tts_roe_tau'])} and tts_roe_tau_layers={_show(flat['tts_roe_tau_layers'])}")
+            value = flat["tts_roe_tau_layers"]
+            if not isinstance(value, (list, tuple)) or not 1 <= len(value) <= ROE_MAX_LAYERS:
+                raise ValueError(f"tts_roe_tau_layers must be a list of 1 to {ROE_MAX_LAYERS} taus (one per MoE layer), got {_show(value)}")
+            for t in value:
+                if isinstance(t, bool) or not isinstance(t, (int, float)) or not math.isfinite(t) or not 0 <= t <= ROE_MAX_TAU:
+                    raise ValueError(f"tts_roe_tau_layers must hold taus in [0, {ROE_MAX_TAU:g}], got {_show(t)} in {_show(value)}")
+            layers = tuple(float(t) for t in value)
+            return cls(max(layers), layers) if any(layers) else None
         if "tts_roe_tau" not in flat:
             return None
         tau = get_float(flat, "tts_roe_tau", minimum=0.0, maximum=ROE_MAX_TAU)
         return cls(tau) if tau else None
+
+    def taus(self, num_layers: int) -> list[float] | None:
+        """One tau per MoE layer of a model with ``num_layers`` of them; None when the list does not fit."""
+        if self.layers is None:
+            return [self.tau] * num_layers
+        return list(self.layers) if len(self.layers) == num_layers else None
+
+    def salt(self) -> str:
+        return f"tau={self.tau!r}" if self.layers is None else "taus=" + ",".join(repr(t) for t in self.layers)
 
 
 ROSTER_KEYS = frozenset({"tts_roe_roster", "tts_roe_roster_size"})

@@ -73,9 +73,10 @@ def hf_logprobs(model_dir: Path, prompt_ids: list[int], continuation: list[int])
     return [float(logp[i, t]) for i, t in enumerate(continuation)]
 
 
-def _routed(model, tau: float, seed: int):
+def _routed(model, tau, seed: int):
     """A context in which every MoE gate of ``model`` routes ``TopK(R + tau * G, k)`` with the draws of
-    (seed, position, layer): the model's own gate on the masked logits (tau 0: the plain model)."""
+    (seed, position, layer): the model's own gate on the masked logits (tau 0: the plain model). ``tau``: one
+    float, or a list with one per MoE layer (every layer of the tiny Qwen3-MoE is one)."""
     import contextlib
 
     import torch
@@ -84,9 +85,11 @@ def _routed(model, tau: float, seed: int):
     from tts_plugins.logits_processors.roe import gumbel, mask_router_logits
 
     stack = contextlib.ExitStack()
-    if not tau:
-        return stack
     gates = [layer.mlp.gate for layer in model.model.layers]
+    taus = list(tau) if isinstance(tau, (list, tuple)) else [tau] * len(gates)
+    assert len(taus) == len(gates)
+    if not any(taus):
+        return stack
 
     def routed(gate, layer_idx):
         def forward(hidden_states):
@@ -94,7 +97,7 @@ def _routed(model, tau: float, seed: int):
             logits = F.linear(hs, gate.weight)
             t = logits.shape[0]
             noise = gumbel(torch.full((t,), seed, dtype=torch.int64), torch.arange(t), layer_idx, gate.num_experts)
-            logits = mask_router_logits(logits, gate.top_k, torch.full((t,), float(tau)), noise)
+            logits = mask_router_logits(logits, gate.top_k, torch.full((t,), float(taus[layer_idx])), noise)
             probs = torch.softmax(logits, dtype=torch.float, dim=-1)
             top, idx = torch.topk(probs, gate.top_k, dim=-1)
             if gate.norm_topk_prob:
@@ -108,7 +111,7 @@ def _routed(model, tau: float, seed: int):
     return stack
 
 
-def hf_roe_greedy(model_dir: Path, prompt_ids: list[int], max_new: int, tau: float, seed: int, eos: int | None = None) -> list[int]:
+def hf_roe_greedy(model_dir: Path, prompt_ids: list[int], max_new: int, tau, seed: int, eos: int | None = None) -> list[int]:
     """Greedy decoding of a Qwen3-MoE where every token (prompt included) of the sequence is routed
     ``TopK(R + tau * G, k)`` with the draws of (seed, position, layer): the model's own gate on the masked logits.
 

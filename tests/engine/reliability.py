@@ -56,7 +56,7 @@ TEXT_KEYS = ["tts_think_wait", "tts_think_conclusion", "tts_no_think_text", "tts
              "tts_roe_roster"]
 BOOL_KEYS = ["tts_no_think", "tts_trim"]
 FLOAT_KEYS = {"tts_moi_beta": (0.0, 1e6), "tts_carbon_temperature": (1e-3, 1e3)}
-NUMBER_LIST_KEYS = ["tts_temperature_ladder", "tts_carbon_bias_ids", "tts_carbon_bias_values"]
+NUMBER_LIST_KEYS = ["tts_temperature_ladder", "tts_carbon_bias_ids", "tts_carbon_bias_values", "tts_roe_tau_layers"]
 NONNEG_FLOAT_KEYS = {"tts_roe_tau": 100.0}  # 0 is valid (the model's own routing)
 CHOICE_KEYS = {"tts_group_finish": ("think", "eos")}
 LIST_KEYS = ["tts_trim_markers"]
@@ -102,7 +102,7 @@ def bad_value(draw, key: str) -> tuple[Any, bool]:
             st.sampled_from(["0.5", 7, None, [True], [[1]], [{"a": 1}], ["1"]]).map(lambda v: (v, True)),
             st.lists(st.floats(-3, 3), min_size=1, max_size=6).map(lambda v: (v, False)),  # the oracle decides
             st.lists(st.integers(-3, 600), min_size=0, max_size=6).map(lambda v: (v, False)),
-            st.lists(st.just(0.5), min_size=257, max_size=300).map(lambda v: (v, True)),
+            st.lists(st.just(0.5), min_size=1025, max_size=1100).map(lambda v: (v, True)),  # over every list key's limit
         ))
     if key in LIST_KEYS:
         return draw(st.one_of(
