@@ -80,7 +80,17 @@ def cases(tok):
                 state.feed(slots[0], [tok.eos_token_id])  # the first finishes: the others are being stopped
         return setup
 
+    def roster(share):  # rows in rosters of 4 (greedy and sampling alternately); share: one row in `share` joins
+        def setup(state, rows, batch, prompt):
+            members = [r for r in range(batch) if share and r % share == 0]
+            for r in range(batch):
+                flat = {"tts_roe_roster": f"r{members.index(r) // 4}", "tts_roe_roster_size": 4} if r in members else {}
+                admit(state, rows, r, flat, prompt)
+        return setup
+
     return {
+        # a roster's step is a softmax of its member rows and a mean (no target but "unused": the work is the technique)
+        "roe_roster": {"unused": roster(0), "aggregate-all": roster(1), "aggregate-mixed": roster(4)},
         "think": {
             "unused": think(lambda r: {}),
             "active-force": think(lambda r: forced),

@@ -223,14 +223,17 @@ class RoERoster(LogitsTechnique):
         if nf:
             groups, inverse, counts = np.unique(self.group_np[slots[:nf]], return_inverse=True, return_counts=True)
             inv_t = torch.from_numpy(self.inv_t_np[slots[:nf]]).to(dev)
-            probs = torch.softmax(logits[idx[:nf]].float() * inv_t.unsqueeze(1), dim=-1)
+            probs = torch.softmax(logits[idx[:nf]].float().mul_(inv_t.unsqueeze(1)), dim=-1)  # the gather is a fresh copy
             mean = torch.zeros(groups.size, logits.shape[1], dtype=torch.float32, device=dev)
             mean.index_add_(0, torch.from_numpy(inverse.reshape(-1)).to(dev), probs)
             mean /= torch.from_numpy(counts.astype(np.float32)).to(dev).unsqueeze(1)
-            noise = gumbel(torch.from_numpy(self.key_np[groups]).to(dev), torch.from_numpy(self.draw_np[groups]).to(dev), _DRAW_STREAM, logits.shape[1])
-            sampled = (mean.double().log() + noise).argmax(-1)
-            greedy = torch.from_numpy(self.greedy_np[groups]).to(dev)
-            choice = torch.where(greedy, mean.argmax(-1), sampled)
+            choice = mean.argmax(-1)
+            sampling = np.flatnonzero(~self.greedy_np[groups])
+            if sampling.size:  # Gumbel-max draws for the sampling rosters only
+                sel = torch.from_numpy(sampling).to(dev)
+                noise = gumbel(torch.from_numpy(self.key_np[groups[sampling]]).to(dev), torch.from_numpy(self.draw_np[groups[sampling]]).to(dev),
+                               _DRAW_STREAM, logits.shape[1])
+                choice[sel] = (mean[sel].double().log() + noise).argmax(-1)
             tok[:nf] = choice[torch.from_numpy(inverse.reshape(-1)).to(dev)]
             self.draw_np[groups] += 1
         logits.index_fill_(0, idx, float("-inf"))
