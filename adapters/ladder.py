@@ -70,13 +70,8 @@ class LadderPatchBase:
     def supported(cls) -> str | None:
         from tts_plugins import patching
 
-        ver = patching.engine_version(cls.engine)
-        if ver is None:
-            return f"{cls.label} is not installed"
-        if not patching.version_in_range(ver, cls.min_version, cls.max_version):
-            return (f"the temperature ladder supports {cls.label} >= {cls.min_version}, < {cls.max_version}; this server runs "
-                    f"{cls.label} {ver} (send one request per temperature instead)")
-        return None
+        return patching.version_refusal(cls.engine, cls.label, "the temperature ladder", cls.min_version, cls.max_version,
+                                        " (send one request per temperature instead)")
 
     @staticmethod
     def check_request(params: LadderParams, request: Any) -> None:

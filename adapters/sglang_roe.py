@@ -216,12 +216,7 @@ class SglangRoEPatch:
     def supported(cls) -> str | None:
         from tts_plugins import patching
 
-        ver = patching.engine_version("sglang")
-        if ver is None:
-            return "SGLang is not installed"
-        if not patching.version_in_range(ver, MIN_VERSION, MAX_VERSION):
-            return f"RoE supports SGLang >= {MIN_VERSION}, < {MAX_VERSION}; this server runs SGLang {ver}"
-        return None
+        return patching.version_refusal("sglang", "SGLang", "RoE", MIN_VERSION, MAX_VERSION)
 
     def install(self, patcher: Any) -> None:
         from tts_plugins import patching

@@ -248,11 +248,9 @@ class VllmRoEPatch:
     def supported(cls) -> str | None:
         from tts_plugins import patching
 
-        ver = patching.engine_version("vllm")
-        if ver is None:
-            return "vLLM is not installed"
-        if not patching.version_in_range(ver, MIN_VERSION, MAX_VERSION):
-            return f"RoE supports vLLM >= {MIN_VERSION}, < {MAX_VERSION}; this server runs vLLM {ver}"
+        reason = patching.version_refusal("vllm", "vLLM", "RoE", MIN_VERSION, MAX_VERSION)
+        if reason is not None:
+            return reason
         from tts_plugins.adapters.vllm_moi import _uses_v2_runner
 
         if _uses_v2_runner():

@@ -196,12 +196,7 @@ class MoIPatchBase:
     def supported(cls) -> str | None:
         from tts_plugins import patching
 
-        ver = patching.engine_version(cls.engine)
-        if ver is None:
-            return f"{cls.label} is not installed"
-        if not patching.version_in_range(ver, cls.min_version, cls.max_version):
-            return f"Mixture of Inputs supports {cls.label} >= {cls.min_version}, < {cls.max_version}; this server runs {cls.label} {ver}"
-        return cls._refuse()
+        return patching.version_refusal(cls.engine, cls.label, "Mixture of Inputs", cls.min_version, cls.max_version) or cls._refuse()
 
     @classmethod
     def _refuse(cls) -> str | None:

@@ -126,6 +126,7 @@ class RoERoster(LogitsTechnique):
         self.draw_np = np.zeros(info.max_slots, dtype=np.int64)
         self.greedy_np = np.zeros(info.max_slots, dtype=bool)
         self.late_steps = 0  # member-steps forced behind the frontier (desynchronized members)
+        self._warned_no_host = False
 
     @property
     def num_active(self) -> int:
@@ -204,7 +205,11 @@ class RoERoster(LogitsTechnique):
         if not self.members:
             return logits
         if host_slots is None:
-            host_slots = row_slots.cpu().numpy()  # no adapter of ours gets here: each passes the host map
+            # the members' rows are found on the host; an adapter without the host map (none of ours) gets plain rows
+            if not self._warned_no_host:
+                self._warned_no_host = True
+                log.error("tts_plugins: RoE rosters need the batch's row map on the host; roster requests run plain")
+            return logits
         rows = np.flatnonzero(self.member_np[host_slots])
         if rows.size == 0:
             return logits
@@ -225,7 +230,8 @@ class RoERoster(LogitsTechnique):
             inv_t = torch.from_numpy(self.inv_t_np[slots[:nf]]).to(dev)
             probs = torch.softmax(logits[idx[:nf]].float().mul_(inv_t.unsqueeze(1)), dim=-1)  # the gather is a fresh copy
             mean = torch.zeros(groups.size, logits.shape[1], dtype=torch.float32, device=dev)
-            mean.index_add_(0, torch.from_numpy(inverse.reshape(-1)).to(dev), probs)
+            member_group = torch.from_numpy(inverse.reshape(-1)).to(dev)
+            mean.index_add_(0, member_group, probs)
             mean /= torch.from_numpy(counts.astype(np.float32)).to(dev).unsqueeze(1)
             choice = mean.argmax(-1)
             sampling = np.flatnonzero(~self.greedy_np[groups])
@@ -234,7 +240,7 @@ class RoERoster(LogitsTechnique):
                 noise = gumbel(torch.from_numpy(self.key_np[groups[sampling]]).to(dev), torch.from_numpy(self.draw_np[groups[sampling]]).to(dev),
                                _DRAW_STREAM, logits.shape[1])
                 choice[sel] = (mean[sel].double().log() + noise).argmax(-1)
-            tok[:nf] = choice[torch.from_numpy(inverse.reshape(-1)).to(dev)]
+            tok[:nf] = choice[member_group]
             self.draw_np[groups] += 1
         logits.index_fill_(0, idx, float("-inf"))
         logits[idx, tok] = 0.0

@@ -184,3 +184,12 @@ def test_front_ends_name_a_requests_samples_and_split_sglang_seeds():
     other = types.SimpleNamespace(sampling_params=types.SimpleNamespace(custom_params={"tts_roe_roster_size": 2}, sampling_seed=None, max_new_tokens=8, n=2))
     sglang_child(other, 0)
     assert other.sampling_params.custom_params["tts_roe_roster"] not in names, "another request's samples form another roster"
+
+
+def test_without_the_host_row_map_rosters_run_plain_and_nothing_syncs():
+    s = state()
+    admit(s, 0, "h", 2)
+    admit(s, 1, "h", 2)
+    z = torch.randn(2, V)
+    out = s.techniques[0].apply(z.clone(), torch.arange(2), None)
+    assert torch.equal(out, z)

@@ -56,6 +56,17 @@ def get_float(flat: Mapping[str, Any], key: str, default: float | None = None, *
     return value
 
 
+def get_number_list(flat: Mapping[str, Any], key: str, noun: str, *, max_items: int, maximum: float, note: str = "") -> tuple[float, ...]:
+    """A list of 1 to ``max_items`` finite numbers in [0, maximum] (``key`` must be present)."""
+    value = flat[key]
+    if not isinstance(value, (list, tuple)) or not 1 <= len(value) <= max_items:
+        raise ValueError(f"{key} must be a list of 1 to {max_items} {noun}{note}, got {_show(value)}")
+    for t in value:
+        if isinstance(t, bool) or not isinstance(t, (int, float)) or not math.isfinite(t) or not 0 <= t <= maximum:
+            raise ValueError(f"{key} must hold {noun} in [0, {maximum:g}], got {_show(t)} in {_show(value)}")
+    return tuple(float(t) for t in value)
+
+
 def get_bool(flat: Mapping[str, Any], key: str, default: bool = False) -> bool:
     """A bool; 0/1 and "true"/"false" are accepted because some transports stringify."""
     if key not in flat:
@@ -387,13 +398,7 @@ class LadderParams:
     def parse(cls, flat: Mapping[str, Any]) -> LadderParams | None:
         if "tts_temperature_ladder" not in flat:
             return None
-        value = flat["tts_temperature_ladder"]
-        if not isinstance(value, (list, tuple)) or not 1 <= len(value) <= LADDER_MAX_RUNGS:
-            raise ValueError(f"tts_temperature_ladder must be a list of 1 to {LADDER_MAX_RUNGS} temperatures, got {_show(value)}")
-        for t in value:
-            if isinstance(t, bool) or not isinstance(t, (int, float)) or not math.isfinite(t) or not 0 <= t <= LADDER_MAX_TEMPERATURE:
-                raise ValueError(f"tts_temperature_ladder must hold temperatures in [0, {LADDER_MAX_TEMPERATURE:g}], got {_show(t)} in {_show(value)}")
-        return cls(tuple(float(t) for t in value))
+        return cls(get_number_list(flat, "tts_temperature_ladder", "temperatures", max_items=LADDER_MAX_RUNGS, maximum=LADDER_MAX_TEMPERATURE))
 
     def temperature(self, index: int) -> float:
         return self.ladder[index % len(self.ladder)]
@@ -423,13 +428,7 @@ class RoEParams:
             if "tts_roe_tau" in flat:
                 raise ValueError(f"give tts_roe_tau (one tau for every MoE layer) or tts_roe_tau_layers (one per MoE layer), not both; "
                                  f"got tts_roe_tau={_show(flat['tts_roe_tau'])} and tts_roe_tau_layers={_show(flat['tts_roe_tau_layers'])}")
-            value = flat["tts_roe_tau_layers"]
-            if not isinstance(value, (list, tuple)) or not 1 <= len(value) <= ROE_MAX_LAYERS:
-                raise ValueError(f"tts_roe_tau_layers must be a list of 1 to {ROE_MAX_LAYERS} taus (one per MoE layer), got {_show(value)}")
-            for t in value:
-                if isinstance(t, bool) or not isinstance(t, (int, float)) or not math.isfinite(t) or not 0 <= t <= ROE_MAX_TAU:
-                    raise ValueError(f"tts_roe_tau_layers must hold taus in [0, {ROE_MAX_TAU:g}], got {_show(t)} in {_show(value)}")
-            layers = tuple(float(t) for t in value)
+            layers = get_number_list(flat, "tts_roe_tau_layers", "taus", max_items=ROE_MAX_LAYERS, maximum=ROE_MAX_TAU, note=" (one per MoE layer)")
             return cls(max(layers), layers) if any(layers) else None
         if "tts_roe_tau" not in flat:
             return None

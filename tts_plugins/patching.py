@@ -83,6 +83,17 @@ def version_in_range(ver: str, min_version: str | None = None, max_version: str 
     return max_version is None or v < _vtuple(max_version)
 
 
+def version_refusal(engine: str, label: str, feature: str, min_version: str, max_version: str, hint: str = "") -> str | None:
+    """Why ``feature`` cannot run on the installed ``engine`` (not installed, or outside the range it was written
+    for), or None. ``hint`` (e.g. " (send ... instead)") ends the range message."""
+    ver = engine_version(engine)
+    if ver is None:
+        return f"{label} is not installed"
+    if not version_in_range(ver, min_version, max_version):
+        return f"{feature} supports {label} >= {min_version}, < {max_version}; this server runs {label} {ver}{hint}"
+    return None
+
+
 def _vtuple(v: str) -> tuple[int, ...]:
     out = []
     for part in v.split("+")[0].split("."):
