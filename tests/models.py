@@ -1,4 +1,9 @@
-"""Where the tests keep the tiny models they build (rebuilt when the recipe changes)."""
+"""Where the tests keep the tiny models they build (rebuilt when the recipe changes).
+
+``dense``, ``multi``, ``moe``, ``eager``, ``wobbly``: random weights, built in a second (:mod:`tts_plugins.tiny`).
+``reasoning``, ``reasoning-moe``: trained on multi-step arithmetic, a few minutes each on first use
+(:mod:`tts_plugins.trained`).
+"""
 
 from __future__ import annotations
 
@@ -6,9 +11,14 @@ import os
 from pathlib import Path
 
 MODELS_DIR = Path(os.environ.get("TTS_TINY_MODELS", Path(__file__).resolve().parent.parent / ".cache" / "tiny"))
+TRAINED = {"reasoning": "dense", "reasoning-moe": "moe"}
 
 
 def tiny_model(variant: str) -> Path:
+    if variant in TRAINED:
+        from tts_plugins.trained import build_reasoning_model
+
+        return build_reasoning_model(MODELS_DIR / variant, TRAINED[variant])
     from tts_plugins.tiny import build_tiny_model
 
     return build_tiny_model(MODELS_DIR / variant, variant)

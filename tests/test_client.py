@@ -136,3 +136,16 @@ def test_cli_reports_an_unreachable_server_and_bad_input(tmp_path):
     f.write_text("[1]\n")
     r = subprocess.run([*cmd, "--url", "http://127.0.0.1:9"], capture_output=True, text=True, timeout=60)
     assert r.returncode == 2 and 'non-empty string "prompt"' in r.stderr, r.stderr
+
+
+def test_short_m_votes_among_chains_that_answered():
+    """With an in-engine group stop, the stopped chains are the short ones and have no answer: short-m@k must count
+    the m shortest chains that did answer."""
+    from tts_plugins.client import Sample
+    from tts_plugins.strategies import _vote
+
+    samples = [Sample("", answer=None, tokens=20), Sample("", answer=None, tokens=21), Sample("", answer="7", tokens=40),
+               Sample("", answer="7", tokens=45), Sample("", answer="9", tokens=30)]
+    vote = _vote(Options(n=5, vote="short_m", m=3), samples, "majority", {})
+    assert (vote.answer, vote.votes, vote.total) == ("7", 2.0, 3.0)
+    assert _vote(Options(n=5, vote="short_m", m=1), samples, "majority", {}).answer == "9"

@@ -1,9 +1,14 @@
-"""Demo: think-token steering in the real vLLM engine on the bundled tiny models.
+"""Demo: the real vLLM engine on the tiny reasoning model trained here, steered per request.
 
 Run ``./dev demo`` (or ``python -m tts_plugins.demo`` where vLLM is installed).
-Builds the tiny models locally (random weights, so the words are noise; the
-structure is the point), starts vLLM on the CPU and sends the same question
-with different per-request ``tts_*`` parameters in one batch.
+On first use it trains the model (a Qwen3 of 1M parameters, about 4 minutes on
+two CPU cores; cached afterwards, see :mod:`tts_plugins.trained`). Then it starts
+vLLM on the CPU and shows, on held-out chained arithmetic:
+
+1. one question, one batch, each request steered only by its own parameters:
+   plain, a thinking cap, a minimum that splices "Wait", NoThinking;
+2. what the cap and the minimum do to accuracy and tokens over 40 problems;
+3. a vote: one sample at temperature 1 against the majority of 8.
 """
 
 from __future__ import annotations
@@ -12,59 +17,68 @@ import os
 import sys
 import tempfile
 import time
+from collections import Counter
 from pathlib import Path
 
+PROBLEMS = 40
 
-def _show(tok, ids: list[int], width: int = 90) -> str:
-    text = tok.decode(ids, skip_special_tokens=False).replace("\n", "\\n")
+
+def _show(text: str, width: int = 100) -> str:
+    text = text.replace("\n", " | ")
     return text if len(text) <= width else text[: width - 3] + "..."
-
-
-def _thinking(tok, ids: list[int]) -> str:
-    for i in range(len(ids)):
-        if "</think>" in tok.decode(ids[: i + 1], skip_special_tokens=False):
-            return str(i)
-    return "no end"
-
-
-def run(model_dir: Path, cases: list[tuple[str, dict]], title: str) -> None:
-    from vllm import LLM, SamplingParams
-
-    t0 = time.perf_counter()
-    llm = LLM(model=str(model_dir), dtype="float32", enforce_eager=True, max_model_len=512, max_num_seqs=8, seed=0)
-    started = time.perf_counter() - t0
-    tok = llm.get_tokenizer()
-    prompt = tok.apply_chat_template([{"role": "user", "content": "What is 17 * 4 - 9?"}], add_generation_prompt=True, tokenize=False)
-    sps = [SamplingParams(temperature=0, max_tokens=28, extra_args=p or None, skip_special_tokens=False) for _, p in cases]
-    outs = llm.generate([prompt] * len(cases), sps, use_tqdm=False)
-    print(f"\n{title}  (engine start {started:.1f}s; one batch of {len(cases)} requests)")
-    print(f"  {'request':<34} {'tokens to </think>':>17}  output (prompt opened <think>)")
-    for (name, params), out in zip(cases, outs):
-        ids = list(out.outputs[0].token_ids)
-        print(f"  {name:<34} {_thinking(tok, ids):>17}  {_show(tok, ids)}")
-    llm.llm_engine.engine_core.shutdown()
-    del llm
 
 
 def main() -> int:
     os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
-    from tts_plugins.tiny import build_tiny_model
+    from tts_plugins import arith
+    from tts_plugins.trained import build_reasoning_model, prompt_text
 
     root = Path(os.environ.get("TTS_TINY_MODELS", Path(tempfile.gettempdir()) / "tts-plugins-tiny"))
-    dense, eager = build_tiny_model(root / "dense", "dense"), build_tiny_model(root / "eager", "eager")
-    run(dense, [
-        ("plain", {}),
-        ("cap: tts_think_max=8", {"tts_think_max": 8}),
-        ("cap 3 + conclusion phrase", {"tts_think_max": 3, "tts_think_conclusion": " Considering the limited time, I have to give the solution now.\n"}),
-        ("NoThinking: tts_no_think=true", {"tts_no_think": True}),
-    ], "Dense tiny model (thinks until something stops it)")
-    run(eager, [
-        ("plain", {}),
-        ("minimum: tts_think_min=6", {"tts_think_min": 6}),
-        ("extend: tts_think_extend=2", {"tts_think_extend": 2, "tts_think_wait": "Hmm"}),
-        ("min 4 + cap 10", {"tts_think_min": 4, "tts_think_max": 10}),
-    ], "Eager tiny model (tries to end thinking at every step)")
-    print("\nSame engine, same batch: each request steered only by its own vllm_xargs / extra_args.")
+    model = build_reasoning_model(root / "reasoning", "dense")
+    from vllm import LLM, SamplingParams
+
+    t0 = time.perf_counter()
+    llm = LLM(model=str(model), dtype="float32", enforce_eager=True, max_model_len=512, max_num_seqs=64, seed=0)
+    print(f"\nvLLM started in {time.perf_counter() - t0:.1f}s on {model}")
+    probs = arith.held_out(PROBLEMS)
+    prompts = [prompt_text(p.question) for p in probs]
+
+    def run(params: dict | None, *, n: int = 1, temperature: float = 0.0, which=range(PROBLEMS)):
+        sps = [SamplingParams(n=n, temperature=temperature, seed=(1000 + i) if temperature else None, max_tokens=200, extra_args=params)
+               for i in which]
+        return llm.generate([prompts[i] for i in which], sps, use_tqdm=False)
+
+    p = probs[0]
+    cases = [("plain", {}), ("cap: tts_think_max=16", {"tts_think_max": 16}), ("minimum: tts_think_min=110", {"tts_think_min": 110}),
+             ("NoThinking: tts_no_think=true", {"tts_no_think": True})]
+    outs = llm.generate([prompts[0]] * len(cases), [SamplingParams(temperature=0, max_tokens=200, extra_args=c or None) for _, c in cases], use_tqdm=False)
+    print(f"\n1. {p.question}   (the answer is {p.answer}; the prompt opens <think>; greedy; one batch)")
+    for (name, _), out in zip(cases, outs):
+        c = out.outputs[0]
+        print(f"  {name:<30} {len(c.token_ids):4d} tokens  answer {arith.extract_answer(c.text)!s:>4}   {_show(c.text)}")
+
+    def score(outs) -> tuple[float, float]:
+        right = sum(arith.extract_answer(o.outputs[0].text) == str(q.answer) for o, q in zip(outs, probs))
+        return right / len(probs), sum(len(o.outputs[0].token_ids) for o in outs) / len(probs)
+
+    print(f"\n2. The cap and the minimum over {PROBLEMS} held-out problems (greedy): accuracy, decode tokens per problem")
+    for name, params in [("plain", None), ("cap 16", {"tts_think_max": 16}), ("cap 48", {"tts_think_max": 48}),
+                         ("minimum 110", {"tts_think_min": 110}), ("NoThinking", {"tts_no_think": True})]:
+        acc, toks = score(run(params))
+        print(f"  {name:<14} accuracy {acc:5.0%}   {toks:6.1f} tokens")
+
+    print("\n3. A vote: 8 samples at temperature 1 per problem")
+    outs = run(None, n=8, temperature=1.0)
+    single = majority = 0
+    for o, q in zip(outs, probs):
+        answers = [arith.extract_answer(c.text) for c in o.outputs]
+        single += sum(a == str(q.answer) for a in answers)
+        majority += Counter(a for a in answers if a is not None).most_common(1)[0][0] == str(q.answer) if any(answers) else 0
+    answers = [arith.extract_answer(c.text) for c in outs[0].outputs]
+    print(f"  problem 1's samples answer {answers}; the majority says {Counter(answers).most_common(1)[0][0]} (right: {probs[0].answer})")
+    print(f"  one sample: {single / (8 * PROBLEMS):.0%} right; majority of 8: {majority / PROBLEMS:.0%} right")
+    print("\nEvery technique against accuracy and tokens: benchmarks/accuracy.py (README, 'What each technique buys').")
+    llm.llm_engine.engine_core.shutdown()
     return 0
 
 

@@ -182,7 +182,8 @@ def _vote(o: Options, samples: Sequence[Sample], default: str, aggregators: Mapp
     if name == "inverse_entropy":
         return aggregate.inverse_entropy_vote(answers, [aggregate.chain_entropy(s.top or []) for s in samples])
     if name == "short_m":
-        shortest = sorted(range(len(samples)), key=lambda i: (samples[i].tokens, i))[: o.m]
+        # a chain without an answer did not finish (cut by max_tokens, or stopped by an in-engine tts_group): rank it last
+        shortest = sorted(range(len(samples)), key=lambda i: (answers[i] is None, samples[i].tokens, i))[: o.m]
         return aggregate.short_m_at_k([answers[i] for i in shortest], [samples[i].tokens for i in shortest])
     rewards = [s.reward if s.reward is not None else 0.0 for s in samples]
     if name == "best_of_n":

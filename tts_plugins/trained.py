@@ -1,0 +1,244 @@
+"""A tiny reasoning model trained here, on this CPU, on :mod:`tts_plugins.arith` chains.
+
+Random-weight models prove the plumbing; this one shows what a technique does to
+accuracy. ``build_reasoning_model(path, "dense" | "moe")`` trains a Qwen3 (dense)
+or Qwen3-MoE model from scratch, with a byte-level BPE tokenizer trained on the
+task (digits are single tokens; ``<think>``/``</think>`` are special tokens), and
+saves it in the Hugging Face format vLLM and SGLang load. It is deterministic
+from the seed for a given torch version and thread count (training pins
+``threads``, default 2), takes about 4 minutes (dense) and 6 minutes (MoE) on
+two cores, and is cached: a directory already built with the same recipe is
+reused, so the demo, the tests and the benchmarks build it once.
+
+The training mix has 2 to 8 steps per chain and operands 1..9; a fifth of the
+solutions re-check their last step after "Wait". At the default evaluation
+difficulty (:data:`tts_plugins.arith.DEFAULT_STEPS` = 8 steps) the model is
+right roughly half the time at temperature 1 and more often greedily, so
+sampling more, voting, calibrating or steering has room to change the score.
+The measured numbers are written to ``tts_reasoning.json`` beside the weights.
+
+    python -m tts_plugins.trained --out /tmp/reasoning-dense --variant dense
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import random
+import shutil
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+from tts_plugins import arith
+
+RECIPE = 1
+SPECIAL = ["<|endoftext|>", "<|im_start|>", "<|im_end|>", "<think>", "</think>"]
+CHAT_TEMPLATE = (
+    "{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}"
+    "{% if add_generation_prompt %}<|im_start|>assistant\n<think>\n{% endif %}"
+)
+# Strings the techniques splice in; the tokenizer learns them as words so they stay short.
+PHRASES = ["Wait", "Hmm", "Alternatively", "Okay, I think I have finished thinking.",
+           "Considering the limited time, I have to give the solution now.", "I have checked this enough; time to answer."]
+TRAIN_STEPS = (2, 8)  # chain lengths in the training mix
+RECHECK = 0.2  # share of solutions that re-check the last step after "Wait"
+VARIANTS = {
+    # hidden 128, 4 layers; the MoE has 4 experts, top 2, in every layer
+    "dense": {"train_steps": 500, "batch": 64, "lr": 3e-3},
+    "moe": {"train_steps": 500, "batch": 64, "lr": 3e-3},
+}
+
+
+def prompt_text(question: str) -> str:
+    """The chat-templated prompt (equal to ``apply_chat_template(..., add_generation_prompt=True)``)."""
+    return f"<|im_start|>user\n{question}<|im_end|>\n<|im_start|>assistant\n<think>\n"
+
+
+def build_tokenizer(path: Path, seed: int):
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    rng = random.Random(f"tokenizer:{seed}")
+    corpus = []
+    for _ in range(2000):
+        p = arith.make_problem(rng, steps=rng.randint(*TRAIN_STEPS))
+        corpus.append(prompt_text(p.question) + p.completion(recheck=rng.random() < RECHECK) + "<|im_end|>\n")
+    tok = Tokenizer(models.BPE())
+    # One token per digit: numbers are spelled the same way in every context, which arithmetic needs.
+    tok.pre_tokenizer = pre_tokenizers.Sequence(
+        [pre_tokenizers.Digits(individual_digits=True), pre_tokenizers.ByteLevel(add_prefix_space=False)]
+    )
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=400, special_tokens=SPECIAL, initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False
+    )
+    tok.train_from_iterator(corpus + PHRASES * 20, trainer=trainer)
+    fast = PreTrainedTokenizerFast(
+        tokenizer_object=tok, eos_token="<|im_end|>", pad_token="<|endoftext|>", bos_token=None, unk_token=None,
+        additional_special_tokens=SPECIAL[1:],
+    )
+    fast.chat_template = CHAT_TEMPLATE
+    fast.save_pretrained(str(path))
+    return fast
+
+
+def make_model(variant: str, tok):
+    from transformers import Qwen3Config, Qwen3ForCausalLM, Qwen3MoeConfig, Qwen3MoeForCausalLM
+
+    common = dict(
+        vocab_size=len(tok), hidden_size=128, num_hidden_layers=4, num_attention_heads=4, num_key_value_heads=2,
+        head_dim=32, max_position_embeddings=1024, rms_norm_eps=1e-6, tie_word_embeddings=False, bos_token_id=None,
+        eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id, torch_dtype="float32",
+    )
+    if variant == "moe":
+        cfg = Qwen3MoeConfig(intermediate_size=256, moe_intermediate_size=128, num_experts=4, num_experts_per_tok=2,
+                             norm_topk_prob=True, decoder_sparse_step=1, router_aux_loss_coef=0.01, **common)
+        return Qwen3MoeForCausalLM(cfg)
+    return Qwen3ForCausalLM(Qwen3Config(intermediate_size=384, **common))
+
+
+def _batch(tok, rng: random.Random, size: int, cache: dict[str, list[int]]):
+    """Token ids, attention mask and labels (prompt positions masked out) for ``size`` fresh problems."""
+    import torch
+
+    seqs, n_prompt = [], []
+    for _ in range(size):
+        p = arith.make_problem(rng, steps=rng.randint(*TRAIN_STEPS))
+        q = prompt_text(p.question)
+        pre = cache.get(q) or cache.setdefault(q, tok(q)["input_ids"])
+        post = tok(p.completion(recheck=rng.random() < RECHECK) + "<|im_end|>")["input_ids"]
+        seqs.append(pre + post)
+        n_prompt.append(len(pre))
+    width = max(map(len, seqs))
+    ids = torch.full((size, width), tok.pad_token_id)
+    labels = torch.full((size, width), -100)
+    mask = torch.zeros(size, width, dtype=torch.long)
+    for i, (s, k) in enumerate(zip(seqs, n_prompt)):
+        ids[i, : len(s)] = torch.tensor(s)
+        mask[i, : len(s)] = 1
+        labels[i, k : len(s)] = ids[i, k : len(s)]
+    return ids, mask, labels
+
+
+def _progress(total: int, desc: str, enabled: bool):
+    try:
+        from tqdm import tqdm
+    except ImportError:  # pragma: no cover - tqdm comes with both engines
+        tqdm = None
+    if not enabled or tqdm is None:
+        class _Quiet:
+            def update(self, n=1): ...
+            def set_postfix_str(self, s): ...
+            def close(self): ...
+        return _Quiet()
+    return tqdm(total=total, desc=desc, unit="step", file=sys.stderr, mininterval=2.0)
+
+
+def train(variant: str, out: Path, *, seed: int = 0, steps: int | None = None, threads: int = 2, progress: bool = True) -> dict[str, Any]:
+    """Train ``variant`` from scratch into ``out`` (tokenizer + safetensors); returns the training record."""
+    import torch
+
+    if variant not in VARIANTS:
+        raise ValueError(f"variant must be one of {', '.join(VARIANTS)}, got {variant!r}")
+    cfg = dict(VARIANTS[variant])
+    if steps is not None:
+        cfg["train_steps"] = steps
+    old_threads = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+        tok = build_tokenizer(out, seed)
+        torch.manual_seed(seed)
+        model = make_model(variant, tok)
+        opt = torch.optim.AdamW(model.parameters(), lr=cfg["lr"], weight_decay=0.01, betas=(0.9, 0.98))
+        sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=cfg["lr"], total_steps=cfg["train_steps"], pct_start=0.05)
+        rng, cache = random.Random(f"train:{seed}"), {}
+        bar = _progress(cfg["train_steps"], f"training the tiny reasoning model ({variant})", progress)
+        t0, losses = time.perf_counter(), []
+        model.train()
+        for step in range(cfg["train_steps"]):
+            ids, mask, labels = _batch(tok, rng, cfg["batch"], cache)
+            kw = {"output_router_logits": True} if variant == "moe" else {}
+            loss = model(input_ids=ids, attention_mask=mask, labels=labels, **kw).loss
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+            opt.step()
+            sched.step()
+            losses.append(float(loss))
+            bar.update()
+            if step % 20 == 0:
+                bar.set_postfix_str(f"loss {losses[-1]:.3f}")
+        bar.close()
+        model.eval()
+        model.generation_config.eos_token_id = tok.eos_token_id
+        model.generation_config.pad_token_id = tok.pad_token_id
+        model.save_pretrained(str(out), safe_serialization=True)
+        return {"variant": variant, "seed": seed, **cfg, "threads": threads, "final_loss": round(sum(losses[-20:]) / min(20, len(losses)), 4),
+                "train_seconds": round(time.perf_counter() - t0, 1), "torch": torch.__version__}
+    finally:
+        torch.set_num_threads(old_threads)
+
+
+def evaluate(path: Path, n: int = 200, temperatures=(0.0, 1.0), steps: int = arith.DEFAULT_STEPS, seed: int = 0) -> dict[str, float]:
+    """Single-sample accuracy on held-out problems with a plain transformers loop (no engine)."""
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(str(path))
+    tok.padding_side = "left"
+    model = AutoModelForCausalLM.from_pretrained(str(path), dtype=torch.float32).eval()
+    probs = arith.held_out(n, steps=steps)
+    enc = tok([prompt_text(p.question) for p in probs], return_tensors="pt", padding=True)
+    result = {}
+    for t in temperatures:
+        torch.manual_seed(seed)
+        sample = {"do_sample": True, "temperature": t, "top_k": 0, "top_p": 1.0} if t > 0 else {"do_sample": False}
+        with torch.no_grad():
+            gen = model.generate(**enc, max_new_tokens=16 * steps + 16, eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id, **sample)
+        texts = tok.batch_decode(gen[:, enc["input_ids"].shape[1]:], skip_special_tokens=True)
+        result[f"accuracy_T{t:g}"] = sum(arith.extract_answer(x) == str(p.answer) for x, p in zip(texts, probs)) / n
+    return result
+
+
+def build_reasoning_model(path: str | os.PathLike, variant: str = "dense", *, seed: int = 0, progress: bool = True, evaluate_n: int = 200) -> Path:
+    """Train (or reuse, when built with the same recipe) the reasoning model at ``path``."""
+    import torch
+
+    path = Path(path)
+    stamp = {"variant": variant, "seed": seed, "recipe": RECIPE, "torch": torch.__version__}
+    marker = path / "tts_reasoning.json"
+    if marker.exists() and {k: v for k, v in json.loads(marker.read_text()).items() if k in stamp} == stamp:
+        return path
+    if progress:
+        print(f"building the tiny reasoning model ({variant}) in {path}: one-time CPU training, a few minutes", file=sys.stderr)
+    tmp = path.with_name(path.name + f".building-{os.getpid()}")
+    shutil.rmtree(tmp, ignore_errors=True)
+    record = train(variant, tmp, seed=seed, progress=progress)
+    if evaluate_n:
+        record.update(evaluate(tmp, n=evaluate_n))
+    (tmp / "tts_reasoning.json").write_text(json.dumps({**stamp, **record}, indent=1))
+    shutil.rmtree(path, ignore_errors=True)
+    tmp.rename(path)  # readers see either no model or a whole one
+    return path
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description="Train the tiny reasoning model (cached; --force retrains).")
+    ap.add_argument("--out", type=Path, required=True)
+    ap.add_argument("--variant", choices=sorted(VARIANTS), default="dense")
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--force", action="store_true")
+    args = ap.parse_args(argv)
+    if args.force:
+        shutil.rmtree(args.out, ignore_errors=True)
+    build_reasoning_model(args.out, args.variant, seed=args.seed)
+    print((args.out / "tts_reasoning.json").read_text())
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
