@@ -179,19 +179,20 @@ def plot(results: list[dict], path: Path, title: str) -> None:
 
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--problems", type=int, default=100, help="held-out problems")
-    ap.add_argument("--k", type=int, default=8, help="samples for the votes, CarBoN and short-m@k")
+    ap.add_argument("--problems", type=int, help="held-out problems (default 100; --quick: 12)")
+    ap.add_argument("--k", type=int, help="samples for the votes, CarBoN and short-m@k (default 8; --quick: 4)")
     ap.add_argument("--roster-k", type=int, default=4)
     ap.add_argument("--seed", type=int, default=1)
     ap.add_argument("--max-tokens", type=int, default=200)
     ap.add_argument("--concurrency", type=int, default=32)
     ap.add_argument("--only", help="comma-separated method names (default: all)")
-    ap.add_argument("--quick", action="store_true", help="12 problems, k=4")
+    ap.add_argument("--quick", action="store_true", help="fewer problems and samples (a smoke run)")
     ap.add_argument("--json", type=Path)
     ap.add_argument("--png", type=Path)
+    ap.add_argument("--markdown", type=Path, help="the results as a Markdown table")
     args = ap.parse_args(argv)
-    if args.quick:
-        args.problems, args.k = 12, 4
+    args.problems = args.problems or (12 if args.quick else 100)
+    args.k = args.k or (4 if args.quick else 8)
 
     from harness import Server as EngineServer
     from models import tiny_model
@@ -213,7 +214,9 @@ def main(argv=None) -> int:
         card = json.loads((path / "tts_reasoning.json").read_text())
         print(f"{model}: {path} (trained in {card['train_seconds']}s; transformers check: greedy {card.get('accuracy_T0')}, "
               f"T=1 {card.get('accuracy_T1')})", flush=True)
-        srv = EngineServer("vllm", path, python=sys.executable, args=("--max-num-seqs", "64"))
+        # A token budget no batch reaches: vLLM 0.32 on CPU dies when it chunks the prefill of a seeded request
+        # (its CPU generator has no offset to rewind), and every request here is seeded.
+        srv = EngineServer("vllm", path, python=sys.executable, args=("--max-num-seqs", "64", "--max-num-batched-tokens", "16384"))
         try:
             results += asyncio.run(run_model(srv.base, mine, problems, args.seed, args.max_tokens, args.concurrency))
         finally:
@@ -227,6 +230,11 @@ def main(argv=None) -> int:
               f"[{r['ci95'][0]:.2f}, {r['ci95'][1]:.2f}]   {r['tokens_per_problem']:14.1f} {r['samples_per_problem']:7.1f}")
     if args.json:
         args.json.write_text(json.dumps(report, indent=1))
+    if args.markdown:
+        lines = ["| model | method | accuracy | 95% interval | decode tokens / problem | samples / problem |", "| --- | --- | ---: | --- | ---: | ---: |"]
+        lines += [f"| {'MoE' if r['model'] == 'reasoning-moe' else 'dense'} | {r['method']} | {r['accuracy']:.2f} | {r['ci95'][0]:.2f} to {r['ci95'][1]:.2f} | "
+                  f"{r['tokens_per_problem']:.0f} | {r['samples_per_problem']:g} |" for r in results]
+        args.markdown.write_text("\n".join(lines) + "\n")
     if args.png:
         plot(results, args.png, f"Held-out arithmetic ({args.problems} problems, {arith.DEFAULT_STEPS} steps), vLLM on CPU, seed {args.seed}")
     return 0

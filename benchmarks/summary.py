@@ -11,6 +11,9 @@ def main(folder: str) -> int:
     misses = []
     for path in sorted(Path(folder).glob("*.json")):
         rows = json.loads(path.read_text())
+        if isinstance(rows, dict):  # a report: its settings, then its rows
+            print(f"\n{path.name}: " + "  ".join(f"{k}={v}" for k, v in rows.items() if k != "results"))
+            rows = rows.get("results", [])
         print(f"\n{path.name}")
         for r in rows:
             fields = {k: (f"{v:.3f}" if isinstance(v, float) else v) for k, v in r.items() if k not in ("vocab",)}

@@ -27,9 +27,12 @@ def test_solution_lines_are_true_and_end_at_the_answer(seed, steps, top):
         assert int(rhs) == t >= 0
     assert p.answer == t
     assert eval(p.question.removeprefix("Compute ").removesuffix(".")) == p.answer  # the question means what it says
-    text = p.completion(recheck=True)
-    assert text.endswith(f"</think>\n\nAnswer: {t}") and f"Wait, {p.steps()[-1]}\n" in text
+    text = p.completion(rechecks=2)
+    assert text.endswith(f"</think>\n\nAnswer: {t}") and text.count(f"Wait, {p.steps()[-1]}\n") == 2
     assert arith.extract_answer(text) == str(t)
+    cut = p.cut_completion(len(p.steps()[0]) // 2)
+    assert cut.startswith(p.steps()[0][: len(p.steps()[0]) // 2] + "\n</think>") and arith.extract_answer(cut) == str(t)
+    assert arith.extract_answer(p.no_think_completion()) == str(t)
 
 
 def test_problem_sets_are_pure_functions_of_their_arguments():
@@ -81,3 +84,24 @@ def test_training_is_a_pure_function_of_the_seed(tmp_path: Path, variant):
 def test_unknown_variant_is_refused(tmp_path):
     with pytest.raises(ValueError, match="variant must be one of dense, moe, got 'big'"):
         trained.train("big", tmp_path)
+
+
+def test_only_what_the_model_writes_carries_loss(tokenizer):
+    """The prompt and what an engine would force (a cap's end of thinking, NoThinking's prefill) are context, not
+    target; everything else the model writes is learned, end-of-turn included."""
+    ids, mask, labels = trained._batch(tokenizer, random.Random(0), 200, {})
+    learned = labels != -100
+    assert (labels[learned] == ids[learned]).all() and not (learned & (mask == 0)).any()
+    start, end, eot = (tokenizer.convert_tokens_to_ids(t) for t in ("<think>", "</think>", "<|im_end|>"))
+    forced_end = 0
+    for row in range(ids.shape[0]):
+        n = int(mask[row].sum())
+        toks = ids[row, :n].tolist()
+        opened = toks.index(start)
+        assert not learned[row, : opened + 2].any()  # the prompt, through "<think>\n"
+        assert toks.count(end) == 1 and learned[row, n - 1] and toks[-1] == eot
+        closed = toks.index(end)
+        forced_end += not learned[row, closed]
+        text = tokenizer.decode([t for t, keep in zip(toks, learned[row, :n].tolist()) if keep])
+        assert "finished thinking" not in text
+    assert 10 <= forced_end <= 40  # about 13% of 200: the cut and the unthought solutions

@@ -15,7 +15,10 @@ and a worked solution is a thinking block with one line per step, then the answe
     Answer: 17
 
 Some solutions re-check their last step after a "Wait" (``Wait, 9 + 8 = 17``), so a
-model trained on them knows what to do when budget forcing splices "Wait" in.
+model trained on them knows what to do when budget forcing splices "Wait" in; some
+are cut short (:meth:`Problem.cut_completion`) or skip the thinking
+(:meth:`Problem.no_think_completion`), so that a thinking cap or NoThinking is
+followed by an answer rather than by more thinking.
 Difficulty is two numbers: ``steps`` (operations per chain) and ``max_operand``
 (operands are drawn from 1..max_operand). The running total never goes below 0.
 Everything is a pure function of its seed.
@@ -61,15 +64,25 @@ class Problem:
             t = nxt
         return lines
 
-    def thinking(self, recheck: bool = False) -> str:
+    def thinking(self, rechecks: int = 0) -> str:
         lines = self.steps()
-        if recheck:
-            lines.append(f"Wait, {lines[-1]}")
+        lines += [f"Wait, {lines[-1]}"] * rechecks
         return "\n".join(lines)
 
-    def completion(self, recheck: bool = False) -> str:
-        """The assistant's text after the prompt (which already opened ``<think>\\n``)."""
-        return f"{self.thinking(recheck)}\n</think>\n\nAnswer: {self.answer}"
+    def completion(self, rechecks: int = 0) -> str:
+        """The assistant's text after the prompt (which already opened ``<think>\\n``).
+
+        ``rechecks``: how many times the last step is re-checked after "Wait" before the thinking ends."""
+        return f"{self.thinking(rechecks)}\n</think>\n\nAnswer: {self.answer}"
+
+    def cut_completion(self, chars: int) -> str:
+        """The thinking cut after ``chars`` characters, closed as a thinking cap closes it (``"\\n</think>"``),
+        then the answer: what a model should still do when its thinking is cut short."""
+        return f"{self.thinking()[:chars]}\n</think>\n\nAnswer: {self.answer}"
+
+    def no_think_completion(self, text: str = "Okay, I think I have finished thinking.") -> str:
+        """NoThinking's prefill, then the answer."""
+        return f"{text}\n</think>\n\nAnswer: {self.answer}"
 
     def to_json(self, pid: str) -> dict:
         """A line of the ``tts run`` input format."""

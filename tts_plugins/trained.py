@@ -11,7 +11,12 @@ two cores, and is cached: a directory already built with the same recipe is
 reused, so the demo, the tests and the benchmarks build it once.
 
 The training mix has 2 to 8 steps per chain and operands 1..9; a fifth of the
-solutions re-check their last step after "Wait". At the default evaluation
+solutions re-check their last step after "Wait" (1 to 3 times), a tenth are cut
+short at a random character and closed with ``"\n</think>"`` as a thinking cap
+closes them, then answered (the forced tokens carry no loss, so the model does not
+learn to cut its own thinking short), and 3% answer right after NoThinking's prefill. So a
+cap, a minimum or NoThinking leads to an answer (a guess, when the thinking was
+cut), as in a real reasoning model, rather than to text the model never saw. At the default evaluation
 difficulty (:data:`tts_plugins.arith.DEFAULT_STEPS` = 8 steps) the model is
 right roughly half the time at temperature 1 and more often greedily, so
 sampling more, voting, calibrating or steering has room to change the score.
@@ -34,7 +39,7 @@ from typing import Any
 
 from tts_plugins import arith
 
-RECIPE = 1
+RECIPE = 3
 SPECIAL = ["<|endoftext|>", "<|im_start|>", "<|im_end|>", "<think>", "</think>"]
 CHAT_TEMPLATE = (
     "{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}"
@@ -44,9 +49,12 @@ CHAT_TEMPLATE = (
 PHRASES = ["Wait", "Hmm", "Alternatively", "Okay, I think I have finished thinking.",
            "Considering the limited time, I have to give the solution now.", "I have checked this enough; time to answer."]
 TRAIN_STEPS = (2, 8)  # chain lengths in the training mix
-RECHECK = 0.2  # share of solutions that re-check the last step after "Wait"
+RECHECK = 0.2  # share of solutions that re-check the last step after "Wait" (1 to 3 times)
+CUT = 0.1  # share whose thinking is cut at a random character and closed, then answered (what a cap leaves)
+NO_THINK = 0.03  # share that answer right after NoThinking's prefill
 VARIANTS = {
-    # hidden 128, 4 layers; the MoE has 4 experts, top 2, in every layer
+    # hidden 128, 4 layers; the MoE has 4 experts of width 64, top 2, in every layer (as many active MLP weights as
+    # the dense model's third: more would make it right nearly always at temperature 1)
     "dense": {"train_steps": 500, "batch": 64, "lr": 3e-3},
     "moe": {"train_steps": 500, "batch": 64, "lr": 3e-3},
 }
@@ -57,6 +65,25 @@ def prompt_text(question: str) -> str:
     return f"<|im_start|>user\n{question}<|im_end|>\n<|im_start|>assistant\n<think>\n"
 
 
+def completion(p: arith.Problem, rng: random.Random) -> list[tuple[str, bool]]:
+    """One training target for ``p`` as ``(text, learned)`` segments: mostly the worked solution, sometimes
+    re-checked, cut short, or unthought.
+
+    What an engine forces (a cap's ``"\\n</think>"``, NoThinking's prefill) is context, not target: its tokens
+    carry no loss, so the model learns what to do after a cut without learning to cut its own thinking short.
+    Each segment is tokenized on its own, as the engine encodes a forced string on its own.
+    """
+    u, end = rng.random(), "<|im_end|>"
+    if u < CUT:
+        think = p.thinking()[: rng.randrange(len(p.thinking()))]
+        return [(think, True), ("\n</think>", False), (f"\n\nAnswer: {p.answer}{end}", True)]
+    if u < CUT + NO_THINK:
+        return [("Okay, I think I have finished thinking.\n</think>", False), (f"\n\nAnswer: {p.answer}{end}", True)]
+    if u < CUT + NO_THINK + RECHECK:
+        return [(p.completion(rechecks=rng.randint(1, 3)) + end, True)]
+    return [(p.completion() + end, True)]
+
+
 def build_tokenizer(path: Path, seed: int):
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
     from transformers import PreTrainedTokenizerFast
@@ -65,7 +92,7 @@ def build_tokenizer(path: Path, seed: int):
     corpus = []
     for _ in range(2000):
         p = arith.make_problem(rng, steps=rng.randint(*TRAIN_STEPS))
-        corpus.append(prompt_text(p.question) + p.completion(recheck=rng.random() < RECHECK) + "<|im_end|>\n")
+        corpus.append(prompt_text(p.question) + "".join(t for t, _ in completion(p, rng)) + "\n")
     tok = Tokenizer(models.BPE())
     # One token per digit: numbers are spelled the same way in every context, which arithmetic needs.
     tok.pre_tokenizer = pre_tokenizers.Sequence(
@@ -94,32 +121,36 @@ def make_model(variant: str, tok):
         eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id, torch_dtype="float32",
     )
     if variant == "moe":
-        cfg = Qwen3MoeConfig(intermediate_size=256, moe_intermediate_size=128, num_experts=4, num_experts_per_tok=2,
+        cfg = Qwen3MoeConfig(intermediate_size=256, moe_intermediate_size=64, num_experts=4, num_experts_per_tok=2,
                              norm_topk_prob=True, decoder_sparse_step=1, router_aux_loss_coef=0.01, **common)
         return Qwen3MoeForCausalLM(cfg)
     return Qwen3ForCausalLM(Qwen3Config(intermediate_size=384, **common))
 
 
 def _batch(tok, rng: random.Random, size: int, cache: dict[str, list[int]]):
-    """Token ids, attention mask and labels (prompt positions masked out) for ``size`` fresh problems."""
+    """Token ids, attention mask and labels (prompt and forced positions masked out) for ``size`` fresh problems."""
     import torch
 
-    seqs, n_prompt = [], []
+    seqs, learn = [], []
     for _ in range(size):
         p = arith.make_problem(rng, steps=rng.randint(*TRAIN_STEPS))
         q = prompt_text(p.question)
-        pre = cache.get(q) or cache.setdefault(q, tok(q)["input_ids"])
-        post = tok(p.completion(recheck=rng.random() < RECHECK) + "<|im_end|>")["input_ids"]
-        seqs.append(pre + post)
-        n_prompt.append(len(pre))
+        ids = list(cache.get(q) or cache.setdefault(q, tok(q)["input_ids"]))
+        mask = [False] * len(ids)
+        for text, learned in completion(p, rng):
+            part = tok(text)["input_ids"] if text else []
+            ids += part
+            mask += [learned] * len(part)
+        seqs.append(ids)
+        learn.append(mask)
     width = max(map(len, seqs))
     ids = torch.full((size, width), tok.pad_token_id)
     labels = torch.full((size, width), -100)
     mask = torch.zeros(size, width, dtype=torch.long)
-    for i, (s, k) in enumerate(zip(seqs, n_prompt)):
+    for i, (s, keep) in enumerate(zip(seqs, learn)):
         ids[i, : len(s)] = torch.tensor(s)
         mask[i, : len(s)] = 1
-        labels[i, k : len(s)] = ids[i, k : len(s)]
+        labels[i, : len(s)] = torch.where(torch.tensor(keep), ids[i, : len(s)], -100)
     return ids, mask, labels
 
 
