@@ -6,19 +6,22 @@ or Qwen3-MoE model from scratch, with a byte-level BPE tokenizer trained on the
 task (digits are single tokens; ``<think>``/``</think>`` are special tokens), and
 saves it in the Hugging Face format vLLM and SGLang load. It is deterministic
 from the seed for a given torch version and thread count (training pins
-``threads``, default 2), takes about 4 minutes (dense) and 6 minutes (MoE) on
-two cores, and is cached: a directory already built with the same recipe is
+``threads``, default 2), takes a few minutes on two cores, and is cached: a directory already built with the same recipe is
 reused, so the demo, the tests and the benchmarks build it once.
 
 The training mix has 2 to 8 steps per chain and operands 1..9; a fifth of the
 solutions re-check their last step after "Wait" (1 to 3 times), a tenth are cut
 short at a random character and closed with ``"\n</think>"`` as a thinking cap
-closes them, then answered (the forced tokens carry no loss, so the model does not
-learn to cut its own thinking short), and 3% answer right after NoThinking's prefill. So a
-cap, a minimum or NoThinking leads to an answer (a guess, when the thinking was
-cut), as in a real reasoning model, rather than to text the model never saw. At the default evaluation
-difficulty (:data:`tts_plugins.arith.DEFAULT_STEPS` = 8 steps) the model is
-right roughly half the time at temperature 1 and more often greedily, so
+closes them, then answered, and 3% answer right after NoThinking's prefill (the
+forced tokens carry no loss, so the model does not learn to cut its own thinking
+short). So a cap, a minimum or NoThinking leads to an answer (a guess, when the
+thinking was cut), as in a real reasoning model, rather than to text the model
+never saw.
+
+Training stops at the first validation check where single-sample accuracy at
+temperature 1 reaches 45% (see ``TARGET``): the model is then right about half
+the time at temperature 1 on held-out problems at the default difficulty
+(:data:`tts_plugins.arith.DEFAULT_STEPS` = 8 steps), more often greedily, so
 sampling more, voting, calibrating or steering has room to change the score.
 The measured numbers are written to ``tts_reasoning.json`` beside the weights.
 
@@ -39,7 +42,7 @@ from typing import Any
 
 from tts_plugins import arith
 
-RECIPE = 3
+RECIPE = 4
 SPECIAL = ["<|endoftext|>", "<|im_start|>", "<|im_end|>", "<think>", "</think>"]
 CHAT_TEMPLATE = (
     "{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}"
@@ -49,14 +52,19 @@ CHAT_TEMPLATE = (
 PHRASES = ["Wait", "Hmm", "Alternatively", "Okay, I think I have finished thinking.",
            "Considering the limited time, I have to give the solution now.", "I have checked this enough; time to answer."]
 TRAIN_STEPS = (2, 8)  # chain lengths in the training mix
+# Early stop: training ends at the first check where single-sample accuracy at temperature 1 on a validation set
+# (disjoint from the held-out problems) reaches TARGET. These models learn the task abruptly (the lookup of the
+# k-th operator in the question), from under 20% to over 90% within ~200 steps, so a fixed step count would land
+# anywhere in that range depending on the seed; stopping on validation lands in the range we want for any seed.
+TARGET, CHECK_FROM, CHECK_EVERY, VALIDATION = 0.45, 300, 25, 64
 RECHECK = 0.2  # share of solutions that re-check the last step after "Wait" (1 to 3 times)
 CUT = 0.1  # share whose thinking is cut at a random character and closed, then answered (what a cap leaves)
 NO_THINK = 0.03  # share that answer right after NoThinking's prefill
 VARIANTS = {
     # hidden 128, 4 layers; the MoE has 4 experts of width 64, top 2, in every layer (as many active MLP weights as
     # the dense model's third: more would make it right nearly always at temperature 1)
-    "dense": {"train_steps": 500, "batch": 64, "lr": 3e-3},
-    "moe": {"train_steps": 500, "batch": 64, "lr": 3e-3},
+    "dense": {"train_steps": 900, "batch": 64, "lr": 3e-3},
+    "moe": {"train_steps": 900, "batch": 64, "lr": 3e-3},
 }
 
 
@@ -168,8 +176,27 @@ def _progress(total: int, desc: str, enabled: bool):
     return tqdm(total=total, desc=desc, unit="step", file=sys.stderr, mininterval=2.0)
 
 
-def train(variant: str, out: Path, *, seed: int = 0, steps: int | None = None, threads: int = 2, progress: bool = True) -> dict[str, Any]:
-    """Train ``variant`` from scratch into ``out`` (tokenizer + safetensors); returns the training record."""
+def accuracy(model, tok, problems: list[arith.Problem], temperature: float, seed: int = 0) -> float:
+    """Single-sample accuracy with a plain transformers loop (left-padded batch; T=0 is greedy)."""
+    import torch
+
+    tok.padding_side = "left"
+    enc = tok([prompt_text(p.question) for p in problems], return_tensors="pt", padding=True)
+    torch.manual_seed(seed)
+    sample = {"do_sample": True, "temperature": temperature, "top_k": 0, "top_p": 1.0} if temperature > 0 else {"do_sample": False}
+    steps = max(len(p.ops) for p in problems)
+    with torch.no_grad():
+        gen = model.generate(**enc, max_new_tokens=16 * steps + 16, eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id, **sample)
+    texts = tok.batch_decode(gen[:, enc["input_ids"].shape[1]:], skip_special_tokens=True)
+    return sum(arith.extract_answer(x) == str(p.answer) for x, p in zip(texts, problems)) / len(problems)
+
+
+def train(variant: str, out: Path, *, seed: int = 0, steps: int | None = None, threads: int = 2, progress: bool = True,
+          target: float | None = TARGET) -> dict[str, Any]:
+    """Train ``variant`` from scratch into ``out`` (tokenizer + safetensors); returns the training record.
+
+    ``steps``: the most optimizer steps; ``target``: stop at the first validation check (every
+    ``CHECK_EVERY`` steps from ``CHECK_FROM``) whose accuracy at temperature 1 reaches it (None: never)."""
     import torch
 
     if variant not in VARIANTS:
@@ -188,7 +215,8 @@ def train(variant: str, out: Path, *, seed: int = 0, steps: int | None = None, t
         sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=cfg["lr"], total_steps=cfg["train_steps"], pct_start=0.05)
         rng, cache = random.Random(f"train:{seed}"), {}
         bar = _progress(cfg["train_steps"], f"training the tiny reasoning model ({variant})", progress)
-        t0, losses = time.perf_counter(), []
+        t0, losses, checks = time.perf_counter(), [], []
+        validation = arith.problems(VALIDATION, seed=-2)
         model.train()
         for step in range(cfg["train_steps"]):
             ids, mask, labels = _batch(tok, rng, cfg["batch"], cache)
@@ -203,12 +231,20 @@ def train(variant: str, out: Path, *, seed: int = 0, steps: int | None = None, t
             bar.update()
             if step % 20 == 0:
                 bar.set_postfix_str(f"loss {losses[-1]:.3f}")
+            done = step + 1
+            if target is not None and done >= CHECK_FROM and done % CHECK_EVERY == 0:
+                model.eval()
+                checks.append((done, accuracy(model, tok, validation, 1.0, seed=seed)))
+                model.train()
+                bar.set_postfix_str(f"loss {losses[-1]:.3f}, validation {checks[-1][1]:.2f}")
+                if checks[-1][1] >= target:
+                    break
         bar.close()
         model.eval()
         model.generation_config.eos_token_id = tok.eos_token_id
         model.generation_config.pad_token_id = tok.pad_token_id
         model.save_pretrained(str(out), safe_serialization=True)
-        return {"variant": variant, "seed": seed, **cfg, "threads": threads, "final_loss": round(sum(losses[-20:]) / min(20, len(losses)), 4),
+        return {"variant": variant, "seed": seed, **cfg, "steps_done": done, "target": target, "validation_T1": checks, "threads": threads, "final_loss": round(sum(losses[-20:]) / min(20, len(losses)), 4),
                 "train_seconds": round(time.perf_counter() - t0, 1), "torch": torch.__version__}
     finally:
         torch.set_num_threads(old_threads)
@@ -220,19 +256,9 @@ def evaluate(path: Path, n: int = 200, temperatures=(0.0, 1.0), steps: int = ari
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     tok = AutoTokenizer.from_pretrained(str(path))
-    tok.padding_side = "left"
     model = AutoModelForCausalLM.from_pretrained(str(path), dtype=torch.float32).eval()
     probs = arith.held_out(n, steps=steps)
-    enc = tok([prompt_text(p.question) for p in probs], return_tensors="pt", padding=True)
-    result = {}
-    for t in temperatures:
-        torch.manual_seed(seed)
-        sample = {"do_sample": True, "temperature": t, "top_k": 0, "top_p": 1.0} if t > 0 else {"do_sample": False}
-        with torch.no_grad():
-            gen = model.generate(**enc, max_new_tokens=16 * steps + 16, eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id, **sample)
-        texts = tok.batch_decode(gen[:, enc["input_ids"].shape[1]:], skip_special_tokens=True)
-        result[f"accuracy_T{t:g}"] = sum(arith.extract_answer(x) == str(p.answer) for x, p in zip(texts, probs)) / n
-    return result
+    return {f"accuracy_T{t:g}": accuracy(model, tok, probs, t, seed) for t in temperatures}
 
 
 def build_reasoning_model(path: str | os.PathLike, variant: str = "dense", *, seed: int = 0, progress: bool = True, evaluate_n: int = 200) -> Path:
