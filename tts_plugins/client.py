@@ -188,7 +188,10 @@ class Server:
         self.base_url = self.base_url.rstrip("/")
         if self.base_url.endswith("/v1"):
             self.base_url = self.base_url[: -len("/v1")]
-        self._client = httpx.AsyncClient(timeout=self.timeout, headers={"Authorization": f"Bearer {self.api_key}"})
+        # Idle connections are dropped before the servers' own keep-alive timeout (uvicorn: 5 s), so a request is
+        # not sent on a connection the server is closing at that moment.
+        self._client = httpx.AsyncClient(timeout=self.timeout, headers={"Authorization": f"Bearer {self.api_key}"},
+                                         limits=httpx.Limits(keepalive_expiry=2.0))
         self._slots = asyncio.Semaphore(self.concurrency)
         try:
             if self.model is None:
@@ -263,7 +266,11 @@ class Server:
         async with self._slots:
             self.requests_sent += 1
             try:
-                r = await self._client.post(self.base_url + "/v1/chat/completions", json=body)
+                try:
+                    r = await self._client.post(self.base_url + "/v1/chat/completions", json=body)
+                except (httpx.ReadError, httpx.RemoteProtocolError):
+                    # a pooled connection closed under us (the server got no request, or lost the connection): once more
+                    r = await self._client.post(self.base_url + "/v1/chat/completions", json=body)
             except asyncio.CancelledError:
                 self.cancelled += 1
                 raise

@@ -1,7 +1,7 @@
 """Demo: the real vLLM engine on the tiny reasoning model trained here, steered per request.
 
 Run ``./dev demo`` (or ``python -m tts_plugins.demo`` where vLLM is installed).
-On first use it trains the model (a Qwen3 of 1M parameters, about 4 minutes on
+On first use it trains the model (a 4-layer Qwen3, about 5 minutes on
 two CPU cores; cached afterwards, see :mod:`tts_plugins.trained`). Then it starts
 vLLM on the CPU and shows, on held-out chained arithmetic:
 
@@ -23,9 +23,10 @@ from pathlib import Path
 PROBLEMS = 40
 
 
-def _show(text: str, width: int = 100) -> str:
-    text = text.replace("\n", " | ")
-    return text if len(text) <= width else text[: width - 3] + "..."
+def _show(text: str, width: int = 110) -> str:
+    """One line: the beginning and the end (where the re-checks and the answer are)."""
+    text = text.replace("\n", " / ")
+    return text if len(text) <= width else text[:38] + " ... " + text[-(width - 43):]
 
 
 def main() -> int:
@@ -51,7 +52,7 @@ def main() -> int:
     p = probs[0]
     cases = [("plain", {}), ("cap: tts_think_max=16", {"tts_think_max": 16}), ("minimum: tts_think_min=110", {"tts_think_min": 110}),
              ("NoThinking: tts_no_think=true", {"tts_no_think": True})]
-    outs = llm.generate([prompts[0]] * len(cases), [SamplingParams(temperature=0, max_tokens=200, extra_args=c or None) for _, c in cases], use_tqdm=False)
+    outs = llm.generate([prompts[0]] * len(cases), [SamplingParams(temperature=0, max_tokens=200, extra_args=c or None, skip_special_tokens=False) for _, c in cases], use_tqdm=False)
     print(f"\n1. {p.question}   (the answer is {p.answer}; the prompt opens <think>; greedy; one batch)")
     for (name, _), out in zip(cases, outs):
         c = out.outputs[0]
