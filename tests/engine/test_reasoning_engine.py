@@ -87,7 +87,7 @@ def test_accuracy_benchmark_runs_end_to_end(engines, tmp_path):
     out, png = tmp_path / "acc.json", tmp_path / "acc.png"
     r = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "accuracy.py"), "--quick", "--problems", "6", "--json", str(out), "--png", str(png)],
                        capture_output=True, text=True, timeout=1200, cwd=tmp_path)
-    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+    assert r.returncode == 0, r.stderr[-3000:] + "\n--- stdout ---\n" + r.stdout[-2000:]
     report = json.loads(out.read_text())
     rows = {x["method"]: x for x in report["results"]}
     assert len(rows) == 25 and png.stat().st_size > 10_000
