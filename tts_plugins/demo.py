@@ -17,7 +17,6 @@ import os
 import sys
 import tempfile
 import time
-from collections import Counter
 from pathlib import Path
 
 PROBLEMS = 40
@@ -31,7 +30,7 @@ def _show(text: str, width: int = 110) -> str:
 
 def main() -> int:
     os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
-    from tts_plugins import arith
+    from tts_plugins import aggregate, arith
     from tts_plugins.trained import build_reasoning_model, prompt_text
 
     root = Path(os.environ.get("TTS_TINY_MODELS", Path(tempfile.gettempdir()) / "tts-plugins-tiny"))
@@ -74,9 +73,9 @@ def main() -> int:
     for o, q in zip(outs, probs):
         answers = [arith.extract_answer(c.text) for c in o.outputs]
         single += sum(a == str(q.answer) for a in answers)
-        majority += Counter(a for a in answers if a is not None).most_common(1)[0][0] == str(q.answer) if any(answers) else 0
+        majority += aggregate.majority(answers).answer == str(q.answer)
     answers = [arith.extract_answer(c.text) for c in outs[0].outputs]
-    print(f"  problem 1's samples answer {answers}; the majority says {Counter(answers).most_common(1)[0][0]} (right: {probs[0].answer})")
+    print(f"  problem 1's samples answer {answers}; the majority says {aggregate.majority(answers).answer} (right: {probs[0].answer})")
     print(f"  one sample: {single / (8 * PROBLEMS):.0%} right; majority of 8: {majority / PROBLEMS:.0%} right")
     print("\nEvery technique against accuracy and tokens: benchmarks/accuracy.py (README, 'What each technique buys').")
     llm.llm_engine.engine_core.shutdown()

@@ -40,14 +40,11 @@ import time
 from pathlib import Path
 from typing import Any
 
-from tts_plugins import arith
+from tts_plugins import arith, tiny
 
 RECIPE = 4
-SPECIAL = ["<|endoftext|>", "<|im_start|>", "<|im_end|>", "<think>", "</think>"]
-CHAT_TEMPLATE = (
-    "{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}"
-    "{% if add_generation_prompt %}<|im_start|>assistant\n<think>\n{% endif %}"
-)
+SPECIAL = tiny.SPECIAL + tiny.THINK  # the tiny models' special tokens and chat template, so every tool treats them alike
+CHAT_TEMPLATE = tiny.CHAT_TEMPLATE
 # Strings the techniques splice in; the tokenizer learns them as words so they stay short.
 PHRASES = ["Wait", "Hmm", "Alternatively", "Okay, I think I have finished thinking.",
            "Considering the limited time, I have to give the solution now.", "I have checked this enough; time to answer."]
@@ -163,17 +160,9 @@ def _batch(tok, rng: random.Random, size: int, cache: dict[str, list[int]]):
 
 
 def _progress(total: int, desc: str, enabled: bool):
-    try:
-        from tqdm import tqdm
-    except ImportError:  # pragma: no cover - tqdm comes with both engines
-        tqdm = None
-    if not enabled or tqdm is None:
-        class _Quiet:
-            def update(self, n=1): ...
-            def set_postfix_str(self, s): ...
-            def close(self): ...
-        return _Quiet()
-    return tqdm(total=total, desc=desc, unit="step", file=sys.stderr, mininterval=2.0)
+    from tqdm import tqdm  # a dependency of transformers
+
+    return tqdm(total=total, desc=desc, unit="step", file=sys.stderr, mininterval=2.0, disable=not enabled)
 
 
 def accuracy(model, tok, problems: list[arith.Problem], temperature: float, seed: int = 0) -> float:
