@@ -1,9 +1,9 @@
 """Accuracy against decode tokens for every technique, on the trained tiny reasoning models, in the real vLLM engine.
 
-Held-out multi-step arithmetic (:mod:`tts_plugins.arith`, the default difficulty),
-the trained models (:mod:`tts_plugins.trained`; built on first use), one vLLM
+Held-out multi-step arithmetic (:mod:`tts_plugins.models.arith`, the default difficulty),
+the trained models (:mod:`tts_plugins.models.trained`; built on first use), one vLLM
 OpenAI server per model, and every request sent through the project's client
-(:class:`tts_plugins.client.Server`, :func:`tts_plugins.strategies.run_problem`).
+(:class:`tts_plugins.client.Server`, :func:`tts_plugins.client.strategies.run_problem`).
 Per method: accuracy with a 95% bootstrap interval over problems, decode tokens
 per problem (every sample's tokens, stopped ones included), samples per problem.
 
@@ -41,7 +41,7 @@ class Method:
     name: str
     family: str
     model: str = "reasoning"
-    options: dict[str, Any] = field(default_factory=dict)  # tts_plugins.strategies.Options fields
+    options: dict[str, Any] = field(default_factory=dict)  # tts_plugins.client.strategies.Options fields
     per_problem: Any = None  # pid -> extra tts_* params (group and roster names)
     roster: tuple[float, ...] | None = None  # greedy roster: one request per member, these taus
 
@@ -93,8 +93,8 @@ def bootstrap(correct: list[bool], resamples: int = 2000, seed: int = 0) -> tupl
 
 
 async def run_method(server, method: Method, problems: list[dict], seed: int, max_tokens: int) -> list[dict]:
-    from tts_plugins import aggregate
-    from tts_plugins.strategies import Options, run_problem
+    from tts_plugins.client import aggregate
+    from tts_plugins.client.strategies import Options, run_problem
 
     async def one(p: dict) -> dict:
         if method.roster is not None:
@@ -118,7 +118,7 @@ async def run_method(server, method: Method, problems: list[dict], seed: int, ma
 
 
 async def run_model(base: str, todo: list[Method], problems: list[dict], seed: int, max_tokens: int, concurrency: int) -> list[dict]:
-    from tts_plugins import arith
+    from tts_plugins.models import arith
     from tts_plugins.client import Server
 
     out = []
@@ -197,7 +197,7 @@ def main(argv=None) -> int:
     from harness import Server as EngineServer
     from models import tiny_model
 
-    from tts_plugins import arith
+    from tts_plugins.models import arith
 
     problems = [p.to_json(f"h{i}") for i, p in enumerate(arith.held_out(args.problems))]
     todo = methods(args.k, args.roster_k)

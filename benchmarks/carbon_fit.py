@@ -19,7 +19,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
 from test_carbon_fit import V, synthetic  # noqa: E402
 
 import test_carbon_fit  # noqa: E402
-from tts_plugins.carbon import fit_calibration  # noqa: E402
+from tts_plugins.client.calibration import fit_calibration  # noqa: E402
 
 
 def one(t_true: float, bias_true: dict[int, float], n: int, seed: int) -> tuple[float, float]:

@@ -46,7 +46,7 @@ def main(argv=None) -> int:
     os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
     from vllm import LLM, SamplingParams
 
-    from tts_plugins.tiny import build_tiny_model
+    from tts_plugins.models.tiny import build_tiny_model
 
     model = str(build_tiny_model(Path(tempfile.gettempdir()) / "tts-plugins-tiny" / "wobbly", "wobbly"))
     llm = LLM(model=model, dtype="float32", enforce_eager=True, max_model_len=512, max_num_seqs=max(16, args.k), seed=0)

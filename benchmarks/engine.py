@@ -133,7 +133,7 @@ def main(argv=None) -> int:
         ap.error(f"unknown case {unknown[0]!r}; expected one of {', '.join(CONFIGS)}")
     if args.quick:
         args.reps, args.tokens = 3, 32
-    from tts_plugins.tiny import build_tiny_model
+    from tts_plugins.models.tiny import build_tiny_model
 
     model = str(build_tiny_model(Path(tempfile.gettempdir()) / "tts-plugins-tiny" / "dense", "dense"))
     print(f"[{args.engine}] batch {args.batch}, {args.tokens} tokens a request, {args.reps} repetitions", flush=True)

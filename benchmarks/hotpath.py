@@ -105,7 +105,7 @@ def cases(tok):
 def bench(args) -> list[dict]:
     from transformers import AutoTokenizer
 
-    from tts_plugins.tiny import build_tiny_model
+    from tts_plugins.models.tiny import build_tiny_model
 
     device = torch.device(args.device)
     model_dir = build_tiny_model(Path(tempfile.gettempdir()) / "tts-plugins-tiny" / "dense", "dense")
@@ -149,7 +149,7 @@ def host_step_cost(args) -> list[dict]:
     """Per-step host cost of the token state machines (trigger checks included), per opted-in row."""
     from transformers import AutoTokenizer
 
-    from tts_plugins.tiny import build_tiny_model
+    from tts_plugins.models.tiny import build_tiny_model
 
     model_dir = build_tiny_model(Path(tempfile.gettempdir()) / "tts-plugins-tiny" / "dense", "dense")
     tok = AutoTokenizer.from_pretrained(str(model_dir))

@@ -109,7 +109,7 @@ def main(argv=None) -> int:
     args = ap.parse_args(argv)
     if args.quick:
         args.reps, args.tokens = 3, 32
-    from tts_plugins.tiny import build_tiny_model
+    from tts_plugins.models.tiny import build_tiny_model
 
     model = str(build_tiny_model(Path(tempfile.gettempdir()) / "tts-plugins-tiny" / "moe", "moe"))
     ctx = mp.get_context("spawn")

@@ -6,7 +6,7 @@ temperature T and a shift of the final hidden state, ``z' = (z + W delta) / T``.
 Our choice (see ``../shared`` technique card 4): the equivalent vocabulary-space
 shift ``b = W delta`` restricted to the tokens seen in the kept samples, sent
 per request as two flat lists (``vllm_xargs`` takes no nested objects). The
-client fits T and b (``tts_plugins.carbon``) and sends
+client fits T and b (``tts_plugins.client.calibration``) and sends
 ``tts_carbon_temperature``, ``tts_carbon_bias_ids``, ``tts_carbon_bias_values``.
 
 Where it sits: vLLM applies non-argmax-invariant processors before the

@@ -12,7 +12,7 @@ Requests that carry the same ``tts_group`` form a group (one request with
 once: its next tokens are forced to ``tts_group_stop_text`` and EOS, without a
 client round trip. The finished members go on (with ``"think"`` they write
 their answers), and the client votes among them (short-m@k: majority, ties to
-the shortest; ``tts_plugins.aggregate``). A stopped member's response ends
+the shortest; ``tts_plugins.client.aggregate``). A stopped member's response ends
 with finish reason ``stop``; it is recognisable by not having finished (no
 end-of-thinking string, or the stop text).
 

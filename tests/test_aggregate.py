@@ -9,7 +9,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from tts_plugins import hookimpl
-from tts_plugins.aggregate import (
+from tts_plugins.client.aggregate import (
     Vote, best_of_majority, best_of_n, chain_entropy, classes, inverse_entropy_vote, majority, multi_temperature_vote,
     registered, same_answer, short_m_at_k, weighted_best_of_n,
 )

@@ -11,7 +11,7 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from tts_plugins import arith, trained
+from tts_plugins.models import arith, trained
 
 
 @given(seed=st.integers(0, 2**32), steps=st.integers(1, 12), top=st.integers(1, 99))

@@ -9,7 +9,7 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from tts_plugins.carbon import Position, fit_calibration
+from tts_plugins.client.calibration import Position, fit_calibration
 
 V, N = 30, 6000  # about 200 draws per token: the max bias error over 30 tokens stays well inside B_TOL
 T_TOL, B_TOL = 0.15, 0.35  # relative error on T; error on the (centered) bias, per unit of T

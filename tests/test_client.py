@@ -12,11 +12,11 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from tts_plugins.adapters.ladder import LadderPatchBase, SglangChildCounter, sglang_child
-from tts_plugins.cli import InputError, finished_ids, read_problems
-from tts_plugins.client import extract_auto, extract_full, extract_last_number, final_part
+from tts_plugins.client.cli import InputError, finished_ids, read_problems
+from tts_plugins.client.server import extract_auto, extract_full, extract_last_number, final_part
 from tts_plugins.manager import build_registry
 from tts_plugins.params import LadderParams
-from tts_plugins.strategies import Options
+from tts_plugins.client.strategies import Options
 
 
 def test_answers_are_read_after_the_thinking_block():
@@ -128,7 +128,7 @@ def test_options_are_checked():
 def test_cli_reports_an_unreachable_server_and_bad_input(tmp_path):
     f = tmp_path / "p.jsonl"
     f.write_text('{"id": 1, "prompt": "hi"}\n')
-    cmd = [sys.executable, "-m", "tts_plugins.cli", "run", str(f), "-o", str(tmp_path / "o.jsonl"), "--quiet"]
+    cmd = [sys.executable, "-m", "tts_plugins.client.cli", "run", str(f), "-o", str(tmp_path / "o.jsonl"), "--quiet"]
     r = subprocess.run([*cmd, "--url", "http://127.0.0.1:9"], capture_output=True, text=True, timeout=60)
     assert r.returncode == 2 and "cannot reach the server at http://127.0.0.1:9" in r.stderr, r.stderr
     r = subprocess.run([*cmd, "--params", '{"think": 1}'], capture_output=True, text=True, timeout=60)
@@ -141,8 +141,8 @@ def test_cli_reports_an_unreachable_server_and_bad_input(tmp_path):
 def test_short_m_votes_among_chains_that_answered():
     """With an in-engine group stop, the stopped chains are the short ones and have no answer: short-m@k must count
     the m shortest chains that did answer."""
-    from tts_plugins.client import Sample
-    from tts_plugins.strategies import _vote
+    from tts_plugins.client.server import Sample
+    from tts_plugins.client.strategies import _vote
 
     samples = [Sample("", answer=None, tokens=20), Sample("", answer=None, tokens=21), Sample("", answer="7", tokens=40),
                Sample("", answer="7", tokens=45), Sample("", answer="9", tokens=30)]

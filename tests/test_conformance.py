@@ -15,7 +15,7 @@ import numpy as np
 import pytest
 import torch
 
-from tts_plugins.conformance import CHECKS, INVARIANTS, ConformanceError, tiny_info
+from tts_plugins.testing.conformance import CHECKS, INVARIANTS, ConformanceError, tiny_info
 from tts_plugins.params import get_int
 from tts_plugins.technique import LogitsTechnique
 
@@ -187,7 +187,7 @@ def test_row_slots_helper_is_consistent():
     """The suite's batches map rows to distinct slots or the neutral one (a sanity check of the harness)."""
     from hypothesis import given, settings
 
-    from tts_plugins.conformance import MAX_SLOTS, batches
+    from tts_plugins.testing.conformance import MAX_SLOTS, batches
 
     @settings(max_examples=30, deadline=None)
     @given(batches(3, 50))

@@ -13,7 +13,7 @@ from hypothesis import strategies as st
 
 from tts_plugins.adapters.roster import RosterGate, roster_of, sglang_child, vllm_child_params
 from tts_plugins.batch import SlotState
-from tts_plugins.conformance import registry_for
+from tts_plugins.testing.conformance import registry_for
 from tts_plugins.logits_processors.roster import GATE_SEP, RoERoster
 from tts_plugins.params import RosterParams
 from tts_plugins.technique import EngineInfo, SlotRequest

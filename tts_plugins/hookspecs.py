@@ -87,9 +87,9 @@ def tts_register_verifiers(register: Callable[[str, Callable[[], Any]], None]) -
 
 @hookspec
 def tts_register_aggregators(register_aggregator: Callable[[str, Callable[..., Any]], None], register_reward: Callable[[str, Callable[..., float]], None]) -> None:
-    """Register client-side aggregators and reward functions (``tts_plugins.aggregate.registered``).
+    """Register client-side aggregators and reward functions (``tts_plugins.client.aggregate.registered``).
 
-    ``register_aggregator(name, fn)``: ``fn(answers, ...) -> tts_plugins.aggregate.Vote``, a pure
+    ``register_aggregator(name, fn)``: ``fn(answers, ...) -> tts_plugins.client.aggregate.Vote``, a pure
     function of the answers and per-chain data. ``register_reward(name, fn)``: ``fn(prompt, completion)
     -> float`` (higher is better), used by Best-of-N style selection. Names must be new.
     """

@@ -99,3 +99,58 @@ class LogitsTechnique(ABC):
         sync with the host, loop over rows in Python, or touch rows whose slot
         is not active.
         """
+
+
+class ModelPatch:
+    """A change to an engine's model or front end that techniques switch on per request.
+
+    Register an instance per engine with the ``tts_register_model_patches`` hook.
+    Instances for different engines of the same patch share ``name`` and ``keys``.
+    ``install`` runs in every engine process, before the model is built, and
+    goes through the project's :class:`tts_plugins.patching.Patcher` (version
+    bound, target check, conflict refusal, undo).
+
+    Subclasses set ``name``, ``engine`` and, when requests turn the patch on,
+    ``keys`` and ``parse_params``. Engine-neutral logic (parameter parsing, the
+    math, per-request state) belongs in the technique's module under
+    ``tts_plugins.logits_processors``; the subclass for one engine only hooks
+    that engine.
+    """
+
+    name: ClassVar[str]
+    engine: ClassVar[str]  # "vllm" or "sglang"
+    keys: ClassVar[frozenset[str]] = frozenset()  # the tts_* request keys this patch owns (empty: always on)
+    min_version: ClassVar[str | None] = None  # inclusive: the engine versions this patch was written against
+    max_version: ClassVar[str | None] = None  # exclusive
+
+    def install(self, patcher: Any) -> None:
+        """Patch the engine through ``patcher`` (a :class:`tts_plugins.patching.Patcher` for ``engine``)."""
+        raise NotImplementedError(f"model patch {type(self).__name__} must implement install(patcher)")
+
+    @classmethod
+    def parse_params(cls, flat: Mapping[str, Any]) -> Any | None:
+        """This patch's parameters from a request's ``tts_*`` keys (only ``keys`` are passed); ``None``: not opted in.
+
+        Torch-free, no side effects; raises ``ValueError`` naming the key, the value and what was expected.
+        The default: a patch without keys is never opted in.
+        """
+        return None
+
+    def supported(self) -> str | None:
+        """``None`` when the installed engine can run this patch, else the reason (returned to the client at admission).
+
+        The default checks the installed engine's version against ``[min_version, max_version)``.
+        """
+        if self.min_version is None and self.max_version is None:
+            return None
+        from tts_plugins import patching
+
+        return patching.version_refusal(self.engine, self.engine, f"model patch {self.name!r}", self.min_version or "0",
+                                        self.max_version or "999")
+
+    def check_request(self, params: Any, request: Any) -> None:
+        """Admission check against the engine's own request (its sampling parameters); raise ``ValueError`` to refuse.
+
+        Called after ``parse_params`` when the engine exposes the request (e.g. a ladder refuses a greedy request).
+        The default accepts every request.
+        """

@@ -139,7 +139,7 @@ def tts(srv, tmp_path: Path, *args: str, problems: list[dict] | None = None, out
     if problems is not None or not src.exists():
         src.write_text("".join(json.dumps(p) + "\n" for p in (problems or [{"id": f"p{i}", "prompt": p} for i, p in enumerate(PROMPTS)])))
     summary = tmp_path / "summary.json"
-    cmd = [sys.executable, "-m", "tts_plugins.cli", "run", str(src), "-o", str(tmp_path / out), "--url", srv.base, "--quiet",
+    cmd = [sys.executable, "-m", "tts_plugins.client.cli", "run", str(src), "-o", str(tmp_path / out), "--url", srv.base, "--quiet",
            "--summary", str(summary), "--max-tokens", "4", "--extract", "full", "--seed", "7", *args]
     r = subprocess.run(cmd, capture_output=True, text=True, timeout=600, cwd=tmp_path)
     lines = []
@@ -162,7 +162,7 @@ def check_common(r, lines, summary, n_problems: int) -> None:
 
 
 def test_cli_self_consistency_votes_the_majority_of_its_samples(served, tmp_path):
-    from tts_plugins.aggregate import majority
+    from tts_plugins.client.aggregate import majority
 
     srv, _ = served
     problems = [{"id": f"p{i}", "prompt": p, "answer": "nothing"} for i, p in enumerate(PROMPTS)]
@@ -218,7 +218,7 @@ def test_cli_ladder_without_agreement_runs_every_wave(served, tmp_path):
 
 
 def test_cli_carbon_explores_fits_and_exploits(served, tmp_path):
-    from tts_plugins.aggregate import best_of_n, majority, same_answer
+    from tts_plugins.client.aggregate import best_of_n, majority, same_answer
 
     srv, _ = served
     r, lines, summary = tts(srv, tmp_path, "--strategy", "carbon", "-n", "6", "--n1", "4", "--keep", "2")

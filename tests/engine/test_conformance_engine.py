@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import pytest
 
-from tts_plugins.conformance import check_engine_matches_reference
+from tts_plugins.testing.conformance import check_engine_matches_reference
 from tts_plugins.manager import build_registry
 
 pytestmark = pytest.mark.engine

@@ -13,8 +13,8 @@ from pathlib import Path
 import pytest
 
 from reference import hf_greedy
-from tts_plugins import arith
-from tts_plugins.trained import prompt_text
+from tts_plugins.models import arith
+from tts_plugins.models.trained import prompt_text
 
 pytestmark = pytest.mark.engine
 

@@ -8,7 +8,7 @@ paths, only the conformance tests run; with paths, they run alongside yours.
 Each test is one technique and one invariant (``-k slot_lifecycle`` selects one);
 a failure names the technique, the invariant, the row and the parameters, and
 says how to reproduce it. The invariants are documented in
-:mod:`tts_plugins.conformance`. ``--tts-engine vllm`` (or ``sglang``, repeatable)
+:mod:`tts_plugins.testing.conformance`. ``--tts-engine vllm`` (or ``sglang``, repeatable)
 adds the engine check: the technique's parameter sets, greedy, in a mixed batch
 of the real engine on the bundled tiny model, must give the token ids of an
 engine-neutral reference loop; passing it in both engines means both give the
@@ -69,7 +69,7 @@ _ENGINES: dict[str, object] = {}
 @pytest.fixture(scope="session")
 def tts_engine(tts_engine_name: str):
     """One real engine at a time (the previous one is closed first)."""
-    from tts_plugins.conformance import TinyEngine
+    from tts_plugins.testing.conformance import TinyEngine
 
     if tts_engine_name not in _ENGINES:
         for other in list(_ENGINES):

@@ -1,8 +1,8 @@
 """Demo: the real vLLM engine on the tiny reasoning model trained here, steered per request.
 
-Run ``./dev demo`` (or ``python -m tts_plugins.demo`` where vLLM is installed).
+Run ``./dev demo`` (or ``python -m tts_plugins.models.demo`` where vLLM is installed).
 On first use it trains the model (a 4-layer Qwen3, about 5 minutes on
-two CPU cores; cached afterwards, see :mod:`tts_plugins.trained`). Then it starts
+two CPU cores; cached afterwards, see :mod:`tts_plugins.models.trained`). Then it starts
 vLLM on the CPU and shows, on held-out chained arithmetic:
 
 1. one question, one batch, each request steered only by its own parameters:
@@ -30,8 +30,8 @@ def _show(text: str, width: int = 110) -> str:
 
 def main() -> int:
     os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
-    from tts_plugins import aggregate, arith
-    from tts_plugins.trained import build_reasoning_model, prompt_text
+    from tts_plugins.client import aggregate, arith
+    from tts_plugins.models.trained import build_reasoning_model, prompt_text
 
     root = Path(os.environ.get("TTS_TINY_MODELS", Path(tempfile.gettempdir()) / "tts-plugins-tiny"))
     model = build_reasoning_model(root / "reasoning", "dense")

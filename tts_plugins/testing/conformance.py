@@ -442,7 +442,7 @@ def tiny_model_dir() -> Any:
     import tempfile
     from pathlib import Path
 
-    from tts_plugins.tiny import build_tiny_model
+    from tts_plugins.models.tiny import build_tiny_model
 
     root = Path(os.environ.get("TTS_TINY_MODELS", Path(tempfile.gettempdir()) / "tts-plugins-tiny"))
     return build_tiny_model(root / "dense", "dense")

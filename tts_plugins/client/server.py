@@ -4,7 +4,7 @@ vLLM reads per-request extras from ``vllm_xargs`` (a flat dict); SGLang reads
 ``custom_params``. Both take the same flat ``tts_*`` keys::
 
     from openai import OpenAI
-    from tts_plugins.client import extra_body
+    from tts_plugins.client.server import extra_body
 
     client = OpenAI(base_url="http://127.0.0.1:8000/v1", api_key="none")
     client.chat.completions.create(
@@ -12,7 +12,7 @@ vLLM reads per-request extras from ``vllm_xargs`` (a flat dict); SGLang reads
         extra_body=extra_body("vllm", tts_think_max=256),
     )
 
-:class:`Server` is the asynchronous client the strategies (:mod:`tts_plugins.strategies`)
+:class:`Server` is the asynchronous client the strategies (:mod:`tts_plugins.client.strategies`)
 and the ``tts`` command use: one chat-completions call returns
 :class:`Sample` objects with the answer extracted, the tokens spent, and, when
 asked, each position's top log-probabilities with token ids (vLLM:

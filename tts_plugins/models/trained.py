@@ -1,4 +1,4 @@
-"""A tiny reasoning model trained here, on this CPU, on :mod:`tts_plugins.arith` chains.
+"""A tiny reasoning model trained here, on this CPU, on :mod:`tts_plugins.models.arith` chains.
 
 Random-weight models prove the plumbing; this one shows what a technique does to
 accuracy. ``build_reasoning_model(path, "dense" | "moe")`` trains a Qwen3 (dense)
@@ -21,11 +21,11 @@ never saw.
 Training stops at the first validation check where single-sample accuracy at
 temperature 1 reaches 45% (see ``TARGET``): the model is then right about half
 the time at temperature 1 on held-out problems at the default difficulty
-(:data:`tts_plugins.arith.DEFAULT_STEPS` = 8 steps), more often greedily, so
+(:data:`tts_plugins.models.arith.DEFAULT_STEPS` = 8 steps), more often greedily, so
 sampling more, voting, calibrating or steering has room to change the score.
 The measured numbers are written to ``tts_reasoning.json`` beside the weights.
 
-    python -m tts_plugins.trained --out /tmp/reasoning-dense --variant dense
+    python -m tts_plugins.models.trained --out /tmp/reasoning-dense --variant dense
 """
 
 from __future__ import annotations
@@ -40,7 +40,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from tts_plugins import arith, tiny
+from tts_plugins.models import arith, tiny
 
 RECIPE = 4
 SPECIAL = tiny.SPECIAL + tiny.THINK  # the tiny models' special tokens and chat template, so every tool treats them alike

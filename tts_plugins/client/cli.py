@@ -27,8 +27,8 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from tts_plugins.client import EXTRACTORS, Server, ServerError, extractor
-from tts_plugins.strategies import DEFAULT_LADDER, STRATEGIES, Options, run_problem
+from tts_plugins.client.server import EXTRACTORS, Server, ServerError, extractor
+from tts_plugins.client.strategies import DEFAULT_LADDER, STRATEGIES, Options, run_problem
 
 
 class InputError(ValueError):
@@ -177,13 +177,13 @@ async def run(a: argparse.Namespace) -> tuple[Summary, int]:
     todo = [p for p in problems if str(p["id"]) not in done]
     summary = Summary()
     summary.skipped = len(problems) - len(todo)
-    from tts_plugins.aggregate import registered
+    from tts_plugins.client.aggregate import registered
 
     aggregators, rewards = registered()
     if o.vote and o.vote not in ("majority", "inverse_entropy", "short_m", "best_of_n", "weighted_best_of_n", "best_of_majority") and o.vote not in aggregators:
         raise InputError(f"unknown --vote {o.vote!r}; registered aggregators: {', '.join(sorted(aggregators))}")
     if o.reward:
-        from tts_plugins.strategies import reward_fn
+        from tts_plugins.client.strategies import reward_fn
 
         reward_fn(o.reward, rewards)  # fail before any request if it does not load
     server = Server(a.url, engine=None if a.engine == "auto" else a.engine, model=a.model, concurrency=a.concurrency, timeout=a.timeout,

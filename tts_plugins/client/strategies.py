@@ -1,7 +1,7 @@
 """Test-time-scaling strategies: many samples from a server, one answer. Engine-neutral (vLLM or SGLang).
 
 Each strategy is ``async (server, problem, options) -> result dict`` (see
-:func:`run_problem`); the ``tts`` command (:mod:`tts_plugins.cli`) runs them
+:func:`run_problem`); the ``tts`` command (:mod:`tts_plugins.client.cli`) runs them
 over a JSONL file.
 
 * ``self-consistency``: ``n`` samples at one temperature, then a vote
@@ -21,7 +21,7 @@ over a JSONL file.
   top log-probs; score them with the reward (default: agreement with the
   majority answer, our choice where the paper uses a process reward model);
   keep the ``keep`` best; fit T and a sparse bias on their tokens
-  (:func:`tts_plugins.carbon.fit_calibration`, L2 penalty ``l2``); exploit
+  (:func:`tts_plugins.client.calibration.fit_calibration`, L2 penalty ``l2``); exploit
   ``n2`` samples with ``tts_carbon_*`` at request temperature 1 (so the
   engine samples ``softmax((z + b) / T)``, the fitted distribution); select by
   Best-of-N over all ``n1 + n2`` samples.
@@ -43,8 +43,8 @@ from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-from tts_plugins import aggregate
-from tts_plugins.client import Sample, Server, ServerError, load_callable
+from tts_plugins.client import aggregate
+from tts_plugins.client.server import Sample, Server, ServerError, load_callable
 
 STRATEGIES = ("self-consistency", "ladder", "carbon", "best-of-n")
 DEFAULT_LADDER = tuple(round(0.1 * i, 1) for i in range(13))  # 0.0 .. 1.2, the paper's reproduction default
@@ -273,7 +273,7 @@ async def ladder(run: _Run, aggregators: Mapping[str, Any], rewards: Mapping[str
 
 
 async def carbon(run: _Run, aggregators: Mapping[str, Any], rewards: Mapping[str, Any]) -> dict[str, Any]:
-    from tts_plugins.carbon import Position, fit_calibration
+    from tts_plugins.client.calibration import Position, fit_calibration
 
     o = run.o
     reward = reward_fn(o.reward or "agreement", rewards)

@@ -1,0 +1,1 @@
+"""Tiny local models (random and trained), the arithmetic task the trained reasoner learns, and the demo."""
