@@ -1,8 +1,9 @@
-"""RoE rosters in the engines' schedulers and front ends: members start together, a request's samples form one.
+"""RoE rosters in the engines' schedulers: members start together.
 
-The aggregation itself is the engine-neutral technique
-:mod:`tts_plugins.logits_processors.roster`; this module makes its members
-meet.
+The aggregation, the gate's bookkeeping (:class:`~tts_plugins.logits_processors.roster.RosterGate`)
+and the naming of a request's samples are the engine-neutral technique
+:mod:`tts_plugins.logits_processors.roster`; this module hooks the gate into
+each engine's scheduler.
 
 * **The gate** (engine core / scheduler process). A roster's members are held
   back from the scheduler's waiting queue until all K have arrived, then
@@ -23,87 +24,28 @@ meet.
     waiting queue, where SGLang's own abort removes them and answers the client).
 
 * **A request's samples** (``n = K``, ``tts_roe_roster_size = K``, no name):
-  the front end names the roster after the request and gives sample ``i`` the
-  seed ``seed + i`` (so the members' routing noise differs and the roster is
-  reproducible from the request's seed). vLLM already derives child seeds that
-  way; SGLang's children share one ``SamplingParams``, so each gets a copy.
-  vLLM: in ``OutputProcessor.add_request`` (the temperature ladder's patch
-  calls :func:`vllm_child_params`); SGLang: ``TokenizerManager`` sends (the
-  ladder's hooks call :func:`sglang_child`).
+  named by the core's per-sample front-end hook, which asks
+  :meth:`~tts_plugins.logits_processors.roster.RosterPatchBase.sample_edit`.
 """
 
 from __future__ import annotations
 
 import copy
-import itertools
 import logging
-from collections.abc import Callable, Mapping
 from typing import Any
 
-from tts_plugins.logits_processors.roster import GATE_SEP
-from tts_plugins.params import ROSTER_CHILD_PREFIX
+from tts_plugins import patching
+from tts_plugins.adapters import vllm_plugin
+from tts_plugins.logits_processors.roster import RosterGate, RosterPatchBase, renamed, roster_of
 
 log = logging.getLogger("tts_plugins.roster")
-
-_FORMED = itertools.count()
-
-
-def roster_of(extra: Any) -> tuple[str, int] | None:
-    """``(name, size)`` of a roster member's flat parameters (admission validated them), else None."""
-    if not isinstance(extra, Mapping) or "tts_roe_roster" not in extra or "tts_roe_roster_size" not in extra:
-        return None
-    name, size = extra["tts_roe_roster"], extra["tts_roe_roster_size"]
-    if not isinstance(name, str) or GATE_SEP in name or isinstance(size, bool) or not isinstance(size, int) or size < 2:
-        return None
-    return name, size
-
-
-class RosterGate:
-    """Members held until their roster is complete: ``name -> [(request id, item), ...]``."""
-
-    def __init__(self) -> None:
-        self.held: dict[str, list[tuple[str, Any]]] = {}
-
-    def add(self, name: str, size: int, rid: str, item: Any) -> tuple[str, list[Any]] | None:
-        """Hold ``item``; when it completes its roster, return the roster's unique name and its members in arrival order."""
-        members = self.held.setdefault(name, [])
-        members.append((rid, item))
-        if len(members) < size:
-            return None
-        del self.held[name]
-        return f"{name}{GATE_SEP}{next(_FORMED)}", [it for _, it in members]
-
-    def drop(self, match: Callable[[str], bool]) -> list[Any]:
-        """Remove (and return) the held members whose request id matches."""
-        out = []
-        for name in list(self.held):
-            keep = [(rid, it) for rid, it in self.held[name] if not match(rid)]
-            out += [it for rid, it in self.held[name] if match(rid)]
-            if keep:
-                self.held[name] = keep
-            else:
-                del self.held[name]
-        return out
-
-    def __len__(self) -> int:
-        return sum(len(v) for v in self.held.values())
-
-    def debug_counts(self) -> dict[str, int]:
-        """Members held back: 0 once every roster is complete or its members were aborted."""
-        return {"roster_gate.held": len(self)}
-
-
-def _renamed(extra: Mapping[str, Any], name: str) -> dict[str, Any]:
-    return {**extra, "tts_roe_roster": name}
 
 
 # --- vLLM -----------------------------------------------------------------------
 
 
-class VllmRosterPatch:
-    name, engine = "roe_roster_gate", "vllm"
-    keys: frozenset[str] = frozenset()  # the technique owns the keys; this patch only gathers members
-    min_version, max_version = "0.32", "0.33"
+class VllmRosterPatch(RosterPatchBase):
+    engine, min_version, max_version = "vllm", vllm_plugin.MIN_VERSION, vllm_plugin.MAX_VERSION
     targets = ("vllm.v1.core.sched.scheduler:Scheduler.add_request", "vllm.v1.core.sched.scheduler:Scheduler.finish_requests")
 
     def install(self, patcher: Any) -> None:
@@ -137,7 +79,7 @@ def _vllm_add(orig: Any) -> Any:
             return None
         name, members = formed
         for member in members:
-            member.sampling_params.extra_args = _renamed(member.sampling_params.extra_args, name)
+            member.sampling_params.extra_args = renamed(member.sampling_params.extra_args, name)
             orig(self, member, *args, **kwargs)
         return None
 
@@ -159,31 +101,19 @@ def _vllm_finish(orig: Any) -> Any:
     return finish_requests
 
 
-def vllm_child_params(params: Any, index: int, parent_id: str | None) -> Any:
-    """Sample ``index`` of a request whose samples form a roster: the roster is named after the request."""
-    extra = getattr(params, "extra_args", None)
-    if parent_id is None or not isinstance(extra, Mapping) or "tts_roe_roster_size" not in extra or "tts_roe_roster" in extra:
-        return params
-    child = copy.copy(params)
-    child.extra_args = _renamed(extra, ROSTER_CHILD_PREFIX + parent_id)
-    return child
-
-
 # --- SGLang ---------------------------------------------------------------------
 
 
-class SglangRosterPatch:
-    name, engine = "roe_roster_gate", "sglang"
-    keys: frozenset[str] = frozenset()
+class SglangRosterPatch(RosterPatchBase):
+    engine, min_version, max_version = "sglang", patching.SGLANG_MIN_VERSION, patching.SGLANG_MAX_VERSION
     targets = (
         "sglang.srt.managers.scheduler.Scheduler._add_request_to_queue",
         "sglang.srt.managers.scheduler.Scheduler.abort_request",
     )
 
     def install(self, patcher: Any) -> None:
-        from tts_plugins import patching
-
-        patching.sglang_hooks([(self.targets[0], _sglang_add, "around"), (self.targets[1], _sglang_abort, "before")], tag="roster")
+        patching.sglang_hooks([(self.targets[0], _sglang_add, "around"), (self.targets[1], _sglang_abort, "before")], tag="roster",
+                              min_version=self.min_version, max_version=self.max_version)
 
 
 def _sglang_add(orig: Any, scheduler: Any, req: Any, *args: Any, **kwargs: Any) -> Any:
@@ -203,7 +133,7 @@ def _sglang_add(orig: Any, scheduler: Any, req: Any, *args: Any, **kwargs: Any) 
     name, members = formed
     for member in members:
         member.sampling_params = copy.copy(member.sampling_params)
-        member.sampling_params.custom_params = _renamed(member.sampling_params.custom_params, name)
+        member.sampling_params.custom_params = renamed(member.sampling_params.custom_params, name)
         orig(scheduler, member, *args, **kwargs)
     return None
 
@@ -223,34 +153,3 @@ def _publish() -> None:
     from tts_plugins import debug
 
     debug.publish()
-
-
-def sglang_child(tokenized: Any, index: int) -> None:
-    """Sample ``index`` of a request whose samples form a roster: named after the request, seed ``seed + index``."""
-    params = getattr(tokenized, "sampling_params", None)
-    extra = getattr(params, "custom_params", None)
-    if not isinstance(extra, Mapping) or "tts_roe_roster_size" not in extra or "tts_roe_roster" in extra:
-        return
-    if getattr(params, "max_new_tokens", None) == 0:
-        return
-    child = copy.copy(params)
-    child.custom_params = _renamed(extra, ROSTER_CHILD_PREFIX + _parent_key(params))
-    if child.sampling_seed is not None:
-        child.sampling_seed = int(child.sampling_seed) + index
-    tokenized.sampling_params = child
-
-
-_SGLANG_KEYS: dict[int, list[Any]] = {}  # id(shared params) -> [params, roster name, children named]; holding params keeps the id unique
-
-
-def _parent_key(params: Any) -> str:
-    """One name for the children of one SGLang request (they share one ``SamplingParams``, which has no ``__dict__``)."""
-    entry = _SGLANG_KEYS.get(id(params))
-    if entry is None or entry[0] is not params:
-        if len(_SGLANG_KEYS) >= 4096:  # requests whose children failed to send: drop the oldest
-            _SGLANG_KEYS.pop(next(iter(_SGLANG_KEYS)))
-        entry = _SGLANG_KEYS[id(params)] = [params, f"{next(_FORMED)}-{id(params):x}", 0]
-    entry[2] += 1
-    if entry[2] >= int(getattr(params, "n", 1) or 1):
-        del _SGLANG_KEYS[id(params)]
-    return entry[1]

@@ -27,10 +27,31 @@ Hooks (all through :mod:`tts_plugins.patching`, registered with SGLang's
   appended to ``req.output_ids`` yet.
 * ``release_kv_cache`` (after): frees a request's slot when it finishes or is
   aborted (a retracted request keeps its state and resumes).
+
+The same hooks provide the services of :mod:`tts_plugins.services` to every
+technique, naming none: rows whose sample is discarded (a prefill chunk that
+is not the last) map to the neutral slot; the model patches that observe the
+step (``on_batch``, ``before_sample``, ``after_sample``, ``on_finished``) are
+called from ``init_new``, ``sample`` and ``release_kv_cache``. Two more hook
+groups:
+
+* ``TokenizerManager._send_one_request`` and ``_send_batch_request`` (around;
+  tokenizer manager): the per-sample hook. The children of one request share
+  one ``SamplingParams`` object and are sent in index order, so a child's
+  index is the count of children of that object sent so far
+  (:class:`SampleCounter`); each gets the merged
+  :class:`~tts_plugins.services.SampleEdit` of the model patches
+  (:func:`sglang_child`). SGLang's prefix warm-up request
+  (``max_new_tokens == 0``) samples nothing and is skipped.
+* ``Req.__init__`` (after; scheduler): the cache salt of the patches a
+  request turns on, appended to its ``cache_salt``.
 """
 
 from __future__ import annotations
 
+import copy
+import functools
+import itertools
 import logging
 import weakref
 from typing import Any
@@ -38,12 +59,12 @@ from typing import Any
 import numpy as np
 import torch
 
-from tts_plugins import debug
-from tts_plugins.adapters import sglang_moi
+from tts_plugins import debug, services
 from tts_plugins.batch import SlotState
 from tts_plugins.manager import default_registry
-from tts_plugins.params import PREFIX
-from tts_plugins.technique import EngineInfo, SlotRequest
+from tts_plugins.params import PREFIX, tts_keys
+from tts_plugins.slots import SlotAllocator
+from tts_plugins.technique import GREEDY_TEMPERATURE, EngineInfo, SlotRequest
 
 log = logging.getLogger("sglang.tts_plugins")
 
@@ -54,6 +75,9 @@ TARGETS = {
     "init_new": "sglang.srt.model_executor.forward_batch_info.ForwardBatch.init_new",
     "sample": "sglang.srt.model_executor.model_runner.ModelRunner.sample",
     "release": "sglang.srt.mem_cache.common.release_kv_cache",
+    "send_one": "sglang.srt.managers.tokenizer_manager.TokenizerManager._send_one_request",
+    "send_batch": "sglang.srt.managers.tokenizer_manager.TokenizerManager._send_batch_request",
+    "new_request": "sglang.srt.managers.schedule_batch.Req.__init__",
 }
 
 
@@ -71,7 +95,8 @@ class SglangTTS:
         from transformers import AutoTokenizer
 
         args = model_runner.server_args
-        tokenizer = AutoTokenizer.from_pretrained(args.tokenizer_path or args.model_path, trust_remote_code=bool(getattr(args, "trust_remote_code", False)))
+        tokenizer = AutoTokenizer.from_pretrained(args.tokenizer_path or args.model_path,
+                                                  trust_remote_code=bool(getattr(args, "trust_remote_code", False)))
         registry = default_registry()
         start, end = registry.think_strings(tokenizer, args.model_path, None)
         eos = {tokenizer.eos_token_id} if tokenizer.eos_token_id is not None else set()
@@ -90,7 +115,7 @@ class SglangTTS:
         self.slot_of: dict[str, int] = {}
         self.failed: dict[str, int] = {}  # requests whose techniques failed: they run plain to the end
         self.plain: set[str] = set()  # requests with tts_* keys but no logits technique (or no free slot)
-        self._free = list(range(max_slots - 1, -1, -1))
+        self.slots = SlotAllocator(max_slots, what="opted-in requests")
         self._pending: tuple[torch.Tensor, list[tuple[int, int, str]], Any] | None = None
         self._ids_host: torch.Tensor | None = None  # reused pinned buffer for the sampled ids (GPU)
         _LIVE.add(self)
@@ -114,20 +139,21 @@ class SglangTTS:
         except ValueError as exc:  # admission validated it; a request that slipped through runs plain
             log.error("tts_plugins: ignoring invalid parameters of request %s: %s", req.rid, exc)
             parsed = {}
-        if not parsed or not self._free:
+        if not parsed or not self.slots.available:
             if parsed:
                 log.error("tts_plugins: no free slot for request %s; it runs plain", req.rid)
             self.plain.add(req.rid)  # not parsed again at every step (e.g. keys of a model patch only)
             return self.info.neutral_slot
-        slot = self._free.pop()
-        greedy = int(getattr(req.sampling_params, "top_k", -1)) == 1 or float(getattr(req.sampling_params, "temperature", 1.0)) < 1e-5
+        slot = self.slots.take()
+        greedy = int(getattr(req.sampling_params, "top_k", -1)) == 1 or float(getattr(req.sampling_params, "temperature", 1.0)) < GREEDY_TEMPERATURE
         try:
             sp = req.sampling_params
             seed = getattr(sp, "sampling_seed", None)
-            self.state.admit(slot, parsed, SlotRequest(list(req.origin_input_ids), greedy, float(getattr(sp, "temperature", 1.0)), None if seed is None else int(seed)))
+            request = SlotRequest(list(req.origin_input_ids), greedy, float(getattr(sp, "temperature", 1.0)), None if seed is None else int(seed))
+            self.state.admit(slot, parsed, request)
         except Exception:
             log.exception("tts_plugins: could not start techniques for request %s; it runs plain", req.rid)
-            self._free.append(slot)
+            self.slots.free(slot)
             return self.info.neutral_slot
         self.slot_of[req.rid] = slot
         return slot
@@ -139,7 +165,7 @@ class SglangTTS:
         self.state.release_all()
         self.failed.update(self.slot_of)
         self.slot_of.clear()
-        self._free = list(range(self.info.max_slots - 1, -1, -1))
+        self.slots.free_all()
         self._pending = None
 
     def release(self, rid: str) -> None:
@@ -148,7 +174,7 @@ class SglangTTS:
         slot = self.slot_of.pop(rid, None)
         if slot is not None:
             self.state.release(slot)
-            self._free.append(slot)
+            self.slots.free(slot)
 
     # --- sampled ids --------------------------------------------------------
 
@@ -188,19 +214,31 @@ def _verify_after(result: Any, sampling_params: Any, *args: Any, **kwargs: Any) 
     default_registry().parse(getattr(sampling_params, "custom_params", None), engine="sglang", request=sampling_params)
 
 
+@functools.lru_cache(maxsize=1)
+def _observers() -> tuple[Any, ...]:
+    """The model patches that observe the sampling step (this process's registry does not change)."""
+    return services.step_observers(default_registry(), "sglang")
+
+
+def _observe(patch: Any, event: str, *args: Any) -> Any:
+    try:
+        return getattr(patch, event)(*args)
+    except Exception:  # a patch must never take the scheduler down
+        log.exception("tts_plugins: model patch %r failed in %s; its requests run without it this step", patch.name, event)
+        return None
+
+
 def _init_new_around(orig: Any, cls: Any, batch: Any, *args: Any, **kwargs: Any) -> Any:
     fb = orig(cls, batch, *args, **kwargs)
     reqs = batch.reqs
     if any(_tts_params(r) is not None for r in reqs):
-        if sglang_moi.installed():
-            model_runner = args[0] if args else kwargs.get("model_runner")
-            try:
-                sglang_moi.on_init_new(batch, fb, model_runner)
-            except Exception:
-                log.exception("tts_plugins: Mixture of Inputs failed to plan this step; its requests run plain")
         decode = batch.forward_mode.is_decode()
         # rows whose sampled token is kept: decode rows, and the last chunk of a prefill
-        last = [decode or getattr(r, "extend_end", 0) == len(getattr(r, "full_untruncated_fill_ids", ()) or ()) or not hasattr(r, "extend_end") for r in reqs]
+        last = [decode or getattr(r, "extend_end", 0) == len(getattr(r, "full_untruncated_fill_ids", ()) or ()) or not hasattr(r, "extend_end")
+                for r in reqs]
+        model_runner = args[0] if args else kwargs.get("model_runner")
+        for patch in _observers():
+            _observe(patch, "on_batch", batch, fb, model_runner, last)
         fb.tts_plugins_rows = (list(reqs), last)
         if debug.PATH:
             debug.publish()
@@ -228,11 +266,7 @@ def _sample_around(orig: Any, model_runner: Any, logits_output: Any, forward_bat
     if logits.shape[0] != len(reqs):  # rows are not requests (speculative decoding): not supported, run plain
         return orig(model_runner, logits_output, forward_batch, *args, **kwargs)
     host_slots = None
-    moi = None
-    try:
-        moi = sglang_moi.before_sample(model_runner, forward_batch, logits)
-    except Exception:
-        log.exception("tts_plugins: Mixture of Inputs failed to read this step's logits; its requests run plain")
+    observed = [(patch, _observe(patch, "before_sample", model_runner, forward_batch, logits)) for patch in _observers()]
     try:
         st.consume_pending()
         host_slots = np.fromiter((st.slot_for(r) for r in reqs), dtype=np.int64, count=len(reqs))
@@ -248,11 +282,9 @@ def _sample_around(orig: Any, model_runner: Any, logits_output: Any, forward_bat
         st.fail_safe()
         host_slots = None
     next_ids = orig(model_runner, logits_output, forward_batch, *args, **kwargs)
-    if moi is not None:
-        try:
-            sglang_moi.after_sample(model_runner, moi, next_ids)
-        except Exception:
-            log.exception("tts_plugins: Mixture of Inputs failed to stash this step; its requests run plain")
+    for patch, token in observed:
+        if token is not None:
+            _observe(patch, "after_sample", model_runner, token, next_ids)
     if host_slots is not None:
         neutral = st.info.neutral_slot
         mine = [(i, int(s), reqs[i].rid) for i, s in enumerate(host_slots) if s != neutral and keep[i]]
@@ -267,14 +299,104 @@ def _release_after(result: Any, req: Any, *args: Any, **kwargs: Any) -> None:
     if req.finished():
         for st in list(_LIVE):
             st.release(req.rid)
-        sglang_moi.release(req.rid)
+        for patch in _observers():
+            _observe(patch, "on_finished", req.rid)
         debug.publish()
+
+
+# --- the per-sample front-end hook ------------------------------------------------
+
+
+class SampleCounter:
+    """Which child of its request a tokenized SGLang request is, and a name its siblings share.
+
+    SGLang sends the children of a request with ``n`` samples in index order, all with one ``SamplingParams``
+    object (which has no ``__dict__`` to mark), so the index is the count of children of that object sent so far.
+    """
+
+    def __init__(self, limit: int = 4096) -> None:
+        self.sent: dict[int, list[Any]] = {}  # id(params) -> [params, name, children sent]; holding params keeps the id unique
+        self.limit = limit
+        self._names = itertools.count()
+
+    def index(self, params: Any) -> tuple[int, str | None]:
+        """``(index, parent name)`` of the next child of ``params``' request; ``(0, None)`` when it has one sample."""
+        n = int(getattr(params, "n", 1) or 1)
+        if n <= 1:
+            return 0, None
+        entry = self.sent.get(id(params))
+        if entry is None or entry[0] is not params:
+            if len(self.sent) >= self.limit:  # requests whose children failed to send: drop the oldest
+                self.sent.pop(next(iter(self.sent)))
+            entry = self.sent[id(params)] = [params, f"{next(self._names)}-{id(params):x}", 0]
+        i = entry[2]
+        entry[2] += 1
+        if entry[2] >= n:
+            del self.sent[id(params)]
+        return i, entry[1]
+
+
+_COUNTER = SampleCounter()
+
+
+def sglang_child(tokenized: Any, counter: SampleCounter = _COUNTER, registry: Any = None) -> None:
+    """Give a tokenized request (one child of its request) the merged per-sample edit of the model patches."""
+    params = getattr(tokenized, "sampling_params", None)
+    custom = getattr(params, "custom_params", None)
+    if not tts_keys(custom) or getattr(params, "max_new_tokens", None) == 0:  # the prefix warm-up samples nothing
+        return
+    index, parent = counter.index(params)
+    edit = services.sample_edit(registry or default_registry(), "sglang", custom, index, parent)
+    if edit is None:
+        return
+    child = copy.copy(params)
+    if edit.extra:
+        child.custom_params = {**custom, **edit.extra}
+    if edit.own_seed and getattr(child, "sampling_seed", None) is not None:
+        child.sampling_seed = int(child.sampling_seed) + index
+    if edit.temperature is not None:
+        if edit.temperature < GREEDY_TEMPERATURE:  # what SamplingParams does for temperature 0
+            child.temperature, child.top_k = 1.0, 1
+        else:
+            child.temperature = edit.temperature
+    tokenized.sampling_params = child
+
+
+def _children_quietly(objs: Any) -> None:
+    for obj in objs:
+        try:
+            sglang_child(obj)
+        except Exception:  # admission validated the parameters; never fail a request here
+            log.exception("tts_plugins: could not apply the per-sample parameters; the sample runs with the request's")
+
+
+def _send_one_around(orig: Any, manager: Any, tokenized: Any, *args: Any, **kwargs: Any) -> Any:
+    _children_quietly((tokenized,))
+    return orig(manager, tokenized, *args, **kwargs)
+
+
+def _send_batch_around(orig: Any, manager: Any, tokenized: Any, *args: Any, **kwargs: Any) -> Any:
+    _children_quietly(tokenized)
+    return orig(manager, tokenized, *args, **kwargs)
+
+
+# --- the cache salt -----------------------------------------------------------------
+
+
+def _new_request_after(result: Any, req: Any, *args: Any, **kwargs: Any) -> None:
+    try:
+        sp = req.sampling_params
+        mine = services.cache_salt(default_registry(), "sglang", getattr(sp, "custom_params", None), req.rid, getattr(sp, "sampling_seed", None))
+        if mine:
+            req.cache_salt = f"{req.cache_salt}|{mine}" if getattr(req, "cache_salt", None) else mine
+    except Exception:
+        log.exception("tts_plugins: could not salt a request's cache key")
 
 
 def register() -> None:
     """Entry point of ``sglang.srt.plugins``: register our hooks (idempotent per process)."""
     from tts_plugins.manager import disabled
-    from tts_plugins.patching import install_patches, sglang_hooks
+    from tts_plugins.patching import SGLANG_MAX_VERSION, SGLANG_MIN_VERSION, install_patches, sglang_hooks
 
     if disabled():
         return
@@ -285,5 +407,11 @@ def register() -> None:
             (TARGETS["init_new"], _init_new_around, "around"),
             (TARGETS["sample"], _sample_around, "around"),
             (TARGETS["release"], _release_after, "after"),
-        ]
+        ],
+        tag="core", min_version=SGLANG_MIN_VERSION, max_version=SGLANG_MAX_VERSION,
     )
+    # separate groups: a front end or request class that moved must not cost the sampling hooks
+    sglang_hooks([(TARGETS["send_one"], _send_one_around, "around"), (TARGETS["send_batch"], _send_batch_around, "around")],
+                 tag="core.samples", min_version=SGLANG_MIN_VERSION, max_version=SGLANG_MAX_VERSION)
+    sglang_hooks([(TARGETS["new_request"], _new_request_after, "after")], tag="core.cache_salt",
+                 min_version=SGLANG_MIN_VERSION, max_version=SGLANG_MAX_VERSION)

@@ -1,17 +1,22 @@
 """Mixture of Inputs in SGLang, per request (``tts_moi_beta`` in ``custom_params``).
 
-Hooks, registered with SGLang's ``HookRegistry`` through
-:func:`tts_plugins.patching.sglang_hooks` (version-checked, once per process):
+The patch observes the sampling step through the core SGLang adapter (the
+step-observer service of :mod:`tts_plugins.services`), and hooks the forward
+itself with SGLang's ``HookRegistry`` through
+:func:`tts_plugins.patching.sglang_hooks` (version-checked, once per process).
+The engine-neutral half (parameters, stash, runner state, the mix-position
+rule) is :mod:`tts_plugins.logits_processors.moi`.
 
-* ``ForwardBatch.init_new`` (the adapter's existing around hook calls
-  :func:`on_init_new`): admits opted-in requests into an O(k) stash keyed by
+* A batch is built (:meth:`SglangMoIPatch.on_batch`, from the adapter's
+  ``ForwardBatch.init_new`` hook): admits opted-in requests into an O(k) stash keyed by
   ``rid``, marks them ``skip_radix_cache_insert`` (their KV was computed from
   mixtures, which the token ids alone do not determine, so a later plain
   request must never reuse it; SGLang does the same for its own embedding
   overrides), and plans which rows to mix: a request whose step feeds one
   token at exactly the stashed position.
-* ``ModelRunner.sample`` (the adapter's around hook calls :func:`before_sample`
-  and :func:`after_sample`): takes the top-k of the raw logits before SGLang's
+* The step samples (:meth:`SglangMoIPatch.before_sample` and
+  :meth:`SglangMoIPatch.after_sample`, from the adapter's ``ModelRunner.sample``
+  hook): takes the top-k of the raw logits before SGLang's
   penalties, temperature and softmax edit them in place, then stashes it with
   the sampled id.
 * ``ModelRunner.forward`` (around) computes the planned mixtures and
@@ -34,14 +39,13 @@ from __future__ import annotations
 
 import logging
 import weakref
-from typing import Any
+from typing import Any, NamedTuple
 
 import numpy as np
 import torch
 
 from tts_plugins import debug
-from tts_plugins.params import MOI_KEYS, MoIParams
-from tts_plugins.logits_processors.moi import MoIPatchBase
+from tts_plugins.logits_processors.moi import MoIPatchBase, MoIRunnerState
 
 log = logging.getLogger("sglang.tts_plugins")
 
@@ -51,73 +55,45 @@ TARGETS = {
     "embed": "sglang.srt.layers.vocab_parallel_embedding.VocabParallelEmbedding.forward",
 }
 
-_INSTALLED = False
-_LIVE: weakref.WeakSet[SglangMoI] = weakref.WeakSet()
 _PENDING: list[Any] = []  # (number of input rows, row index tensor, mixtures) for the forward in flight
 
 
-def installed() -> bool:
-    return _INSTALLED
+class MoIPlan(NamedTuple):
+    """What one forward batch does for Mixture of Inputs (``ForwardBatch.tts_plugins_moi``)."""
+
+    mix_rows: np.ndarray  # input rows whose embedding becomes its request's mixture
+    mix_slots: np.ndarray  # their stash slots
+    stash_rows: np.ndarray  # logits rows whose distribution and sample are stashed after sampling
+    stash_slots: np.ndarray
+    stash_pos: np.ndarray  # the position of each stashed sample
 
 
-class SglangMoI:
-    """Mixture-of-Inputs state of one model runner."""
+class SglangMoI(MoIRunnerState):
+    """Mixture-of-Inputs state of one model runner: the engine-neutral state, admission once per request."""
 
     def __init__(self, model_runner: Any) -> None:
-        from tts_plugins.logits_processors.moi import MoIStash
-
-        size = int(getattr(model_runner.req_to_token_pool, "size", 0) or 0) + 1
-        self.stash = MoIStash(size, model_runner.device)
-        self.refused: set[str] = set()  # requests that run without mixing (until they finish)
-        self.warned: set[str] = set()
-        self.failures = 0
-        debug.register("sglang.moi", self)
         # A captured decode graph (CUDA graphs, or torch.compile's CPU graphs) replays fixed inputs and would
         # ignore the mixture: refuse rather than pretend.
         graphs = getattr(model_runner, "decode_cuda_graph_runner", None) is not None
-        self.refuse = "decode graphs are on (CUDA graphs or torch.compile); start the server with them disabled" if graphs else None
-        _LIVE.add(self)
-
-    def fail_safe(self, what: str) -> None:
-        """Our code raised in the scheduler: log it, drop every request's mixing (they run plain), go on."""
-        log.exception("tts_plugins: Mixture of Inputs failed %s; its requests continue without it", what)
-        self.failures += 1
-        for rid in list(self.stash.slot_of):
-            self.stash.release(rid)
-            self.refused.add(rid)
-
-    def debug_counts(self) -> dict[str, int]:
-        return {"moi.requests": len(self.stash), "moi.dropped": len(self.refused), "moi.failures": self.failures}
-
-    def warn_once(self, what: str) -> None:
-        if what not in self.warned:
-            self.warned.add(what)
-            log.error("tts_plugins: Mixture of Inputs: %s", what)
+        refuse = "decode graphs are on (CUDA graphs or torch.compile); start the server with them disabled" if graphs else None
+        size = int(getattr(model_runner.req_to_token_pool, "size", 0) or 0) + 1
+        super().__init__(size, model_runner.device, log, refuse)
+        debug.register("sglang.moi", self)
 
     def slot(self, req: Any) -> int | None:
+        """The stash slot of an opted-in request, admitted at its first batch; None: it runs plain."""
         slot = self.stash.slot_of.get(req.rid)
-        if slot is not None or req.rid in self.refused:
+        if slot is not None or req.rid in self.dropped:
             return slot
         cp = getattr(req.sampling_params, "custom_params", None)
         if not cp or "tts_moi_beta" not in cp or req.finished():
             return None
-        if self.refuse:
-            self.warn_once(f"{self.refuse}; request {req.rid} and later ones run without it")
-            self.refused.add(req.rid)
-            return None
-        try:
-            params = MoIParams.parse({k: v for k, v in cp.items() if k in MOI_KEYS})
-            slot = self.stash.admit(req.rid, params) if params is not None else None
-        except Exception:  # admission validated it; never take the scheduler down
-            log.exception("tts_plugins: Mixture of Inputs could not start for request %s; it runs plain", req.rid)
-            self.refused.add(req.rid)
+        slot = self.start(req.rid, cp)
+        if slot is None:
+            self.dropped.add(req.rid)  # not asked again at its later batches
             return None
         req.skip_radix_cache_insert = True
         return slot
-
-    def release(self, rid: str) -> None:
-        self.stash.release(rid)
-        self.refused.discard(rid)
 
 
 def _state(model_runner: Any) -> SglangMoI:
@@ -127,13 +103,12 @@ def _state(model_runner: Any) -> SglangMoI:
     return st
 
 
-def on_init_new(batch: Any, fb: Any, model_runner: Any) -> None:
-    """Admit opted-in requests of ``batch`` and plan the rows of ``fb`` to mix."""
+def plan(batch: Any, fb: Any, st: SglangMoI, kept: Any) -> None:
+    """Admit opted-in requests of ``batch`` and plan the rows of ``fb`` to mix and to stash."""
     reqs = batch.reqs
     wanted = [i for i, r in enumerate(reqs) if "tts_moi_beta" in (getattr(r.sampling_params, "custom_params", None) or {})]
     if not wanted:
         return
-    st = _state(model_runner)
     decode = fb.forward_mode.is_decode()
     seq_cpu = fb.seq_lens_cpu
     if seq_cpu is None:
@@ -144,39 +119,13 @@ def on_init_new(batch: Any, fb: Any, model_runner: Any) -> None:
     else:
         lens = np.asarray(fb.extend_seq_lens_cpu, np.int64)
         starts = np.concatenate([[0], np.cumsum(lens)[:-1]])
-    rows, slots, stash_rows, stash_slots, stash_pos = [], [], [], [], []
-    for i in wanted:
-        slot = st.slot(reqs[i])
-        if slot is None:
-            continue
-        pos = int(seq[i]) - 1  # position of the last token this step feeds
-        if lens[i] == 1 and st.stash.pos[slot] == pos:
-            rows.append(int(starts[i])), slots.append(slot)
-        st.stash.pos[slot] = -1  # consumed, or stale (re-prefill)
-        if decode or getattr(reqs[i], "extend_end", None) == len(getattr(reqs[i], "full_untruncated_fill_ids", None) or ()):
-            stash_rows.append(i), stash_slots.append(slot), stash_pos.append(int(seq[i]))
-    fb.tts_plugins_moi = (
-        (np.asarray(rows, np.int64), np.asarray(slots, np.int64)),
-        (np.asarray(stash_rows, np.int64), np.asarray(stash_slots, np.int64), np.asarray(stash_pos, np.int64)),
-    )
-
-
-def before_sample(model_runner: Any, fb: Any, logits: torch.Tensor) -> Any:
-    plan = getattr(fb, "tts_plugins_moi", None)
-    if plan is None or not len(plan[1][0]):
-        return None
-    rows, slots, pos = plan[1]
-    index = torch.from_numpy(rows).to(logits.device, non_blocking=True)
-    return index, slots, pos, logits.index_select(0, index)  # a copy: the sampler edits logits in place
-
-
-def after_sample(model_runner: Any, ctx: Any, next_ids: torch.Tensor) -> None:
-    index, slots, pos, raw = ctx
-    st = _state(model_runner)
-    try:
-        st.stash.stash(slots, raw, next_ids.index_select(0, index), pos)
-    except Exception:
-        st.fail_safe("stashing the distribution")
+    found = [(i, st.slot(reqs[i])) for i in wanted]
+    found = np.asarray([f for f in found if f[1] is not None], np.int64).reshape(-1, 2)
+    index, slots = found[:, 0], found[:, 1]
+    seq_of = seq[index].astype(np.int64)
+    mix = st.stash.take_mix(slots, seq_of - 1, lens[index])  # seq - 1: the position of the last token fed
+    stash = np.asarray(kept, dtype=bool)[index]  # rows whose sample the engine keeps (not a prefill chunk)
+    fb.tts_plugins_moi = MoIPlan(starts[index[mix]].astype(np.int64), slots[mix], index[stash], slots[stash], seq_of[stash])
 
 
 def _embed_module(model_runner: Any) -> Any:
@@ -186,10 +135,10 @@ def _embed_module(model_runner: Any) -> Any:
 
 
 def _forward_around(orig: Any, model_runner: Any, forward_batch: Any, *args: Any, **kwargs: Any) -> Any:
-    plan = getattr(forward_batch, "tts_plugins_moi", None)
-    if plan is None or not len(plan[0][0]):
+    planned: MoIPlan | None = getattr(forward_batch, "tts_plugins_moi", None)
+    if planned is None or not len(planned.mix_rows):
         return orig(model_runner, forward_batch, *args, **kwargs)
-    rows, slots = plan[0]
+    rows, slots = planned.mix_rows, planned.mix_slots
     st = _state(model_runner)
     try:
         mixed = st.stash.mix(slots, _embed_module(model_runner))
@@ -214,23 +163,49 @@ def _embed_around(orig: Any, module: Any, input_: Any, *args: Any, **kwargs: Any
     return out
 
 
-def release(rid: str) -> None:
-    for st in list(_LIVE):
-        st.release(rid)
-
-
 class SglangMoIPatch(MoIPatchBase):
-    """Mixture of Inputs for SGLang, switched on per request by ``tts_moi_beta``."""
+    """Mixture of Inputs for SGLang, switched on per request by ``tts_moi_beta``; a step observer."""
 
     engine, label, min_version, max_version = "sglang", "SGLang", MIN_VERSION, MAX_VERSION
 
+    def __init__(self) -> None:
+        self.installed = False  # set where the forward hooks are registered (this process)
+        self.runners: weakref.WeakSet[SglangMoI] = weakref.WeakSet()
+
     def install(self, patcher: Any) -> None:
-        global _INSTALLED
         reason = self.supported()
         if reason is not None:
             log.error("tts_plugins: not installing Mixture of Inputs: %s (requests with tts_moi_beta are refused)", reason)
             return
         from tts_plugins.patching import sglang_hooks
 
-        if sglang_hooks([(TARGETS["forward"], _forward_around, "around"), (TARGETS["embed"], _embed_around, "around")], tag="moi"):
-            _INSTALLED = True
+        if sglang_hooks([(TARGETS["forward"], _forward_around, "around"), (TARGETS["embed"], _embed_around, "around")], tag="moi",
+                        min_version=MIN_VERSION, max_version=MAX_VERSION):
+            self.installed = True
+
+    def on_batch(self, batch: Any, forward_batch: Any, model_runner: Any, kept: Any) -> None:
+        if not self.installed:
+            return
+        st = _state(model_runner)
+        self.runners.add(st)
+        plan(batch, forward_batch, st, kept)  # an error: the adapter logs it and the step runs without mixing
+
+    def before_sample(self, model_runner: Any, forward_batch: Any, logits: torch.Tensor) -> Any:
+        planned: MoIPlan | None = getattr(forward_batch, "tts_plugins_moi", None)
+        if planned is None or not len(planned.stash_rows):
+            return None
+        index = torch.from_numpy(planned.stash_rows).to(logits.device, non_blocking=True)
+        # a copy of the raw rows: the sampler edits logits in place
+        return index, planned.stash_slots, planned.stash_pos, logits.index_select(0, index)
+
+    def after_sample(self, model_runner: Any, token: Any, sampled_ids: torch.Tensor) -> None:
+        index, slots, pos, raw = token
+        st = _state(model_runner)
+        try:
+            st.stash.stash(slots, raw, sampled_ids.index_select(0, index), pos)
+        except Exception:
+            st.fail_safe("stashing the distribution")
+
+    def on_finished(self, request_id: str) -> None:
+        for st in list(self.runners):
+            st.release(request_id)

@@ -30,15 +30,14 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
-
 from vllm.v1.sample.logits_processor import BatchUpdate, MoveDirectionality
 from vllm.v1.sample.logits_processor import LogitsProcessor as _V1LogitsProcessor
 
 from tts_plugins import debug
-from tts_plugins.adapters import vllm_roe
+from tts_plugins.adapters.vllm_plugin import discarded_rows
 from tts_plugins.batch import RowMap, SlotState
 from tts_plugins.manager import Registry, build_registry, default_registry, disabled
-from tts_plugins.technique import EngineInfo, SlotRequest
+from tts_plugins.technique import GREEDY_TEMPERATURE, EngineInfo, SlotRequest
 
 try:  # Model Runner V2's interface (vLLM >= 0.20); absent in older releases
     from vllm.v1.worker.gpu.sample.logits_processor import LogitsProcessor as _V2LogitsProcessor
@@ -77,7 +76,7 @@ def _eos_ids(tokenizer: Any, vllm_config: Any) -> tuple[int, ...]:
 
 
 def _greedy(params: Any) -> bool:
-    return float(getattr(params, "temperature", 1.0)) < 1e-5
+    return float(getattr(params, "temperature", 1.0)) < GREEDY_TEMPERATURE
 
 
 def _slot_request(prompt_ids: Any, params: Any) -> SlotRequest:
@@ -265,7 +264,7 @@ class TTSLogitsProcessor(*_BASES):  # type: ignore[misc]
                 self.state.observe()
             n = logits.shape[0]
             host, dev = self.rows.host_view(n), self.rows.device_view(n)
-            discard = vllm_roe.discarded_rows(n)
+            discard = discarded_rows(n)  # the core's service (vllm_plugin), whatever patches are installed
             if discard is not None and discard.any():
                 # rows whose sampled token is thrown away (a prefill chunk that is not the last) see no technique
                 # this step: a technique that reads the other rows (a RoE roster) must not count them

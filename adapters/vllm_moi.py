@@ -1,7 +1,8 @@
 """Mixture of Inputs in vLLM's V1 model runner (the CPU runner subclasses it), per request.
 
-Three patches on ``GPUModelRunner`` (and one on the engine core's ``Request``), installed by the general plugin through
-:mod:`tts_plugins.patching` (version-checked, logged, never twice):
+Three patches on ``GPUModelRunner``, installed by the general plugin through :mod:`tts_plugins.patching`
+(version-checked, logged, never twice); the engine-neutral half (parameters, stash, runner state, the
+mix-position rule) is :mod:`tts_plugins.logits_processors.moi`:
 
 * ``_update_states`` (after): admits requests that carry ``tts_moi_beta`` in
   ``SamplingParams.extra_args`` and releases finished ones. Keeps the step's
@@ -32,11 +33,12 @@ Limits, enforced rather than silently wrong:
   the same mixture. Pipeline parallelism and speculative decoding are refused
   (logged once; the rows run plain).
 * Prefix caching: KV computed from mixtures is not determined by the token
-  ids, so ``Request.from_engine_core_request`` (engine core) salts the block
-  hashes of opted-in requests (``cache_salt``, with their beta and k). No
-  plain request, and no request mixing with other settings, reuses their
-  blocks; the price is that they do not share prompt blocks with those
-  requests either (requests with equal settings share them).
+  ids, so the patch declares a cache salt (:meth:`VllmMoIPatch.cache_salt`,
+  with beta and k), which the core's request-creation hook applies to the
+  block hashes of opted-in requests. No plain request, and no request mixing
+  with other settings, reuses their blocks; the price is that they do not
+  share prompt blocks with those requests either (requests with equal
+  settings share them).
 * Model Runner V2 (the GPU default) is not patched: MoI needs
   ``VLLM_USE_V2_MODEL_RUNNER=0`` there, and admission refuses the key when
   the V1 runner is not in use.
@@ -51,8 +53,8 @@ import numpy as np
 import torch
 
 from tts_plugins import debug
-from tts_plugins.params import MOI_KEYS, MoIParams
-from tts_plugins.logits_processors.moi import MoIPatchBase
+from tts_plugins.adapters.vllm_plugin import uses_v2_runner
+from tts_plugins.logits_processors.moi import MoIParams, MoIPatchBase, MoIRunnerState
 from tts_plugins.patching import Patcher
 
 log = logging.getLogger("vllm.tts_plugins")
@@ -62,54 +64,24 @@ MIN_VERSION, MAX_VERSION = "0.32.0", "0.33.0"
 _RUNNER = "vllm.v1.worker.gpu_model_runner:GPUModelRunner"
 
 
-class _RunnerMoI:
-    """Mixture-of-Inputs state of one model runner."""
+class _RunnerMoI(MoIRunnerState):
+    """Mixture-of-Inputs state of one V1 model runner: the engine-neutral state and this step's rows."""
 
     def __init__(self, runner: Any) -> None:
-        from tts_plugins.logits_processors.moi import MoIStash
-
-        self.stash = MoIStash(runner.max_num_reqs, runner.device)
+        pc = runner.vllm_config.parallel_config
+        refuse = "pipeline parallelism is not supported; those requests run without it" if pc.pipeline_parallel_size > 1 else None
+        super().__init__(runner.max_num_reqs, runner.device, log, refuse)
         self.sched: Any = None
         self._rows_for: Any = None
         self._rows: tuple[np.ndarray, np.ndarray, np.ndarray] = ()  # type: ignore[assignment]
-        self.warned: set[str] = set()
-        self.dropped: set[str] = set()  # requests whose mixing was dropped after a failure (until they finish)
-        self.failures = 0
         debug.register("vllm.moi", self)
-        pc = runner.vllm_config.parallel_config
-        self.refuse = "pipeline parallelism" if pc.pipeline_parallel_size > 1 else None
-
-    def fail_safe(self, what: str) -> None:
-        """Our code raised inside the runner: log it, drop every request's mixing, let the engine go on."""
-        log.exception("tts_plugins: Mixture of Inputs failed %s; its requests continue without it", what)
-        self.failures += 1
-        for rid in list(self.stash.slot_of):
-            self.stash.release(rid)
-            self.dropped.add(rid)
-
-    def debug_counts(self) -> dict[str, int]:
-        return {"moi.requests": len(self.stash), "moi.dropped": len(self.dropped), "moi.failures": self.failures}
-
-    def warn_once(self, what: str) -> None:
-        if what not in self.warned:
-            self.warned.add(what)
-            log.error("tts_plugins: Mixture of Inputs does not support %s; those requests run without it", what)
 
     def admit(self, new_reqs: Any) -> None:
         for new in new_reqs:
             sp = new.sampling_params
             extra = getattr(sp, "extra_args", None) if sp is not None else None
-            if not extra or "tts_moi_beta" not in extra:
-                continue
-            if self.refuse:
-                self.warn_once(self.refuse)
-                continue
-            try:
-                params = MoIParams.parse({k: v for k, v in extra.items() if k in MOI_KEYS})
-                if params is not None:
-                    self.stash.admit(new.req_id, params)
-            except Exception:  # admission validated it; never take the engine down
-                log.exception("tts_plugins: Mixture of Inputs could not start for request %s; it runs plain", new.req_id)
+            if extra and "tts_moi_beta" in extra:
+                self.start(new.req_id, extra)
 
     def step_rows(self, runner: Any) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         """Rows, slots and scheduled token counts of this step's opted-in requests (computed once a step)."""
@@ -134,9 +106,7 @@ class _RunnerMoI:
     def rows_to_mix(self, runner: Any) -> tuple[np.ndarray, np.ndarray]:
         """Token indices and slots whose input this step is exactly the stashed sampled token."""
         rows, slots, n = self.step_rows(runner)
-        pos = self.stash.pos[slots]
-        ok = (n == 1) & (pos >= 0) & (runner.input_batch.num_computed_tokens_cpu[rows] == pos)
-        self.stash.pos[slots] = -1  # consumed, or stale (a re-prefill); requests not in this step keep theirs
+        ok = self.stash.take_mix(slots, runner.input_batch.num_computed_tokens_cpu[rows] + n - 1, n)
         return runner.query_start_loc.np[rows[ok]].astype(np.int64), slots[ok]
 
 
@@ -158,8 +128,7 @@ def _wrap_update_states(original: Any) -> Any:
             return out  # no request ever opted in: nothing to keep
         st = st or _state(self)
         for rid in scheduler_output.finished_req_ids:
-            st.stash.release(rid)
-            st.dropped.discard(rid)
+            st.release(rid)
         if scheduler_output.scheduled_new_reqs:
             st.admit(scheduler_output.scheduled_new_reqs)
         st.sched = scheduler_output if len(st.stash) else None
@@ -176,7 +145,7 @@ def _wrap_sample(original: Any) -> Any:
         if st is None or st.sched is None or logits is None:
             return original(self, logits, spec_decode_metadata, *args, **kwargs)
         if spec_decode_metadata is not None:
-            st.warn_once("speculative decoding")
+            st.warn_once("speculative decoding is not supported; those requests run without it")
             st.stash.pos[:] = -1
             return original(self, logits, spec_decode_metadata, *args, **kwargs)
         try:
@@ -199,10 +168,12 @@ def _wrap_sample(original: Any) -> Any:
 
 
 def _wrap_model_forward(original: Any) -> Any:
-    def _model_forward(self: Any, input_ids: Any = None, positions: Any = None, intermediate_tensors: Any = None, inputs_embeds: Any = None, **kwargs: Any) -> Any:
+    def _model_forward(self: Any, input_ids: Any = None, positions: Any = None, intermediate_tensors: Any = None, inputs_embeds: Any = None,
+                       **kwargs: Any) -> Any:
         st = self.__dict__.get("_tts_moi")
         if st is None or st.sched is None:
-            return original(self, input_ids=input_ids, positions=positions, intermediate_tensors=intermediate_tensors, inputs_embeds=inputs_embeds, **kwargs)
+            return original(self, input_ids=input_ids, positions=positions, intermediate_tensors=intermediate_tensors, inputs_embeds=inputs_embeds,
+                            **kwargs)
         plain = {"input_ids": input_ids, "positions": positions, "intermediate_tensors": intermediate_tensors, "inputs_embeds": inputs_embeds}
         try:
             tokens, slots = st.rows_to_mix(self)
@@ -224,50 +195,12 @@ def _wrap_model_forward(original: Any) -> Any:
         saved = (ctx.skip_compiled, ctx.cudagraph_runtime_mode)
         ctx.skip_compiled, ctx.cudagraph_runtime_mode = True, CUDAGraphMode.NONE  # a graph would ignore the mixture
         try:
-            return original(self, input_ids=None, positions=positions, intermediate_tensors=intermediate_tensors, inputs_embeds=inputs_embeds, **kwargs)
+            return original(self, input_ids=None, positions=positions, intermediate_tensors=intermediate_tensors, inputs_embeds=inputs_embeds,
+                            **kwargs)
         finally:
             ctx.skip_compiled, ctx.cudagraph_runtime_mode = saved
 
     return _model_forward
-
-
-def _uses_v2_runner() -> bool:
-    """Whether this vLLM picks Model Runner V2 (explicitly, or by default on CUDA-like GPUs)."""
-    from vllm import envs
-
-    choice = envs.VLLM_USE_V2_MODEL_RUNNER
-    if choice is not None:
-        return bool(choice)
-    from vllm.platforms import current_platform
-
-    return bool(current_platform.is_cuda_alike())
-
-
-MOI_CACHE_SALT = "tts_plugins:moi"
-
-
-def _wrap_from_engine_core_request(original: Any) -> Any:
-    def from_engine_core_request(cls: Any, request: Any, *args: Any, **kwargs: Any) -> Any:
-        sp = getattr(request, "sampling_params", None)
-        extra = getattr(sp, "extra_args", None) if sp is not None else None
-        if extra and "tts_moi_beta" in extra:
-            # KV computed from mixtures is not determined by the token ids: salt the block hashes so no
-            # plain request ever reuses it, nor a request mixing with other settings. (Admission validated
-            # the keys; the salt only needs to tell settings apart.)
-            mine = f"{MOI_CACHE_SALT}:beta={extra.get('tts_moi_beta')!r}:topk={extra.get('tts_moi_topk', 20)!r}"
-            salt = getattr(request, "cache_salt", None)
-            request.cache_salt = f"{salt}|{mine}" if salt else mine
-        if extra and (extra.get("tts_roe_tau") or extra.get("tts_roe_tau_layers")):
-            # RoE: KV of noisily routed tokens depends on the taus and the noise seed (the request id when unseeded)
-            seed = getattr(sp, "seed", None)
-            taus = extra.get("tts_roe_tau_layers", extra.get("tts_roe_tau"))
-            mine = f"tts_plugins:roe:tau={taus!r}:seed={seed if seed is not None else request.request_id!r}"
-            salt = getattr(request, "cache_salt", None)
-            request.cache_salt = f"{salt}|{mine}" if salt else mine
-        return original(request, *args, **kwargs)
-
-    from_engine_core_request.__tts_plugins_original__ = original  # type: ignore[attr-defined]
-    return classmethod(from_engine_core_request)
 
 
 class VllmMoIPatch(MoIPatchBase):
@@ -277,7 +210,7 @@ class VllmMoIPatch(MoIPatchBase):
 
     @classmethod
     def _refuse(cls) -> str | None:
-        if _uses_v2_runner():
+        if uses_v2_runner():
             return "Mixture of Inputs needs vLLM's V1 model runner; start the server with VLLM_USE_V2_MODEL_RUNNER=0"
         return None
 
@@ -289,4 +222,6 @@ class VllmMoIPatch(MoIPatchBase):
         patcher.replace(f"{_RUNNER}._update_states", _wrap_update_states, min_version=MIN_VERSION, max_version=MAX_VERSION)
         patcher.replace(f"{_RUNNER}._sample", _wrap_sample, min_version=MIN_VERSION, max_version=MAX_VERSION)
         patcher.replace(f"{_RUNNER}._model_forward", _wrap_model_forward, min_version=MIN_VERSION, max_version=MAX_VERSION)
-        patcher.replace("vllm.v1.request:Request.from_engine_core_request", _wrap_from_engine_core_request, min_version=MIN_VERSION, max_version=MAX_VERSION)
+
+    def cache_salt(self, params: MoIParams, request_id: str, seed: int | None) -> str:
+        return self.salt_of(params)

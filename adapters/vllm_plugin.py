@@ -1,21 +1,166 @@
-"""vLLM general plugin (entry-point group ``vllm.general_plugins``).
+"""vLLM general plugin (entry-point group ``vllm.general_plugins``): the model patches and the core's services.
 
 vLLM runs ``register()`` in every process it starts (API server, engine core,
 workers). It installs the model patches that registered techniques ask for
-through ``tts_register_model_patches``; it is idempotent, so running twice in
-one process changes nothing.
+through ``tts_register_model_patches``, and the core's own patches, which
+provide the services of :mod:`tts_plugins.services` to every technique
+(owner ``"core"``, vLLM 0.32 only):
+
+* ``GPUModelRunner.sample_tokens`` (around): marks the runner that is sampling
+  (a context variable), so the logits processor reads which rows' samples are
+  discarded this step (:func:`discarded_rows`: a prefill chunk that is not the
+  last).
+* ``OutputProcessor.add_request`` (around; front end): the per-sample hook.
+  It is called for every child of a request with ``n`` samples, with its
+  index, before the child is sent to the engine core (``LLM`` and the OpenAI
+  server alike); the child gets the merged :class:`~tts_plugins.services.SampleEdit`
+  of the model patches (:func:`child_params`).
+* ``Request.from_engine_core_request`` (engine core): the cache salt of the
+  patches a request turns on, appended to its own ``cache_salt``.
+
+It is idempotent: running twice in one process changes nothing. This module
+imports no vLLM until ``register()`` runs.
 """
 
 from __future__ import annotations
 
+import contextvars
+import copy
+import functools
 import logging
+from typing import Any
+
+import numpy as np
+
+from tts_plugins import services
+from tts_plugins.technique import GREEDY_TEMPERATURE
 
 log = logging.getLogger("vllm.tts_plugins")  # under vLLM's logger, so its handlers print it
+
+# The internals the core's patches rely on were read in this range: min inclusive, max exclusive.
+MIN_VERSION, MAX_VERSION = "0.32", "0.33"
+CORE_TARGETS = {
+    "sample_tokens": "vllm.v1.worker.gpu_model_runner:GPUModelRunner.sample_tokens",
+    "add_request": "vllm.v1.engine.output_processor:OutputProcessor.add_request",
+    "new_request": "vllm.v1.request:Request.from_engine_core_request",
+}
+
+_SAMPLING: contextvars.ContextVar[Any] = contextvars.ContextVar("tts_plugins_vllm_sampling", default=None)
 
 
 def register() -> None:
     from tts_plugins.manager import default_registry, disabled
-    from tts_plugins.patching import install_patches
+    from tts_plugins.patching import Patcher, install_patches
 
     if not disabled():
         install_patches(default_registry(), engine="vllm")
+        install_core(Patcher("vllm", owner="core"))
+
+
+def install_core(patcher: Any) -> None:
+    """Install the core's patches (the services every technique may use) through ``patcher``."""
+    patcher.replace(CORE_TARGETS["sample_tokens"], _wrap_sample_tokens, min_version=MIN_VERSION, max_version=MAX_VERSION)
+    patcher.replace(CORE_TARGETS["add_request"], _wrap_add_request, min_version=MIN_VERSION, max_version=MAX_VERSION)
+    patcher.replace(CORE_TARGETS["new_request"], _wrap_from_engine_core_request, min_version=MIN_VERSION, max_version=MAX_VERSION)
+
+
+def uses_v2_runner() -> bool:
+    """Whether this vLLM picks Model Runner V2 (explicitly, or by default on CUDA-like GPUs)."""
+    from vllm import envs
+
+    choice = envs.VLLM_USE_V2_MODEL_RUNNER
+    if choice is not None:
+        return bool(choice)
+    from vllm.platforms import current_platform
+
+    return bool(current_platform.is_cuda_alike())
+
+
+# --- discarded rows ---------------------------------------------------------------
+
+
+def discarded_rows(num_rows: int) -> np.ndarray | None:
+    """The V1 runner's rows whose sampled token this step is thrown away (a prefill chunk that is not the last),
+    as a bool mask over the logits' rows; None outside a sampling step or when unknown. Host memory the runner
+    filled this step: no sync."""
+    buf = getattr(_SAMPLING.get(), "discard_request_mask", None)
+    if buf is None:
+        return None
+    mask = buf.np[:num_rows]
+    return mask if mask.shape[0] == num_rows else None
+
+
+def _wrap_sample_tokens(original: Any) -> Any:
+    def sample_tokens(self: Any, *args: Any, **kwargs: Any) -> Any:
+        token = _SAMPLING.set(self)
+        try:
+            return original(self, *args, **kwargs)
+        finally:
+            _SAMPLING.reset(token)
+
+    return sample_tokens
+
+
+# --- the per-sample front-end hook --------------------------------------------------
+
+
+def child_params(params: Any, index: int, parent_id: str | None = None, registry: Any = None) -> Any:
+    """The sampling params of sample ``index`` of the request ``parent_id``: ``params`` itself when no patch edits
+    it, else a copy (the parent's may be shared) with the merged edit applied."""
+    if registry is None:
+        from tts_plugins.manager import default_registry
+
+        registry = default_registry()
+    edit = services.sample_edit(registry, "vllm", getattr(params, "extra_args", None), index, parent_id)
+    if edit is None:
+        return params
+    child = copy.copy(params)
+    if edit.extra:
+        child.extra_args = {**params.extra_args, **edit.extra}
+    # edit.own_seed needs nothing: vLLM gives sample i the seed seed + i already
+    if edit.temperature is not None:
+        child.temperature = edit.temperature
+        if child.temperature < GREEDY_TEMPERATURE:  # what SamplingParams does for temperature 0
+            child.top_p, child.top_k, child.min_p = 1.0, 0, 0.0
+        # the engine core checks the params again when it decodes the request, and an error there is fatal to it
+        child._verify_args()
+    return child
+
+
+def _wrap_add_request(original: Any) -> Any:
+    @functools.wraps(original)
+    def add_request(self: Any, request: Any, *args: Any, **kwargs: Any) -> Any:
+        params = getattr(request, "sampling_params", None)
+        if params is not None and getattr(params, "extra_args", None):
+            try:
+                index = kwargs.get("request_index", args[2] if len(args) > 2 else 0)
+                parent = kwargs.get("parent_req", args[1] if len(args) > 1 else None)
+                request.sampling_params = child_params(params, int(index), None if parent is None else parent.request_id)
+            except Exception:  # admission validated the parameters; never fail a request here
+                log.exception("tts_plugins: could not apply the per-sample parameters; the sample runs with the request's")
+        return original(self, request, *args, **kwargs)
+
+    return add_request
+
+
+# --- the cache salt -------------------------------------------------------------------
+
+
+def _wrap_from_engine_core_request(original: Any) -> Any:
+    def from_engine_core_request(cls: Any, request: Any, *args: Any, **kwargs: Any) -> Any:
+        sp = getattr(request, "sampling_params", None)
+        extra = getattr(sp, "extra_args", None) if sp is not None else None
+        if extra:
+            from tts_plugins.manager import default_registry
+
+            try:
+                mine = services.cache_salt(default_registry(), "vllm", extra, request.request_id, getattr(sp, "seed", None))
+            except Exception:  # admission validated the parameters
+                log.exception("tts_plugins: could not salt a request's cache key")
+                mine = None
+            if mine:
+                salt = getattr(request, "cache_salt", None)
+                request.cache_salt = f"{salt}|{mine}" if salt else mine
+        return original(request, *args, **kwargs)
+
+    return classmethod(from_engine_core_request)

@@ -16,9 +16,13 @@ Patches (through :mod:`tts_plugins.patching`, version-checked, logged, never twi
   ``req_indices`` and ``positions`` buffers (the noise of a token is a
   function of the request's seed, its position and the layer: reproducible
   whatever the batch, chunking or preemption).
-* ``Request.from_engine_core_request``: the Mixture-of-Inputs cache salt
-  wrapper, which also salts RoE requests by tau and seed, so noisy KV is
-  never reused by another request (and they do not reuse plain prefixes).
+* The cache salt (:meth:`~tts_plugins.logits_processors.roe.RoEPatchBase.cache_salt`,
+  by tau and seed), applied by the core when the engine core creates the
+  request: noisy KV is never reused by another request (and they do not reuse
+  plain prefixes).
+
+The engine-neutral half (parameters, seed, per-layer taus and their errors)
+is :mod:`tts_plugins.logits_processors.roe`.
 
 Limits, enforced: the model must run eagerly (``--enforce-eager``); under
 ``torch.compile`` the MoE code is traced once and per-request noise cannot be
@@ -33,15 +37,13 @@ from __future__ import annotations
 
 import contextvars
 import logging
-import weakref
-import zlib
 from typing import Any
 
 import numpy as np
 import torch
 
-from tts_plugins.logits_processors.roe import gumbel, mask_router_logits
-from tts_plugins.params import ROE_KEYS, RoEParams, tts_keys
+from tts_plugins.adapters.vllm_plugin import uses_v2_runner
+from tts_plugins.logits_processors.roe import DENSE_ERROR, RoEModel, RoEParams, RoEPatchBase, gumbel, mask_router_logits, roe_seed
 
 log = logging.getLogger("vllm.tts_plugins")
 
@@ -52,11 +54,6 @@ _MOE = "vllm.model_executor.layers.fused_moe.runner.moe_runner:MoERunner._apply_
 _STEP: contextvars.ContextVar[_Step | None] = contextvars.ContextVar("tts_plugins_roe_step", default=None)
 
 
-def roe_seed(params: Any, req_id: str) -> int:
-    seed = getattr(params, "seed", None)
-    return int(seed) % (2**62) if seed is not None else zlib.crc32(req_id.encode())
-
-
 class _RunnerRoE:
     """The RoE requests of one model runner: ``req_id -> (tau, seed)``, and per-row buffers."""
 
@@ -64,46 +61,33 @@ class _RunnerRoE:
         n = runner.input_batch.max_num_reqs
         device = runner.positions.device
         self.reqs: dict[str, tuple[list[float], int]] = {}  # req_id -> (one tau per MoE layer, seed)
-        self.ordinal = _moe_ordinals(runner)  # MoE layer id -> its index among the model's MoE layers
-        self.has_moe = bool(self.ordinal) or self.ordinal is None
-        layers = max(1, len(self.ordinal or ()))
-        self.tau = torch.zeros(n, layers, dtype=torch.float32, device=device)
+        self.model = RoEModel(_moe_ordinals(runner), log)
+        self.tau = torch.zeros(n, self.model.width, dtype=torch.float32, device=device)
         self.seed = torch.zeros(n, dtype=torch.int64, device=device)
         self.compiled = _compiled(runner)
-        self.errors: set[str] = set()
 
     def admit(self, scheduler_output: Any) -> None:
         for rid in scheduler_output.finished_req_ids:
             self.reqs.pop(rid, None)
         for new in scheduler_output.scheduled_new_reqs:
             sp = getattr(new, "sampling_params", None)
-            extra = getattr(sp, "extra_args", None)
-            if not extra or ("tts_roe_tau" not in extra and "tts_roe_tau_layers" not in extra):
-                continue
             try:
-                p = RoEParams.parse({k: v for k, v in tts_keys(extra).items() if k in ROE_KEYS})
+                p = RoEParams.of_request(getattr(sp, "extra_args", None))
             except ValueError as exc:  # admission validated it; never fail the step
                 log.error("tts_plugins: ignoring invalid RoE parameters of an admitted request: %s", exc)
                 continue
             if p is None:
                 continue
-            if not self.has_moe:
-                self.error_once("dense", "tts_roe_tau on a model without MoE layers: nothing to route; those requests run plain")
+            if not self.model.has_moe:
+                self.model.error_once("dense", DENSE_ERROR)
                 continue
             if self.compiled:
-                self.error_once("compiled", "RoE needs an eager model (start vLLM with --enforce-eager); RoE requests run with the model's own routing")
+                self.model.error_once("compiled", "RoE needs an eager model (start vLLM with --enforce-eager); "
+                                      "RoE requests run with the model's own routing")
                 continue
-            taus = p.taus(len(self.ordinal)) if self.ordinal else ([p.tau] if p.layers is None else None)
-            if taus is None:
-                self.error_once(f"layers{len(p.layers or ())}", f"tts_roe_tau_layers has {len(p.layers or ())} taus but this model has "
-                                f"{len(self.ordinal or ())} MoE layers; those requests run with the model's own routing")
-                continue
-            self.reqs[new.req_id] = (taus, roe_seed(sp, new.req_id))
-
-    def error_once(self, key: str, message: str) -> None:
-        if key not in self.errors:
-            self.errors.add(key)
-            log.error("tts_plugins: %s", message)
+            taus = self.model.taus(p)
+            if taus is not None:
+                self.reqs[new.req_id] = (taus, roe_seed(getattr(sp, "seed", None), new.req_id))
 
 
 def _moe_ordinals(runner: Any) -> dict[int, int] | None:
@@ -157,11 +141,11 @@ class _Step:
             return None
         t = router_logits.shape[0]
         if t != self.num_tokens:  # padded or split rows (data/sequence parallel): not mapped, refuse loudly
-            self.state.error_once("rows", f"RoE cannot map {t} router rows to the step's {self.num_tokens} tokens (data or sequence parallel?); RoE rows run plain")
+            self.state.model.error_once("rows", f"RoE cannot map {t} router rows to the step's {self.num_tokens} tokens "
+                                        "(data or sequence parallel?); RoE rows run plain")
             return None
         rows = self.runner.req_indices.gpu[:t]
-        column = (self.state.ordinal or {}).get(int(layer.layer_id), 0)
-        tau = self.state.tau[rows, column]
+        tau = self.state.tau[rows, self.state.model.column(layer.layer_id)]
         noise = gumbel(self.state.seed[rows], self.runner.positions[:t], int(layer.layer_id), router_logits.shape[1])
         return mask_router_logits(router_logits, int(layer.router.top_k), tau, noise)
 
@@ -173,25 +157,8 @@ def _state(runner: Any) -> _RunnerRoE:
     return st
 
 
-_LAST_RUNNER: Any = None
-
-
-def discarded_rows(num_rows: int) -> np.ndarray | None:
-    """The V1 runner's rows whose sampled token this step is thrown away (a prefill chunk that is not the last),
-    as a bool mask over the logits' rows, or None when unknown. Host memory the runner filled this step."""
-    runner = _LAST_RUNNER() if _LAST_RUNNER is not None else None
-    buf = getattr(runner, "discard_request_mask", None)
-    if buf is None:
-        return None
-    mask = buf.np[:num_rows]
-    return mask if mask.shape[0] == num_rows else None
-
-
 def _wrap_execute_model(original: Any) -> Any:
     def execute_model(self: Any, scheduler_output: Any, *args: Any, **kwargs: Any) -> Any:
-        global _LAST_RUNNER
-        if _LAST_RUNNER is None or _LAST_RUNNER() is not self:
-            _LAST_RUNNER = weakref.ref(self)
         st = self.__dict__.get("_tts_roe")
         try:
             if st is not None or any(
@@ -223,7 +190,7 @@ def _wrap_apply_quant_method(original: Any) -> Any:
         try:
             masked = step.mask(self, kwargs["router_logits"])
         except Exception:
-            step.state.error_once("mask", "RoE failed to route a step; its rows run with the model's own routing")
+            step.state.model.error_once("mask", "RoE failed to route a step; its rows run with the model's own routing")
             log.exception("tts_plugins: RoE routing")
             masked = None
         if masked is not None:
@@ -233,27 +200,14 @@ def _wrap_apply_quant_method(original: Any) -> Any:
     return _apply_quant_method
 
 
-class VllmRoEPatch:
+class VllmRoEPatch(RoEPatchBase):
     """RoE routing noise for vLLM, switched on per request by ``tts_roe_tau``."""
 
-    name = "roe"
-    engine = "vllm"
-    keys = ROE_KEYS
-
-    @staticmethod
-    def parse_params(flat: Any) -> RoEParams | None:
-        return RoEParams.parse(flat)
+    engine, label, min_version, max_version = "vllm", "vLLM", MIN_VERSION, MAX_VERSION
 
     @classmethod
-    def supported(cls) -> str | None:
-        from tts_plugins import patching
-
-        reason = patching.version_refusal("vllm", "vLLM", "RoE", MIN_VERSION, MAX_VERSION)
-        if reason is not None:
-            return reason
-        from tts_plugins.adapters.vllm_moi import _uses_v2_runner
-
-        if _uses_v2_runner():
+    def _refuse(cls) -> str | None:
+        if uses_v2_runner():
             return "RoE needs vLLM's V1 model runner; start the server with VLLM_USE_V2_MODEL_RUNNER=0"
         return None
 
@@ -262,10 +216,5 @@ class VllmRoEPatch:
         if reason is not None:
             log.error("tts_plugins: not installing RoE: %s (requests with tts_roe_tau are refused)", reason)
             return
-        from tts_plugins.adapters.vllm_moi import _wrap_from_engine_core_request
-
         patcher.replace(f"{_RUNNER}.execute_model", _wrap_execute_model, min_version=MIN_VERSION, max_version=MAX_VERSION)
         patcher.replace(_MOE, _wrap_apply_quant_method, min_version=MIN_VERSION, max_version=MAX_VERSION)
-        # shared with Mixture of Inputs (one wrapper salts both; installing it twice is a no-op)
-        patcher.replace("vllm.v1.request:Request.from_engine_core_request", _wrap_from_engine_core_request, min_version=MIN_VERSION, max_version=MAX_VERSION)
-

@@ -26,7 +26,9 @@ import argparse
 import asyncio
 import json
 import random
+import os
 import sys
+import tempfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -82,6 +84,23 @@ def methods(k: int, roster_k: int) -> list[Method]:
         Method(f"MoE greedy roster of {roster_k}", "RoE", "reasoning-moe", roster=(0.0,) + (1.0,) * (roster_k - 1)),
         Method(f"MoE sampling roster of {roster_k}", "RoE", "reasoning-moe", options={**rk, "params": {"tts_roe_roster_size": roster_k, "tts_roe_tau": 1.0}}),
     ]
+    return out
+
+
+def testbed_checks(results: list[dict]) -> dict[str, dict]:
+    """What the trained model must be for the other rows to mean something (the engine tests use a briefly trained
+    model and check only what the engines do): it answers most problems greedily, its single samples at T=1 are right
+    often but not always (so votes have room), and cutting its thinking to 16 tokens costs accuracy."""
+    acc = {(r["model"], r["method"]): r["accuracy"] for r in results}
+    out = {}
+    if ("reasoning", "greedy") in acc:
+        out["greedy accuracy"] = {"figure": acc["reasoning", "greedy"], "wanted": ">= 0.6", "met": acc["reasoning", "greedy"] >= 0.6}
+    if ("reasoning", "1 sample T=1") in acc:
+        a = acc["reasoning", "1 sample T=1"]
+        out["single-sample accuracy at T=1"] = {"figure": a, "wanted": "0.25 to 0.85", "met": 0.25 <= a <= 0.85}
+    if ("reasoning", "cap 16") in acc and ("reasoning", "greedy") in acc:
+        cost = acc["reasoning", "greedy"] - acc["reasoning", "cap 16"]
+        out["accuracy the 16-token cap costs"] = {"figure": cost, "wanted": "> 0.2", "met": cost > 0.2}
     return out
 
 
@@ -187,6 +206,9 @@ def main(argv=None) -> int:
     ap.add_argument("--concurrency", type=int, default=32)
     ap.add_argument("--only", help="comma-separated method names (default: all)")
     ap.add_argument("--quick", action="store_true", help="fewer problems and samples (a smoke run)")
+    ap.add_argument("--models", choices=("full", "test"), default="full",
+                    help="full: the trained recipe (cached beside the demo's); test: the test suite's briefly trained models "
+                         "(a run of the plumbing: their accuracies mean nothing)")
     ap.add_argument("--json", type=Path)
     ap.add_argument("--png", type=Path)
     ap.add_argument("--markdown", type=Path, help="the results as a Markdown table")
@@ -195,7 +217,9 @@ def main(argv=None) -> int:
     args.k = args.k or (4 if args.quick else 8)
 
     from harness import Server as EngineServer
-    from models import tiny_model
+    from models import TRAINED, tiny_model
+
+    from tts_plugins.models.trained import build_reasoning_model
 
     from tts_plugins.models import arith
 
@@ -210,7 +234,11 @@ def main(argv=None) -> int:
         mine = [m for m in todo if m.model == model]
         if not mine:
             continue
-        path = tiny_model(model)
+        if args.models == "test":
+            path = tiny_model(model)
+        else:
+            root = Path(os.environ.get("TTS_TINY_MODELS", Path(tempfile.gettempdir()) / "tts-plugins-tiny"))
+            path = build_reasoning_model(root / model, TRAINED[model])
         card = json.loads((path / "tts_reasoning.json").read_text())
         print(f"{model}: {path} (trained in {card['train_seconds']}s; transformers check: greedy {card.get('accuracy_T0')}, "
               f"T=1 {card.get('accuracy_T1')})", flush=True)
@@ -224,10 +252,13 @@ def main(argv=None) -> int:
     report = {"engine": "vllm", "problems": args.problems, "steps": arith.DEFAULT_STEPS, "max_operand": arith.DEFAULT_MAX_OPERAND,
               "k": args.k, "roster_k": args.roster_k, "seed": args.seed, "max_tokens": args.max_tokens, "bootstrap_resamples": 2000,
               "seconds": round(time.perf_counter() - t0, 1), "results": results}
+    report["testbed"] = testbed_checks(results) if args.models == "full" else {}
     print(f"\n{'method':<32} {'model':<6} {'accuracy':>8}  {'95% CI':<15} {'tokens/problem':>14} {'samples':>7}")
     for r in results:
         print(f"{r['method']:<32} {'MoE' if r['model'] == 'reasoning-moe' else 'dense':<6} {r['accuracy']:8.3f}  "
               f"[{r['ci95'][0]:.2f}, {r['ci95'][1]:.2f}]   {r['tokens_per_problem']:14.1f} {r['samples_per_problem']:7.1f}")
+    for name, check in report["testbed"].items():
+        print(f"{'' if check['met'] else 'MISSED '}testbed: {name}: {check['figure']:.2f} (wanted {check['wanted']})")
     if args.json:
         args.json.write_text(json.dumps(report, indent=1))
     if args.markdown:

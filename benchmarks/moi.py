@@ -23,8 +23,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from tts_plugins.logits_processors.moi import MoIStash
-from tts_plugins.params import MoIParams
+from tts_plugins.logits_processors.moi import MoIParams, MoIStash
 
 SHAPES = {  # (vocabulary, hidden): the bundled tiny model and a Qwen3-8B-sized one
     "tiny": (512, 64),

@@ -25,14 +25,58 @@ vocabulary in vLLM).
 
 from __future__ import annotations
 
+import math
 from collections.abc import Mapping
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
 import torch
 
-from tts_plugins.params import CARBON_KEYS, CARBON_MAX_BIAS, CarbonParams
+from tts_plugins.params import get_float, show
+from tts_plugins.slots import HostMirror
 from tts_plugins.technique import EngineInfo, LogitsTechnique
+
+# --- parameters (parsed at admission, torch-free) --------------------------------
+
+CARBON_KEYS = frozenset({"tts_carbon_temperature", "tts_carbon_bias_ids", "tts_carbon_bias_values"})
+CARBON_MAX_BIAS = 256
+MAX_TOKEN_ID = 2**24  # ids are checked against the real vocabulary in the engine (see CarbonCalibration)
+
+
+@dataclass(frozen=True)
+class CarbonParams:
+    """CarBoN's calibrated sampling for one request: logits ``(z + b) / T``.
+
+    ``temperature`` is T (> 0; 1 = none), ``bias`` the sparse vocabulary shift
+    ``b`` as ``(token id, value)`` pairs (at most ``CARBON_MAX_BIAS``).
+    """
+
+    temperature: float = 1.0
+    bias: tuple[tuple[int, float], ...] = ()
+
+    @classmethod
+    def parse(cls, flat: Mapping[str, Any]) -> CarbonParams | None:
+        if not any(k in flat for k in CARBON_KEYS):
+            return None
+        t = get_float(flat, "tts_carbon_temperature", 1.0, minimum=1e-3, maximum=1e3)
+        ids, values = flat.get("tts_carbon_bias_ids", []), flat.get("tts_carbon_bias_values", [])
+        if not isinstance(ids, (list, tuple)) or len(ids) > CARBON_MAX_BIAS:
+            raise ValueError(f"tts_carbon_bias_ids must be a list of at most {CARBON_MAX_BIAS} token ids, got {show(ids)}")
+        if not isinstance(values, (list, tuple)) or len(values) != len(ids):
+            raise ValueError(f"tts_carbon_bias_values must be a list as long as tts_carbon_bias_ids ({len(ids)}), got {show(values)}")
+        for i in ids:
+            if isinstance(i, bool) or not isinstance(i, int) or not 0 <= i < MAX_TOKEN_ID:
+                raise ValueError(f"tts_carbon_bias_ids must hold token ids (ints >= 0), got {show(i)}")
+        if len(set(ids)) != len(ids):
+            raise ValueError(f"tts_carbon_bias_ids must not repeat an id, got {show(ids)}")
+        for v in values:
+            if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v) or abs(v) > 1e4:
+                raise ValueError(f"tts_carbon_bias_values must hold finite numbers in [-1e4, 1e4], got {show(v)}")
+        return cls(temperature=t, bias=tuple(zip((int(i) for i in ids), (float(v) for v in values))))
+
+
+# --- the technique ---------------------------------------------------------------
 
 
 class CarbonCalibration(LogitsTechnique):
@@ -54,15 +98,11 @@ class CarbonCalibration(LogitsTechnique):
     def __init__(self, info: EngineInfo) -> None:
         super().__init__(info)
         n = info.max_slots + 1
-        self._t_host = torch.ones(n, 1, dtype=torch.float32)
-        self._ids_host = torch.zeros(n, CARBON_MAX_BIAS, dtype=torch.int64)
-        self._vals_host = torch.zeros(n, CARBON_MAX_BIAS, dtype=torch.float32)
-        on_cpu = info.device.type == "cpu"
-        self._t = self._t_host if on_cpu else self._t_host.to(info.device)
-        self._ids = self._ids_host if on_cpu else self._ids_host.to(info.device)
-        self._vals = self._vals_host if on_cpu else self._vals_host.to(info.device)
+        mirror = {"device": info.device, "pin_memory": info.pin_memory}
+        self._t = HostMirror((n, 1), torch.float32, fill=1.0, **mirror)  # T per slot (1: none)
+        self._ids = HostMirror((n, CARBON_MAX_BIAS), torch.int64, **mirror)  # bias token ids, the first k[slot] valid
+        self._vals = HostMirror((n, CARBON_MAX_BIAS), torch.float32, **mirror)  # bias values (0 past k[slot])
         self._k = np.zeros(n, dtype=np.int64)  # bias entries per slot
-        self._dirty = False
         self.active: set[int] = set()
 
     def set_slot(self, slot: int, params: CarbonParams | None, request: Any) -> None:
@@ -71,17 +111,19 @@ class CarbonCalibration(LogitsTechnique):
             if bad:
                 raise ValueError(f"tts_carbon_bias_ids holds {bad[0]}, outside the vocabulary (size {self.info.vocab_size})")
         self.active.discard(slot)
-        self._t_host[slot] = 1.0
-        self._ids_host[slot].zero_()
-        self._vals_host[slot].zero_()
+        t, ids, vals = self._t.np, self._ids.np, self._vals.np
+        t[slot] = 1.0
+        ids[slot] = 0
+        vals[slot] = 0.0
         self._k[slot] = 0
         if params is not None:
             self.active.add(slot)
-            self._t_host[slot] = params.temperature
+            t[slot] = params.temperature
             for j, (i, v) in enumerate(params.bias):
-                self._ids_host[slot, j], self._vals_host[slot, j] = i, v
+                ids[slot, j], vals[slot, j] = i, v
             self._k[slot] = len(params.bias)
-        self._dirty = True
+        for mirror in (self._t, self._ids, self._vals):
+            mirror.mark_dirty()
 
     @property
     def num_active(self) -> int:
@@ -90,19 +132,14 @@ class CarbonCalibration(LogitsTechnique):
     def apply(self, logits: torch.Tensor, row_slots: torch.Tensor, host_slots: np.ndarray | None = None) -> torch.Tensor:
         if not self.active:
             return logits
-        if self._dirty:
-            if self._t is not self._t_host:
-                self._t.copy_(self._t_host, non_blocking=True)
-                self._ids.copy_(self._ids_host, non_blocking=True)
-                self._vals.copy_(self._vals_host, non_blocking=True)
-            self._dirty = False
+        t, ids, vals = self._t.device_view(), self._ids.device_view(), self._vals.device_view()
         k = int(self._k.max()) if host_slots is None else int(self._k[host_slots].max())
         if k:
-            logits.scatter_add_(1, self._ids[row_slots, :k], self._vals[row_slots, :k].to(logits.dtype))
-        return logits.div_(self._t[row_slots].to(logits.dtype))
+            logits.scatter_add_(1, ids[row_slots, :k], vals[row_slots, :k].to(logits.dtype))
+        return logits.div_(t[row_slots].to(logits.dtype))
 
     def reference_row(self, z: torch.Tensor, slot: int) -> torch.Tensor:
         z = z.clone()
         for j in range(int(self._k[slot])):
-            z[int(self._ids_host[slot, j])] += float(self._vals_host[slot, j])
-        return z / float(self._t_host[slot, 0])
+            z[int(self._ids.np[slot, j])] += float(self._vals.np[slot, j])
+        return z / float(self._t.np[slot, 0])

@@ -12,6 +12,8 @@ from __future__ import annotations
 import numpy as np
 import torch
 
+from tts_plugins.slots import HostMirror
+
 
 def putter(logits: torch.Tensor):
     """``put(cols[n, k], values[n, k], rows=None)``: ``logits[rows[i], cols[i, j]] = values[i, j]``."""
@@ -99,19 +101,17 @@ def upload_rows(buffers: dict[str, torch.Tensor], rows: np.ndarray, device: torc
 class ForcedTokens:
     """Per-slot "force this token next" state for ``max_slots + 1`` slots, and its ``apply``.
 
-    Host writes (``set``) go to a (pinned) host buffer and reach the device at
-    the next ``apply`` that needs them, only when something changed. ``apply``
+    Host writes (``set``) go to a :class:`~tts_plugins.slots.HostMirror` and
+    reach the device at the next ``apply`` that needs them, only when something
+    changed. ``apply``
     returns at once while no slot has a forced token, and touches only the
     forced rows when the adapter knows the rows on the host.
     """
 
     def __init__(self, max_slots: int, device: torch.device, pin_memory: bool) -> None:
-        n = max_slots + 1
         self.pin_memory = pin_memory and device.type != "cpu"
-        self._host = torch.full((n,), -1, dtype=torch.int64, pin_memory=self.pin_memory)
-        self.np = self._host.numpy()
-        self._dev = self._host if device.type == "cpu" else self._host.to(device)
-        self._dirty = False
+        self._tok = HostMirror(max_slots + 1, torch.int64, fill=-1, device=device, pin_memory=pin_memory)
+        self.np = self._tok.np  # the token forced per slot, -1: none
         self.count = 0
         self._rows: dict[str, torch.Tensor] = {}
         self._keep: dict[str, torch.Tensor] = {}
@@ -122,7 +122,7 @@ class ForcedTokens:
         if old != tok:
             self.count += int(tok >= 0) - int(old >= 0)
             self.np[slot] = tok
-            self._dirty = True
+            self._tok.mark_dirty()
 
     def apply(self, logits: torch.Tensor, row_slots: torch.Tensor, host_slots: np.ndarray | None = None) -> torch.Tensor:
         if self.count == 0:
@@ -135,8 +135,4 @@ class ForcedTokens:
                 return logits
             rows_dev = upload_rows(self._rows, rows, logits.device, self.pin_memory)
             keep_dev = few_other_rows(self._keep, forced, logits.device, self.pin_memory)
-        if self._dirty:
-            if self._dev is not self._host:
-                self._dev.copy_(self._host, non_blocking=True)
-            self._dirty = False
-        return force_kernel(logits, row_slots, self._dev, rows_dev, keep_rows=keep_dev if rows_dev is not None else None)
+        return force_kernel(logits, row_slots, self._tok.device_view(), rows_dev, keep_rows=keep_dev if rows_dev is not None else None)

@@ -1,6 +1,6 @@
 """Group early stop: First Finish Search and short-m@k, inside the engine.
 
-Keys (see :class:`tts_plugins.params.GroupParams`): ``tts_group`` (the group's
+Keys (see :class:`GroupParams`): ``tts_group`` (the group's
 id), ``tts_group_stop_after`` (m, default 1), ``tts_group_finish`` (``"think"``:
 a member finishes when it closes its thinking block, as short-m@k counts;
 ``"eos"``: when it ends, as First Finish Search counts; default ``"think"``),
@@ -36,9 +36,43 @@ import numpy as np
 import torch
 
 from tts_plugins.logits_processors.forcing import ForcedTokens
-from tts_plugins.params import GROUP_KEYS, GroupParams
+from tts_plugins.params import get_choice, get_int, get_text, show
 from tts_plugins.technique import EngineInfo, LogitsTechnique, SlotRequest
 from tts_plugins.text import StreamMatcher, cached_token_texts, encode, thinking_state
+
+# --- parameters (parsed at admission, torch-free) --------------------------------
+
+GROUP_KEYS = frozenset({"tts_group", "tts_group_stop_after", "tts_group_finish", "tts_group_stop_text"})
+
+
+@dataclass(frozen=True)
+class GroupParams:
+    """Group early stop (First Finish Search, short-m@k) options of one request."""
+
+    group: str
+    stop_after: int = 1
+    finish: str = "think"  # what counts as a member finishing: "think" (end of thinking) or "eos"
+    stop_text: str = ""
+
+    @classmethod
+    def parse(cls, flat: Mapping[str, Any]) -> GroupParams | None:
+        if "tts_group" not in flat:
+            for key in sorted(GROUP_KEYS - {"tts_group"}):
+                if key in flat:
+                    raise ValueError(f"{key} needs tts_group (the group's id), got {key}={show(flat[key])} alone")
+            return None
+        group = flat["tts_group"]
+        if not isinstance(group, str) or not group or len(group) > 128 or "\x00" in group:
+            raise ValueError(f"tts_group must be a non-empty string of at most 128 characters without NUL, got {show(group)}")
+        return cls(
+            group=group,
+            stop_after=get_int(flat, "tts_group_stop_after", 1, minimum=1, maximum=100_000),
+            finish=get_choice(flat, "tts_group_finish", "think", ("think", "eos")),
+            stop_text=get_text(flat, "tts_group_stop_text", ""),
+        )
+
+
+# --- the technique ---------------------------------------------------------------
 
 
 @dataclass

@@ -18,26 +18,70 @@ at high temperature) their ``beta * y`` term vanishes and the weights sum to
 less than 1. We keep the paper's formula, whose weights always sum to 1; the
 two agree whenever ``y`` is in the top-k (always for greedy rows).
 
-Engine-neutral: adapters own the hook points. They call :meth:`MoIStash.stash`
-right after the engine sampled (with the raw logits of the opted-in rows and
-the sampled ids) and :meth:`MoIStash.mix` when the next forward of those
-requests is built. State is O(k) per request (ids and probabilities of the
-top-k, the entropy and the sampled id), never the O(length x hidden) buffer
-of the authors' patch.
+Everything engine-neutral lives here: the parameters (:class:`MoIParams`),
+the math, the per-request stash, the state of one model runner
+(:class:`MoIRunnerState`: failures, refusals, the requests dropped) and the
+mix-position rule (:meth:`MoIStash.take_mix`). The engine patches
+(``tts_plugins.adapters.vllm_moi``, ``tts_plugins.adapters.sglang_moi``) only
+find the hook points: they call :meth:`MoIStash.stash` right after the engine
+sampled (with the raw logits of the opted-in rows and the sampled ids) and
+:meth:`MoIStash.mix` when the next forward of those requests is built. State
+is O(k) per request (ids and probabilities of the top-k, the entropy and the
+sampled id), never the O(length x hidden) buffer of the authors' patch.
 """
 
 from __future__ import annotations
 
+import logging
 import math
 from collections.abc import Callable, Hashable, Mapping
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
 import torch
 
-from tts_plugins.params import MOI_KEYS, MOI_MAX_TOPK, MoIParams
+from tts_plugins.params import get_float, get_int, show
+from tts_plugins.slots import SlotAllocator
+from tts_plugins.technique import ModelPatch
 
-__all__ = ["MOI_KEYS", "MoIParams", "MoIPatchBase", "MoIStash", "moi_reference", "topk_distribution"]
+__all__ = ["MOI_KEYS", "MOI_MAX_TOPK", "MoIParams", "MoIPatchBase", "MoIRunnerState", "MoIStash", "moi_reference", "topk_distribution"]
+
+MOI_KEYS = frozenset({"tts_moi_beta", "tts_moi_topk"})
+MOI_MAX_TOPK = 256
+
+
+@dataclass(frozen=True)
+class MoIParams:
+    """Mixture of Inputs options of one request (authors' defaults: beta 1.0, top-20).
+
+    ``beta`` > 0 is the weight of the sampled token against the distribution
+    (larger keeps more of the sample; beta -> inf is plain decoding). ``topk``
+    is the support of the distribution that is mixed, at most ``MOI_MAX_TOPK``
+    so per-request memory stays O(k).
+    """
+
+    beta: float = 1.0
+    topk: int = 20
+
+    @classmethod
+    def parse(cls, flat: Mapping[str, Any]) -> MoIParams | None:
+        if "tts_moi_beta" not in flat:
+            if "tts_moi_topk" in flat:
+                raise ValueError("tts_moi_topk needs tts_moi_beta (which switches Mixture of Inputs on), "
+                                 f"got tts_moi_topk={show(flat['tts_moi_topk'])} alone")
+            return None
+        return cls(
+            beta=get_float(flat, "tts_moi_beta", minimum=0.0, maximum=1e6, open_min=True),
+            topk=get_int(flat, "tts_moi_topk", 20, minimum=1, maximum=MOI_MAX_TOPK),
+        )
+
+    @classmethod
+    def of_request(cls, extra: Mapping[str, Any] | None) -> MoIParams | None:
+        """The params of a request's flat extra arguments (any keys), or None when it does not opt in."""
+        if not extra or "tts_moi_beta" not in extra:
+            return None
+        return cls.parse({k: v for k, v in extra.items() if k in MOI_KEYS})
 
 
 def topk_distribution(logits: torch.Tensor, topk: torch.Tensor, kmax: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -77,7 +121,7 @@ class MoIStash:
     def __init__(self, max_requests: int, device: torch.device | str = "cpu", kmax: int = MOI_MAX_TOPK) -> None:
         self.max_requests, self.device, self.kmax = max_requests, torch.device(device), kmax
         self.slot_of: dict[Hashable, int] = {}
-        self._free = list(range(max_requests - 1, -1, -1))
+        self.slots = SlotAllocator(max_requests, owner="Mixture of Inputs")
         self._allocated = False
         self.pos = np.full(max_requests, -1, dtype=np.int64)
         self.topk = np.zeros(max_requests, dtype=np.int64)
@@ -102,11 +146,9 @@ class MoIStash:
     def admit(self, key: Hashable, params: MoIParams) -> int:
         if key in self.slot_of:
             self.release(key)
-        if not self._free:
-            raise RuntimeError(f"Mixture of Inputs: more than {self.max_requests} requests at once")
-        if not self._allocated:
+        if self.slots.available and not self._allocated:
             self._allocate()
-        slot = self._free.pop()
+        slot = self.slots.take()  # SlotsExhausted (a RuntimeError) when every slot is taken
         self.slot_of[key] = slot
         self.pos[slot] = -1
         self.topk[slot] = params.topk
@@ -119,7 +161,7 @@ class MoIStash:
         slot = self.slot_of.pop(key, None)
         if slot is not None:
             self.pos[slot] = -1
-            self._free.append(slot)
+            self.slots.free(slot)
 
     def clear(self) -> None:
         for key in list(self.slot_of):
@@ -139,6 +181,19 @@ class MoIStash:
         self.ent[index] = ent
         self.sampled[index] = sampled.to(torch.int64)
         self.pos[slots] = positions
+
+    def take_mix(self, slots: np.ndarray, last_positions: np.ndarray, counts: np.ndarray) -> np.ndarray:
+        """The mix-position rule, for the requests of ``slots`` in a forward that feeds each ``counts[i]`` tokens,
+        the last at ``last_positions[i]``: a mask of those to mix (one token fed, at exactly the stashed position).
+
+        Every stash of ``slots`` is consumed (a mixed one is used now; any other is stale: a re-prefill after
+        preemption, a chunk of a prefill), so it is never applied later to the wrong row. Requests not in
+        ``slots`` keep theirs.
+        """
+        pos = self.pos[slots]
+        ok = (counts == 1) & (pos >= 0) & (pos == last_positions)
+        self.pos[slots] = -1
+        return ok
 
     def mix(self, slots: np.ndarray, embed: Callable[[torch.Tensor], torch.Tensor]) -> torch.Tensor:
         """The mixed input embeddings ``[n, d]`` of ``slots`` (float32); ``embed`` maps ids to embeddings."""
@@ -174,7 +229,56 @@ def moi_reference(embedding: torch.Tensor, logits: torch.Tensor, sampled: int, b
     return w @ embedding.double()
 
 
-class MoIPatchBase:
+class MoIRunnerState:
+    """Mixture-of-Inputs state of one model runner, whatever the engine: the stash, failures and refusals.
+
+    ``refuse``: why this runner cannot mix at all (e.g. pipeline parallelism), or None. Requests that cannot
+    start, and every request after a failure, run plain; ``dropped`` holds the ones the engine has not
+    finished yet (an engine that asks again every step reads it to not retry them).
+    """
+
+    def __init__(self, max_requests: int, device: torch.device | str, logger: logging.Logger, refuse: str | None = None) -> None:
+        self.stash = MoIStash(max_requests, device)
+        self.refuse = refuse
+        self.log = logger
+        self.dropped: set[Hashable] = set()
+        self.warned: set[str] = set()
+        self.failures = 0
+
+    def start(self, key: Hashable, extra: Mapping[str, Any] | None) -> int | None:
+        """Admit request ``key`` if its flat parameters turn mixing on: its stash slot, or None (it runs plain)."""
+        if self.refuse:
+            self.warn_once(self.refuse)
+            return None
+        try:
+            params = MoIParams.of_request(extra)
+            return self.stash.admit(key, params) if params is not None else None
+        except Exception:  # admission validated it; never take the engine down
+            self.log.exception("tts_plugins: Mixture of Inputs could not start for request %s; it runs plain", key)
+            return None
+
+    def release(self, key: Hashable) -> None:
+        self.stash.release(key)
+        self.dropped.discard(key)
+
+    def fail_safe(self, what: str) -> None:
+        """Our code raised inside the engine: log it, drop every request's mixing (they run plain), go on."""
+        self.log.exception("tts_plugins: Mixture of Inputs failed %s; its requests continue without it", what)
+        self.failures += 1
+        for key in list(self.stash.slot_of):
+            self.stash.release(key)
+            self.dropped.add(key)
+
+    def warn_once(self, message: str) -> None:
+        if message not in self.warned:
+            self.warned.add(message)
+            self.log.error("tts_plugins: Mixture of Inputs: %s", message)
+
+    def debug_counts(self) -> dict[str, int]:
+        return {"moi.requests": len(self.stash), "moi.dropped": len(self.dropped), "moi.failures": self.failures}
+
+
+class MoIPatchBase(ModelPatch):
     """What the engines' Mixture-of-Inputs patches share: the request keys, parsing and the version check.
 
     Subclasses set ``engine``, ``label`` (for messages) and the version range the patch was written for, and
@@ -183,13 +287,11 @@ class MoIPatchBase:
 
     name = "moi"
     keys = MOI_KEYS
-    engine: str
     label: str
-    min_version: str
-    max_version: str
+    CACHE_SALT = "tts_plugins:moi"
 
-    @staticmethod
-    def parse_params(flat: Mapping[str, Any]) -> MoIParams | None:
+    @classmethod
+    def parse_params(cls, flat: Mapping[str, Any]) -> MoIParams | None:
         return MoIParams.parse(flat)
 
     @classmethod
@@ -201,3 +303,9 @@ class MoIPatchBase:
     @classmethod
     def _refuse(cls) -> str | None:
         return None
+
+    @classmethod
+    def salt_of(cls, params: MoIParams) -> str:
+        """A prefix-cache salt that tells Mixture-of-Inputs settings apart (KV computed from mixtures is not
+        determined by the token ids); for an engine that salts rather than keeps such KV out of its cache."""
+        return f"{cls.CACHE_SALT}:beta={params.beta!r}:topk={params.topk!r}"

@@ -19,15 +19,149 @@ Our choices, where the paper is not specific:
   the same in every engine. The rows whose ``tau`` is 0 keep ``R`` exactly
   (``torch.where``), so they route bit-identically to the unpatched model.
 
-The engine patches (``tts_plugins.adapters.vllm_roe``: vLLM's MoE runner;
-``tts_plugins.adapters.sglang_roe``: SGLang's ``select_experts``) apply it per
-request (``tts_roe_tau``); rosters aggregate the members' distributions in
-:mod:`tts_plugins.logits_processors.roster`.
+This module is RoE's engine-neutral half: the parameters (:class:`RoEParams`),
+the kernel, the noise seed of a request (:func:`roe_seed`), what RoE knows of
+one model runner (:class:`RoEModel`: its MoE layers, one tau per layer, the
+errors it logs once) and what both engine patches declare
+(:class:`RoEPatchBase`: keys, version check, cache salt). The engine patches
+(``tts_plugins.adapters.vllm_roe``: vLLM's MoE runner;
+``tts_plugins.adapters.sglang_roe``: SGLang's ``select_experts``) only find the
+router logits of each request's tokens. Rosters aggregate the members'
+distributions in :mod:`tts_plugins.logits_processors.roster`.
 """
 
 from __future__ import annotations
 
+import logging
+import zlib
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Any
+
 import torch
+
+from tts_plugins.params import get_float, get_number_list, show
+from tts_plugins.technique import ModelPatch
+
+ROE_KEYS = frozenset({"tts_roe_tau", "tts_roe_tau_layers"})
+ROE_MAX_TAU = 100.0
+ROE_MAX_LAYERS = 1024
+
+
+@dataclass(frozen=True)
+class RoEParams:
+    """RoE routing noise for one request: experts ``TopK(R + tau * G, k)`` in the MoE layers, on all its tokens.
+
+    ``tts_roe_tau``: one tau in [0, 100] for every MoE layer; 0 is the model's own routing. Or
+    ``tts_roe_tau_layers``: a list of taus in [0, 100], one per MoE layer in model order (the engine checks the
+    length against the model; a mismatch runs the request plain with an error in the log). All zero: no params,
+    the request runs plain.
+    """
+
+    tau: float
+    layers: tuple[float, ...] | None = None
+
+    @classmethod
+    def parse(cls, flat: Mapping[str, Any]) -> RoEParams | None:
+        if "tts_roe_tau_layers" in flat:
+            if "tts_roe_tau" in flat:
+                raise ValueError(f"give tts_roe_tau (one tau for every MoE layer) or tts_roe_tau_layers (one per MoE layer), not both; "
+                                 f"got tts_roe_tau={show(flat['tts_roe_tau'])} and tts_roe_tau_layers={show(flat['tts_roe_tau_layers'])}")
+            layers = get_number_list(flat, "tts_roe_tau_layers", "taus", max_items=ROE_MAX_LAYERS, maximum=ROE_MAX_TAU, note=" (one per MoE layer)")
+            return cls(max(layers), layers) if any(layers) else None
+        if "tts_roe_tau" not in flat:
+            return None
+        tau = get_float(flat, "tts_roe_tau", minimum=0.0, maximum=ROE_MAX_TAU)
+        return cls(tau) if tau else None
+
+    @classmethod
+    def of_request(cls, extra: Mapping[str, Any] | None) -> RoEParams | None:
+        """The params of a request's flat extra arguments (any keys), or None when it does not opt in."""
+        if not isinstance(extra, Mapping) or ("tts_roe_tau" not in extra and "tts_roe_tau_layers" not in extra):
+            return None
+        return cls.parse({k: v for k, v in extra.items() if k in ROE_KEYS})
+
+    def taus(self, num_layers: int) -> list[float] | None:
+        """One tau per MoE layer of a model with ``num_layers`` of them; None when the list does not fit."""
+        if self.layers is None:
+            return [self.tau] * num_layers
+        return list(self.layers) if len(self.layers) == num_layers else None
+
+    def salt(self) -> str:
+        return f"tau={self.tau!r}" if self.layers is None else "taus=" + ",".join(repr(t) for t in self.layers)
+
+
+def roe_seed(seed: int | None, request_id: str) -> int:
+    """The noise seed of a request: its sampling seed, else a hash of its id (then not reproducible)."""
+    return int(seed) % (2**62) if seed is not None else zlib.crc32(str(request_id).encode())
+
+
+DENSE_ERROR = "tts_roe_tau on a model without MoE layers: nothing to route; those requests run plain"
+
+
+class RoEModel:
+    """What RoE knows of one model runner, whatever the engine: its MoE layers, and the errors it logged.
+
+    ``ordinal``: ``{layer id: index among the model's MoE layers}`` ({} for a dense model; None when the
+    engine cannot tell, which refuses nothing). Errors are logged once per runner under a key.
+    """
+
+    def __init__(self, ordinal: dict[int, int] | None, logger: logging.Logger) -> None:
+        self.ordinal = ordinal
+        self.has_moe = bool(ordinal) or ordinal is None
+        self.width = max(1, len(ordinal or ()))  # columns of a per-row tau buffer
+        self.errors: set[str] = set()
+        self.log = logger
+
+    def error_once(self, key: str, message: str) -> None:
+        if key not in self.errors:
+            self.errors.add(key)
+            self.log.error("tts_plugins: %s", message)
+
+    def column(self, layer_id: int) -> int:
+        """The tau column of MoE layer ``layer_id``."""
+        return (self.ordinal or {}).get(int(layer_id), 0)
+
+    def taus(self, params: RoEParams) -> list[float] | None:
+        """One tau per MoE layer for ``params``; None (logged once) when its per-layer list does not fit the model."""
+        ordinal = self.ordinal
+        taus = params.taus(len(ordinal)) if ordinal else ([params.tau] if params.layers is None else None)
+        if taus is None:
+            n = len(params.layers or ())
+            self.error_once(f"layers{n}", f"tts_roe_tau_layers has {n} taus but this model has {len(ordinal or ())} MoE layers; "
+                            "those requests run with the model's own routing")
+        return taus
+
+
+class RoEPatchBase(ModelPatch):
+    """What the engines' RoE patches share: the keys, parsing, the version check and the cache salt.
+
+    Subclasses set ``engine``, ``label`` (for messages) and the version range, and may refuse more in
+    ``_refuse()``.
+    """
+
+    name = "roe"
+    keys = ROE_KEYS
+    label: str
+
+    @classmethod
+    def parse_params(cls, flat: Mapping[str, Any]) -> RoEParams | None:
+        return RoEParams.parse(flat)
+
+    @classmethod
+    def supported(cls) -> str | None:
+        from tts_plugins import patching
+
+        return patching.version_refusal(cls.engine, cls.label, "RoE", cls.min_version, cls.max_version) or cls._refuse()
+
+    @classmethod
+    def _refuse(cls) -> str | None:
+        return None
+
+    def cache_salt(self, params: RoEParams, request_id: str, seed: int | None) -> str:
+        """KV of noisily routed tokens depends on the taus and the noise seed: no other request may reuse it
+        (and an RoE request does not reuse plain prefixes)."""
+        return f"tts_plugins:roe:{params.salt()}:seed={roe_seed(seed, request_id)}"
 
 _MASK64 = (1 << 64) - 1
 
@@ -68,13 +202,15 @@ def gumbel(seed: torch.Tensor, position: torch.Tensor, layer: int, n: int) -> to
     return -torch.log(-torch.log(uniform(seed, position, layer, n)))
 
 
-def noisy_topk(router_logits: torch.Tensor, k: int, tau: torch.Tensor, noise: torch.Tensor, renormalize: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
+def noisy_topk(router_logits: torch.Tensor, k: int, tau: torch.Tensor, noise: torch.Tensor,
+               renormalize: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
     """Experts ``TopK(R + tau * G, k)`` per row and their gating weights from the clean router softmax.
 
     ``router_logits``: ``[T, E]``; ``tau``: ``[T]`` (0 = the model's routing, bit-identical); ``noise``: ``[T, E]``
     Gumbel draws (:func:`gumbel`, or injected by tests). Returns ``(weights [T, k] float32, ids [T, k] int64)``.
     """
-    scores = torch.where((tau > 0).unsqueeze(1), router_logits + tau.unsqueeze(1).to(router_logits.dtype) * noise.to(router_logits.dtype), router_logits)
+    noisy = router_logits + tau.unsqueeze(1).to(router_logits.dtype) * noise.to(router_logits.dtype)
+    scores = torch.where((tau > 0).unsqueeze(1), noisy, router_logits)
     ids = torch.topk(scores, k, dim=-1).indices
     probs = torch.softmax(router_logits, dim=-1, dtype=torch.float32)
     weights = probs.gather(1, ids)

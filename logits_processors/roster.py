@@ -6,11 +6,12 @@ times with different noisy expert routings (``tts_roe_tau`` per member, one
 may be clean with tau 0), the K next-token distributions are aggregated, one
 token is sampled and fed to all K.
 
-Keys (:class:`tts_plugins.params.RosterParams`): ``tts_roe_roster`` (the
-roster's name) and ``tts_roe_roster_size`` (K). A request with ``n = K`` and no
-name is a roster by itself: the engines' front ends name its samples' roster
-after the request (``tts_plugins.adapters.roster``), and give each sample its
-own seed (``seed + i``) so that their routing noise differs.
+Keys (:class:`RosterParams`): ``tts_roe_roster`` (the roster's name) and
+``tts_roe_roster_size`` (K). A request with ``n = K`` and no name is a roster
+by itself: the core's per-sample front-end hook asks the roster patch
+(:meth:`RosterPatchBase.sample_edit`) and names its samples' roster after the
+request, and gives each sample its own seed (``seed + i``) so that their
+routing noise differs.
 
 Each step, for each roster, the members whose output has reached the
 roster's frontier (normally all K) contribute ``softmax(z_k / T_k)`` (``T``
@@ -32,7 +33,8 @@ draw, so admission refuses them. Log-probabilities an engine reports are its
 own (vLLM: the member's raw logits; with processed log-probs, 0 for the token).
 
 Synchronization: the engines' schedulers hold a roster's members until all K
-have arrived and admit them together (``tts_plugins.adapters.roster``). If a
+have arrived and admit them together (:class:`RosterGate`, hooked into each
+engine's scheduler by ``tts_plugins.adapters.roster``). If a
 member still falls behind (a prefill chunked over two steps, a preemption) it
 is forced, step by step, to the tokens the roster already decided, and the
 roster's later steps aggregate the members at the frontier: the roster never
@@ -46,9 +48,10 @@ writes. A batch without members returns at once.
 
 from __future__ import annotations
 
+import itertools
 import logging
 import zlib
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -56,13 +59,63 @@ import numpy as np
 import torch
 
 from tts_plugins.logits_processors.roe import gumbel
-from tts_plugins.params import ROSTER_KEYS, RosterParams
-from tts_plugins.technique import EngineInfo, LogitsTechnique, SlotRequest
+from tts_plugins.params import get_int, get_text, show
+from tts_plugins.services import SampleEdit
+from tts_plugins.slots import SlotAllocator
+from tts_plugins.technique import GREEDY_TEMPERATURE, EngineInfo, LogitsTechnique, ModelPatch, SlotRequest
 
 log = logging.getLogger("tts_plugins")
 
 GATE_SEP = "\x1e"  # the schedulers' gate appends SEP + a formation number to a roster's name
 _DRAW_STREAM = 1 << 20  # the noise stream of roster draws (router noise uses the layer numbers)
+
+ROSTER_KEYS = frozenset({"tts_roe_roster", "tts_roe_roster_size"})
+ROSTER_MAX_SIZE = 64
+ROSTER_MAX_NAME = 200
+ROSTER_CHILD_PREFIX = "n:"  # names the engines' front ends give the samples of one request (n = K)
+
+
+@dataclass(frozen=True)
+class RosterParams:
+    """A RoE roster: ``size`` requests (or the ``n = size`` samples of one request) decode one sequence together.
+
+    ``tts_roe_roster``: the roster's name (any string the members share; omit it with ``n = size`` and the
+    request's samples form the roster). ``tts_roe_roster_size``: K in [2, 64], required.
+    """
+
+    name: str | None
+    size: int
+
+    @classmethod
+    def parse(cls, flat: Mapping[str, Any]) -> RosterParams | None:
+        if "tts_roe_roster" not in flat and "tts_roe_roster_size" not in flat:
+            return None
+        if "tts_roe_roster_size" not in flat:
+            raise ValueError(f"tts_roe_roster={show(flat['tts_roe_roster'])} needs tts_roe_roster_size "
+                             f"(the number of members, 2 to {ROSTER_MAX_SIZE})")
+        size = get_int(flat, "tts_roe_roster_size", minimum=2, maximum=ROSTER_MAX_SIZE)
+        name = None
+        if "tts_roe_roster" in flat:
+            name = get_text(flat, "tts_roe_roster", "", allow_empty=False)
+            if len(name) > ROSTER_MAX_NAME:
+                raise ValueError(f"tts_roe_roster must be at most {ROSTER_MAX_NAME} characters, got {len(name)} characters")
+        return cls(name, int(size))
+
+    def check_request(self, request: Any) -> None:
+        """Admission checks against the engine's sampling parameters (vLLM's or SGLang's)."""
+        n = int(getattr(request, "n", 1) or 1)
+        if self.name is None and n != self.size:
+            raise ValueError(f"tts_roe_roster_size={self.size} without tts_roe_roster makes the request's own samples the roster, "
+                             f"so n must be {self.size}, got n={n}")
+        temperature = getattr(request, "temperature", None)
+        if temperature is not None and temperature >= GREEDY_TEMPERATURE and getattr(request, "top_k", None) != 1:
+            top_p = getattr(request, "top_p", 1.0)
+            min_p = getattr(request, "min_p", 0.0)
+            top_k = getattr(request, "top_k", 0)
+            if (top_p is not None and top_p < 1.0) or (min_p is not None and min_p > 0.0) or (top_k is not None and 1 < top_k < (1 << 30)):
+                raise ValueError(f"tts_roe_roster_size={self.size}: a roster samples from the mean of its members' distributions at the "
+                                 f"request temperature; top_p, top_k and min_p are not applied to that draw, so send them unset "
+                                 f"(got top_p={top_p!r}, top_k={top_k!r}, min_p={min_p!r})")
 
 
 def base_name(name: str) -> str:
@@ -121,7 +174,7 @@ class RoERoster(LogitsTechnique):
         self.inv_t_np = np.ones(n, dtype=np.float32)
         self.members: dict[int, _Member] = {}
         self.rosters: dict[str, _Roster] = {}
-        self._free = list(range(info.max_slots - 1, -1, -1))
+        self.roster_rows = SlotAllocator(info.max_slots, what="rosters", owner="roe_roster")  # a row of key/draw/greedy per roster
         self.key_np = np.zeros(info.max_slots, dtype=np.int64)
         self.draw_np = np.zeros(info.max_slots, dtype=np.int64)
         self.greedy_np = np.zeros(info.max_slots, dtype=bool)
@@ -141,7 +194,7 @@ class RoERoster(LogitsTechnique):
             r.members.pop(slot, None)
             if not r.members:
                 del self.rosters[r.name]
-                self._free.append(r.index)
+                self.roster_rows.free(r.index)
             else:
                 self._publish(r)
         self.member_np[slot] = self.front_np[slot] = False
@@ -153,9 +206,7 @@ class RoERoster(LogitsTechnique):
             raise ValueError("tts_roe_roster_size without a roster name reached the engine (the front end names a request's samples); it runs plain")
         r = self.rosters.get(name)
         if r is None:
-            if not self._free:
-                raise ValueError("no free roster row")
-            r = self.rosters[name] = _Roster(name=name, size=params.size, index=self._free.pop(), greedy=request.greedy)
+            r = self.rosters[name] = _Roster(name=name, size=params.size, index=self.roster_rows.take(), greedy=request.greedy)
             self.greedy_np[r.index] = r.greedy
             self.draw_np[r.index] = 0
         if (len(r.members) >= r.size or params.size != r.size) and not r.warned:
@@ -252,3 +303,83 @@ class RoERoster(LogitsTechnique):
         for row, slot in enumerate(slots):
             acc += torch.softmax(logits[row].double() * float(self.inv_t_np[slot]), -1)
         return acc / len(slots)
+
+
+# --- the schedulers' gate and the front ends' naming (engine-neutral; tts_plugins.adapters.roster hooks them) ---
+
+
+def roster_of(extra: Any) -> tuple[str, int] | None:
+    """``(name, size)`` of a request the gate must hold (a member of a named roster not formed yet), else None.
+
+    ``extra`` is the request's flat parameters, which admission validated; they are read with the parser.
+    """
+    if not isinstance(extra, Mapping) or "tts_roe_roster" not in extra:
+        return None
+    name = extra["tts_roe_roster"]
+    if isinstance(name, str) and GATE_SEP in name:  # the gate formed this roster: never held again
+        return None
+    params = RosterParams.parse({k: v for k, v in extra.items() if k in ROSTER_KEYS})
+    return None if params is None or params.name is None else (params.name, params.size)
+
+
+def renamed(extra: Mapping[str, Any], name: str) -> dict[str, Any]:
+    """A member's flat parameters with its roster's (formed) name."""
+    return {**extra, "tts_roe_roster": name}
+
+
+class RosterGate:
+    """Members held until their roster is complete: ``name -> [(request id, item), ...]``.
+
+    Each formed roster gets a unique name (the client's name, :data:`GATE_SEP` and a formation number), so a
+    name reused by later (or concurrent, beyond K) requests forms new rosters.
+    """
+
+    def __init__(self) -> None:
+        self.held: dict[str, list[tuple[str, Any]]] = {}
+        self._formed = itertools.count()
+
+    def add(self, name: str, size: int, rid: str, item: Any) -> tuple[str, list[Any]] | None:
+        """Hold ``item``; when it completes its roster, return the roster's unique name and its members in arrival order."""
+        members = self.held.setdefault(name, [])
+        members.append((rid, item))
+        if len(members) < size:
+            return None
+        del self.held[name]
+        return f"{name}{GATE_SEP}{next(self._formed)}", [it for _, it in members]
+
+    def drop(self, match: Callable[[str], bool]) -> list[Any]:
+        """Remove (and return) the held members whose request id matches."""
+        out = []
+        for name in list(self.held):
+            keep = [(rid, it) for rid, it in self.held[name] if not match(rid)]
+            out += [it for rid, it in self.held[name] if match(rid)]
+            if keep:
+                self.held[name] = keep
+            else:
+                del self.held[name]
+        return out
+
+    def __len__(self) -> int:
+        return sum(len(v) for v in self.held.values())
+
+    def debug_counts(self) -> dict[str, int]:
+        """Members held back: 0 once every roster is complete or its members were aborted."""
+        return {"roster_gate.held": len(self)}
+
+
+class RosterPatchBase(ModelPatch):
+    """What the engines' roster patches share: the samples of a request with ``n = K`` and no name form its roster.
+
+    The keys belong to the technique (:class:`RoERoster`); the patch owns none. Subclasses hook their engine's
+    scheduler with a :class:`RosterGate`.
+    """
+
+    name = "roe_roster_gate"
+
+    def sample_edit(self, parsed: Mapping[str, Any], index: int, parent_id: str | None) -> SampleEdit | None:
+        """Sample ``index`` of a request whose samples form a roster: the roster is named after the request, and
+        the sample gets its own seed (``seed + index``) so that the members' routing noise differs."""
+        params = parsed.get(RoERoster.name)
+        if params is None or params.name is not None or parent_id is None:
+            return None
+        return SampleEdit(extra={"tts_roe_roster": ROSTER_CHILD_PREFIX + parent_id}, own_seed=True)

@@ -1,6 +1,6 @@
 """Think-token steering: cap, minimum and extension (s1 budget forcing), NoThinking.
 
-Keys (see :class:`tts_plugins.params.ThinkParams`): ``tts_think_max``,
+Keys (see :class:`ThinkParams`): ``tts_think_max``,
 ``tts_think_min``, ``tts_think_extend``, ``tts_think_wait``,
 ``tts_think_conclusion``, ``tts_no_think``, ``tts_no_think_text``.
 
@@ -50,6 +50,7 @@ a forced sequence.
 
 from __future__ import annotations
 
+import os
 from collections import deque
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
@@ -58,10 +59,89 @@ from typing import Any
 import numpy as np
 import torch
 
-from tts_plugins.params import THINK_KEYS, ThinkParams
-from tts_plugins.technique import EngineInfo, LogitsTechnique, SlotRequest
 from tts_plugins.logits_processors.forcing import few_other_rows, force_kernel, putter, upload_rows
+from tts_plugins.params import get_bool, get_int, get_text, show
+from tts_plugins.slots import HostMirror
+from tts_plugins.technique import EngineInfo, LogitsTechnique, SlotRequest
 from tts_plugins.text import StreamMatcher, cached_token_texts, completion_sets, encode, thinking_state
+
+# --- parameters (parsed at admission, torch-free) --------------------------------
+
+THINK_KEYS = frozenset(
+    {
+        "tts_think_max",
+        "tts_think_min",
+        "tts_think_extend",
+        "tts_think_wait",
+        "tts_think_conclusion",
+        "tts_no_think",
+        "tts_no_think_text",
+    }
+)
+
+DEFAULT_WAIT = "Wait"
+DEFAULT_CONCLUSION = "\n"
+DEFAULT_NO_THINK_TEXT = "Okay, I think I have finished thinking."
+
+
+@dataclass(frozen=True)
+class ThinkParams:
+    """Think-token steering options of one request.
+
+    ``max_tokens`` caps model tokens inside a thinking block (None: no cap);
+    ``min_tokens`` and ``extend`` keep it open (s1 budget forcing);
+    ``no_think`` skips thinking (NoThinking).
+    """
+
+    max_tokens: int | None = None
+    min_tokens: int = 0
+    extend: int = 0
+    wait: str = DEFAULT_WAIT
+    conclusion: str = DEFAULT_CONCLUSION
+    no_think: bool = False
+    no_think_text: str = DEFAULT_NO_THINK_TEXT
+
+    @classmethod
+    def parse(cls, flat: Mapping[str, Any]) -> ThinkParams | None:
+        """Parse the think keys of ``flat``; ``None`` when the request does not opt in."""
+        if not any(k in flat for k in ("tts_think_max", "tts_think_min", "tts_think_extend", "tts_no_think")):
+            for key in ("tts_think_wait", "tts_think_conclusion", "tts_no_think_text"):
+                if key in flat:
+                    raise ValueError(
+                        f"{key} only takes effect with tts_think_max, tts_think_min, tts_think_extend "
+                        f"or tts_no_think, got {key}={show(flat[key])} alone"
+                    )
+            return None
+        params = cls(
+            max_tokens=get_int(flat, "tts_think_max"),
+            min_tokens=get_int(flat, "tts_think_min", 0),
+            extend=get_int(flat, "tts_think_extend", 0, maximum=10_000),
+            wait=get_text(flat, "tts_think_wait", DEFAULT_WAIT, allow_empty=False),
+            conclusion=get_text(flat, "tts_think_conclusion", DEFAULT_CONCLUSION),
+            no_think=get_bool(flat, "tts_no_think"),
+            no_think_text=get_text(flat, "tts_no_think_text", DEFAULT_NO_THINK_TEXT),
+        )
+        end = os.environ.get("TTS_PLUGINS_THINK_END") or "</think>"
+        if end in params.wait:
+            raise ValueError(f"tts_think_wait must not contain the end-of-thinking string {end!r}, got {params.wait!r}")
+        if params.max_tokens is not None and params.min_tokens > params.max_tokens:
+            raise ValueError(
+                f"tts_think_min must be <= tts_think_max, got tts_think_min={params.min_tokens} "
+                f"and tts_think_max={params.max_tokens}"
+            )
+        if params.no_think and (params.min_tokens or params.extend):
+            raise ValueError(
+                "tts_no_think cannot be combined with tts_think_min or tts_think_extend, got "
+                f"tts_think_min={params.min_tokens}, tts_think_extend={params.extend}"
+            )
+        if not params.no_think and "tts_no_think_text" in flat:
+            raise ValueError(f"tts_no_think_text only takes effect with tts_no_think=true, got {show(flat['tts_no_think_text'])}")
+        if params.max_tokens is None and params.min_tokens == 0 and params.extend == 0 and not params.no_think:
+            return None  # e.g. tts_no_think=false alone: valid, and opts out
+        return params
+
+
+# --- kernel ---------------------------------------------------------------------
 
 NONE, FORCE, GATE = 0, 1, 2
 
@@ -200,11 +280,9 @@ class ThinkSteering(LogitsTechnique):
         self.block_ids = torch.from_numpy(ids).to(info.device)
         self.block_mass = torch.from_numpy(mass).to(info.device)
         self._empty_eos = not sets[-1]
-        pin = info.pin_memory and info.device.type != "cpu"
-        self._host = torch.full((4, n), -1, dtype=torch.int64, pin_memory=pin)
-        self._np = self._host.numpy()
-        self._dev = self._host if info.device.type == "cpu" else self._host.to(info.device)
-        self._dirty = False
+        # rows: force token, gate row, wait token, greedy (one mirror: one copy when a slot changes)
+        self._state = HostMirror((4, n), torch.int64, fill=-1, device=info.device, pin_memory=info.pin_memory)
+        self._np = self._state.np
         self._mode = np.zeros(n, dtype=np.int8)
         self._published: dict[int, tuple[int, int, int, int]] = {}
         self._counts = [0, 0, 0]
@@ -318,7 +396,7 @@ class ThinkSteering(LogitsTechnique):
             self._counts[mode] += 1
             self._mode[slot] = mode
         self._np[:, slot] = new
-        self._dirty = True
+        self._state.mark_dirty()
 
     def reference_row(self, z: torch.Tensor, slot: int) -> torch.Tensor:
         """The conformance suite's oracle: ``think_reference_row`` on this slot's published host state."""
@@ -343,17 +421,14 @@ class ThinkSteering(LogitsTechnique):
             if do_force:
                 force_rows = upload_rows(self._row_buffers, rows, logits.device, self.info.pin_memory)
                 keep_rows = few_other_rows(self._keep_buffers, modes == FORCE, logits.device, self.info.pin_memory)
-        if self._dirty:
-            if self._dev is not self._host:
-                self._dev.copy_(self._host, non_blocking=True)
-            self._dirty = False
+        dev = self._state.device_view()
         return think_kernel(
             logits,
             row_slots,
-            self._dev[0],
-            self._dev[1],
-            self._dev[2],
-            self._dev[3],
+            dev[0],
+            dev[1],
+            dev[2],
+            dev[3],
             self.block_ids,
             self.block_mass,
             do_force=do_force,

@@ -1,6 +1,6 @@
 """Thought trimming (TrimR-style): stop redundant thinking inside the engine.
 
-Keys (see :class:`tts_plugins.params.TrimParams`): ``tts_trim`` (on with the
+Keys (see :class:`TrimParams`): ``tts_trim`` (on with the
 defaults), ``tts_trim_converge``, ``tts_trim_max_thoughts``,
 ``tts_trim_min_tokens``, ``tts_trim_ngram``, ``tts_trim_repeats``,
 ``tts_trim_markers``, ``tts_trim_conclusion``, ``tts_trim_verifier``.
@@ -45,9 +45,82 @@ import numpy as np
 import torch
 
 from tts_plugins.logits_processors.forcing import ForcedTokens
-from tts_plugins.params import TRIM_KEYS, TrimParams
+from tts_plugins.params import get_bool, get_int, get_text, get_text_list, show
 from tts_plugins.technique import EngineInfo, LogitsTechnique, SlotRequest
 from tts_plugins.text import StreamMatcher, cached_token_texts, encode, thinking_state
+
+# --- parameters (parsed at admission, torch-free) --------------------------------
+
+TRIM_KEYS = frozenset(
+    {
+        "tts_trim",
+        "tts_trim_converge",
+        "tts_trim_max_thoughts",
+        "tts_trim_min_tokens",
+        "tts_trim_ngram",
+        "tts_trim_repeats",
+        "tts_trim_markers",
+        "tts_trim_conclusion",
+        "tts_trim_verifier",
+    }
+)
+
+DEFAULT_MARKERS = ("Wait", "Alternatively", "But", "\n\n")
+DEFAULT_TRIM_CONCLUSION = "\n\nI have checked this enough; time to answer.\n"
+
+
+@dataclass(frozen=True)
+class TrimParams:
+    """TrimR-style thought trimming of one request (0 switches a trigger off).
+
+    ``converge``: overthinking, the same extracted answer in this many
+    consecutive thoughts. ``max_thoughts`` / ``min_tokens``: underthinking,
+    more thoughts than this past this many thinking tokens without
+    convergence. ``ngram`` / ``repeats``: a repetition loop, one n-gram of
+    tokens seen this many times. ``verifier``: a registered verifier decides
+    convergence instead of the built-in rule.
+    """
+
+    converge: int = 3
+    max_thoughts: int = 12
+    min_tokens: int = 1024
+    ngram: int = 12
+    repeats: int = 3
+    markers: tuple[str, ...] = DEFAULT_MARKERS
+    conclusion: str = DEFAULT_TRIM_CONCLUSION
+    verifier: str | None = None
+
+    @classmethod
+    def parse(cls, flat: Mapping[str, Any]) -> TrimParams | None:
+        present = sorted(k for k in TRIM_KEYS if k in flat)
+        if not present:
+            return None
+        if "tts_trim" in flat and not get_bool(flat, "tts_trim"):
+            others = sorted(set(present) - {"tts_trim"})
+            if others:
+                raise ValueError(f"tts_trim is false but {others[0]} is set, got {others[0]}={show(flat[others[0]])}")
+            return None
+        verifier = flat.get("tts_trim_verifier")
+        if verifier is not None and (not isinstance(verifier, str) or not verifier or len(verifier) > 64):
+            raise ValueError(f"tts_trim_verifier must be the name of a registered verifier, got {show(verifier)}")
+        params = cls(
+            converge=get_int(flat, "tts_trim_converge", 3, maximum=1000),
+            max_thoughts=get_int(flat, "tts_trim_max_thoughts", 12, maximum=100_000),
+            min_tokens=get_int(flat, "tts_trim_min_tokens", 1024),
+            ngram=get_int(flat, "tts_trim_ngram", 12, maximum=1024),
+            repeats=get_int(flat, "tts_trim_repeats", 3, minimum=2, maximum=1000),
+            markers=get_text_list(flat, "tts_trim_markers", DEFAULT_MARKERS),
+            conclusion=get_text(flat, "tts_trim_conclusion", DEFAULT_TRIM_CONCLUSION),
+            verifier=verifier,
+        )
+        if params.converge == 1:
+            raise ValueError("tts_trim_converge must be 0 (off) or an int >= 2, got 1")
+        if params.ngram == 1:
+            raise ValueError("tts_trim_ngram must be 0 (off) or an int >= 2, got 1")
+        return params
+
+
+# --- thoughts and answers ----------------------------------------------------------
 
 _ANSWER = re.compile(r"(?:answer is|Answer:)\s*\$?\s*([^\s$.,;]+(?:\.\d+)?)", re.IGNORECASE)
 

@@ -126,7 +126,7 @@ class RowMachine(RuleBasedStateMachine):
             assert rec.seen[slot] == outputs
         assert len(set(mapped.values())) == len(mapped), "two rows share a slot"
         assert self.state.num_active == len(mapped) == rec.num_active
-        assert len(self.rows._free) + len(mapped) == ROWS, "every slot is either mapped or free: none leaks"
+        assert self.rows.slots.available + len(mapped) == ROWS, "every slot is either mapped or free: none leaks"
 
     @invariant()
     def apply_touches_only_opted_in_rows(self):

@@ -53,7 +53,7 @@ def test_request_params_are_the_engine_keys():
     keys = cal.request_params(max_bias=5)
     assert set(keys) == {"tts_carbon_temperature", "tts_carbon_bias_ids", "tts_carbon_bias_values"}
     assert len(keys["tts_carbon_bias_ids"]) == len(keys["tts_carbon_bias_values"]) <= 5
-    from tts_plugins.params import CarbonParams
+    from tts_plugins.logits_processors.carbon import CarbonParams
 
     assert CarbonParams.parse(keys).temperature == pytest.approx(cal.temperature)
     with pytest.raises(ValueError, match="at least one position"):

@@ -11,11 +11,11 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from tts_plugins.adapters.ladder import LadderPatchBase, SglangChildCounter, sglang_child
+from tts_plugins.adapters.sglang import SampleCounter, sglang_child
 from tts_plugins.client.cli import InputError, finished_ids, read_problems
 from tts_plugins.client.server import extract_auto, extract_full, extract_last_number, final_part
 from tts_plugins.manager import build_registry
-from tts_plugins.params import LadderParams
+from tts_plugins.logits_processors.ladder import LadderParams, LadderPatchBase
 from tts_plugins.client.strategies import Options
 
 
@@ -67,7 +67,7 @@ def _sgl_params(n, ladder, max_new_tokens=16):
 @given(st.lists(st.integers(1, 6), min_size=1, max_size=6), st.randoms())
 def test_sglang_children_get_their_index_whatever_the_interleaving(ns, rnd):
     """Children of several requests, interleaved; each request's children arrive in index order (as SGLang sends them)."""
-    counter = SglangChildCounter()
+    counter = SampleCounter()
     ladder = [0.0, 0.3, 0.6, 1.2]
     parents = [_sgl_params(n, ladder) for n in ns]
     queues = [[(p, i) for i in range(p.n)] for p in parents]
@@ -89,7 +89,7 @@ def test_sglang_children_get_their_index_whatever_the_interleaving(ns, rnd):
 
 
 def test_sglang_prefix_warmup_and_plain_requests_are_untouched():
-    counter = SglangChildCounter()
+    counter = SampleCounter()
     warm = SimpleNamespace(sampling_params=_sgl_params(4, [0.5], max_new_tokens=0))
     sglang_child(warm, counter)
     assert warm.sampling_params.temperature == 0.9 and not counter.sent

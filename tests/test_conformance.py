@@ -15,9 +15,9 @@ import numpy as np
 import pytest
 import torch
 
-from tts_plugins.testing.conformance import CHECKS, INVARIANTS, ConformanceError, tiny_info
 from tts_plugins.params import get_int
 from tts_plugins.technique import LogitsTechnique
+from tts_plugins.testing.conformance import CHECKS, INVARIANTS, ConformanceError, tiny_info
 
 BUILTINS = ["think", "trim", "group", "carbon", "roe_roster"]
 

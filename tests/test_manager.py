@@ -66,6 +66,24 @@ def test_conflicting_names_and_keys_are_refused():
         build_registry(plugin_manager(load_entry_points=False, extra_plugins=[Registers(make_technique("bad", {"think_max"}))]))
 
 
+def test_a_technique_must_subclass_the_contract_and_gets_its_defaults():
+    class DuckTyped:  # has the attributes, but not the contract
+        name, keys = "duck", frozenset({"tts_duck"})
+
+    with pytest.raises(ValueError, match="subclass of tts_plugins.technique.LogitsTechnique"):
+        build_registry(plugin_manager(load_entry_points=False, extra_plugins=[Registers(DuckTyped)]))
+    minimal = make_technique("minimal", {"tts_minimal"})  # implements only what is required
+    reg = build_registry(plugin_manager(load_entry_points=False, builtin_techniques=False, extra_plugins=[Registers(minimal)]))
+    assert reg.parse({"tts_minimal": 1}, request=object()) == {"minimal": {"tts_minimal": 1}}  # default checks accept
+    assert minimal.conformance_params() == [] and not minimal.cross_request_state
+    import torch
+
+    from tts_plugins.technique import EngineInfo
+
+    tech = minimal(EngineInfo(vocab_size=4, max_slots=2, device=torch.device("cpu")))
+    assert tech.debug_counts() == {} and tech.reference_row(torch.zeros(4), 0) is None
+
+
 def test_misspelled_hook_is_caught():
     class Typo:
         @hookimpl

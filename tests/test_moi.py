@@ -10,9 +10,8 @@ import torch
 from hypothesis import assume, given, settings
 from hypothesis import strategies as st
 
-from tts_plugins.logits_processors.moi import MoIStash, mixture_weights, moi_reference, topk_distribution
+from tts_plugins.logits_processors.moi import MOI_MAX_TOPK, MoIParams, MoIStash, mixture_weights, moi_reference, topk_distribution
 from tts_plugins.manager import build_registry, plugin_manager
-from tts_plugins.params import MOI_MAX_TOPK, MoIParams
 from tts_plugins.patching import Patcher, version_in_range
 
 V, D = 40, 8

@@ -8,8 +8,8 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
+from tts_plugins.logits_processors.think import ThinkParams
 from tts_plugins.manager import build_registry, plugin_manager
-from tts_plugins.params import ThinkParams
 
 REG = build_registry(plugin_manager(load_entry_points=False))
 
@@ -104,7 +104,7 @@ def test_group_id_refuses_nul():
     """Found by the server fuzzer: text keys refused NUL, the group id did not."""
     import pytest
 
-    from tts_plugins.params import GroupParams
+    from tts_plugins.logits_processors.group import GroupParams
 
     with pytest.raises(ValueError, match="tts_group"):
         GroupParams.parse({"tts_group": "a\x00b"})
@@ -113,7 +113,7 @@ def test_group_id_refuses_nul():
 def test_carbon_params():
     import pytest
 
-    from tts_plugins.params import CarbonParams
+    from tts_plugins.logits_processors.carbon import CarbonParams
 
     assert CarbonParams.parse({}) is None
     p = CarbonParams.parse({"tts_carbon_temperature": 0.8, "tts_carbon_bias_ids": [4, 2], "tts_carbon_bias_values": [1.5, -2]})
@@ -134,8 +134,7 @@ def test_carbon_refuses_ids_outside_the_engine_vocabulary():
     import pytest
     import torch
 
-    from tts_plugins.logits_processors.carbon import CarbonCalibration
-    from tts_plugins.params import CarbonParams
+    from tts_plugins.logits_processors.carbon import CarbonCalibration, CarbonParams
     from tts_plugins.technique import EngineInfo, SlotRequest
 
     tech = CarbonCalibration(EngineInfo(vocab_size=10, max_slots=2, device=torch.device("cpu")))
@@ -145,7 +144,7 @@ def test_carbon_refuses_ids_outside_the_engine_vocabulary():
 
 
 def test_roe_tau_is_a_bounded_non_negative_float_and_zero_is_plain():
-    from tts_plugins.params import RoEParams
+    from tts_plugins.logits_processors.roe import RoEParams
 
     assert RoEParams.parse({}) is None and RoEParams.parse({"tts_roe_tau": 0}) is None
     assert RoEParams.parse({"tts_roe_tau": 1.5}).tau == 1.5
@@ -155,7 +154,7 @@ def test_roe_tau_is_a_bounded_non_negative_float_and_zero_is_plain():
 
 
 def test_roe_tau_layers_is_a_list_of_bounded_taus_one_per_moe_layer():
-    from tts_plugins.params import RoEParams
+    from tts_plugins.logits_processors.roe import RoEParams
 
     p = RoEParams.parse({"tts_roe_tau_layers": [0, 2.5, 1]})
     assert p.layers == (0.0, 2.5, 1.0) and p.taus(3) == [0.0, 2.5, 1.0] and p.taus(2) is None

@@ -11,11 +11,11 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from tts_plugins.adapters.roster import RosterGate, roster_of, sglang_child, vllm_child_params
+from tts_plugins.adapters.sglang import SampleCounter, sglang_child
+from tts_plugins.adapters.vllm_plugin import child_params as vllm_child_params
 from tts_plugins.batch import SlotState
 from tts_plugins.testing.conformance import registry_for
-from tts_plugins.logits_processors.roster import GATE_SEP, RoERoster
-from tts_plugins.params import RosterParams
+from tts_plugins.logits_processors.roster import GATE_SEP, RoERoster, RosterGate, RosterParams, roster_of
 from tts_plugins.technique import EngineInfo, SlotRequest
 
 V = 40
@@ -176,13 +176,14 @@ def test_front_ends_name_a_requests_samples_and_split_sglang_seeds():
 
     shared = types.SimpleNamespace(custom_params={"tts_roe_roster_size": 2}, sampling_seed=5, max_new_tokens=8, n=2)
     kids = [types.SimpleNamespace(sampling_params=shared) for _ in range(2)]
-    for i, kid in enumerate(kids):
-        sglang_child(kid, i)
+    counter = SampleCounter()
+    for kid in kids:  # sent in index order, as SGLang sends a request's samples
+        sglang_child(kid, counter)
     names = {k.sampling_params.custom_params["tts_roe_roster"] for k in kids}
     assert len(names) == 1 and next(iter(names)).startswith("n:")
     assert [k.sampling_params.sampling_seed for k in kids] == [5, 6] and shared.sampling_seed == 5
     other = types.SimpleNamespace(sampling_params=types.SimpleNamespace(custom_params={"tts_roe_roster_size": 2}, sampling_seed=None, max_new_tokens=8, n=2))
-    sglang_child(other, 0)
+    sglang_child(other, counter)
     assert other.sampling_params.custom_params["tts_roe_roster"] not in names, "another request's samples form another roster"
 
 

@@ -216,7 +216,7 @@ def test_ladder_children_get_their_rung_and_the_parent_is_untouched():
     from vllm.v1.engine.output_processor import OutputProcessor
     from vllm.v1.engine.parallel_sampling import ParentRequest
 
-    from tts_plugins.adapters.ladder import vllm_child_params
+    from tts_plugins.adapters.vllm_plugin import child_params
 
     # the patched front-end call still has the parameters the wrapper reads by position
     assert list(inspect.signature(OutputProcessor.add_request).parameters)[:5] == ["self", "request", "prompt", "parent_req", "request_index"]
@@ -224,11 +224,11 @@ def test_ladder_children_get_their_rung_and_the_parent_is_untouched():
     fan = ParentRequest.__new__(ParentRequest)
     fan.sampling_params, fan.cached_child_sampling_params = parent, None
     for i in range(4):
-        child = vllm_child_params(fan._get_child_sampling_params(i), i)
+        child = child_params(fan._get_child_sampling_params(i), i)
         want = [0.0, 1.5, 0.3][i % 3]
         assert child.temperature == want and child.seed == 5 + i
         assert child.top_p == (1.0 if want == 0 else 0.9)
         assert (child.sampling_type.name == "GREEDY") == (want == 0)
     assert parent.temperature == 0.8 and parent.top_p == 0.9
     plain = SamplingParams(temperature=0.8)
-    assert vllm_child_params(plain, 3) is plain
+    assert child_params(plain, 3) is plain

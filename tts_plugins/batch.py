@@ -25,6 +25,7 @@ import numpy as np
 import torch
 
 from tts_plugins.manager import Registry
+from tts_plugins.slots import HostMirror, SlotAllocator
 from tts_plugins.technique import EngineInfo, LogitsTechnique, SlotRequest
 
 log = logging.getLogger("tts_plugins")
@@ -164,7 +165,7 @@ class SlotState:
         counts = {"slots": len(self.active), "watched": len(self._watch)}
         for tech in self.techniques:
             counts[f"{tech.name}.active"] = tech.num_active
-            counts.update({f"{tech.name}.{k}": v for k, v in getattr(tech, "debug_counts", dict)().items()})
+            counts.update({f"{tech.name}.{k}": v for k, v in tech.debug_counts().items()})
         counts.update({f"{name}.failures": n for name, n in self.failures.items()})
         return counts
 
@@ -180,32 +181,27 @@ class RowMap:
     def __init__(self, max_rows: int, info: EngineInfo) -> None:
         self.neutral = info.neutral_slot
         self.max_slots = info.max_slots
-        pin = info.pin_memory and info.device.type != "cpu"
-        self._host = torch.full((max_rows,), self.neutral, dtype=torch.int64, pin_memory=pin)
-        self._np = self._host.numpy()
-        self._dev = self._host if info.device.type == "cpu" else self._host.to(info.device)
-        self._dirty = False
-        self._free = list(range(info.max_slots - 1, -1, -1))
+        self._map = HostMirror(max_rows, torch.int64, fill=self.neutral, device=info.device, pin_memory=info.pin_memory)
+        self._np = self._map.np
+        self.slots = SlotAllocator(info.max_slots, what="opted-in requests")
 
     def slot_of(self, row: int) -> int:
         return int(self._np[row])
 
     def take(self, row: int) -> int:
-        """Give ``row`` a fresh slot (the caller released any previous one)."""
-        if not self._free:
-            raise RuntimeError(f"tts_plugins: more than {self.max_slots} opted-in requests at once")
-        slot = self._free.pop()
+        """Give ``row`` a fresh slot (the caller released any previous one); ``SlotsExhausted`` when none is free."""
+        slot = self.slots.take()
         self._np[row] = slot
-        self._dirty = True
+        self._map.mark_dirty()
         return slot
 
     def clear(self, row: int) -> int:
         """Unmap ``row``; returns the slot it held (or the neutral slot)."""
         slot = int(self._np[row])
         if slot != self.neutral:
-            self._free.append(slot)
+            self.slots.free(slot)
             self._np[row] = self.neutral
-            self._dirty = True
+            self._map.mark_dirty()
         return slot
 
     def move(self, src: int, dst: int, swap: bool) -> int:
@@ -216,24 +212,20 @@ class RowMap:
         if a == self.neutral and b == self.neutral:
             return self.neutral
         self._np[dst] = a
-        self._dirty = True
+        self._map.mark_dirty()
         if swap:
             self._np[src] = b
             return self.neutral
         self._np[src] = self.neutral
         if b != self.neutral:
-            self._free.append(b)
+            self.slots.free(b)
         return b
 
     def host_view(self, num_rows: int) -> np.ndarray:
         return self._np[:num_rows]
 
     def device_view(self, num_rows: int) -> torch.Tensor:
-        if self._dirty:
-            if self._dev is not self._host:
-                self._dev.copy_(self._host, non_blocking=True)
-            self._dirty = False
-        return self._dev[:num_rows]
+        return self._map.device_view()[:num_rows]
 
     def clear_all(self) -> None:
         for row in np.flatnonzero(self._np != self.neutral):

@@ -1,12 +1,53 @@
-"""Built-in hook implementations that are not techniques: the think-string fallback."""
+"""Every built-in registration, in one place: the techniques, their model patches and the think-string fallback.
+
+The built-ins are registered through the same hooks as any third-party plugin.
+:data:`TECHNIQUES` (the techniques and model patches) is its own plugin object,
+so a plugin manager can leave the built-in techniques out
+(``plugin_manager(builtin_techniques=False)``: the conformance suite, tests);
+this module itself carries the hooks every manager has (the think-string
+fallback). Importing it imports no engine: each patch imports its engine in
+``install()``.
+"""
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from typing import Any
 
 from tts_plugins.hookspecs import hookimpl
 from tts_plugins.manager import env_think_strings
+
+
+class BuiltinTechniques:
+    """The built-in techniques and the model patches they need, one instance per engine."""
+
+    @hookimpl
+    def tts_register_techniques(self, register: Callable[[type], None]) -> None:
+        from tts_plugins.logits_processors.carbon import CarbonCalibration
+        from tts_plugins.logits_processors.group import GroupStop
+        from tts_plugins.logits_processors.roster import RoERoster
+        from tts_plugins.logits_processors.think import ThinkSteering
+        from tts_plugins.logits_processors.trim import ThoughtTrim
+
+        for cls in (ThinkSteering, ThoughtTrim, GroupStop, CarbonCalibration, RoERoster):
+            register(cls)
+
+    @hookimpl
+    def tts_register_model_patches(self, register: Callable[[Any], None]) -> None:
+        from tts_plugins.adapters.ladder import SglangLadderPatch, VllmLadderPatch
+        from tts_plugins.adapters.roster import SglangRosterPatch, VllmRosterPatch
+        from tts_plugins.adapters.sglang_moi import SglangMoIPatch
+        from tts_plugins.adapters.sglang_roe import SglangRoEPatch
+        from tts_plugins.adapters.vllm_moi import VllmMoIPatch
+        from tts_plugins.adapters.vllm_roe import VllmRoEPatch
+
+        # The order is the order of the services' calls (cache salts, per-sample edits, step observers).
+        for patch in (VllmMoIPatch, SglangMoIPatch, VllmLadderPatch, SglangLadderPatch, VllmRoEPatch, SglangRoEPatch,
+                      VllmRosterPatch, SglangRosterPatch):
+            register(patch())
+
+
+TECHNIQUES = BuiltinTechniques()
 
 
 # Thinking delimiters of model families, as single tokens in their tokenizers (first match wins).

@@ -10,6 +10,12 @@ Implementations may accept any subset of a spec's arguments, and the adapters
 always call hooks with keyword arguments, so specs can grow new arguments
 without breaking existing plugins.
 
+What a registered class or object itself may implement is declared, with
+defaults and docstrings, in :mod:`tts_plugins.technique`:
+:class:`~tts_plugins.technique.LogitsTechnique` and
+:class:`~tts_plugins.technique.ModelPatch`. This module and that one are the
+whole contract.
+
 This module imports nothing heavy (no torch): the API server process of an
 engine loads it to validate request parameters.
 """
@@ -33,39 +39,38 @@ hookimpl = pluggy.HookimplMarker(PROJECT)
 def tts_register_techniques(register: Callable[[type], None]) -> None:
     """Register logits techniques.
 
-    Called once when a registry is built. Call ``register(cls)`` for each
-    technique class; ``cls`` subclasses
-    :class:`tts_plugins.technique.LogitsTechnique`, which declares its name,
-    the ``tts_*`` request keys it owns, a torch-free ``parse_params`` that turns
-    those keys into a frozen parameter object (raising ``ValueError`` naming
-    key, value and expectation), and the vectorized ``apply`` kernel.
+    Called once each time a registry is built (:func:`tts_plugins.manager.build_registry`):
+    in the engine's API process, to validate request parameters, and in each
+    engine process. Must be idempotent and cheap: import the technique's
+    module, allocate nothing.
 
-    :param register: callback taking one technique class. Registering two
-        techniques with the same name, or two techniques that claim the same
-        request key, raises ``ValueError``.
+    :param register: callback taking one technique class, a subclass of
+        :class:`tts_plugins.technique.LogitsTechnique`. That class declares
+        everything a technique may implement (required and optional parts,
+        each with its default and when it is called). Registering something
+        that is not such a subclass, two different techniques with the same
+        name, or two techniques (or a technique and a model patch) that claim
+        the same request key raises ``ValueError``; registering the same class
+        twice is harmless.
     """
 
 
 @hookspec
 def tts_register_model_patches(register: Callable[[Any], None]) -> None:
-    """Register engine model patches (input embeddings, router logits, ...).
+    """Register engine model patches (input embeddings, router logits, the front end's sample fan-out, ...).
 
-    Called in every engine process by the engine's general-plugin entry point,
-    before the model is built. Call ``register(patch)`` with an object that has
-    a ``name`` (str), an ``engine`` (``"vllm"`` or ``"sglang"``) and an
-    ``install(patcher)`` method; the adapter passes it the project's single
-    patcher (:mod:`tts_plugins.patching`), which checks the engine version and
-    the target, refuses to patch twice, logs, and can undo.
+    Called each time a registry is built; the engines' general-plugin entry
+    points then install the patches of their engine in every engine process,
+    before the model is built, through the project's single patcher
+    (:mod:`tts_plugins.patching`: version bound, target check, conflict
+    refusal, undo).
 
-    A patch that techniques turn on per request also declares the request
-    keys it owns: ``keys`` (a frozenset of ``tts_*`` names), ``parse_params(flat)``
-    (torch-free; the parsed parameters or ``None`` when not opted in, raising
-    ``ValueError`` naming key, value and expectation, like a technique's) and
-    ``supported()`` (``None`` when this engine's installed version can run it,
-    else the reason, which admission returns to the client). One patch object
-    per engine shares a ``name`` and the same ``keys``.
-
-    :param register: callback taking one patch object.
+    :param register: callback taking one patch object, an instance of a
+        :class:`tts_plugins.technique.ModelPatch` subclass, which declares the
+        whole protocol (``name``, ``engine``, ``keys``, ``parse_params``,
+        ``supported``, ``check_request``, ``install``). Register one instance
+        per engine; instances for different engines of one patch share a
+        ``name`` and the same ``keys``.
     """
 
 
@@ -73,25 +78,42 @@ def tts_register_model_patches(register: Callable[[Any], None]) -> None:
 def tts_register_verifiers(register: Callable[[str, Callable[[], Any]], None]) -> None:
     """Register answer verifiers that thought trimming may consult (``tts_trim_verifier``).
 
-    Called once when a registry is built. Call ``register(name, factory)``;
-    ``factory()`` is called lazily, once per engine process, and returns an
-    object with ``submit(previous_answer: str, answer: str, thought: str) ->
+    Called once each time a registry is built. ``factory()`` is called lazily,
+    once per engine process, and returns an object with
+    ``submit(previous_answer: str, answer: str, thought: str) ->
     concurrent.futures.Future[bool]`` (True: the answers agree, the thinking
     has converged). ``submit`` must not block: the engine polls the future and
     never waits for it. A factory may return ``None`` when it is not
     configured; requests naming it are then refused at admission.
 
-    :param register: callback taking a name and a zero-argument factory.
+    :param register: callback taking a name (a new non-empty string; a name
+        already registered raises ``ValueError``) and a zero-argument factory.
     """
 
 
 @hookspec
-def tts_register_aggregators(register_aggregator: Callable[[str, Callable[..., Any]], None], register_reward: Callable[[str, Callable[..., float]], None]) -> None:
-    """Register client-side aggregators and reward functions (``tts_plugins.client.aggregate.registered``).
+def tts_register_aggregators(
+    register_aggregator: Callable[[str, Callable[..., Any]], None], register_reward: Callable[[str, Callable[..., float]], None]
+) -> None:
+    """Register client-side aggregators and reward functions.
 
-    ``register_aggregator(name, fn)``: ``fn(answers, ...) -> tts_plugins.client.aggregate.Vote``, a pure
-    function of the answers and per-chain data. ``register_reward(name, fn)``: ``fn(prompt, completion)
-    -> float`` (higher is better), used by Best-of-N style selection. Names must be new.
+    Called on the client, never in an engine, each time
+    :func:`tts_plugins.client.aggregate.registered` collects them (the client's
+    strategies do, once per run). Registered names are then valid wherever
+    the client takes an aggregator or a reward name (``--vote``,
+    ``--reward``).
+
+    :param register_aggregator: callback taking a name and ``fn``;
+        ``fn(answers: Sequence[str | None]) -> tts_plugins.client.aggregate.Vote``
+        is a pure function of the chains' extracted answers (``None``: the
+        chain gave no answer and must not vote), invariant under reordering
+        the chains. The name must be new (built-in aggregators included), else
+        ``ValueError``.
+    :param register_reward: callback taking a name and ``fn``;
+        ``fn(prompt: str, completion: str) -> float`` scores one chain (higher
+        is better; finite, else the strategy fails), used by Best-of-N style
+        selection. ``completion`` is the chain's reasoning, the end-of-thinking
+        string and its answer. The name must be new, else ``ValueError``.
     """
 
 

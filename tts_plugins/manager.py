@@ -13,12 +13,15 @@ import logging
 import os
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import pluggy
 
 from tts_plugins import hookspecs
 from tts_plugins.params import PREFIX, tts_keys
+
+if TYPE_CHECKING:
+    from tts_plugins.technique import LogitsTechnique, ModelPatch
 
 log = logging.getLogger("tts_plugins")
 
@@ -28,12 +31,11 @@ ENTRY_POINT_GROUP = "tts_plugins"
 def plugin_manager(*, load_entry_points: bool = True, extra_plugins: Iterable[Any] = (), builtin_techniques: bool = True) -> pluggy.PluginManager:
     """A new plugin manager with the built-in techniques, installed third-party plugins and ``extra_plugins``."""
     from tts_plugins import builtin
-    from tts_plugins import logits_processors
 
     pm = pluggy.PluginManager(hookspecs.PROJECT)
     pm.add_hookspecs(hookspecs)
     if builtin_techniques:
-        pm.register(logits_processors, name="tts_plugins.logits_processors")
+        pm.register(builtin.TECHNIQUES, name="tts_plugins.builtin.techniques")
     pm.register(builtin, name="tts_plugins.builtin")
     from tts_plugins import verifier
 
@@ -51,10 +53,10 @@ class Registry:
     """The techniques one engine runs, and who owns which request key."""
 
     pm: pluggy.PluginManager
-    techniques: tuple[type, ...]
+    techniques: tuple[type[LogitsTechnique], ...]
     key_owner: Mapping[str, str]
     verifier_factories: Mapping[str, Any]
-    patches: tuple[Any, ...] = ()
+    patches: tuple[ModelPatch, ...] = ()
 
     @property
     def verifier_names(self) -> frozenset[str]:
@@ -87,12 +89,9 @@ class Registry:
         for cls in self.techniques:
             params = cls.parse_params({k: v for k, v in flat.items() if k in cls.keys})
             if params is not None:
-                check = getattr(cls, "check_params", None)
-                if check is not None:
-                    check(params, self)
-                check_request = getattr(cls, "check_request", None)
-                if request is not None and check_request is not None:
-                    check_request(params, request)
+                cls.check_params(params, self)
+                if request is not None:
+                    cls.check_request(params, request)
                 parsed[cls.name] = params
         return parsed
 
@@ -105,7 +104,7 @@ class Registry:
         flat = tts_keys(extra)
         out: dict[str, Any] = {}
         for patch in self.patches:
-            if not getattr(patch, "keys", None) or patch.name in out:
+            if not patch.keys or patch.name in out:  # a patch without keys is always on: no request turns it on
                 continue
             if engine is not None and patch.engine != engine:
                 continue
@@ -116,9 +115,8 @@ class Registry:
             if reason is not None:
                 key = sorted(k for k in flat if k in patch.keys)[0]
                 raise ValueError(f"{key}={flat[key]!r} is refused: {reason}")
-            check = getattr(patch, "check_request", None)
-            if request is not None and check is not None:
-                check(params, request)
+            if request is not None:
+                patch.check_request(params, request)
             out[patch.name] = params
         return out
 
@@ -129,21 +127,27 @@ class Registry:
             raise ValueError(f"think end string must be non-empty, got {end!r}")
         return start, end
 
-    def model_patches(self) -> list[Any]:
+    def model_patches(self) -> list[ModelPatch]:
         return list(self.patches)
 
 
 def build_registry(pm: pluggy.PluginManager | None = None) -> Registry:
     """Collect and validate the registered techniques."""
     pm = pm or plugin_manager()
-    techniques: list[type] = []
+    from tts_plugins.technique import LogitsTechnique  # here: importing the manager stays torch-free
+
+    techniques: list[type[LogitsTechnique]] = []
     pm.hook.tts_register_techniques(register=techniques.append)
-    names: dict[str, type] = {}
+    names: dict[str, type[LogitsTechnique]] = {}
     owner: dict[str, str] = {}
     for cls in techniques:
-        name = getattr(cls, "name", None)
+        if not (isinstance(cls, type) and issubclass(cls, LogitsTechnique)):
+            raise ValueError(f"technique {cls!r} must be a subclass of tts_plugins.technique.LogitsTechnique")
+        name = getattr(cls, "name", None)  # declared on the base class, set by each technique
         if not isinstance(name, str) or not name:
             raise ValueError(f"technique {cls!r} must have a non-empty str name")
+        if not isinstance(getattr(cls, "keys", None), frozenset):
+            raise ValueError(f"technique {name!r} must declare keys, a frozenset of its tts_* request keys")
         if name in names:
             if names[name] is cls:
                 continue
@@ -163,13 +167,24 @@ def build_registry(pm: pluggy.PluginManager | None = None) -> Registry:
         factories[name] = factory
 
     pm.hook.tts_register_verifiers(register=add_verifier)
-    patches: list[Any] = []
+    from tts_plugins.patching import version_in_range
+    from tts_plugins.technique import ModelPatch
+
+    patches: list[ModelPatch] = []
     pm.hook.tts_register_model_patches(register=patches.append)
     patch_keys: dict[str, frozenset[str]] = {}
     for patch in patches:
-        name, keys = getattr(patch, "name", None), frozenset(getattr(patch, "keys", ()) or ())
+        if not isinstance(patch, ModelPatch):
+            raise ValueError(f"model patch {patch!r} must be an instance of a subclass of tts_plugins.technique.ModelPatch")
+        name = getattr(patch, "name", None)  # declared on the base class, set by each patch
         if not isinstance(name, str) or not name or getattr(patch, "engine", None) not in ("vllm", "sglang"):
             raise ValueError(f"model patch {patch!r} needs a non-empty str name and an engine ('vllm' or 'sglang')")
+        keys = patch.keys
+        if not isinstance(keys, frozenset):
+            raise ValueError(f"model patch {name!r} keys must be a frozenset of its tts_* request keys, got {keys!r}")
+        lo, hi = patch.min_version, patch.max_version
+        if lo is not None and hi is not None and not version_in_range(lo, None, hi):
+            raise ValueError(f"model patch {name!r} has an empty version range: min_version {lo!r} >= max_version {hi!r}")
         if name in names:
             raise ValueError(f"model patch {name!r} has the name of a technique")
         if name in patch_keys:

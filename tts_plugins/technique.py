@@ -5,11 +5,18 @@ once; the extra last slot (``info.neutral_slot``) is always neutral, and rows of
 the batch that belong to no request slot are mapped there, so ``apply`` can
 index buffers with the row-to-slot tensor without branching.
 
-Life of a slot, driven by :class:`tts_plugins.batch.SlotState`:
-``set_slot(slot, params, request)`` at admission (params ``None`` clears it),
+Life of a request: ``parse_params`` (then ``check_params`` and
+``check_request``) at admission, in the engine's API process; then, driven by
+:class:`tts_plugins.batch.SlotState` in the engine process,
+``set_slot(slot, params, request)`` when it starts (params ``None`` clears it),
 ``on_tokens(slot, ids)`` on the host after the engine sampled tokens for an
 active slot, and ``apply(logits, row_slots)`` once per decode step for the
-whole batch.
+whole batch. :mod:`tts_plugins.slots` has the building blocks for per-slot
+state (a slot allocator, a host buffer mirrored on the device).
+
+A plugin author needs this module and :mod:`tts_plugins.hookspecs`:
+:class:`LogitsTechnique` for techniques on logits, :class:`ModelPatch` for
+changes to an engine's model or front end.
 """
 
 from __future__ import annotations
@@ -21,6 +28,11 @@ from typing import Any, ClassVar
 
 import numpy as np
 import torch
+
+GREEDY_TEMPERATURE = 1e-5
+"""A request whose temperature is below this is decoded greedily (vLLM's own threshold; SGLang's is 1e-6).
+
+One threshold for every engine, so "greedy" means the same request in vLLM and SGLang."""
 
 
 @dataclass
@@ -55,38 +67,98 @@ class SlotRequest:
 class LogitsTechnique(ABC):
     """One test-time-scaling technique acting on logits.
 
-    Subclasses set ``name`` (unique), ``keys`` (the ``tts_*`` request keys they
-    own) and ``argmax_invariant`` (True only if ``apply`` can never change a
-    row's argmax), and implement the methods below.
+    Required: set ``name`` (unique), ``keys`` (the ``tts_*`` request keys it
+    owns) and implement ``parse_params``, ``set_slot``, ``num_active`` and
+    ``apply``. Optional, each with a default that is correct for a technique
+    that needs nothing more: ``argmax_invariant``, ``cross_request_state``,
+    ``on_tokens``, ``check_params``, ``check_request``, ``debug_counts``,
+    ``conformance_params`` and ``reference_row``. Nothing else is ever looked
+    up on a technique: this class is the whole contract.
+
+    Where each part runs: ``parse_params``, ``check_params`` and
+    ``check_request`` at admission, in the engine's API process (torch may not
+    be initialised there: use no device); ``__init__``, ``set_slot``,
+    ``on_tokens`` and ``debug_counts`` on the host of the engine process;
+    ``apply`` on the hot path; ``conformance_params`` and ``reference_row``
+    only in the conformance suite (:mod:`tts_plugins.testing.conformance`).
     """
 
     name: ClassVar[str]
     keys: ClassVar[frozenset[str]]
     argmax_invariant: ClassVar[bool] = False
+    """True only if ``apply`` can never change a row's argmax. The conformance suite checks the claim; vLLM may
+    skip an argmax-invariant processor for greedy requests, so the vLLM adapter claims it only when every
+    registered technique does."""
+    cross_request_state: ClassVar[bool] = False
+    """True when one slot's output depends on other slots' state (a group's members see each other's finish).
+    The conformance suite's ``slot_lifecycle`` then checks the live count and that released slots are neutral
+    again, instead of comparing each live slot with a fresh state built from its own history alone."""
+
+    # --- admission: the API process, torch-free, no side effects ---
 
     @classmethod
     @abstractmethod
     def parse_params(cls, flat: Mapping[str, Any]) -> Any | None:
         """Parse this technique's keys from a flat request dict; ``None`` when not opted in.
 
-        Torch-free and side-effect free; raises ``ValueError`` naming the key,
-        the value and what was expected.
+        ``flat`` holds only the request keys in ``keys`` that the request sent.
+        Torch-free and side-effect free; the result is frozen (it crosses
+        processes); raises ``ValueError`` naming the key, the value and what
+        was expected, and nothing else.
         """
 
+    @classmethod
+    def check_params(cls, params: Any, registry: Any) -> None:
+        """Admission check of parsed ``params`` against the :class:`tts_plugins.manager.Registry`; raise ``ValueError`` to refuse.
+
+        Called by ``Registry.parse`` right after ``parse_params`` returned
+        non-``None``, on every engine, for checks that need to know what else
+        is registered (e.g. ``tts_trim_verifier`` must name a registered
+        verifier). Torch-free, no side effects. The default accepts.
+        """
+        return None
+
+    @classmethod
+    def check_request(cls, params: Any, request: Any) -> None:
+        """Admission check of parsed ``params`` against the engine's own request; raise ``ValueError`` to refuse.
+
+        ``request`` is the engine's sampling parameters (vLLM's or SGLang's
+        ``SamplingParams``): read only the attributes both have (``n``,
+        ``temperature``, ``top_p``, ``top_k``, ``min_p``), with defaults, as
+        the two engines differ. Called after ``check_params``, and only where
+        the adapter sees the request at admission (the error then reaches the
+        client as a bad request). Torch-free, no side effects. The default
+        accepts.
+        """
+        return None
+
+    # --- the engine process ---
+
     def __init__(self, info: EngineInfo) -> None:
+        """Allocate every per-slot buffer here, once, sized ``info.max_slots + 1`` (see the module docstring)."""
         self.info = info
 
     @abstractmethod
     def set_slot(self, slot: int, params: Any | None, request: SlotRequest) -> None:
-        """Start (params not None) or clear (None) the state of ``slot``."""
+        """Start (params not None) or clear (None) the state of ``slot``.
+
+        Starting a slot that is already on replaces its state. A clear must
+        leave the slot neutral, exactly as if it had never been used. Raising
+        switches this technique off for that request only (the request goes on
+        without it and the error is logged).
+        """
 
     def on_tokens(self, slot: int, token_ids: Sequence[int]) -> None:  # noqa: B027
-        """Tokens the engine sampled for an active ``slot`` since the last call, oldest first."""
+        """Tokens the engine sampled for an active ``slot`` since the last call, oldest first.
+
+        Host side, between steps; only the technique's own active slots are
+        fed. The default ignores them.
+        """
 
     @property
     @abstractmethod
     def num_active(self) -> int:
-        """How many slots currently have this technique switched on."""
+        """How many slots currently have this technique switched on (a host counter; ``apply`` is skipped at 0)."""
 
     @abstractmethod
     def apply(self, logits: torch.Tensor, row_slots: torch.Tensor, host_slots: np.ndarray | None = None) -> torch.Tensor:
@@ -96,9 +168,43 @@ class LogitsTechnique(ABC):
         or to ``info.neutral_slot``. ``host_slots`` is the same map as a numpy
         array when the adapter knows it on the host without a sync (vLLM V1,
         SGLang), else ``None``; use it to skip work, never require it. Must not
-        sync with the host, loop over rows in Python, or touch rows whose slot
-        is not active.
+        sync with the host, loop over rows in Python, allocate state per step
+        (buffers belong in ``__init__``), or touch rows whose slot is not
+        active; returns its input at once when no slot is active.
         """
+
+    def debug_counts(self) -> dict[str, int]:
+        """Sizes of live host-side state (``{"members": 2, ...}``); every value is 0 once every request has left.
+
+        Reported by :meth:`tts_plugins.batch.SlotState.debug_counts` as
+        ``"<name>.<key>"`` (leak tests and the engines' debug logs read it).
+        Host only, cheap, never called on the hot path. The default reports
+        nothing (``num_active`` is always reported).
+        """
+        return {}
+
+    # --- the conformance suite (tts_plugins.testing.conformance); never called by an engine ---
+
+    @classmethod
+    def conformance_params(cls) -> list[dict[str, Any]]:
+        """Valid flat parameter dicts that switch this technique on, covering its modes.
+
+        The conformance suite runs every invariant with each of them (and the
+        engine check sends each through a real engine), so a technique must
+        return at least one; the default returns none, which the suite reports
+        as a failure. Plain data: no engine, no tokenizer.
+        """
+        return []
+
+    def reference_row(self, logits_row: torch.Tensor, slot: int) -> torch.Tensor | None:
+        """The plain per-row specification of ``apply``: ``logits_row[V]`` as ``apply`` must leave it for ``slot``.
+
+        The conformance suite's ``matches_reference`` compares the vectorized
+        ``apply`` with it on every active row. It may loop, sync and allocate
+        (test tooling only), but must not change the technique's state.
+        The default, ``None``, means "no reference": the suite skips the check.
+        """
+        return None
 
 
 class ModelPatch:
@@ -154,3 +260,48 @@ class ModelPatch:
         Called after ``parse_params`` when the engine exposes the request (e.g. a ladder refuses a greedy request).
         The default accepts every request.
         """
+
+    # --- core services (tts_plugins.services): optional; the adapters call only what a subclass overrides -----
+
+    def sample_edit(self, parsed: Mapping[str, Any], index: int, parent_id: str | None) -> Any | None:
+        """How sample ``index`` of a request with ``n`` samples differs from the request: a
+        :class:`tts_plugins.services.SampleEdit`, or ``None`` (the default) for no change.
+
+        Called by the engine's front end once per child of every request with ``tts_*`` keys, before the
+        child reaches the engine (the per-sample hook is the core's; no patch hooks the fan-out itself).
+        ``parsed`` is the request's parameters by technique or patch name (``Registry.parse`` and
+        ``parse_patches``), ``parent_id`` a name shared by the children of one request (``None`` when the
+        engine did not fan the request out). Host only, no side effects.
+        """
+        return None
+
+    def cache_salt(self, params: Any, request_id: str, seed: int | None) -> str | None:
+        """The prefix-cache salt of a request this patch is on for (``params`` from ``parse_params``), or ``None``
+        (the default: its KV may be shared, as for a patch that does not change the model's output).
+
+        Called once per request when the engine creates it; requests share cached KV only when their salts
+        are equal, so the salt must tell apart every setting that changes the KV (``seed`` is the request's
+        sampling seed or ``None``). The adapters combine it with the request's own salt and other patches'.
+        """
+        return None
+
+    # Step observer (the SGLang adapter calls these for every SGLang patch that overrides one; vLLM patches hook
+    # the model runner's own methods). Each runs in the scheduler process, host side, and must not raise into
+    # the engine: catch, log, and let the requests run plain.
+
+    def on_batch(self, batch: Any, forward_batch: Any, model_runner: Any, kept: Any) -> None:
+        """A forward batch with ``tts_*`` requests was built: ``batch`` (SGLang's ``ScheduleBatch``), its
+        ``forward_batch``, the ``model_runner``, and ``kept[i]``, whether request ``i``'s sample this step is
+        kept (False: a prefill chunk that is not the last). The default does nothing."""
+
+    def before_sample(self, model_runner: Any, forward_batch: Any, logits: Any) -> Any | None:
+        """Before the engine samples from ``logits[R, V]`` (raw: before penalties, temperature and the
+        sampler's in-place edits); the result (``None``: nothing to do) is passed to ``after_sample``."""
+        return None
+
+    def after_sample(self, model_runner: Any, token: Any, sampled_ids: Any) -> None:
+        """After the engine sampled ``sampled_ids[R]`` in the step ``before_sample`` returned ``token`` for
+        (called only for a non-``None`` token)."""
+
+    def on_finished(self, request_id: str) -> None:
+        """A request left the engine (finished or aborted): drop its state. The default does nothing."""

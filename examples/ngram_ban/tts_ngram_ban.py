@@ -5,14 +5,14 @@ samples a token that would complete an n-gram already present in the request's
 prompt and output, as Hugging Face's ``no_repeat_ngram_size`` does for one
 generation. Installed by the ``tts_plugins`` entry point in ``pyproject.toml``;
 it uses only the public contract (``tts_plugins.hookimpl``,
-``tts_plugins.technique``, ``tts_plugins.params``), so it runs unchanged in
-vLLM and SGLang.
+``tts_plugins.technique``, ``tts_plugins.params`` validators and the
+``tts_plugins.slots`` building blocks), so it runs unchanged in vLLM and SGLang.
 
 Host side: per slot, a map from each (n-1)-gram to the tokens that followed it,
 updated as tokens arrive. Device side: a ``[slots + 1, MAX_BANS]`` table of the
-ids banned at the next step, uploaded only when it changed; ``apply`` is one
-gather and one scatter for the whole batch (nothing of vocabulary size is
-allocated per step).
+ids banned at the next step, a host mirror uploaded only when it changed;
+``apply`` is one gather and one scatter for the whole batch (nothing of
+vocabulary size is allocated per step).
 """
 
 from __future__ import annotations
@@ -24,6 +24,7 @@ import torch
 
 from tts_plugins import hookimpl
 from tts_plugins.params import get_int
+from tts_plugins.slots import HostMirror
 from tts_plugins.technique import LogitsTechnique
 
 MAX_BANS = 64  # next tokens banned after one (n-1)-gram; more is truncated (documented limit)
@@ -46,13 +47,9 @@ class NgramBan(LogitsTechnique):
         n = info.max_slots + 1
         # banned ids per slot, padded by repeating the first one (duplicate writes agree); a slot with
         # nothing banned holds zeros with valid False, and "writes back" token 0's own value
-        self._host = torch.zeros((n, MAX_BANS), dtype=torch.int64)
-        self._valid_host = torch.zeros((n, MAX_BANS), dtype=torch.bool)
-        self._np, self._valid_np = self._host.numpy(), self._valid_host.numpy()
-        on_cpu = info.device.type == "cpu"
-        self._dev = self._host if on_cpu else self._host.to(info.device)
-        self._valid = self._valid_host if on_cpu else self._valid_host.to(info.device)
-        self._dirty = False
+        self._ids = HostMirror((n, MAX_BANS), torch.int64, device=info.device, pin_memory=info.pin_memory)
+        self._valid = HostMirror((n, MAX_BANS), torch.bool, fill=False, device=info.device, pin_memory=info.pin_memory)
+        self._np, self._valid_np = self._ids.np, self._valid.np
         self.rows: dict[int, tuple[int, list[int], dict[tuple[int, ...], set[int]]]] = {}
 
     def set_slot(self, slot, params, request):
@@ -82,7 +79,8 @@ class NgramBan(LogitsTechnique):
         valid = np.full(MAX_BANS, bool(bans))
         if not np.array_equal(self._np[slot], new) or self._valid_np[slot, 0] != bool(bans):
             self._np[slot], self._valid_np[slot] = new, valid
-            self._dirty = True
+            self._ids.mark_dirty()
+            self._valid.mark_dirty()
 
     @property
     def num_active(self):
@@ -91,12 +89,8 @@ class NgramBan(LogitsTechnique):
     def apply(self, logits, row_slots, host_slots=None):
         if not self.rows:
             return logits
-        if self._dirty:
-            if self._dev is not self._host:
-                self._dev.copy_(self._host, non_blocking=True)
-                self._valid.copy_(self._valid_host, non_blocking=True)
-            self._dirty = False
-        ids, valid = self._dev[row_slots], self._valid[row_slots]  # [R, MAX_BANS]: small, never [R, V]
+        ids = self._ids.device_view()[row_slots]  # [R, MAX_BANS]: small, never [R, V]
+        valid = self._valid.device_view()[row_slots]
         src = logits.gather(1, ids).masked_fill_(valid, float("-inf"))
         return logits.scatter_(1, ids, src)
 

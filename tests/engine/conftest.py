@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import contextlib
+import inspect
 import os
+import re
 import sys
 import time
 from pathlib import Path
@@ -104,6 +106,41 @@ def pytest_generate_tests(metafunc):
         engine = metafunc.config.getoption("--engine") or ("vllm" if _has("vllm") else "sglang")
         modes = [True, False] if engine == "sglang" else [True]
         metafunc.parametrize("overlap", modes, ids=lambda v: "overlap" if v else "no-overlap", scope="session")
+
+
+_ENGINE_CALL = re.compile(r"engines\.(offline|server)\((.*?)\)\s*$", re.M)
+
+
+def _engine_key(item) -> str:
+    """The engine configuration a test asks the pool for, read from its source and its fixtures' (the first
+    ``engines.offline(...)``/``engines.server(...)`` call), normalised; "~" (last) for tests that start their own."""
+    sources = [getattr(item, "function", None)]
+    for name in getattr(item, "fixturenames", ()):
+        defs = item._fixtureinfo.name2fixturedefs.get(name) or ()
+        sources += [d.func for d in defs if d.func.__module__ == item.module.__name__]
+    for fn in sources:
+        if fn is None:
+            continue
+        with contextlib.suppress(OSError, TypeError):
+            m = _ENGINE_CALL.search(inspect.getsource(fn))
+            if m:
+                return m.group(1) + ":" + re.sub(r"\s+", "", m.group(2))
+    return "~"
+
+
+def pytest_collection_modifyitems(config, items):
+    """Run the engine tests grouped by the engine they need, so each configuration starts once per session.
+
+    Engine start is most of the suite's time (10 to 30 s each); file order would restart the same
+    configurations many times. Stable: tests keep their order within a configuration."""
+    def key(pair):
+        i, item = pair
+        if item.get_closest_marker("engine") is None:
+            return (0, "", "", i)
+        overlap = getattr(getattr(item, "callspec", None), "params", {}).get("overlap", True)
+        return (1, str(not overlap), _engine_key(item), i)
+
+    items[:] = [item for _, item in sorted(enumerate(items), key=key)]
 
 
 def _has(name: str) -> bool:

@@ -1,6 +1,9 @@
-"""The trained tiny reasoning model in the real engines: it answers held-out arithmetic, and steering changes what
-it does (the cap cuts its thinking short and costs accuracy, the minimum splices "Wait" and it re-checks), exactly
-as a transformers loop on the same weights says. The accuracy benchmark runs end to end on vLLM.
+"""The trained tiny reasoning model in the real engines: it writes the task's format, and steering changes what it
+does (the cap cuts its thinking short and it still answers, the minimum splices "Wait" and it re-checks), exactly as
+a transformers loop on the same weights says. The accuracy benchmark runs end to end on vLLM.
+
+The model here is trained only until it has learned the format (``tests/models.py``); how accurate the full recipe
+is, and what the cap costs in accuracy, are the accuracy benchmark's checks (``benchmarks/accuracy.py``, "testbed").
 """
 
 from __future__ import annotations
@@ -31,36 +34,23 @@ def setup(engines):
     return eng, tok, probs, prompts, engines.tiny_model("reasoning")
 
 
-def _score(tok, outs, probs) -> float:
-    return sum(arith.extract_answer(tok.decode(o.token_ids)) == str(p.answer) for o, p in zip(outs, probs)) / len(probs)
-
-
 def _thinking_tokens(tok, o) -> int:
     end = tok.convert_tokens_to_ids("</think>")
     return o.token_ids.index(end) if end in o.token_ids else len(o.token_ids)
 
 
-def test_greedy_answers_most_held_out_problems_as_transformers_does(setup):
+def test_greedy_answers_in_the_tasks_format_as_transformers_does(setup):
     eng, tok, probs, prompts, model = setup
     outs = eng.generate(prompts, [{}] * N, max_tokens=160)
-    acc = _score(tok, outs, probs)
-    card = json.loads((model / "tts_reasoning.json").read_text())
-    assert acc >= 0.6, f"greedy accuracy {acc:.2f} on {N} held-out problems (training card: {card})"
     for i in range(3):  # token for token what the weights say
         want = hf_greedy(model, prompts[i], 160, eos=tok.eos_token_id)
         assert outs[i].token_ids == want, f"problem {i}: engine {tok.decode(outs[i].token_ids)!r} != reference {tok.decode(want)!r}"
     for o in outs:
-        assert "</think>" in tok.decode(o.token_ids) and o.finish_reason == "stop"
+        text = tok.decode(o.token_ids)
+        assert "</think>" in text and o.finish_reason == "stop" and arith.extract_answer(text) is not None, text
 
 
-def test_sampling_at_temperature_one_is_right_often_but_not_always(setup):
-    eng, tok, probs, prompts, _ = setup
-    outs = eng.generate(prompts, [{"_seed": 100 + i} for i in range(N)], max_tokens=160, temperature=1.0, n=4)
-    acc = sum(arith.extract_answer(tok.decode(o.token_ids)) == str(probs[i // 4].answer) for i, o in enumerate(outs)) / len(outs)
-    assert 0.25 <= acc <= 0.85, f"single-sample accuracy at T=1 is {acc:.2f} over {len(outs)} samples"
-
-
-def test_cap_cuts_thinking_short_still_answers_and_costs_accuracy(setup):
+def test_cap_cuts_thinking_short_and_still_answers(setup):
     eng, tok, probs, prompts, _ = setup
     plain = eng.generate(prompts, [{}] * N, max_tokens=160)
     capped = eng.generate(prompts, [{"tts_think_max": 16}] * N, max_tokens=160)
@@ -68,7 +58,6 @@ def test_cap_cuts_thinking_short_still_answers_and_costs_accuracy(setup):
         assert _thinking_tokens(tok, o) <= 16 + 1  # the cap, then the conclusion "\n"
         assert arith.extract_answer(tok.decode(o.token_ids)) is not None, tok.decode(o.token_ids)
     assert sum(map(len, (o.token_ids for o in capped))) < 0.5 * sum(map(len, (o.token_ids for o in plain)))
-    assert _score(tok, capped, probs) < _score(tok, plain, probs) - 0.2
 
 
 def test_minimum_splices_wait_and_the_model_rechecks(setup):
@@ -85,7 +74,7 @@ def test_minimum_splices_wait_and_the_model_rechecks(setup):
 def test_accuracy_benchmark_runs_end_to_end(engines, tmp_path):
     engines.close()  # one engine at a time: the benchmark starts its own servers
     out, png = tmp_path / "acc.json", tmp_path / "acc.png"
-    r = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "accuracy.py"), "--quick", "--problems", "6", "--json", str(out), "--png", str(png)],
+    r = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "accuracy.py"), "--quick", "--models", "test", "--problems", "6", "--json", str(out), "--png", str(png)],
                        capture_output=True, text=True, timeout=1200, cwd=tmp_path)
     assert r.returncode == 0, r.stderr[-3000:] + "\n--- stdout ---\n" + r.stdout[-2000:]
     report = json.loads(out.read_text())

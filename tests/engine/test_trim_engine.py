@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 
 from reference import hf_greedy
-from tts_plugins.params import DEFAULT_TRIM_CONCLUSION
+from tts_plugins.logits_processors.trim import DEFAULT_TRIM_CONCLUSION
 from tts_plugins.text import encode
 
 pytestmark = pytest.mark.engine

@@ -1,0 +1,149 @@
+"""The shared building blocks: the slot allocator against a set model, the host mirror against its host side."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from hypothesis import given
+from hypothesis import strategies as st
+from hypothesis.stateful import RuleBasedStateMachine, invariant, precondition, rule
+
+from tts_plugins.slots import HostMirror, SlotAllocator, SlotsExhausted
+
+SIZE = 5
+
+
+class AllocatorMachine(RuleBasedStateMachine):
+    """take / free / free_all in any order, against a plain set of taken slots."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.slots = SlotAllocator(SIZE, what="things", owner="test")
+        self.taken: set[int] = set()
+
+    @precondition(lambda self: len(self.taken) < SIZE)
+    @rule()
+    def take(self) -> None:
+        slot = self.slots.take()
+        assert slot not in self.taken, f"slot {slot} handed out twice"
+        assert 0 <= slot < SIZE
+        self.taken.add(slot)
+
+    @precondition(lambda self: len(self.taken) == SIZE)
+    @rule()
+    def take_when_full(self) -> None:
+        with pytest.raises(SlotsExhausted, match="test: more than 5 things at once"):
+            self.slots.take()
+
+    @precondition(lambda self: self.taken)
+    @rule(data=st.data())
+    def free(self, data) -> None:
+        slot = data.draw(st.sampled_from(sorted(self.taken)))
+        self.slots.free(slot)
+        self.taken.discard(slot)
+
+    @rule(slot=st.integers(-2, SIZE + 2))
+    def free_a_slot_not_taken(self, slot: int) -> None:
+        if slot in self.taken:
+            return
+        with pytest.raises(ValueError, match="not taken"):
+            self.slots.free(slot)
+
+    @rule()
+    def free_all(self) -> None:
+        self.slots.free_all()
+        self.taken.clear()
+
+    @invariant()
+    def counts_match_the_model(self) -> None:
+        assert self.slots.in_use == len(self.taken)
+        assert self.slots.available + self.slots.in_use == SIZE
+        assert all((s in self.slots) == (s in self.taken) for s in range(SIZE))
+
+
+TestAllocatorMachine = AllocatorMachine.TestCase
+
+
+def test_allocator_never_hands_out_a_slot_twice_and_reuses_freed_ones():
+    slots = SlotAllocator(3)
+    got = [slots.take() for _ in range(3)]
+    assert sorted(got) == [0, 1, 2] and got[0] == 0
+    with pytest.raises(SlotsExhausted, match="tts_plugins: more than 3 requests at once"):
+        slots.take()
+    slots.free(1)
+    with pytest.raises(ValueError, match="slot 1 is not taken"):
+        slots.free(1)  # a double free would hand slot 1 out twice
+    assert slots.take() == 1
+    assert isinstance(SlotsExhausted("x"), RuntimeError), "callers that caught RuntimeError still do"
+
+
+def test_empty_allocator_is_always_exhausted():
+    with pytest.raises(SlotsExhausted):
+        SlotAllocator(0).take()
+
+
+class CountingCopies:
+    """Wraps a mirror's device tensor to count ``copy_`` calls (a CPU mirror has none: host is device)."""
+
+    def __init__(self, mirror: HostMirror) -> None:
+        self.calls = 0
+        dev = torch.empty_like(mirror.host)  # stands in for a device copy
+        dev.copy_(mirror.host)
+        real = dev.copy_
+
+        def copy_(src, non_blocking=False):
+            self.calls += 1
+            assert non_blocking, "uploads never block"
+            return real(src)
+
+        dev.copy_ = copy_  # type: ignore[method-assign]
+        mirror._dev = dev
+
+
+def test_mirror_copies_only_when_dirty_and_device_equals_host_after_sync():
+    m = HostMirror((3, 4), torch.int64, fill=-1)
+    counter = CountingCopies(m)
+    view = m.device_view()
+    assert counter.calls == 0 and torch.equal(view, m.host), "clean: no copy, and the device starts equal"
+    m.np[1, 2] = 7
+    m.mark_dirty()
+    assert torch.equal(m.device_view(), m.host) and counter.calls == 1
+    for _ in range(5):
+        assert m.device_view() is view, "clean: the same tensor, nothing copied or allocated"
+    assert counter.calls == 1
+
+
+@given(st.lists(st.tuples(st.integers(0, 7), st.integers(-100, 100), st.booleans()), max_size=30))
+def test_mirror_device_always_equals_host_after_device_view(writes):
+    m = HostMirror(8, torch.float32, fill=1.0)
+    counter = CountingCopies(m)
+    dirty = False
+    for i, value, mark in writes:
+        m.np[i] = value
+        if mark:
+            m.mark_dirty()
+            dirty = True
+        before = counter.calls
+        view = m.device_view()
+        assert counter.calls == before + int(dirty), "a copy exactly when marked dirty"
+        if dirty:
+            assert torch.equal(view, m.host)
+        dirty = False
+
+
+def test_cpu_mirror_is_its_host_tensor():
+    m = HostMirror(4, torch.bool, fill=False, device="cpu", pin_memory=True)  # pinning is for device copies only
+    assert m.device_view() is m.host and not m.host.is_pinned()
+    m.np[2] = True
+    assert bool(m.device_view()[2]) and m.host.dtype == torch.bool
+    assert isinstance(m.np, np.ndarray) and m.np.shape == (4,)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a GPU")
+def test_gpu_mirror_is_pinned_and_uploads_when_dirty():
+    m = HostMirror(16, torch.int64, fill=3, device="cuda", pin_memory=True)
+    assert m.host.is_pinned() and m.device_view().is_cuda
+    m.np[5] = 9
+    m.mark_dirty()
+    assert m.device_view().cpu().tolist() == m.np.tolist()

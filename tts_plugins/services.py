@@ -1,0 +1,126 @@
+"""Services the core offers every technique, so that no adapter names a technique and no technique imports another.
+
+The engine adapters (``tts_plugins.adapters``) provide four things once, for
+whoever needs them; techniques and their model patches use them through the
+registry (:class:`tts_plugins.manager.Registry`) and the optional methods of
+:class:`tts_plugins.technique.ModelPatch`:
+
+* **Discarded rows.** A prefill chunked over several steps samples a token at
+  every chunk but the engine keeps only the last chunk's. The adapters find
+  those rows themselves (vLLM: the model runner's ``discard_request_mask``,
+  read while it samples; SGLang: a request whose extend does not reach the end
+  of its fill ids) and map them to the neutral slot for that step, so no
+  ``LogitsTechnique.apply`` ever sees them as its request's row (a roster must
+  not count such a member). Model patches that sample on their own (Mixture
+  of Inputs) get the same mask from the SGLang adapter (``on_batch``'s
+  ``kept``).
+* **Per-sample front-end hook.** The engines fan a request with ``n`` samples
+  out into ``n`` child requests in their front ends, the one place that knows
+  which sample a child is. The adapters hook that place once and ask every
+  model patch of their engine for a :class:`SampleEdit` of child ``index``
+  (``ModelPatch.sample_edit``); they merge the edits with
+  :func:`sample_edit` and apply them in the engine's own terms.
+* **Step observer.** The SGLang adapter calls ``on_batch``, ``before_sample``,
+  ``after_sample`` and ``on_finished`` of each model patch of its engine
+  that overrides them (:func:`step_observers`), in the order the patches were
+  registered, instead of naming any patch. (vLLM's model runner has a method
+  per event, which patches hook directly.)
+* **Cache salt.** KV computed under a patch that changes the model's output
+  for one request must never be reused by another. A patch declares how to
+  salt the prefix cache for its parameters (``ModelPatch.cache_salt``); the
+  adapters hook request creation once and combine the salts with
+  :func:`cache_salt`.
+
+Nothing here imports torch or an engine.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+from tts_plugins.params import tts_keys
+
+log = logging.getLogger("tts_plugins")
+
+__all__ = ["SampleEdit", "cache_salt", "parsed_request", "sample_edit", "step_observers"]
+
+
+@dataclass(frozen=True)
+class SampleEdit:
+    """How one sample (one child of a request with ``n`` samples) differs from the request, engine-neutral.
+
+    ``temperature``: the sample's own temperature instead of the request's (below
+    :data:`tts_plugins.technique.GREEDY_TEMPERATURE` the adapter uses its engine's
+    greedy form). ``extra``: ``tts_*`` keys set on the sample's flat parameters.
+    ``own_seed``: the sample's seed is the request's seed plus its index, when the
+    request has one (vLLM does this for every sample anyway; SGLang's children
+    share the request's seed otherwise).
+    """
+
+    temperature: float | None = None
+    extra: Mapping[str, Any] = field(default_factory=dict)
+    own_seed: bool = False
+
+    def merge(self, other: SampleEdit) -> SampleEdit:
+        """Both edits at once; ``other``'s temperature wins when both set one (the later registration)."""
+        return SampleEdit(
+            temperature=other.temperature if other.temperature is not None else self.temperature,
+            extra={**self.extra, **other.extra},
+            own_seed=self.own_seed or other.own_seed,
+        )
+
+
+def parsed_request(registry: Any, flat: Mapping[str, Any] | None) -> dict[str, Any]:
+    """``{technique or patch name: parsed params}`` of a request's ``tts_*`` keys, through the registry's parsers."""
+    keys = tts_keys(flat)
+    if not keys:
+        return {}
+    return {**registry.parse_patches(keys), **registry.parse(keys)}
+
+
+def _own(patch: Any, method: str) -> bool:
+    from tts_plugins.technique import ModelPatch
+
+    return getattr(type(patch), method, None) is not getattr(ModelPatch, method)
+
+
+def sample_edit(registry: Any, engine: str, flat: Mapping[str, Any] | None, index: int, parent_id: str | None) -> SampleEdit | None:
+    """The merged edits of sample ``index`` (of the request ``parent_id``; None when the engine did not fan it out)
+    from every ``engine`` patch, or None when no patch edits it. Raises what the parsers raise."""
+    patches = [p for p in registry.model_patches() if p.engine == engine and _own(p, "sample_edit")]
+    if not patches or not tts_keys(flat):
+        return None
+    parsed = parsed_request(registry, flat)
+    out = None
+    for patch in patches:
+        edit = patch.sample_edit(parsed, index, parent_id)
+        if edit is not None:
+            out = edit if out is None else out.merge(edit)
+    return out
+
+
+def cache_salt(registry: Any, engine: str, flat: Mapping[str, Any] | None, request_id: str, seed: int | None) -> str | None:
+    """The prefix-cache salt of a request from every ``engine`` patch it turns on (``|``-joined), or None."""
+    keys = tts_keys(flat)
+    if not keys:
+        return None
+    salts = []
+    for patch in registry.model_patches():
+        if patch.engine != engine or not patch.keys or not _own(patch, "cache_salt"):
+            continue
+        mine = {k: v for k, v in keys.items() if k in patch.keys}
+        params = patch.parse_params(mine) if mine else None
+        if params is not None:
+            salt = patch.cache_salt(params, request_id, seed)
+            if salt:
+                salts.append(salt)
+    return "|".join(salts) or None
+
+
+def step_observers(registry: Any, engine: str) -> tuple[Any, ...]:
+    """The ``engine`` patches that observe the sampling step (override any of its events), in registration order."""
+    events = ("on_batch", "before_sample", "after_sample", "on_finished")
+    return tuple(p for p in registry.model_patches() if p.engine == engine and any(_own(p, e) for e in events))

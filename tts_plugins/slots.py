@@ -1,0 +1,118 @@
+"""Building blocks for per-slot state: a slot allocator and a host buffer mirrored on the device.
+
+Every technique and adapter that keeps per-request state needs the same two
+things, and they are easy to get subtly wrong by hand:
+
+* :class:`SlotAllocator` hands out the indices ``0 .. size - 1`` and takes them
+  back; a slot is never handed out twice, freeing a slot that is not taken is
+  an error (it would be handed out twice later), and running out raises
+  :class:`SlotsExhausted` with a message that says whose slots ran out.
+* :class:`HostMirror` is a host tensor (pinned when the device is not the CPU
+  and the engine allows it) with a numpy view for cheap host writes, and its
+  device copy. Host writes mark it dirty; :meth:`HostMirror.device_view` copies
+  to the device (``non_blocking``) only when dirty, so a step where nothing
+  changed costs one attribute check and allocates nothing. On a CPU engine the
+  device tensor *is* the host tensor: no copy at all.
+
+Neither ever syncs with the device.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+import numpy as np
+import torch
+
+__all__ = ["HostMirror", "SlotAllocator", "SlotsExhausted"]
+
+
+class SlotsExhausted(RuntimeError):
+    """Every slot is taken; the message names the owner and its capacity."""
+
+
+class SlotAllocator:
+    """Slots ``0 .. size - 1``; ``take`` returns the most recently freed one, else the lowest never used.
+
+    O(1) per call. ``owner`` and ``what`` only make the exhaustion message
+    readable: ``"{owner}: more than {size} {what} at once"``.
+    """
+
+    def __init__(self, size: int, *, what: str = "requests", owner: str = "tts_plugins") -> None:
+        if size < 0:
+            raise ValueError(f"a slot allocator needs size >= 0, got {size}")
+        self.size, self.what, self.owner = size, what, owner
+        self._free = list(range(size - 1, -1, -1))  # a stack: pop() gives slot 0 first
+        self._taken = np.zeros(size, dtype=bool)
+
+    def take(self) -> int:
+        """A free slot, now taken; :class:`SlotsExhausted` when there is none."""
+        if not self._free:
+            raise SlotsExhausted(f"{self.owner}: more than {self.size} {self.what} at once")
+        slot = self._free.pop()
+        self._taken[slot] = True
+        return slot
+
+    def free(self, slot: int) -> None:
+        """Give ``slot`` back; ``ValueError`` if it is not taken (a double free would hand it out twice)."""
+        if not 0 <= slot < self.size or not self._taken[slot]:
+            raise ValueError(f"{self.owner}: slot {slot} is not taken, so it cannot be freed (size {self.size})")
+        self._taken[slot] = False
+        self._free.append(slot)
+
+    def free_all(self) -> None:
+        """Every slot free again, in the initial order."""
+        self._free = list(range(self.size - 1, -1, -1))
+        self._taken[:] = False
+
+    def __contains__(self, slot: object) -> bool:
+        """Whether ``slot`` is taken."""
+        return isinstance(slot, (int, np.integer)) and 0 <= slot < self.size and bool(self._taken[slot])
+
+    @property
+    def available(self) -> int:
+        """How many slots are free."""
+        return len(self._free)
+
+    @property
+    def in_use(self) -> int:
+        """How many slots are taken."""
+        return self.size - len(self._free)
+
+
+class HostMirror:
+    """A host tensor written through ``np`` (or ``host``) and copied to ``device`` only when it changed.
+
+    Write the host side, call :meth:`mark_dirty`, and read the device side with
+    :meth:`device_view` on the hot path. ``pin_memory`` is the engine's choice
+    (``EngineInfo.pin_memory``); the host tensor is pinned only when it is set
+    and the device is not the CPU, so the copy can overlap with compute.
+
+    The device copy is enqueued on the current stream; the host buffer must not
+    be rewritten before that copy ran. Engines sync with the host once a step
+    (they read the sampled tokens), and host writes happen between steps, so
+    writing between ``device_view`` calls is safe.
+    """
+
+    def __init__(self, shape: int | Sequence[int], dtype: torch.dtype, *, fill: Any = 0, device: torch.device | str = "cpu",
+                 pin_memory: bool = False) -> None:
+        self.device = torch.device(device)
+        on_cpu = self.device.type == "cpu"
+        shape = (shape,) if isinstance(shape, int) else tuple(shape)
+        self.host = torch.full(shape, fill, dtype=dtype, pin_memory=bool(pin_memory) and not on_cpu)
+        self.np = self.host.numpy()
+        self._dev = self.host if on_cpu else self.host.to(self.device)
+        self.dirty = False
+
+    def mark_dirty(self) -> None:
+        """The host side changed: the next :meth:`device_view` copies it."""
+        self.dirty = True
+
+    def device_view(self) -> torch.Tensor:
+        """The device tensor, brought up to date if the host changed (one ``non_blocking`` copy); O(1) when clean."""
+        if self.dirty:
+            if self._dev is not self.host:
+                self._dev.copy_(self.host, non_blocking=True)
+            self.dirty = False
+        return self._dev
