@@ -25,8 +25,8 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
-import random
 import os
+import random
 import sys
 import tempfile
 import time
@@ -137,8 +137,8 @@ async def run_method(server, method: Method, problems: list[dict], seed: int, ma
 
 
 async def run_model(base: str, todo: list[Method], problems: list[dict], seed: int, max_tokens: int, concurrency: int) -> list[dict]:
-    from tts_plugins.models import arith
     from tts_plugins.client import Server
+    from tts_plugins.models import arith
 
     out = []
     async with Server(base, engine="vllm", concurrency=concurrency, answer=arith.extract_answer) as server:
@@ -216,12 +216,11 @@ def main(argv=None) -> int:
     args.problems = args.problems or (12 if args.quick else 100)
     args.k = args.k or (4 if args.quick else 8)
 
-    from harness import Server as EngineServer
-    from models import TRAINED, tiny_model
-
+    from tts_plugins.models import arith
     from tts_plugins.models.trained import build_reasoning_model
 
-    from tts_plugins.models import arith
+    from harness import Server as EngineServer
+    from models import TRAINED, tiny_model
 
     problems = [p.to_json(f"h{i}") for i, p in enumerate(arith.held_out(args.problems))]
     todo = methods(args.k, args.roster_k)

@@ -16,9 +16,9 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
 
+import test_carbon_fit  # noqa: E402
 from test_carbon_fit import V, synthetic  # noqa: E402
 
-import test_carbon_fit  # noqa: E402
 from tts_plugins.client.calibration import fit_calibration  # noqa: E402
 
 

@@ -103,7 +103,8 @@ class GroupStop(LogitsTechnique):
     def conformance_params(cls) -> list[dict[str, Any]]:
         """Valid parameter sets covering this technique's modes, for the conformance suite."""
         return [
-            {"tts_group": "a"}, {"tts_group": "b", "tts_group_stop_after": 2}, {"tts_group": "a", "tts_group_finish": "eos", "tts_group_stop_text": " stop"},
+            {"tts_group": "a"}, {"tts_group": "b", "tts_group_stop_after": 2},
+            {"tts_group": "a", "tts_group_finish": "eos", "tts_group_stop_text": " stop"},
         ]
 
     @classmethod
@@ -136,7 +137,8 @@ class GroupStop(LogitsTechnique):
             group = self.groups.get(params.group)
             if group is None:
                 group = self.groups[params.group] = _Group(stop_after=params.stop_after)
-            _, tail = thinking_state(self.info.tokenizer.decode(list(request.prompt_ids), skip_special_tokens=False), self.info.think_start, self.info.think_end)
+            prompt = self.info.tokenizer.decode(list(request.prompt_ids), skip_special_tokens=False)
+            _, tail = thinking_state(prompt, self.info.think_start, self.info.think_end)
             member = _Member(params=params, group=group, matcher=StreamMatcher(self.info.think_start, self.info.think_end, tail))
             self.members[slot] = member
             group.members.add(slot)

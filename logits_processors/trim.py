@@ -191,7 +191,8 @@ class ThoughtTrim(LogitsTechnique):
     @classmethod
     def check_params(cls, params: TrimParams, registry: Any) -> None:
         if params.verifier is not None and params.verifier not in registry.verifier_names:
-            raise ValueError(f"tts_trim_verifier must name a registered verifier ({sorted(registry.verifier_names) or 'none registered'}), got {params.verifier!r}")
+            known = sorted(registry.verifier_names) or "none registered"
+            raise ValueError(f"tts_trim_verifier must name a registered verifier ({known}), got {params.verifier!r}")
 
     def __init__(self, info: EngineInfo) -> None:
         super().__init__(info)
@@ -211,7 +212,8 @@ class ThoughtTrim(LogitsTechnique):
         if params is not None:
             if params.verifier is not None and params.verifier not in self.verifiers:
                 raise ValueError(f"tts_trim_verifier names no registered verifier, got {params.verifier!r}; known: {sorted(self.verifiers)}")
-            inside, tail = thinking_state(self.info.tokenizer.decode(list(request.prompt_ids), skip_special_tokens=False), self.info.think_start, self.info.think_end)
+            prompt = self.info.tokenizer.decode(list(request.prompt_ids), skip_special_tokens=False)
+            inside, tail = thinking_state(prompt, self.info.think_start, self.info.think_end)
             self.rows[slot] = _Row(params=params, matcher=StreamMatcher(self.info.think_start, self.info.think_end, tail), thinking=inside)
         self._publish(slot)
 

@@ -8,13 +8,12 @@ from pathlib import Path
 
 import pytest
 from hypothesis import HealthCheck, settings
+from models import tiny_model
 
 settings.register_profile("ci", max_examples=60, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 settings.register_profile("dev", max_examples=25, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 settings.register_profile("full", max_examples=500, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "dev"))
-
-from models import tiny_model
 
 # Modules that import an engine are collected only in that engine's environment (./dev test runs both).
 collect_ignore = [] if importlib.util.find_spec("vllm") else ["test_vllm_interfaces.py"]

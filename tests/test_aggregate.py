@@ -10,8 +10,18 @@ from hypothesis import strategies as st
 
 from tts_plugins import hookimpl
 from tts_plugins.client.aggregate import (
-    Vote, best_of_majority, best_of_n, chain_entropy, classes, inverse_entropy_vote, majority, multi_temperature_vote,
-    registered, same_answer, short_m_at_k, weighted_best_of_n,
+    Vote,
+    best_of_majority,
+    best_of_n,
+    chain_entropy,
+    classes,
+    inverse_entropy_vote,
+    majority,
+    multi_temperature_vote,
+    registered,
+    same_answer,
+    short_m_at_k,
+    weighted_best_of_n,
 )
 from tts_plugins.manager import plugin_manager
 

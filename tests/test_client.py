@@ -14,9 +14,9 @@ from hypothesis import strategies as st
 from tts_plugins.adapters.sglang import SampleCounter, sglang_child
 from tts_plugins.client.cli import InputError, finished_ids, read_problems
 from tts_plugins.client.server import extract_auto, extract_full, extract_last_number, final_part
-from tts_plugins.manager import build_registry
-from tts_plugins.logits_processors.ladder import LadderParams, LadderPatchBase
 from tts_plugins.client.strategies import Options
+from tts_plugins.logits_processors.ladder import LadderParams, LadderPatchBase
+from tts_plugins.manager import build_registry
 
 
 def test_answers_are_read_after_the_thinking_block():

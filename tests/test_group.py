@@ -8,10 +8,11 @@ from hypothesis import given
 from hypothesis import strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, invariant, precondition, rule
 
-from sim import Request, Sim, random_model
 from tts_plugins.logits_processors.group import GroupParams, GroupStop
 from tts_plugins.manager import build_registry, plugin_manager
 from tts_plugins.technique import EngineInfo, SlotRequest
+
+from sim import Request, Sim, random_model
 
 REG = build_registry(plugin_manager(load_entry_points=False))
 

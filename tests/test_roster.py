@@ -14,9 +14,9 @@ from hypothesis import strategies as st
 from tts_plugins.adapters.sglang import SampleCounter, sglang_child
 from tts_plugins.adapters.vllm_plugin import child_params as vllm_child_params
 from tts_plugins.batch import SlotState
-from tts_plugins.testing.conformance import registry_for
 from tts_plugins.logits_processors.roster import GATE_SEP, RoERoster, RosterGate, RosterParams, roster_of
 from tts_plugins.technique import EngineInfo, SlotRequest
+from tts_plugins.testing.conformance import registry_for
 
 V = 40
 SLOTS = 12
@@ -63,7 +63,7 @@ def test_members_emit_one_token_drawn_from_the_roster_mean_and_other_rows_are_un
     host = np.array([r[0] for r in rows], dtype=np.int64)
     out = s.apply(z.clone(), torch.from_numpy(host), host)
     tech = s.techniques[0]
-    for i, (slot, name, _, _) in enumerate(rows):
+    for i, (_slot, name, _, _) in enumerate(rows):
         if name is None:
             assert torch.equal(out[i], z[i]), "a row outside every roster changed"
     for name in sizes:

@@ -10,9 +10,10 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from sim import Request, Sim, random_model, wants
 from tts_plugins.technique import SlotRequest
 from tts_plugins.text import encode
+
+from sim import Request, Sim, random_model, wants
 
 
 def chat_prompt(tok, text="What is 2 + 3?"):

@@ -11,10 +11,11 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from sim import Request, Sim
 from tts_plugins.logits_processors.trim import DEFAULT_TRIM_CONCLUSION, TrimParams, extract_answer
 from tts_plugins.manager import build_registry, plugin_manager
 from tts_plugins.text import encode
+
+from sim import Request, Sim
 
 REG = build_registry(plugin_manager(load_entry_points=False))
 

@@ -68,7 +68,9 @@ def tts_register_model_patches(register: Callable[[Any], None]) -> None:
     :param register: callback taking one patch object, an instance of a
         :class:`tts_plugins.technique.ModelPatch` subclass, which declares the
         whole protocol (``name``, ``engine``, ``keys``, ``parse_params``,
-        ``supported``, ``check_request``, ``install``). Register one instance
+        ``supported``, ``check_request``, ``install``, and the optional uses of
+        the core's services, :mod:`tts_plugins.services`: ``sample_edit``,
+        ``cache_salt`` and the step observer's events). Register one instance
         per engine; instances for different engines of one patch share a
         ``name`` and the same ``keys``.
     """

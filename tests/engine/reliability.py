@@ -326,7 +326,7 @@ def run_load(server: Any, tok: Any, n: int, compare: int, seed: int = 0, max_tok
                 results.append(exc)
     report.seconds = time.perf_counter() - t0
     report.peak = watch.peak
-    for (prompt, req), res in zip(reqs, results):
+    for (_prompt, req), res in zip(reqs, results):
         ok = isinstance(res, dict) and len(res.get("choices", [])) == req["n"] and all(c.get("finish_reason") in ("stop", "length") and c.get("text") is not None for c in res["choices"])
         report.complete += ok
         report.lost += not ok

@@ -10,7 +10,6 @@ from __future__ import annotations
 from importlib.metadata import entry_points
 
 import pytest
-
 from test_moi_engine import staggered_prompts
 
 pytestmark = pytest.mark.engine

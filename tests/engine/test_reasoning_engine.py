@@ -15,9 +15,10 @@ from pathlib import Path
 
 import pytest
 
-from reference import hf_greedy
 from tts_plugins.models import arith
 from tts_plugins.models.trained import prompt_text
+
+from reference import hf_greedy
 
 pytestmark = pytest.mark.engine
 
@@ -63,7 +64,7 @@ def test_cap_cuts_thinking_short_and_still_answers(setup):
 def test_minimum_splices_wait_and_the_model_rechecks(setup):
     eng, tok, probs, prompts, _ = setup
     outs = eng.generate(prompts[:8], [{"tts_think_min": 110}] * 8, max_tokens=220)
-    for o, p in zip(outs, probs):
+    for o in outs:
         text = tok.decode(o.token_ids)
         assert _thinking_tokens(tok, o) >= 110, text
         assert "Wait," in text, text  # the model goes on as it learned: "Wait, a + b = c"

@@ -10,9 +10,10 @@ from __future__ import annotations
 import pytest
 import requests
 
-from reference import hf_greedy
 from tts_plugins.client import extra_body
 from tts_plugins.text import encode
+
+from reference import hf_greedy
 
 pytestmark = pytest.mark.engine
 
@@ -226,8 +227,9 @@ def test_http_bad_parameters_get_400_and_the_server_keeps_serving(engines, engin
 
 def test_http_mixture_of_inputs_matches_the_reference(engines, engine_name):
     """MoI over the OpenAI endpoint (same server as above): the text equals the MoI reference loop's."""
-    from reference import hf_moi_greedy
     from transformers import AutoTokenizer
+
+    from reference import hf_moi_greedy
 
     srv = engines.server("dense", args=SERVER_ARGS[engine_name])
     model = engines.tiny_model("dense")

@@ -4,9 +4,10 @@ from __future__ import annotations
 
 import pytest
 
-from reference import hf_greedy
 from tts_plugins.logits_processors.trim import DEFAULT_TRIM_CONCLUSION
 from tts_plugins.text import encode
+
+from reference import hf_greedy
 
 pytestmark = pytest.mark.engine
 

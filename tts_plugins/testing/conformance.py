@@ -421,13 +421,13 @@ def check_engine_matches_reference(tech: type, generate: Callable[[list[list[int
         want = reference_decode(model_dir, tech, prompt, flat, max_new)
         if list(got) != want:
             first = next((i for i, (a, b) in enumerate(zip(got, want)) if a != b), min(len(got), len(want)))
-            fail(tech, f"{engine}_matches_reference", f"greedy ids differ from the reference loop at token {first}: {list(got)[:first + 3]} vs {want[:first + 3]}",
-                 row=row, params=flat)
+            fail(tech, f"{engine}_matches_reference",
+                 f"greedy ids differ from the reference loop at token {first}: {list(got)[:first + 3]} vs {want[:first + 3]}", row=row, params=flat)
 
 
 def check_all(tech: type, info: EngineInfo | None = None, max_examples: int | None = None) -> None:
     info = info or tiny_info()
-    for name, check in CHECKS.items():
+    for check in CHECKS.values():
         if max_examples is None:
             check(tech, info)
         else:
