@@ -82,7 +82,8 @@ def methods(k: int, roster_k: int) -> list[Method]:
         Method(f"MoE majority@{roster_k}", "vote", "reasoning-moe", options=rk),
         Method("MoE RoE tau=1, 1 sample", "RoE", "reasoning-moe", options={**one, "params": {"tts_roe_tau": 1.0}}),
         Method(f"MoE greedy roster of {roster_k}", "RoE", "reasoning-moe", roster=(0.0,) + (1.0,) * (roster_k - 1)),
-        Method(f"MoE sampling roster of {roster_k}", "RoE", "reasoning-moe", options={**rk, "params": {"tts_roe_roster_size": roster_k, "tts_roe_tau": 1.0}}),
+        Method(f"MoE sampling roster of {roster_k}", "RoE", "reasoning-moe",
+               options={**rk, "params": {"tts_roe_roster_size": roster_k, "tts_roe_tau": 1.0}}),
     ]
     return out
 
@@ -261,8 +262,10 @@ def main(argv=None) -> int:
     if args.json:
         args.json.write_text(json.dumps(report, indent=1))
     if args.markdown:
-        lines = ["| model | method | accuracy | 95% interval | decode tokens / problem | samples / problem |", "| --- | --- | ---: | --- | ---: | ---: |"]
-        lines += [f"| {'MoE' if r['model'] == 'reasoning-moe' else 'dense'} | {r['method']} | {r['accuracy']:.2f} | {r['ci95'][0]:.2f} to {r['ci95'][1]:.2f} | "
+        lines = ["| model | method | accuracy | 95% interval | decode tokens / problem | samples / problem |",
+                 "| --- | --- | ---: | --- | ---: | ---: |"]
+        lines += [f"| {'MoE' if r['model'] == 'reasoning-moe' else 'dense'} | {r['method']} | {r['accuracy']:.2f} | "
+                  f"{r['ci95'][0]:.2f} to {r['ci95'][1]:.2f} | "
                   f"{r['tokens_per_problem']:.0f} | {r['samples_per_problem']:g} |" for r in results]
         args.markdown.write_text("\n".join(lines) + "\n")
     if args.png:

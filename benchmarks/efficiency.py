@@ -52,7 +52,8 @@ def main(argv=None) -> int:
     llm = LLM(model=model, dtype="float32", enforce_eager=True, max_model_len=512, max_num_seqs=max(16, args.k), seed=0)
     tok = llm.get_tokenizer()
     prompts = [
-        {"prompt_token_ids": tok.apply_chat_template([{"role": "user", "content": f"What is {7 * i + 3} + {i}?"}], add_generation_prompt=True, tokenize=True, return_dict=False)}
+        {"prompt_token_ids": tok.apply_chat_template([{"role": "user", "content": f"What is {7 * i + 3} + {i}?"}],
+                                                     add_generation_prompt=True, tokenize=True, return_dict=False)}
         for i in range(args.prompts)
     ]
     end = tok.convert_tokens_to_ids("</think>")
@@ -63,7 +64,8 @@ def main(argv=None) -> int:
         def tqdm(x, **_):
             return x
     for name, make in tqdm(list(STRATEGIES.items()), desc="strategies"):
-        sps = [SamplingParams(n=args.k, temperature=1.0, seed=1000 + i, max_tokens=args.max_tokens, extra_args=make(i) or None) for i in range(args.prompts)]
+        sps = [SamplingParams(n=args.k, temperature=1.0, seed=1000 + i, max_tokens=args.max_tokens, extra_args=make(i) or None)
+               for i in range(args.prompts)]
         outs = llm.generate(prompts, sps, use_tqdm=False)
         spent = sum(len(c.token_ids) for o in outs for c in o.outputs)
         thinking = sum(list(c.token_ids).index(end) if end in c.token_ids else len(c.token_ids) for o in outs for c in o.outputs)
@@ -72,9 +74,11 @@ def main(argv=None) -> int:
     for r in results:
         r["ratio_to_all_k"] = r["decode_tokens"] / base
         r["thinking_ratio_to_all_k"] = r["thinking_tokens"] / base_think
-    print(f"\n{'strategy':<14} {'decode tokens':>14} {'ratio':>7} {'thinking tokens':>16} {'ratio':>7}   (k={args.k}, {args.prompts} prompts, max {args.max_tokens} tokens)")
+    print(f"\n{'strategy':<14} {'decode tokens':>14} {'ratio':>7} {'thinking tokens':>16} {'ratio':>7}   "
+          f"(k={args.k}, {args.prompts} prompts, max {args.max_tokens} tokens)")
     for r in results:
-        print(f"{r['strategy']:<14} {r['decode_tokens']:14d} {r['ratio_to_all_k']:7.2f} {r['thinking_tokens']:16d} {r['thinking_ratio_to_all_k']:7.2f}")
+        print(f"{r['strategy']:<14} {r['decode_tokens']:14d} {r['ratio_to_all_k']:7.2f} "
+              f"{r['thinking_tokens']:16d} {r['thinking_ratio_to_all_k']:7.2f}")
     if args.json:
         args.json.write_text(json.dumps(results, indent=1))
     if args.png:

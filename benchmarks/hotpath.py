@@ -75,7 +75,8 @@ def cases(tok):
 
     def group(share):
         def setup(state, rows, batch, prompt):
-            slots = [admit(state, rows, r, {"tts_group": "g", "tts_group_finish": "eos"} if share and r % share == 0 else {}, prompt) for r in range(batch)]
+            slots = [admit(state, rows, r, {"tts_group": "g", "tts_group_finish": "eos"} if share and r % share == 0 else {}, prompt)
+                     for r in range(batch)]
             if share:
                 state.feed(slots[0], [tok.eos_token_id])  # the first finishes: the others are being stopped
         return setup
@@ -115,7 +116,8 @@ def bench(args) -> list[dict]:
     results = []
     dtypes = {"fp32": torch.float32, "bf16": torch.bfloat16}
     for batch in args.batch:
-        info = EngineInfo(vocab_size=args.vocab, max_slots=batch, device=device, tokenizer=tok, eos_token_ids=(tok.eos_token_id,), pin_memory=device.type == "cuda")
+        info = EngineInfo(vocab_size=args.vocab, max_slots=batch, device=device, tokenizer=tok, eos_token_ids=(tok.eos_token_id,),
+                          pin_memory=device.type == "cuda")
         for technique, case, setup in [(t, c, f) for t, cs in cases(tok).items() for c, f in cs.items()]:
             state, rows = SlotState(registry, info), RowMap(batch, info)
             setup(state, rows, batch, prompt)
@@ -216,7 +218,9 @@ def main(argv=None) -> int:
     results = bench(args)
     results += host_step_cost(args)
     missed = [r for r in results if r.get("meets_target") is False]
-    print(f"\n{len(results)} measurements, {len(missed)} missed targets" + ("".join(f"\n  MISSED: {r['technique']} {r['case']} batch {r['batch']} {r['dtype']}: {r['ratio_to_copy']:.3f}x > {r['target']}x" for r in missed)))
+    print(f"\n{len(results)} measurements, {len(missed)} missed targets"
+          + ("".join(f"\n  MISSED: {r['technique']} {r['case']} batch {r['batch']} {r['dtype']}: {r['ratio_to_copy']:.3f}x > {r['target']}x"
+                     for r in missed)))
     if args.json:
         args.json.write_text(json.dumps(results, indent=1))
     return 0

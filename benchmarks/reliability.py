@@ -87,7 +87,8 @@ def main(argv=None) -> int:
         print(f"[{args.engine}] load: sent {load.sent} at once, complete {load.complete}, lost {load.lost}, compared alone {load.compared}, "
               f"mismatches {len(load.mismatches)}, {load.seconds:.1f}s, leftover state {load_after or 'none'}", flush=True)
 
-        soak = rel.run_soak(srv, tok, n=args.soak, prefix=prefix, on_progress=lambda d: print(f"  soak {d}/{args.soak}", flush=True) if d % 1000 == 0 else None)
+        soak = rel.run_soak(srv, tok, n=args.soak, prefix=prefix,
+                            on_progress=lambda d: print(f"  soak {d}/{args.soak}", flush=True) if d % 1000 == 0 else None)
         out["soak"] = asdict(soak)
         print(f"[{args.engine}] soak: {soak.sent} requests, {soak.errors} errors, {soak.seconds:.1f}s, "
               f"peak {rel.live(soak.peak)}, leftover {rel.live(soak.after) or 'none'}", flush=True)

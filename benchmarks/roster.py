@@ -47,7 +47,8 @@ def _vllm_worker(model: str, tokens: int, reps: int, out_q) -> None:
 
     def run(name):
         params = _params(name, next(counter))
-        sps = [SamplingParams(temperature=0, max_tokens=tokens, min_tokens=tokens, ignore_eos=True, seed=i, extra_args=p or None) for i, p in enumerate(params)]
+        sps = [SamplingParams(temperature=0, max_tokens=tokens, min_tokens=tokens, ignore_eos=True, seed=i, extra_args=p or None)
+               for i, p in enumerate(params)]
         t0 = time.perf_counter()
         outs = llm.generate([prompt] * len(sps), sps, use_tqdm=False)
         dt = time.perf_counter() - t0
@@ -67,7 +68,8 @@ def _sglang_worker(model: str, tokens: int, reps: int, out_q) -> None:
     import sglang as sgl
     from transformers import AutoTokenizer
 
-    eng = sgl.Engine(model_path=model, device="cpu", attention_backend="torch_native", dtype="float32", random_seed=0, mem_fraction_static=0.5, max_running_requests=8)
+    eng = sgl.Engine(model_path=model, device="cpu", attention_backend="torch_native", dtype="float32", random_seed=0,
+                     mem_fraction_static=0.5, max_running_requests=8)
     ids = AutoTokenizer.from_pretrained(model).encode(PROMPT)
     counter = iter(range(10**9))
 

@@ -27,7 +27,8 @@ def tiny_model(variant: str) -> Path:
         from tts_plugins.models.trained import build_reasoning_model
 
         # its own folder: the demo and the benchmark keep the full recipe under the plain name
-        return build_reasoning_model(MODELS_DIR / f"{variant}-test", TRAINED[variant], steps=TEST_TRAIN_STEPS[TRAINED[variant]], target=None, evaluate_n=0)
+        return build_reasoning_model(MODELS_DIR / f"{variant}-test", TRAINED[variant], steps=TEST_TRAIN_STEPS[TRAINED[variant]], target=None,
+                                     evaluate_n=0)
     from tts_plugins.models.tiny import build_tiny_model
 
     return build_tiny_model(MODELS_DIR / variant, variant)

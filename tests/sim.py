@@ -51,7 +51,8 @@ class Request:
 
 
 class Sim:
-    def __init__(self, tokenizer, *, max_slots: int = 8, registry=None, vocab: int | None = None, greedy: bool = True, host_rows: bool = True) -> None:
+    def __init__(self, tokenizer, *, max_slots: int = 8, registry=None, vocab: int | None = None, greedy: bool = True,
+                 host_rows: bool = True) -> None:
         self.greedy = greedy
         self.host_rows = host_rows
         self.tok = tokenizer

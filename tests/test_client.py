@@ -104,7 +104,8 @@ def test_problem_files_are_checked_line_by_line(tmp_path):
     f.write_text('{"id": "a", "prompt": "1+1?", "answer": "2"}\n\n{"prompt": "no id"}\n')
     assert [p["id"] for p in read_problems(f)] == ["a", 3]
     for text, fragment in [('{"id": 1}\n', 'non-empty string "prompt"'), ("nope\n", "not JSON"),
-                           ('{"id": 1, "prompt": "a"}\n{"id": 1, "prompt": "b"}\n', "duplicate id"), ('{"id": [1], "prompt": "a"}\n', '"id" must be')]:
+                           ('{"id": 1, "prompt": "a"}\n{"id": 1, "prompt": "b"}\n', "duplicate id"),
+                           ('{"id": [1], "prompt": "a"}\n', '"id" must be')]:
         f.write_text(text)
         with pytest.raises(InputError, match=fragment):
             read_problems(f)

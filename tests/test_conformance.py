@@ -176,7 +176,8 @@ def test_the_pytest_plugin_runs_the_suite_on_a_named_technique(tmp_path):
     """``pytest -p tts_plugins.testing --tts-plugin think -k slot_lifecycle``, as a plugin author runs it."""
     env = {**os.environ, "PYTHONPATH": os.pathsep.join(p for p in sys.path if p)}
     run = subprocess.run([sys.executable, "-m", "pytest", "-p", "tts_plugins.testing", "--tts-plugin", "think", "--tts-examples", "10",
-                          "-k", "slot_lifecycle or unused", "-q", "-p", "no:cacheprovider"], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
+                          "-k", "slot_lifecycle or unused", "-q", "-p", "no:cacheprovider"],
+                         cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
     assert run.returncode == 0, run.stdout + run.stderr
     assert "2 passed" in run.stdout
     bad = subprocess.run([sys.executable, "-m", "pytest", "-p", "tts_plugins.testing", "--tts-plugin", "no_such_technique", "-q"],

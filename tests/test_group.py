@@ -42,7 +42,8 @@ class GroupMachine(RuleBasedStateMachine):
 
         tok = AutoTokenizer.from_pretrained(str(tiny_model("dense")))
         self.eos = tok.eos_token_id
-        self.tech = GroupStop(EngineInfo(vocab_size=len(tok), max_slots=self.SLOTS, device=torch.device("cpu"), tokenizer=tok, eos_token_ids=(self.eos,)))
+        self.tech = GroupStop(EngineInfo(vocab_size=len(tok), max_slots=self.SLOTS, device=torch.device("cpu"), tokenizer=tok,
+                                         eos_token_ids=(self.eos,)))
         self.model: dict[int, dict] = {}  # slot -> {"group", "m", "finished"}
 
     def _group_state(self, gid):

@@ -160,7 +160,8 @@ def test_a_reused_slot_forgets_the_previous_request():
     slot = stash.admit("b", MoIParams(beta=1.0, topk=3))
     assert stash.pos[slot] == -1
     stash.stash(np.array([slot]), z.unsqueeze(0), torch.tensor([3]), np.array([7]))
-    torch.testing.assert_close(stash.mix(np.array([slot]), lambda ids: table[ids])[0].double(), moi_reference(table, z, 3, 1.0, 3), atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(stash.mix(np.array([slot]), lambda ids: table[ids])[0].double(), moi_reference(table, z, 3, 1.0, 3),
+                               atol=1e-5, rtol=1e-5)
 
 
 def test_memory_is_o_k_per_request_and_nothing_is_allocated_until_used():

@@ -39,7 +39,10 @@ def test_unknown_tts_key_is_an_error_naming_it():
         REG.parse({"tts_think_maxx": 3})
 
 
-@given(key=st.sampled_from(INT_KEYS), value=st.one_of(st.integers(max_value=-1), st.text(max_size=5), st.booleans(), st.floats(allow_nan=True).filter(lambda f: not (math.isfinite(f) and f.is_integer() and f >= 0)), st.lists(st.integers(), max_size=2)))
+@given(key=st.sampled_from(INT_KEYS),
+       value=st.one_of(st.integers(max_value=-1), st.text(max_size=5), st.booleans(),
+                       st.floats(allow_nan=True).filter(lambda f: not (math.isfinite(f) and f.is_integer() and f >= 0)),
+                       st.lists(st.integers(), max_size=2)))
 def test_bad_int_values_name_key_value_and_expectation(key, value):
     with pytest.raises(ValueError) as err:
         REG.parse({key: value})

@@ -136,8 +136,10 @@ def test_roster_params_and_admission_checks():
     assert RosterParams.parse({}) is None
     assert RosterParams.parse({"tts_roe_roster": "a", "tts_roe_roster_size": 4}) == RosterParams("a", 4)
     for flat, fragment in [({"tts_roe_roster": "a"}, "needs tts_roe_roster_size"), ({"tts_roe_roster_size": 1}, "tts_roe_roster_size must be"),
-                           ({"tts_roe_roster_size": 65}, "tts_roe_roster_size must be"), ({"tts_roe_roster": "", "tts_roe_roster_size": 2}, "non-empty"),
-                           ({"tts_roe_roster": 3, "tts_roe_roster_size": 2}, "must be a string"), ({"tts_roe_roster_size": "2"}, "tts_roe_roster_size must be")]:
+                           ({"tts_roe_roster_size": 65}, "tts_roe_roster_size must be"),
+                           ({"tts_roe_roster": "", "tts_roe_roster_size": 2}, "non-empty"),
+                           ({"tts_roe_roster": 3, "tts_roe_roster_size": 2}, "must be a string"),
+                           ({"tts_roe_roster_size": "2"}, "tts_roe_roster_size must be")]:
         with pytest.raises(ValueError, match=fragment):
             RosterParams.parse(flat)
     req = types.SimpleNamespace(n=3, temperature=0.0, top_p=1.0, top_k=0, min_p=0.0)
@@ -182,7 +184,8 @@ def test_front_ends_name_a_requests_samples_and_split_sglang_seeds():
     names = {k.sampling_params.custom_params["tts_roe_roster"] for k in kids}
     assert len(names) == 1 and next(iter(names)).startswith("n:")
     assert [k.sampling_params.sampling_seed for k in kids] == [5, 6] and shared.sampling_seed == 5
-    other = types.SimpleNamespace(sampling_params=types.SimpleNamespace(custom_params={"tts_roe_roster_size": 2}, sampling_seed=None, max_new_tokens=8, n=2))
+    other = types.SimpleNamespace(sampling_params=types.SimpleNamespace(custom_params={"tts_roe_roster_size": 2}, sampling_seed=None,
+                                                                        max_new_tokens=8, n=2))
     sglang_child(other, counter)
     assert other.sampling_params.custom_params["tts_roe_roster"] not in names, "another request's samples form another roster"
 

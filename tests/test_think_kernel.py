@@ -64,7 +64,8 @@ def test_vectorized_matches_per_row_reference(batch):
     for r, s in enumerate(row_slots):
         gated = gate[s] >= 0 and bool(members[gate[s]])
         ref = think_reference_row(torch.from_numpy(logits[r]), force[s], members[gate[s]] if gate[s] >= 0 else [], gated, wait[s], bool(greedy[s]))
-        torch.testing.assert_close(out[r], ref, msg=lambda m: f"row {r} slot {s} force={force[s]} gate={gate[s]} wait={wait[s]} greedy={greedy[s]}: {m}")
+        torch.testing.assert_close(out[r], ref,
+                                   msg=lambda m: f"row {r} slot {s} force={force[s]} gate={gate[s]} wait={wait[s]} greedy={greedy[s]}: {m}")
 
 
 @given(batches())
@@ -103,7 +104,8 @@ def test_claimed_argmax_holds(batch):
                 if would_end:
                     assert top == wait[s], f"row {r}: the model's argmax ended thinking, so greedy must splice"
                 else:
-                    assert top == int(np.argmax(np.where(np.isin(np.arange(V), members[gate[s]]), -np.inf, logits[r]))), "no splice when the model would not end"
+                    assert top == int(np.argmax(np.where(np.isin(np.arange(V), members[gate[s]]), -np.inf, logits[r]))), (
+                        "no splice when the model would not end")
 
 
 @given(batches())

@@ -34,7 +34,8 @@ def tok(request, dense_tokenizer, multi_tokenizer):
     return dense_tokenizer if request.param == "dense" else multi_tokenizer
 
 
-@given(cap=st.integers(0, 25), seed=st.integers(0, 10_000), conclusion=st.sampled_from(["\n", "", " Considering the limited time, I have to give the solution now.\n"]))
+@given(cap=st.integers(0, 25), seed=st.integers(0, 10_000),
+       conclusion=st.sampled_from(["\n", "", " Considering the limited time, I have to give the solution now.\n"]))
 def test_cap_count_is_exact_and_forces_conclusion_then_end(tok, cap, seed, conclusion):
     sim = Sim(tok)
     prompt = chat_prompt(tok)
@@ -150,7 +151,8 @@ def test_reentering_thinking_starts_a_new_count(dense_tokenizer):
 @given(seed=st.integers(0, 1000))
 def test_host_row_hints_change_nothing(tok, seed):
     prompt = chat_prompt(tok)
-    reqs = [Request(prompt, {"tts_think_max": 3}), Request(prompt, {}), Request(prompt, {"tts_think_min": 5}), Request(prompt, {"tts_no_think": True})]
+    reqs = [Request(prompt, {"tts_think_max": 3}), Request(prompt, {}), Request(prompt, {"tts_think_min": 5}),
+            Request(prompt, {"tts_no_think": True})]
     model = wants(len(tok), end_spelling(tok), seed)
     assert Sim(tok, host_rows=True).run(reqs, model, 16) == Sim(tok, host_rows=False).run(reqs, model, 16)
 

@@ -171,7 +171,8 @@ def test_a_failing_technique_does_not_take_the_engine_down(vllm_config, monkeypa
     proc = TTSLogitsProcessor(vllm_config, torch.device("cpu"), False)
     vocab = vllm_config.model_config.get_vocab_size()
     both = {"tts_faulty": 1, "tts_no_think": True}
-    added = [(0, SamplingParams(extra_args=both), [1], []), (1, SamplingParams(extra_args={"tts_no_think": True}), [1], []), (2, SamplingParams(), [1], [])]
+    added = [(0, SamplingParams(extra_args=both), [1], []), (1, SamplingParams(extra_args={"tts_no_think": True}), [1], []),
+             (2, SamplingParams(), [1], [])]
     proc.update_state(BatchUpdate(batch_size=3, removed=[], added=added, moved=[]))
     assert proc.state.num_active == 2
     z = torch.randn(3, vocab)
@@ -232,3 +233,42 @@ def test_ladder_children_get_their_rung_and_the_parent_is_untouched():
     assert parent.temperature == 0.8 and parent.top_p == 0.9
     plain = SamplingParams(temperature=0.8)
     assert child_params(plain, 3) is plain
+
+
+INSTALL_AND_UNDO = """
+import inspect
+from tts_plugins import patching
+from tts_plugins.manager import build_registry, plugin_manager
+
+registry = build_registry(plugin_manager(load_entry_points=False))
+patcher = patching.install_patches(registry, "vllm")
+try:
+    assert patcher.applied, "no built-in vLLM patch installed on the vLLM this suite runs"
+    names = {p.name for p in registry.model_patches() if p.engine == "vllm"}
+    assert {a.owner for a in patcher.applied} <= names, patcher.applied
+    originals = [(a.holder, a.attr, a.original, a.inherited) for a in patcher.applied]
+    for holder, attr, original, _ in originals:
+        assert inspect.getattr_static(holder, attr) is not original, f"{attr} was not replaced"
+    again = patching.install_patches(registry, "vllm")
+    assert again.applied == [], "a second install in the same process must be a no-op"
+finally:
+    patcher.undo()
+for holder, attr, original, inherited in originals:
+    if inherited:
+        assert attr not in vars(holder), f"undo left an override of {attr} on {holder}"
+    else:
+        assert inspect.getattr_static(holder, attr) is original, f"undo did not restore {holder}.{attr}"
+assert not patching._OWNERS, f"ownership left behind after undo: {patching._OWNERS}"
+print("patched and restored", len(originals))
+"""
+
+
+def test_every_builtin_vllm_patch_installs_once_and_undoes_exactly():
+    """The real built-in patches on the installed vLLM, in a fresh process: each owns its targets, a second install
+    changes nothing, and undo puts back the identical objects (tests can install and leave the engine as found)."""
+    import subprocess
+    import sys
+
+    run = subprocess.run([sys.executable, "-c", INSTALL_AND_UNDO], capture_output=True, text=True, timeout=300, cwd="/")
+    assert run.returncode == 0, run.stdout[-2000:] + run.stderr[-4000:]
+    assert "patched and restored" in run.stdout

@@ -26,7 +26,7 @@ class EnginePool:
         self.engine, self.tiny_model = engine, tiny_model
         self.current = None
         self.key = None
-        self.start_seconds: dict[str, float] = {}
+        self.starts: list[tuple[str, float]] = []  # every engine start, in order (the suite's main cost)
 
     def offline(self, variant: str, overlap: bool = True, chunked_prefill: int | None = None, tensor_parallel: int = 1, **engine_args):
         """The offline engine on a tiny model; ``overlap`` is SGLang's overlap scheduler (vLLM on CPU has none).
@@ -57,8 +57,9 @@ class EnginePool:
                 extra.update(engine_args)
                 self.current = SglangOffline(model, overlap=overlap, **extra)
             self.key = key
-            name = f"offline-{variant}{'' if overlap else '-no-overlap'}{f'-chunk{chunked_prefill}' if chunked_prefill else ''}{f'-tp{tensor_parallel}' if tensor_parallel > 1 else ''}{'-' + '-'.join(engine_args) if engine_args else ''}"
-            self.start_seconds[name] = self.current.start_seconds
+            name = (f"offline-{variant}{'' if overlap else '-no-overlap'}{f'-chunk{chunked_prefill}' if chunked_prefill else ''}"
+                    f"{f'-tp{tensor_parallel}' if tensor_parallel > 1 else ''}{'-' + '-'.join(engine_args) if engine_args else ''}")
+            self.starts.append((name, self.current.start_seconds))
         return self.current
 
     def server(self, variant: str, args=(), env=None):
@@ -76,7 +77,7 @@ class EnginePool:
                 args = ("--mem-fraction-static", "0.5", "--max-running-requests", "16", *args)
             self.current = Server(self.engine, self.tiny_model(variant), args=args, env=env)
             self.key = key
-            self.start_seconds[f"server-{variant}"] = self.current.start_seconds
+            self.starts.append((f"server-{variant}", self.current.start_seconds))
         return self.current
 
     def close(self) -> None:
@@ -156,4 +157,5 @@ def engines(engine_name):
     pool = EnginePool(engine_name, tiny_model)
     yield pool
     pool.close()
-    print(f"\n[{engine_name}] engine start seconds: " + ", ".join(f"{k}={v:.1f}" for k, v in pool.start_seconds.items()))
+    total = sum(s for _, s in pool.starts)
+    print(f"\n[{engine_name}] {len(pool.starts)} engine starts, {total:.0f}s: " + ", ".join(f"{k}={v:.1f}" for k, v in pool.starts))

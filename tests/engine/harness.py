@@ -58,8 +58,8 @@ class VllmOffline:
         n = sampling.get("n", 1)
         sps = [
             SamplingParams(n=n, temperature=p.get("_temperature", sampling.get("temperature", 0.0)), max_tokens=max_tokens,
-                           extra_args={k: v for k, v in p.items() if k not in ("_temperature", "_seed")} or None, skip_special_tokens=False, seed=p.get("_seed", sampling.get("seed")),
-                           logprobs=0 if sampling.get("logprobs") else None, **sampling.get("extra", {}))
+                           extra_args={k: v for k, v in p.items() if k not in ("_temperature", "_seed")} or None, skip_special_tokens=False,
+                           seed=p.get("_seed", sampling.get("seed")), logprobs=0 if sampling.get("logprobs") else None, **sampling.get("extra", {}))
             for p in params
         ]
         inputs = [{"prompt_token_ids": p} if isinstance(p, list) else p for p in prompts]

@@ -52,8 +52,8 @@ def oracle():
 INT_KEYS = {"tts_think_max": (0, None), "tts_think_min": (0, None), "tts_think_extend": (0, None), "tts_group_stop_after": (1, 100_000),
             "tts_trim_converge": (0, 1000), "tts_trim_max_thoughts": (0, 100_000), "tts_trim_min_tokens": (0, None), "tts_trim_ngram": (0, 1024),
             "tts_trim_repeats": (2, 1000), "tts_moi_topk": (1, 256), "tts_roe_roster_size": (2, 64)}
-TEXT_KEYS = ["tts_think_wait", "tts_think_conclusion", "tts_no_think_text", "tts_group_stop_text", "tts_trim_conclusion", "tts_group", "tts_trim_verifier",
-             "tts_roe_roster"]
+TEXT_KEYS = ["tts_think_wait", "tts_think_conclusion", "tts_no_think_text", "tts_group_stop_text", "tts_trim_conclusion", "tts_group",
+             "tts_trim_verifier", "tts_roe_roster"]
 BOOL_KEYS = ["tts_no_think", "tts_trim"]
 FLOAT_KEYS = {"tts_moi_beta": (0.0, 1e6), "tts_carbon_temperature": (1e-3, 1e3)}
 NUMBER_LIST_KEYS = ["tts_temperature_ladder", "tts_carbon_bias_ids", "tts_carbon_bias_values", "tts_roe_tau_layers"]
@@ -232,7 +232,9 @@ def fuzz_once(server: Any, registry: Any, params: dict[str, Any], certain: str |
 
 
 def check_serving(server: Any) -> bool:
-    r = requests.post(server.base + "/v1/completions", json={"model": server.model, "prompt": "What is 1 + 1?", "max_tokens": 3, FIELD[server.engine]: {"tts_think_max": 1}}, timeout=120)
+    r = requests.post(server.base + "/v1/completions",
+                      json={"model": server.model, "prompt": "What is 1 + 1?", "max_tokens": 3, FIELD[server.engine]: {"tts_think_max": 1}},
+                      timeout=120)
     return server.alive() and r.status_code == 200 and len(r.json()["choices"]) == 1
 
 
@@ -248,7 +250,8 @@ def random_request(rng: random.Random, i: int) -> dict[str, Any]:
     kind = rng.choice(["plain", "plain", "cap", "min", "no_think", "trim", "moi", "group", "faulty", "cap_moi"])
     params: dict[str, Any] = {
         "plain": {}, "cap": {"tts_think_max": rng.randint(0, 6)}, "min": {"tts_think_min": rng.randint(1, 8), "tts_think_wait": "Hmm"},
-        "no_think": {"tts_no_think": True}, "trim": {"tts_trim": True, "tts_trim_ngram": 4, "tts_trim_repeats": 2}, "moi": {"tts_moi_beta": rng.choice([0.5, 1.0, 2.0])},
+        "no_think": {"tts_no_think": True}, "trim": {"tts_trim": True, "tts_trim_ngram": 4, "tts_trim_repeats": 2},
+        "moi": {"tts_moi_beta": rng.choice([0.5, 1.0, 2.0])},
         "group": {"tts_group": f"load-{i}", "tts_group_stop_after": 1, "tts_group_finish": "eos"},
         "faulty": {"tts_faulty": rng.choice(["apply", "tokens", "admit"]), "tts_think_max": rng.randint(1, 4)},
         "cap_moi": {"tts_think_max": 3, "tts_moi_beta": 1.0},
@@ -327,7 +330,8 @@ def run_load(server: Any, tok: Any, n: int, compare: int, seed: int = 0, max_tok
     report.seconds = time.perf_counter() - t0
     report.peak = watch.peak
     for (_prompt, req), res in zip(reqs, results):
-        ok = isinstance(res, dict) and len(res.get("choices", [])) == req["n"] and all(c.get("finish_reason") in ("stop", "length") and c.get("text") is not None for c in res["choices"])
+        ok = (isinstance(res, dict) and len(res.get("choices", [])) == req["n"]
+              and all(c.get("finish_reason") in ("stop", "length") and c.get("text") is not None for c in res["choices"]))
         report.complete += ok
         report.lost += not ok
     greedy = [(i, p, r) for i, (p, r) in enumerate(reqs) if r["greedy"] and isinstance(results[i], dict)]
@@ -361,7 +365,8 @@ def live(counts: dict[str, int]) -> dict[str, int]:
     return {k: v for k, v in counts.items() if not k.endswith("failures") and v}
 
 
-def run_soak(server: Any, tok: Any, n: int, prefix: str, workers: int = 16, seed: int = 1, on_progress: Callable[[int], None] | None = None) -> SoakReport:
+def run_soak(server: Any, tok: Any, n: int, prefix: str, workers: int = 16, seed: int = 1,
+             on_progress: Callable[[int], None] | None = None) -> SoakReport:
     prompts = [chat_prompt(tok, q) for q in QUESTIONS]
     report = SoakReport(sent=n)
     t0 = time.perf_counter()
@@ -393,8 +398,8 @@ def run_aborts(server: Any, tok: Any, n: int, seed: int = 2) -> int:
     (the server aborts them). Returns how many streams started."""
     def one(i: int) -> int:
         req = random_request(random.Random(seed * 7919 + i), i)
-        body = {"model": server.model, "prompt": chat_prompt(tok, QUESTIONS[i % len(QUESTIONS)]), "max_tokens": 900, "ignore_eos": True, "temperature": req["temperature"],
-                "n": req["n"], "stream": True, FIELD[server.engine]: req["params"]}
+        body = {"model": server.model, "prompt": chat_prompt(tok, QUESTIONS[i % len(QUESTIONS)]), "max_tokens": 900, "ignore_eos": True,
+                "temperature": req["temperature"], "n": req["n"], "stream": True, FIELD[server.engine]: req["params"]}
         with requests.post(server.base + "/v1/completions", json=body, stream=True, timeout=120) as r:
             for line in r.iter_lines():
                 if line:

@@ -38,7 +38,8 @@ def hf_logits(model_dir: Path, ids: list[int]):
         return _model(str(model_dir))(torch.tensor([ids])).logits[0, -1].double()
 
 
-def first_top(srv, ids: list[int], *, n: int = 1, temperature: float = 1.0, params: dict | None = None, k: int = 5, seed: int = 1) -> list[dict[int, float]]:
+def first_top(srv, ids: list[int], *, n: int = 1, temperature: float = 1.0, params: dict | None = None, k: int = 5,
+              seed: int = 1) -> list[dict[int, float]]:
     """Each sample's top-k log-probs at the first generated position (token id -> log-prob), prompted with token ids
     (vLLM: /v1/completions with ``return_tokens_as_token_ids``; SGLang: /generate, whose log-probs carry ids)."""
     if srv.engine == "vllm":
@@ -49,7 +50,8 @@ def first_top(srv, ids: list[int], *, n: int = 1, temperature: float = 1.0, para
         return [{int(t.split(":", 1)[1]): float(v) for t, v in c["logprobs"]["top_logprobs"][0].items()}
                 for c in sorted(r.json()["choices"], key=lambda c: c["index"])]
     sp = {"max_new_tokens": 1, "n": n, "temperature": temperature, **({"custom_params": params} if params else {})}
-    r = requests.post(srv.base + "/generate", json={"input_ids": ids, "sampling_params": sp, "return_logprob": True, "top_logprobs_num": k}, timeout=120)
+    r = requests.post(srv.base + "/generate", json={"input_ids": ids, "sampling_params": sp, "return_logprob": True, "top_logprobs_num": k},
+                      timeout=120)
     assert r.status_code == 200, r.text
     outs = r.json() if isinstance(r.json(), list) else [r.json()]
     return [{int(e[1]): float(e[0]) for e in o["meta_info"]["output_top_logprobs"][0]} for o in outs]
@@ -98,14 +100,16 @@ def test_ladder_rung_zero_is_greedy_and_the_rest_sample(served):
     r = requests.post(srv.base + "/v1/completions", json=body, timeout=120)
     assert r.status_code == 200, r.text
     texts = [c["text"] for c in sorted(r.json()["choices"], key=lambda c: c["index"])]
-    greedy = requests.post(srv.base + "/v1/completions", json={"model": srv.model, "prompt": ids, "max_tokens": 12, "temperature": 0.0}, timeout=120).json()
+    greedy = requests.post(srv.base + "/v1/completions", json={"model": srv.model, "prompt": ids, "max_tokens": 12, "temperature": 0.0},
+                           timeout=120).json()
     assert texts[0] == texts[2] == greedy["choices"][0]["text"], "rungs of 0 decode greedily"
     assert texts[1] != texts[0] and texts[3] != texts[0], "rungs of 2 sample (12 tokens of a flat random model)"
 
 
 def test_ladder_refuses_greedy_requests_and_bad_rungs(served):
     srv, _ = served
-    for temperature, ladder, fragment in [(0.0, [0.5], "temperature > 0"), (1.0, [0.5, -1], "tts_temperature_ladder must hold"), (1.0, [2.5], "in [0, 2]"), (1.0, [], "tts_temperature_ladder must be a list")]:
+    for temperature, ladder, fragment in [(0.0, [0.5], "temperature > 0"), (1.0, [0.5, -1], "tts_temperature_ladder must hold"),
+                                          (1.0, [2.5], "in [0, 2]"), (1.0, [], "tts_temperature_ladder must be a list")]:
         body = {"model": srv.model, "prompt": "x", "max_tokens": 2, "temperature": temperature, FIELD[srv.engine]: {"tts_temperature_ladder": ladder}}
         r = requests.post(srv.base + "/v1/completions", json=body, timeout=60)
         assert r.status_code == 400 and fragment in r.text, (temperature, ladder, r.status_code, r.text[:300])
@@ -126,7 +130,8 @@ def test_carbon_in_engine_matches_the_hand_computation(served, request_temperatu
     b = torch.zeros_like(z)
     b[bias_ids] = torch.tensor(bias_values, dtype=z.dtype)
     want = torch.log_softmax((z + b) / T / request_temperature, -1)
-    calibrated, plain = first_top(srv, ids, temperature=request_temperature, params=params)[0], first_top(srv, ids, temperature=request_temperature)[0]
+    calibrated = first_top(srv, ids, temperature=request_temperature, params=params)[0]
+    plain = first_top(srv, ids, temperature=request_temperature)[0]
     assert_matches(calibrated, want, f"CarBoN T={T} at request temperature {request_temperature}")
     assert_matches(plain, torch.log_softmax(z / request_temperature, -1), "the same request without CarBoN")
 
@@ -134,7 +139,8 @@ def test_carbon_in_engine_matches_the_hand_computation(served, request_temperatu
 # --- the tts command ----------------------------------------------------------
 
 
-def tts(srv, tmp_path: Path, *args: str, problems: list[dict] | None = None, out: str = "out.jsonl") -> tuple[subprocess.CompletedProcess, list[dict], dict]:
+def tts(srv, tmp_path: Path, *args: str, problems: list[dict] | None = None,
+        out: str = "out.jsonl") -> tuple[subprocess.CompletedProcess, list[dict], dict]:
     src = tmp_path / "problems.jsonl"
     if problems is not None or not src.exists():
         src.write_text("".join(json.dumps(p) + "\n" for p in (problems or [{"id": f"p{i}", "prompt": p} for i, p in enumerate(PROMPTS)])))
@@ -229,7 +235,8 @@ def test_cli_carbon_explores_fits_and_exploits(served, tmp_path):
         cal = x["calibration"]
         assert cal["kept"] == 2 and cal["positions"] > 0 and 0.05 <= cal["temperature"] <= 20 and cal["nll_after"] <= cal["nll_before"] + 1e-9
         top = majority([s["answer"] for s in x["samples"]]).answer
-        assert [s["reward"] for s in x["samples"]] == [1.0 if s["answer"] is not None and same_answer(s["answer"], top) else 0.0 for s in x["samples"]]
+        assert [s["reward"] for s in x["samples"]] == [1.0 if s["answer"] is not None and same_answer(s["answer"], top) else 0.0
+                                                       for s in x["samples"]]
         assert x["answer"] == best_of_n([s["answer"] for s in x["samples"]], [s["reward"] for s in x["samples"]]).answer
 
 

@@ -87,5 +87,6 @@ def test_bad_or_unsupported_roe_parameters_are_refused(engines):
                             ({"tts_roe_tau": 1.0, "tts_roe_tau_layers": [1.0, 1.0]}, "not both")]:
         r = requests.post(srv.base + "/v1/completions", json={"model": srv.model, "prompt": "hi", "max_tokens": 2, field: extra}, timeout=60)
         assert r.status_code == 400 and fragment in r.text, (extra, r.text[:300])
-    r = requests.post(srv.base + "/v1/completions", json={"model": srv.model, "prompt": "hi", "max_tokens": 2, "temperature": 0, field: {"tts_roe_tau": 1.0}}, timeout=60)
+    r = requests.post(srv.base + "/v1/completions",
+                      json={"model": srv.model, "prompt": "hi", "max_tokens": 2, "temperature": 0, field: {"tts_roe_tau": 1.0}}, timeout=60)
     assert r.status_code == 200, r.text

@@ -123,7 +123,8 @@ def test_an_incomplete_roster_waits_without_holding_the_batch_and_aborted_member
 def test_bad_roster_parameters_are_refused(engines):
     srv = engines.server("moe")
     field = {"vllm": "vllm_xargs", "sglang": "custom_params"}[srv.engine]
-    cases = [({"tts_roe_roster": "a"}, {}, "needs tts_roe_roster_size"), ({"tts_roe_roster": "a", "tts_roe_roster_size": 1}, {}, "tts_roe_roster_size must be"),
+    cases = [({"tts_roe_roster": "a"}, {}, "needs tts_roe_roster_size"),
+             ({"tts_roe_roster": "a", "tts_roe_roster_size": 1}, {}, "tts_roe_roster_size must be"),
              ({"tts_roe_roster_size": 3}, {"n": 2, "temperature": 1.0}, "n must be 3"),
              ({"tts_roe_roster": "a", "tts_roe_roster_size": 2}, {"temperature": 1.0, "top_p": 0.5}, "top_p")]
     for extra, sampling, fragment in cases:

@@ -221,7 +221,8 @@ def test_http_bad_parameters_get_400_and_the_server_keeps_serving(engines, engin
     r = requests.post(srv.base + "/v1/completions", json=body, timeout=60)
     assert r.status_code == 400, r.text
     assert key in r.text
-    ok = requests.post(srv.base + "/v1/completions", json={"model": srv.model, "prompt": "What is 1 + 1?", "max_tokens": 4, field: {"tts_think_max": 1}}, timeout=60)
+    ok = requests.post(srv.base + "/v1/completions",
+                       json={"model": srv.model, "prompt": "What is 1 + 1?", "max_tokens": 4, field: {"tts_think_max": 1}}, timeout=60)
     assert ok.status_code == 200 and srv.alive()
 
 
@@ -246,7 +247,8 @@ def test_http_mixture_of_inputs_matches_the_reference(engines, engine_name):
 @pytest.mark.vllm_only
 def test_http_named_and_installed_processor_runs_once(engines, engine_name):
     srv = engines.server("dense", args=SERVER_ARGS[engine_name])
-    r = requests.post(srv.base + "/v1/completions", json={"model": srv.model, "prompt": "What is 1 + 1?", "max_tokens": 6, "vllm_xargs": {"tts_think_extend": 1}}, timeout=60)
+    r = requests.post(srv.base + "/v1/completions",
+                      json={"model": srv.model, "prompt": "What is 1 + 1?", "max_tokens": 6, "vllm_xargs": {"tts_think_extend": 1}}, timeout=60)
     assert r.status_code == 200
     log = srv.log()
     assert log.count("this duplicate stays inert") == 1, "the second instance in the engine must stay inert"

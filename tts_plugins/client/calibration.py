@@ -87,7 +87,8 @@ def fit_calibration(positions: Sequence[Position], l2: float = 1e-2, steps: int 
 
     with torch.no_grad():
         before = float(nll(torch.zeros(1, dtype=torch.float64), torch.zeros(len(vocab), dtype=torch.float64)))
-    opt = torch.optim.LBFGS([s, b], lr=1.0, max_iter=steps, history_size=20, tolerance_grad=1e-9, tolerance_change=1e-12, line_search_fn="strong_wolfe")
+    opt = torch.optim.LBFGS([s, b], lr=1.0, max_iter=steps, history_size=20, tolerance_grad=1e-9, tolerance_change=1e-12,
+                            line_search_fn="strong_wolfe")
 
     def closure() -> torch.Tensor:
         opt.zero_grad()

@@ -98,7 +98,8 @@ def parser() -> argparse.ArgumentParser:
     r = sub.add_parser("run", help="run a strategy over a JSONL of problems")
     r.add_argument("problems", type=Path, help='JSONL: {"id", "prompt", "answer"?} per line')
     r.add_argument("-o", "--output", type=Path, required=True, help="JSONL results, appended as problems finish (resumes)")
-    r.add_argument("--url", default=os.environ.get("TTS_SERVER_URL", "http://127.0.0.1:8000"), help="server base URL (default $TTS_SERVER_URL or %(default)s)")
+    r.add_argument("--url", default=os.environ.get("TTS_SERVER_URL", "http://127.0.0.1:8000"),
+                   help="server base URL (default $TTS_SERVER_URL or %(default)s)")
     r.add_argument("--engine", choices=["auto", "vllm", "sglang"], default="auto")
     r.add_argument("--model", default=None, help="model name (default: the first the server lists)")
     r.add_argument("--strategy", choices=STRATEGIES, default="self-consistency")
@@ -107,7 +108,8 @@ def parser() -> argparse.ArgumentParser:
     r.add_argument("--max-tokens", type=int, default=256)
     r.add_argument("--max-n", type=int, default=16, help="samples per request")
     r.add_argument("--seed", type=int, default=None)
-    r.add_argument("--vote", default=None, help="majority, inverse_entropy, short_m, best_of_n, weighted_best_of_n, best_of_majority or a registered aggregator")
+    r.add_argument("--vote", default=None,
+                   help="majority, inverse_entropy, short_m, best_of_n, weighted_best_of_n, best_of_majority or a registered aggregator")
     r.add_argument("--m", type=int, default=1, help="short-m@k's m")
     r.add_argument("--reward", default=None, help="agreement, confidence, a registered reward, or module:function (prompt, completion) -> float")
     r.add_argument("--extract", default="auto", help=f"answer extractor: {', '.join(EXTRACTORS)} or module:function (text) -> str | None")
@@ -116,7 +118,8 @@ def parser() -> argparse.ArgumentParser:
     r.add_argument("--waves", type=int, default=4, help="ladder: at most this many waves of one sample per rung")
     r.add_argument("--min-waves", type=int, default=1, help="ladder: waves before the early-exit test")
     r.add_argument("--ahead", type=int, default=2, help="ladder: waves in flight at once")
-    r.add_argument("--ladder-mode", choices=["engine", "fan-out"], default="engine", help="engine: one request per wave with tts_temperature_ladder; fan-out: one per rung")
+    r.add_argument("--ladder-mode", choices=["engine", "fan-out"], default="engine",
+                   help="engine: one request per wave with tts_temperature_ladder; fan-out: one per rung")
     r.add_argument("--tau-intra", type=float, default=0.8)
     r.add_argument("--tau-cross", type=float, default=1.0)
     r.add_argument("--n1", type=int, default=None, help="carbon: explore samples (default n // 2)")
@@ -180,7 +183,8 @@ async def run(a: argparse.Namespace) -> tuple[Summary, int]:
     from tts_plugins.client.aggregate import registered
 
     aggregators, rewards = registered()
-    if o.vote and o.vote not in ("majority", "inverse_entropy", "short_m", "best_of_n", "weighted_best_of_n", "best_of_majority") and o.vote not in aggregators:
+    if (o.vote and o.vote not in ("majority", "inverse_entropy", "short_m", "best_of_n", "weighted_best_of_n", "best_of_majority")
+            and o.vote not in aggregators):
         raise InputError(f"unknown --vote {o.vote!r}; registered aggregators: {', '.join(sorted(aggregators))}")
     if o.reward:
         from tts_plugins.client.strategies import reward_fn
@@ -239,7 +243,8 @@ async def run(a: argparse.Namespace) -> tuple[Summary, int]:
 def report(summary: Summary, a: argparse.Namespace) -> None:
     s = summary.as_dict()
     line = (f"tts: {s['problems']} problems ({s['skipped_done']} already done, {s['failed']} failed), {s['samples']} samples, "
-            f"{s['tokens']} tokens, {s['requests']} requests, {s['early_exits']} early exits ({s['waves_cancelled']} waves cancelled), {s['seconds']} s")
+            f"{s['tokens']} tokens, {s['requests']} requests, {s['early_exits']} early exits "
+            f"({s['waves_cancelled']} waves cancelled), {s['seconds']} s")
     if "accuracy" in s:
         line += f", accuracy {s['correct']}/{s['graded']} = {s['accuracy']:.3f}"
     print(line, file=sys.stderr)

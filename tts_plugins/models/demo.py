@@ -51,7 +51,9 @@ def main() -> int:
     p = probs[0]
     cases = [("plain", {}), ("cap: tts_think_max=16", {"tts_think_max": 16}), ("minimum: tts_think_min=110", {"tts_think_min": 110}),
              ("NoThinking: tts_no_think=true", {"tts_no_think": True})]
-    outs = llm.generate([prompts[0]] * len(cases), [SamplingParams(temperature=0, max_tokens=200, extra_args=c or None, skip_special_tokens=False) for _, c in cases], use_tqdm=False)
+    outs = llm.generate([prompts[0]] * len(cases),
+                        [SamplingParams(temperature=0, max_tokens=200, extra_args=c or None, skip_special_tokens=False) for _, c in cases],
+                        use_tqdm=False)
     print(f"\n1. {p.question}   (the answer is {p.answer}; the prompt opens <think>; greedy; one batch)")
     for (name, _), out in zip(cases, outs):
         c = out.outputs[0]

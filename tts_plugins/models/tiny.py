@@ -130,7 +130,8 @@ def build_tiny_model(path: str | Path, variant: str = "dense", *, seed: int = 0,
     )
     torch.manual_seed(seed)
     if variant == "moe":
-        cfg = Qwen3MoeConfig(intermediate_size=128, moe_intermediate_size=64, num_experts=4, num_experts_per_tok=2, norm_topk_prob=True, decoder_sparse_step=1, **common)
+        cfg = Qwen3MoeConfig(intermediate_size=128, moe_intermediate_size=64, num_experts=4, num_experts_per_tok=2, norm_topk_prob=True,
+                             decoder_sparse_step=1, **common)
         model = Qwen3MoeForCausalLM(cfg)
     else:
         cfg = Qwen3Config(intermediate_size=128, **common)

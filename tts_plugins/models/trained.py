@@ -236,7 +236,8 @@ def train(variant: str, out: Path, *, seed: int = 0, steps: int | None = None, t
         model.generation_config.eos_token_id = tok.eos_token_id
         model.generation_config.pad_token_id = tok.pad_token_id
         model.save_pretrained(str(out), safe_serialization=True)
-        return {"variant": variant, "seed": seed, **cfg, "steps_done": done, "target": target, "validation_T1": checks, "threads": threads, "final_loss": round(sum(losses[-20:]) / min(20, len(losses)), 4),
+        return {"variant": variant, "seed": seed, **cfg, "steps_done": done, "target": target, "validation_T1": checks, "threads": threads,
+                "final_loss": round(sum(losses[-20:]) / min(20, len(losses)), 4),
                 "train_seconds": round(time.perf_counter() - t0, 1), "torch": torch.__version__}
     finally:
         torch.set_num_threads(old_threads)
