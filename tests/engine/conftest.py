@@ -7,6 +7,7 @@ import inspect
 import os
 import re
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -26,6 +27,7 @@ class EnginePool:
         self.engine, self.tiny_model = engine, tiny_model
         self.current = None
         self.key = None
+        self.debug_prefix: str | None = None  # where the shared server writes its debug counters
         self.starts: list[tuple[str, float]] = []  # every engine start, in order (the suite's main cost)
 
     def offline(self, variant: str, overlap: bool = True, chunked_prefill: int | None = None, tensor_parallel: int = 1, **engine_args):
@@ -80,6 +82,27 @@ class EnginePool:
             self.starts.append((f"server-{variant}", self.current.start_seconds))
         return self.current
 
+    def shared_server(self, variant: str):
+        """The one HTTP server per model that the HTTP tests share (an engine start is the suite's main cost).
+
+        Configured for all of them at once: on the dense model, vLLM also names the processor on the command line
+        (it must run once although installed too) and returns processed log-probs (the client's checks); both
+        engines load the deliberately faulty third-party plugin (the reliability tests), and every server writes
+        its debug counters under ``self.debug_prefix``, fresh for each start.
+        """
+        from reliability import server_env
+
+        args: tuple[str, ...] = ()
+        if variant == "dense" and self.engine == "vllm":
+            args = ("--logits-processors", "tts_plugins.adapters.vllm:TTSLogitsProcessor", "--logprobs-mode", "processed_logprobs")
+        key = ("server", variant, args, "shared")
+        if self.key != key:
+            prefix = os.path.join(tempfile.mkdtemp(prefix="tts-debug-"), "counts")
+            env = server_env(prefix) if variant == "dense" else {"TTS_PLUGINS_DEBUG_FILE": prefix}
+            self.server(variant, args=args, env=env)
+            self.key, self.debug_prefix = key, prefix
+        return self.current
+
     def close(self) -> None:
         if self.current is not None:
             self.current.close()
@@ -109,7 +132,7 @@ def pytest_generate_tests(metafunc):
         metafunc.parametrize("overlap", modes, ids=lambda v: "overlap" if v else "no-overlap", scope="session")
 
 
-_ENGINE_CALL = re.compile(r"engines\.(offline|server)\((.*?)\)\s*$", re.M)
+_ENGINE_CALL = re.compile(r"engines\.(offline|server|shared_server)\((.*?)\)\s*(#.*)?$", re.M)
 
 
 def _engine_key(item) -> str:
@@ -125,7 +148,11 @@ def _engine_key(item) -> str:
         with contextlib.suppress(OSError, TypeError):
             m = _ENGINE_CALL.search(inspect.getsource(fn))
             if m:
-                return m.group(1) + ":" + re.sub(r"\s+", "", m.group(2))
+                args = re.sub(r"\s+", "", m.group(2))
+                # a parametrized argument (chunked_prefill=chunked) is its value in this test
+                for name, value in getattr(getattr(item, "callspec", None), "params", {}).items():
+                    args = re.sub(rf"\b{name}\b", repr(value), args)
+                return m.group(1) + ":" + re.sub(r",\w+=None\b", "", args)  # a None keyword is the default
     return "~"
 
 

@@ -26,8 +26,7 @@ PROMPTS = ["What is 2 + 3?", "Name a colour.", "Count to four.", "Say hello."]
 
 @pytest.fixture(scope="module")
 def served(engines):
-    args = ("--logprobs-mode", "processed_logprobs") if engines.engine == "vllm" else ()
-    srv = engines.server("dense", args=args)
+    srv = engines.shared_server("dense")  # on vLLM with --logprobs-mode processed_logprobs
     return srv, engines.tiny_model("dense")
 
 

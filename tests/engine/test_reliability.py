@@ -10,7 +10,6 @@ in the soak) and prints the figures.
 from __future__ import annotations
 
 import os
-import tempfile
 
 import pytest
 from hypothesis import HealthCheck, given, settings
@@ -24,8 +23,8 @@ FUZZ_EXAMPLES = int(os.environ.get("TTS_FUZZ_EXAMPLES", "120"))
 
 @pytest.fixture(scope="module")
 def served(engines):
-    prefix = os.path.join(tempfile.mkdtemp(prefix="tts-debug-"), "counts")
-    srv = engines.server("dense", env=rel.server_env(prefix))
+    srv = engines.shared_server("dense")  # the faulty plugin installed, debug counters on
+    prefix = engines.debug_prefix
     from transformers import AutoTokenizer
 
     tok = AutoTokenizer.from_pretrained(str(engines.tiny_model("dense")))

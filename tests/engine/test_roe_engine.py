@@ -79,7 +79,7 @@ def test_per_layer_tau_matches_the_reference_and_a_list_of_the_wrong_length_runs
 
 
 def test_bad_or_unsupported_roe_parameters_are_refused(engines):
-    srv = engines.server("moe")
+    srv = engines.shared_server("moe")
     field = {"vllm": "vllm_xargs", "sglang": "custom_params"}[srv.engine]
     for extra, fragment in [({"tts_roe_tau": -1}, "tts_roe_tau must be"), ({"tts_roe_tau": "x"}, "tts_roe_tau must be"),
                             ({"tts_roe_tau": 101}, "tts_roe_tau must be"), ({"tts_roe_tau_layers": [1.0, -2.0]}, "tts_roe_tau_layers must hold"),

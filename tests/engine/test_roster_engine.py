@@ -7,7 +7,6 @@ from __future__ import annotations
 import concurrent.futures
 import glob
 import json
-import os
 import time
 from pathlib import Path
 
@@ -81,10 +80,8 @@ def _debug_counts(prefix: str) -> dict[str, int]:
 
 
 def test_an_incomplete_roster_waits_without_holding_the_batch_and_aborted_members_leave(engines, engine_name):
-    prefix = f"/tmp/tts-roster-debug-{engine_name}"
-    for f in glob.glob(prefix + ".*"):
-        os.remove(f)
-    srv = engines.server("moe", env={"TTS_PLUGINS_DEBUG_FILE": prefix})
+    srv = engines.shared_server("moe")  # debug counters on, under a prefix fresh for this server
+    prefix = engines.debug_prefix
     field = {"vllm": "vllm_xargs", "sglang": "custom_params"}[srv.engine]
 
     def post(extra, timeout, max_tokens=6):
@@ -121,7 +118,7 @@ def test_an_incomplete_roster_waits_without_holding_the_batch_and_aborted_member
 
 
 def test_bad_roster_parameters_are_refused(engines):
-    srv = engines.server("moe")
+    srv = engines.shared_server("moe")
     field = {"vllm": "vllm_xargs", "sglang": "custom_params"}[srv.engine]
     cases = [({"tts_roe_roster": "a"}, {}, "needs tts_roe_roster_size"),
              ({"tts_roe_roster": "a", "tts_roe_roster_size": 1}, {}, "tts_roe_roster_size must be"),

@@ -174,12 +174,9 @@ def test_extension_under_sampling(engines, overlap):
 # --- over HTTP --------------------------------------------------------------
 
 
-SERVER_ARGS = {"vllm": ("--logits-processors", "tts_plugins.adapters.vllm:TTSLogitsProcessor"), "sglang": ()}
-
-
 def test_http_completions_and_chat(engines, engine_name):
-    # vLLM: the processor is named on the command line *and* installed as an entry point
-    srv = engines.server("dense", args=SERVER_ARGS[engine_name])
+    # vLLM: the processor is named on the command line *and* installed as an entry point (the shared server)
+    srv = engines.shared_server("dense")
     from transformers import AutoTokenizer
 
     model = engines.tiny_model("dense")
@@ -215,7 +212,7 @@ def test_http_completions_and_chat(engines, engine_name):
     ],
 )
 def test_http_bad_parameters_get_400_and_the_server_keeps_serving(engines, engine_name, params, key):
-    srv = engines.server("dense", args=SERVER_ARGS[engine_name])
+    srv = engines.shared_server("dense")
     field = {"vllm": "vllm_xargs", "sglang": "custom_params"}[engine_name]
     body = {"model": srv.model, "prompt": "What is 1 + 1?", "max_tokens": 4, field: params}
     r = requests.post(srv.base + "/v1/completions", json=body, timeout=60)
@@ -232,7 +229,7 @@ def test_http_mixture_of_inputs_matches_the_reference(engines, engine_name):
 
     from reference import hf_moi_greedy
 
-    srv = engines.server("dense", args=SERVER_ARGS[engine_name])
+    srv = engines.shared_server("dense")
     model = engines.tiny_model("dense")
     tok = AutoTokenizer.from_pretrained(str(model))
     prompt = chat_ids(tok, QUESTIONS[2])
@@ -246,7 +243,7 @@ def test_http_mixture_of_inputs_matches_the_reference(engines, engine_name):
 
 @pytest.mark.vllm_only
 def test_http_named_and_installed_processor_runs_once(engines, engine_name):
-    srv = engines.server("dense", args=SERVER_ARGS[engine_name])
+    srv = engines.shared_server("dense")
     r = requests.post(srv.base + "/v1/completions",
                       json={"model": srv.model, "prompt": "What is 1 + 1?", "max_tokens": 6, "vllm_xargs": {"tts_think_extend": 1}}, timeout=60)
     assert r.status_code == 200
