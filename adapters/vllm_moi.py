@@ -209,7 +209,7 @@ class VllmMoIPatch(MoIPatchBase):
     engine, label, min_version, max_version = "vllm", "vLLM", MIN_VERSION, MAX_VERSION
 
     @classmethod
-    def _refuse(cls) -> str | None:
+    def refuse(cls) -> str | None:
         if uses_v2_runner():
             return "Mixture of Inputs needs vLLM's V1 model runner; start the server with VLLM_USE_V2_MODEL_RUNNER=0"
         return None

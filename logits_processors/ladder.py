@@ -72,18 +72,8 @@ class LadderPatchBase(ModelPatch):
 
     name = "temperature_ladder"
     keys = LADDER_KEYS
-    label: str
-
-    @classmethod
-    def parse_params(cls, flat: Mapping[str, Any]) -> LadderParams | None:
-        return LadderParams.parse(flat)
-
-    @classmethod
-    def supported(cls) -> str | None:
-        from tts_plugins import patching
-
-        return patching.version_refusal(cls.engine, cls.label, "the temperature ladder", cls.min_version, cls.max_version,
-                                        " (send one request per temperature instead)")
+    params = LadderParams
+    feature, hint = "the temperature ladder", " (send one request per temperature instead)"
 
     @staticmethod
     def check_request(params: LadderParams, request: Any) -> None:

@@ -282,27 +282,14 @@ class MoIPatchBase(ModelPatch):
     """What the engines' Mixture-of-Inputs patches share: the request keys, parsing and the version check.
 
     Subclasses set ``engine``, ``label`` (for messages) and the version range the patch was written for, and
-    may refuse more in ``_refuse()``.
+    may refuse more in ``refuse()``.
     """
 
     name = "moi"
     keys = MOI_KEYS
-    label: str
+    params = MoIParams
+    feature = "Mixture of Inputs"
     CACHE_SALT = "tts_plugins:moi"
-
-    @classmethod
-    def parse_params(cls, flat: Mapping[str, Any]) -> MoIParams | None:
-        return MoIParams.parse(flat)
-
-    @classmethod
-    def supported(cls) -> str | None:
-        from tts_plugins import patching
-
-        return patching.version_refusal(cls.engine, cls.label, "Mixture of Inputs", cls.min_version, cls.max_version) or cls._refuse()
-
-    @classmethod
-    def _refuse(cls) -> str | None:
-        return None
 
     @classmethod
     def salt_of(cls, params: MoIParams) -> str:

@@ -137,26 +137,13 @@ class RoEPatchBase(ModelPatch):
     """What the engines' RoE patches share: the keys, parsing, the version check and the cache salt.
 
     Subclasses set ``engine``, ``label`` (for messages) and the version range, and may refuse more in
-    ``_refuse()``.
+    ``refuse()``.
     """
 
     name = "roe"
     keys = ROE_KEYS
-    label: str
-
-    @classmethod
-    def parse_params(cls, flat: Mapping[str, Any]) -> RoEParams | None:
-        return RoEParams.parse(flat)
-
-    @classmethod
-    def supported(cls) -> str | None:
-        from tts_plugins import patching
-
-        return patching.version_refusal(cls.engine, cls.label, "RoE", cls.min_version, cls.max_version) or cls._refuse()
-
-    @classmethod
-    def _refuse(cls) -> str | None:
-        return None
+    params = RoEParams
+    feature = "RoE"
 
     def cache_salt(self, params: RoEParams, request_id: str, seed: int | None) -> str:
         """KV of noisily routed tokens depends on the taus and the noise seed: no other request may reuse it

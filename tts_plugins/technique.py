@@ -228,6 +228,10 @@ class ModelPatch:
     keys: ClassVar[frozenset[str]] = frozenset()  # the tts_* request keys this patch owns (empty: always on)
     min_version: ClassVar[str | None] = None  # inclusive: the engine versions this patch was written against
     max_version: ClassVar[str | None] = None  # exclusive
+    params: ClassVar[Any] = None  # the technique's parameter class (``params.parse(flat)``), when requests turn it on
+    feature: ClassVar[str | None] = None  # what the patch is called in refusals ("Mixture of Inputs")
+    label: ClassVar[str | None] = None  # the engine's name in refusals ("vLLM")
+    hint: ClassVar[str] = ""  # ends a version refusal, e.g. " (send one request per temperature instead)"
 
     def install(self, patcher: Any) -> None:
         """Patch the engine through ``patcher`` (a :class:`tts_plugins.patching.Patcher` for ``engine``)."""
@@ -238,21 +242,31 @@ class ModelPatch:
         """This patch's parameters from a request's ``tts_*`` keys (only ``keys`` are passed); ``None``: not opted in.
 
         Torch-free, no side effects; raises ``ValueError`` naming the key, the value and what was expected.
-        The default: a patch without keys is never opted in.
+        The default: ``params.parse(flat)``, or never opted in when the patch has no ``params``.
         """
-        return None
+        return cls.params.parse(flat) if cls.params is not None else None
 
-    def supported(self) -> str | None:
+    @classmethod
+    def supported(cls) -> str | None:
         """``None`` when the installed engine can run this patch, else the reason (returned to the client at admission).
 
-        The default checks the installed engine's version against ``[min_version, max_version)``.
+        The default checks the installed engine's version against ``[min_version, max_version)``, then asks
+        :meth:`refuse`.
         """
-        if self.min_version is None and self.max_version is None:
-            return None
-        from tts_plugins import patching
+        if cls.min_version is not None or cls.max_version is not None:
+            from tts_plugins import patching
 
-        return patching.version_refusal(self.engine, self.engine, f"model patch {self.name!r}", self.min_version or "0",
-                                        self.max_version or "999")
+            reason = patching.version_refusal(cls.engine, cls.label or cls.engine, cls.feature or f"model patch {cls.name!r}",
+                                              cls.min_version or "0", cls.max_version or "999", cls.hint)
+            if reason is not None:
+                return reason
+        return cls.refuse()
+
+    @classmethod
+    def refuse(cls) -> str | None:
+        """A reason beyond the version why this engine, as configured, cannot run the patch (e.g. a model runner it
+        does not support), or ``None`` (the default)."""
+        return None
 
     def check_request(self, params: Any, request: Any) -> None:
         """Admission check against the engine's own request (its sampling parameters); raise ``ValueError`` to refuse.
