@@ -40,6 +40,7 @@ from typing import Any
 
 import torch
 
+from tts_plugins.noise import gumbel, splitmix64, uniform  # noqa: F401  (the routing noise; re-exported for tests)
 from tts_plugins.params import get_float, get_number_list, show
 from tts_plugins.technique import ModelPatch
 
@@ -149,44 +150,6 @@ class RoEPatchBase(ModelPatch):
         """KV of noisily routed tokens depends on the taus and the noise seed: no other request may reuse it
         (and an RoE request does not reuse plain prefixes)."""
         return f"tts_plugins:roe:{params.salt()}:seed={roe_seed(seed, request_id)}"
-
-_MASK64 = (1 << 64) - 1
-
-
-def _signed(x: int) -> int:
-    x &= _MASK64
-    return x - (1 << 64) if x >= 1 << 63 else x
-
-
-_GOLDEN = _signed(0x9E3779B97F4A7C15)
-_M1 = _signed(0xBF58476D1CE4E5B9)
-_M2 = _signed(0x94D049BB133111EB)
-
-
-def _shr(x: torch.Tensor, s: int) -> torch.Tensor:
-    """Logical right shift of int64 (torch's >> is arithmetic)."""
-    return (x >> s) & ((1 << (64 - s)) - 1)
-
-
-def splitmix64(x: torch.Tensor) -> torch.Tensor:
-    """splitmix64's finalizer over int64 tensors (wrapping arithmetic)."""
-    z = x + _GOLDEN
-    z = (z ^ _shr(z, 30)) * _M1
-    z = (z ^ _shr(z, 27)) * _M2
-    return z ^ _shr(z, 31)
-
-
-def uniform(seed: torch.Tensor, position: torch.Tensor, layer: int, n: int) -> torch.Tensor:
-    """``[T, n]`` float64 uniforms in (0, 1), a pure function of (seed, position, layer, column)."""
-    key = splitmix64(splitmix64(splitmix64(seed.to(torch.int64)) ^ position.to(torch.int64)) ^ int(layer))
-    cols = torch.arange(n, dtype=torch.int64, device=seed.device)
-    bits = splitmix64(key.unsqueeze(1) ^ splitmix64(cols).unsqueeze(0))
-    return (_shr(bits, 11).to(torch.float64) + 0.5) * (1.0 / (1 << 53))
-
-
-def gumbel(seed: torch.Tensor, position: torch.Tensor, layer: int, n: int) -> torch.Tensor:
-    """``[T, n]`` Gumbel(0, 1) draws, reproducible from (seed, position, layer)."""
-    return -torch.log(-torch.log(uniform(seed, position, layer, n)))
 
 
 def noisy_topk(router_logits: torch.Tensor, k: int, tau: torch.Tensor, noise: torch.Tensor,

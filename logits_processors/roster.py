@@ -58,7 +58,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from tts_plugins.logits_processors.roe import gumbel
+from tts_plugins.noise import gumbel
 from tts_plugins.params import get_int, get_text, show
 from tts_plugins.services import SampleEdit
 from tts_plugins.slots import SlotAllocator

@@ -59,7 +59,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from tts_plugins.logits_processors.forcing import few_other_rows, force_kernel, putter, upload_rows
+from tts_plugins.forcing import few_other_rows, force_kernel, putter, upload_rows
 from tts_plugins.params import get_bool, get_int, get_text, show
 from tts_plugins.slots import HostMirror
 from tts_plugins.technique import EngineInfo, LogitsTechnique, SlotRequest

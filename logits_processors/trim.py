@@ -44,7 +44,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from tts_plugins.logits_processors.forcing import ForcedTokens
+from tts_plugins.forcing import ForcedTokens
 from tts_plugins.params import get_bool, get_int, get_text, get_text_list, show
 from tts_plugins.technique import EngineInfo, LogitsTechnique, SlotRequest
 from tts_plugins.text import StreamMatcher, cached_token_texts, encode, thinking_state
