@@ -162,7 +162,8 @@ def _batch(tok, rng: random.Random, size: int, cache: dict[str, list[int]]):
 def _progress(total: int, desc: str, enabled: bool):
     from tqdm import tqdm  # a dependency of transformers
 
-    return tqdm(total=total, desc=desc, unit="step", file=sys.stderr, mininterval=2.0, disable=not enabled)
+    # disable=None: no bar when stderr is not a terminal (CI logs)
+    return tqdm(total=total, desc=desc, unit="step", file=sys.stderr, mininterval=2.0, disable=None if enabled else True)
 
 
 def accuracy(model, tok, problems: list[arith.Problem], temperature: float, seed: int = 0) -> float:
@@ -219,7 +220,7 @@ def train(variant: str, out: Path, *, seed: int = 0, steps: int | None = None, t
             torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
             opt.step()
             sched.step()
-            losses.append(float(loss))
+            losses.append(float(loss.detach()))
             bar.update()
             if step % 20 == 0:
                 bar.set_postfix_str(f"loss {losses[-1]:.3f}")
