@@ -18,8 +18,9 @@ from pathlib import Path
 MODELS_DIR = Path(os.environ.get("TTS_TINY_MODELS", Path(__file__).resolve().parent.parent / ".cache" / "tiny"))
 TRAINED = {"reasoning": "dense", "reasoning-moe": "moe"}
 RANDOM = ("dense", "multi", "moe", "eager", "wobbly")
-TEST_TRAIN_STEPS = {"dense": 200, "moe": 60}  # dense: enough for the format (thinking lines, "Wait", an answer); the MoE only feeds
-# the accuracy benchmark's end-to-end run, which checks plumbing (a greedy roster's members agree), not what it learned
+# (steps, sequences per step): dense, enough for the format (thinking lines, "Wait" re-checks, an answer after a cut);
+# the MoE only feeds the accuracy benchmark's end-to-end run, which checks plumbing (a greedy roster's members agree)
+TEST_TRAINING = {"dense": (150, 32), "moe": (40, 32)}
 
 
 def tiny_model(variant: str) -> Path:
@@ -27,8 +28,8 @@ def tiny_model(variant: str) -> Path:
         from tts_plugins.models.trained import build_reasoning_model
 
         # its own folder: the demo and the benchmark keep the full recipe under the plain name
-        return build_reasoning_model(MODELS_DIR / f"{variant}-test", TRAINED[variant], steps=TEST_TRAIN_STEPS[TRAINED[variant]], target=None,
-                                     evaluate_n=0)
+        steps, batch = TEST_TRAINING[TRAINED[variant]]
+        return build_reasoning_model(MODELS_DIR / f"{variant}-test", TRAINED[variant], steps=steps, batch=batch, target=None, evaluate_n=0)
     from tts_plugins.models.tiny import build_tiny_model
 
     return build_tiny_model(MODELS_DIR / variant, variant)

@@ -184,5 +184,14 @@ def engines(engine_name):
     pool = EnginePool(engine_name, tiny_model)
     yield pool
     pool.close()
-    total = sum(s for _, s in pool.starts)
-    print(f"\n[{engine_name}] {len(pool.starts)} engine starts, {total:.0f}s: " + ", ".join(f"{k}={v:.1f}" for k, v in pool.starts))
+    STARTS[engine_name] = pool.starts
+
+
+STARTS: dict[str, list[tuple[str, float]]] = {}  # engine -> its starts this session, for the summary
+
+
+def pytest_terminal_summary(terminalreporter):
+    """How many times each engine started, and what that cost (the suite's main cost: keep it small)."""
+    for engine, starts in STARTS.items():
+        total = sum(s for _, s in starts)
+        terminalreporter.write_line(f"[{engine}] {len(starts)} engine starts, {total:.0f}s: " + ", ".join(f"{k}={v:.1f}" for k, v in starts))

@@ -75,7 +75,7 @@ def test_minimum_splices_wait_and_the_model_rechecks(setup):
 def test_accuracy_benchmark_runs_end_to_end(engines, tmp_path):
     engines.close()  # one engine at a time: the benchmark starts its own servers
     out, png = tmp_path / "acc.json", tmp_path / "acc.png"
-    r = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "accuracy.py"), "--quick", "--models", "test", "--problems", "6",
+    r = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "accuracy.py"), "--quick", "--models", "test", "--problems", "4",
                         "--json", str(out), "--png", str(png)],
                        capture_output=True, text=True, timeout=1200, cwd=tmp_path)
     assert r.returncode == 0, r.stderr[-3000:] + "\n--- stdout ---\n" + r.stdout[-2000:]

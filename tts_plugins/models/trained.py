@@ -256,16 +256,16 @@ def evaluate(path: Path, n: int = 200, temperatures=(0.0, 1.0), steps: int = ari
 
 
 def build_reasoning_model(path: str | os.PathLike, variant: str = "dense", *, seed: int = 0, progress: bool = True, evaluate_n: int = 200,
-                          steps: int | None = None, target: float | None = TARGET) -> Path:
+                          steps: int | None = None, target: float | None = TARGET, batch: int | None = None) -> Path:
     """Train (or reuse, when built with the same recipe) the reasoning model at ``path``.
 
     The defaults are the full recipe (the demo and the accuracy benchmark). The engine tests need only a model
     that has learned the task's format (thinking lines, "Wait" re-checks, an answer after a cut): they train
-    ``steps`` steps with ``target=None`` and ``evaluate_n=0``, in a fraction of the time."""
+    ``steps`` steps of ``batch`` sequences with ``target=None`` and ``evaluate_n=0``, in a fraction of the time."""
     import torch
 
     path = Path(path)
-    stamp = {"variant": variant, "seed": seed, "recipe": RECIPE, "torch": torch.__version__, "steps": steps, "target": target}
+    stamp = {"variant": variant, "seed": seed, "recipe": RECIPE, "torch": torch.__version__, "steps": steps, "target": target, "batch": batch}
     marker = path / "tts_reasoning.json"
     if marker.exists() and {k: v for k, v in json.loads(marker.read_text()).items() if k in stamp} == stamp:
         return path
@@ -273,7 +273,7 @@ def build_reasoning_model(path: str | os.PathLike, variant: str = "dense", *, se
         print(f"building the tiny reasoning model ({variant}) in {path}: one-time CPU training, a few minutes", file=sys.stderr)
     tmp = path.with_name(path.name + f".building-{os.getpid()}")
     shutil.rmtree(tmp, ignore_errors=True)
-    record = train(variant, tmp, seed=seed, progress=progress, steps=steps, target=target)
+    record = train(variant, tmp, seed=seed, progress=progress, steps=steps, target=target, batch=batch)
     if evaluate_n:
         record.update(evaluate(tmp, n=evaluate_n))
     (tmp / "tts_reasoning.json").write_text(json.dumps({**stamp, **record}, indent=1))
