@@ -148,7 +148,8 @@ class RoEPatchBase(ModelPatch):
 
     def cache_salt(self, params: RoEParams, request_id: str, seed: int | None) -> str:
         """KV of noisily routed tokens depends on the taus and the noise seed: no other request may reuse it
-        (and an RoE request does not reuse plain prefixes)."""
+        (and an RoE request does not reuse plain prefixes). A request whose taus are all 0 (e.g. a roster's clean
+        member) parses to no params, gets no salt and shares KV like a plain request."""
         return f"tts_plugins:roe:{params.salt()}:seed={roe_seed(seed, request_id)}"
 
 

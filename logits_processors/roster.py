@@ -13,6 +13,43 @@ by itself: the core's per-sample front-end hook asks the roster patch
 request, and gives each sample its own seed (``seed + i``) so that their
 routing noise differs.
 
+Per-member tau in such a roster (the paper's roster has one clean member,
+tau = 0, next to K-1 noisy ones). Through the same sample edit, each sample
+gets its own RoE key, which the RoE router patch and the cache salt read as
+they read any request's:
+
+* by default, sample 0 is **clean** (``tts_roe_tau: 0``, or a list of zeros
+  when the request gave ``tts_roe_tau_layers``) and samples 1..K-1 keep the
+  request's ``tts_roe_tau`` / ``tts_roe_tau_layers``;
+* ``tts_roe_roster_clean: false``: every sample keeps the request's tau (all
+  noisy);
+* ``tts_roe_roster_taus``: K floats in [0, 100], sample ``i`` gets
+  ``tts_roe_tau: taus[i]`` (one tau for every MoE layer); it overrides the
+  clean default and the request's ``tts_roe_tau``, and cannot be combined with
+  ``tts_roe_tau_layers``.
+
+Both keys are for a request's own samples only: a roster of separate requests
+(``tts_roe_roster`` named) sets each member's tau on the member, so admission
+refuses them there. The clean member routes exactly like a plain request, so
+its KV carries no RoE cache salt and may share prefixes with plain requests;
+each noisy member's KV is salted by its own tau and seed.
+
+KV cache: the paper names its KV strategy "Clean Cache". Its full text was not
+available to us; its abstract (arXiv 2509.17238) says only "we introduce an
+efficient batching strategy and a specialized KV-caching mechanism that
+minimizes compute and memory overhead", and a third-party summary
+(sciencestack.ai/paper/2509.17238) calls it "a Clean Cache KV strategy to
+manage compute and memory". The name suggests one KV cache computed with the
+clean routing (tau = 0), which the K noisy proposals of each token would
+attend to, so that only the current token is computed K times. That is a
+reading; we found no source that specifies it. We do **not** do that: each
+member keeps its own KV, computed under its own routing at every position
+(as if the K members were K full models), so a roster holds K caches, and a
+noisy member attends to its own noisy keys and values. The results of the two
+schemes differ, so ours is not claimed to reproduce the paper's numbers; the
+engine tests compare the roster with a reference that recomputes every
+member's whole sequence under its own routing.
+
 Each step, for each roster, the members whose output has reached the
 roster's frontier (normally all K) contribute ``softmax(z_k / T_k)`` (``T``
 the member's temperature; 1 for greedy members) and the roster's
@@ -59,7 +96,7 @@ import numpy as np
 import torch
 
 from tts_plugins.noise import gumbel
-from tts_plugins.params import get_int, get_text, show
+from tts_plugins.params import get_bool, get_int, get_number_list, get_text, show
 from tts_plugins.services import SampleEdit
 from tts_plugins.slots import SlotAllocator
 from tts_plugins.technique import GREEDY_TEMPERATURE, EngineInfo, LogitsTechnique, ModelPatch, SlotRequest
@@ -69,10 +106,12 @@ log = logging.getLogger("tts_plugins")
 GATE_SEP = "\x1e"  # the schedulers' gate appends SEP + a formation number to a roster's name
 _DRAW_STREAM = 1 << 20  # the noise stream of roster draws (router noise uses the layer numbers)
 
-ROSTER_KEYS = frozenset({"tts_roe_roster", "tts_roe_roster_size"})
+ROSTER_KEYS = frozenset({"tts_roe_roster", "tts_roe_roster_size", "tts_roe_roster_clean", "tts_roe_roster_taus"})
 ROSTER_MAX_SIZE = 64
 ROSTER_MAX_NAME = 200
+ROSTER_MAX_TAU = 100.0  # RoE's bound on a tau (tts_roe_tau)
 ROSTER_CHILD_PREFIX = "n:"  # names the engines' front ends give the samples of one request (n = K)
+ROE_PATCH = "roe"  # the name RoE's model patch parses a request's tts_roe_tau / tts_roe_tau_layers under
 
 
 @dataclass(frozen=True)
@@ -81,25 +120,44 @@ class RosterParams:
 
     ``tts_roe_roster``: the roster's name (any string the members share; omit it with ``n = size`` and the
     request's samples form the roster). ``tts_roe_roster_size``: K in [2, 64], required.
+
+    For a request's own samples only (refused with ``tts_roe_roster``, where each request sets its own tau):
+    ``tts_roe_roster_clean`` (bool, default true): sample 0 routes clean (tau 0) and the others keep the request's
+    ``tts_roe_tau`` / ``tts_roe_tau_layers``; false: every sample keeps them. ``tts_roe_roster_taus``: K floats in
+    [0, 100], sample ``i`` routes with tau ``taus[i]`` in every MoE layer; it overrides both the clean default and
+    ``tts_roe_tau`` (and is refused with ``tts_roe_tau_layers``). ``clean`` is None when the request did not send
+    ``tts_roe_roster_clean`` (then true).
     """
 
     name: str | None
     size: int
+    clean: bool | None = None
+    taus: tuple[float, ...] | None = None
 
     @classmethod
     def parse(cls, flat: Mapping[str, Any]) -> RosterParams | None:
-        if "tts_roe_roster" not in flat and "tts_roe_roster_size" not in flat:
+        given = sorted(k for k in flat if k in ROSTER_KEYS)
+        if not given:
             return None
         if "tts_roe_roster_size" not in flat:
-            raise ValueError(f"tts_roe_roster={show(flat['tts_roe_roster'])} needs tts_roe_roster_size "
+            key = "tts_roe_roster" if "tts_roe_roster" in flat else given[0]
+            raise ValueError(f"{key}={show(flat[key])} needs tts_roe_roster_size "
                              f"(the number of members, 2 to {ROSTER_MAX_SIZE})")
-        size = get_int(flat, "tts_roe_roster_size", minimum=2, maximum=ROSTER_MAX_SIZE)
+        size = int(get_int(flat, "tts_roe_roster_size", minimum=2, maximum=ROSTER_MAX_SIZE))
         name = None
         if "tts_roe_roster" in flat:
             name = get_text(flat, "tts_roe_roster", "", allow_empty=False)
             if len(name) > ROSTER_MAX_NAME:
                 raise ValueError(f"tts_roe_roster must be at most {ROSTER_MAX_NAME} characters, got {len(name)} characters")
-        return cls(name, int(size))
+        clean = get_bool(flat, "tts_roe_roster_clean") if "tts_roe_roster_clean" in flat else None
+        taus = None
+        if "tts_roe_roster_taus" in flat:
+            taus = get_number_list(flat, "tts_roe_roster_taus", "taus", max_items=ROSTER_MAX_SIZE, maximum=ROSTER_MAX_TAU,
+                                   note=" (one per member)")
+            if len(taus) != size:
+                raise ValueError(f"tts_roe_roster_taus must hold one tau per member, {size} for tts_roe_roster_size={size}, "
+                                 f"got {len(taus)} in {show(flat['tts_roe_roster_taus'])}")
+        return cls(name, size, clean, taus)
 
     def check_request(self, request: Any) -> None:
         """Admission checks against the engine's sampling parameters (vLLM's or SGLang's)."""
@@ -107,6 +165,14 @@ class RosterParams:
         if self.name is None and n != self.size:
             raise ValueError(f"tts_roe_roster_size={self.size} without tts_roe_roster makes the request's own samples the roster, "
                              f"so n must be {self.size}, got n={n}")
+        if self.name is not None and (self.taus is not None or self.clean is not None):
+            key, value = ("tts_roe_roster_taus", list(self.taus)) if self.taus is not None else ("tts_roe_roster_clean", self.clean)
+            raise ValueError(f"{key}={show(value)} applies to the samples of one request (n = tts_roe_roster_size, without "
+                             f"tts_roe_roster); in a roster of separate requests (tts_roe_roster={show(self.name)}) each request "
+                             f"sets its own tts_roe_tau")
+        if self.taus is not None and "tts_roe_tau_layers" in _flat_of(request):
+            raise ValueError(f"tts_roe_roster_taus={show(list(self.taus))} gives each member one tau for every MoE layer; it "
+                             f"cannot be combined with tts_roe_tau_layers (send one of them)")
         temperature = getattr(request, "temperature", None)
         if temperature is not None and temperature >= GREEDY_TEMPERATURE and getattr(request, "top_k", None) != 1:
             top_p = getattr(request, "top_p", 1.0)
@@ -116,6 +182,27 @@ class RosterParams:
                 raise ValueError(f"tts_roe_roster_size={self.size}: a roster samples from the mean of its members' distributions at the "
                                  f"request temperature; top_p, top_k and min_p are not applied to that draw, so send them unset "
                                  f"(got top_p={top_p!r}, top_k={top_k!r}, min_p={min_p!r})")
+
+    def member_tau(self, index: int, roe: Any) -> dict[str, Any]:
+        """The RoE key of sample ``index`` of a request whose samples form this roster ({}: the request's own).
+
+        ``roe``: the request's parsed RoE parameters (``tau``, ``layers``), or None when it routes plainly.
+        """
+        if self.taus is not None:
+            return {"tts_roe_tau": self.taus[index]} if index < len(self.taus) else {}
+        if index != 0 or self.clean is False or roe is None:
+            return {}
+        layers = getattr(roe, "layers", None)
+        return {"tts_roe_tau_layers": [0.0] * len(layers)} if layers is not None else {"tts_roe_tau": 0.0}
+
+
+def _flat_of(request: Any) -> Mapping[str, Any]:
+    """The flat ``tts_*`` arguments of an engine's sampling parameters (vLLM ``extra_args``, SGLang ``custom_params``)."""
+    for attr in ("extra_args", "custom_params"):
+        flat = getattr(request, attr, None)
+        if isinstance(flat, Mapping):
+            return flat
+    return {}
 
 
 def base_name(name: str) -> str:
@@ -377,9 +464,11 @@ class RosterPatchBase(ModelPatch):
     name = "roe_roster_gate"
 
     def sample_edit(self, parsed: Mapping[str, Any], index: int, parent_id: str | None) -> SampleEdit | None:
-        """Sample ``index`` of a request whose samples form a roster: the roster is named after the request, and
-        the sample gets its own seed (``seed + index``) so that the members' routing noise differs."""
+        """Sample ``index`` of a request whose samples form a roster: the roster is named after the request, the
+        sample gets its own seed (``seed + index``) so that the members' routing noise differs, and its own tau
+        (:meth:`RosterParams.member_tau`: sample 0 clean by default, or ``tts_roe_roster_taus[index]``)."""
         params = parsed.get(RoERoster.name)
         if params is None or params.name is not None or parent_id is None:
             return None
-        return SampleEdit(extra={"tts_roe_roster": ROSTER_CHILD_PREFIX + parent_id}, own_seed=True)
+        extra = {"tts_roe_roster": ROSTER_CHILD_PREFIX + parent_id, **params.member_tau(index, parsed.get(ROE_PATCH))}
+        return SampleEdit(extra=extra, own_seed=True)

@@ -11,10 +11,13 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from tts_plugins import services
 from tts_plugins.adapters.sglang import SampleCounter, sglang_child
 from tts_plugins.adapters.vllm_plugin import child_params as vllm_child_params
 from tts_plugins.batch import SlotState
-from tts_plugins.logits_processors.roster import GATE_SEP, RoERoster, RosterGate, RosterParams, roster_of
+from tts_plugins.logits_processors.roe import ROE_MAX_TAU, RoEPatchBase
+from tts_plugins.logits_processors.roster import GATE_SEP, ROE_PATCH, ROSTER_MAX_TAU, RoERoster, RosterGate, RosterParams, roster_of
+from tts_plugins.manager import default_registry
 from tts_plugins.technique import EngineInfo, SlotRequest
 from tts_plugins.testing.conformance import registry_for
 
@@ -197,3 +200,100 @@ def test_without_the_host_row_map_rosters_run_plain_and_nothing_syncs():
     z = torch.randn(2, V)
     out = s.techniques[0].apply(z.clone(), torch.arange(2), None)
     assert torch.equal(out, z)
+
+
+# --- per-member tau in a request's own roster (n = K) ---
+
+
+def test_member_tau_keys_parse_and_bad_values_are_refused_with_the_key_and_value():
+    assert RosterParams.parse({"tts_roe_roster_size": 3, "tts_roe_roster_clean": False}) == RosterParams(None, 3, False)
+    assert RosterParams.parse({"tts_roe_roster_size": 3, "tts_roe_roster_clean": "true"}) == RosterParams(None, 3, True)
+    assert RosterParams.parse({"tts_roe_roster_size": 2, "tts_roe_roster_taus": [0, 2.5]}) == RosterParams(None, 2, None, (0.0, 2.5))
+    assert RosterParams.parse({"tts_roe_roster_size": 2}).clean is None, "not sent: the default (a clean member 0)"
+    for flat, fragment in [
+        ({"tts_roe_roster_clean": True}, "tts_roe_roster_clean=True needs tts_roe_roster_size"),
+        ({"tts_roe_roster_taus": [0, 1]}, r"tts_roe_roster_taus=\[0, 1\] needs tts_roe_roster_size"),
+        ({"tts_roe_roster_size": 2, "tts_roe_roster_clean": "yes"}, r"tts_roe_roster_clean must be a bool \(true/false\), got 'yes'"),
+        ({"tts_roe_roster_size": 2, "tts_roe_roster_clean": 2}, "tts_roe_roster_clean must be a bool"),
+        ({"tts_roe_roster_size": 3, "tts_roe_roster_taus": [0, 1]},
+         r"tts_roe_roster_taus must hold one tau per member, 3 for tts_roe_roster_size=3, got 2 in \[0, 1\]"),
+        ({"tts_roe_roster_size": 2, "tts_roe_roster_taus": [0, 101]}, r"tts_roe_roster_taus must hold taus in \[0, 100\], got 101"),
+        ({"tts_roe_roster_size": 2, "tts_roe_roster_taus": [0, -1]}, r"tts_roe_roster_taus must hold taus in \[0, 100\], got -1"),
+        ({"tts_roe_roster_size": 2, "tts_roe_roster_taus": [0, float("nan")]}, "tts_roe_roster_taus must hold taus"),
+        ({"tts_roe_roster_size": 2, "tts_roe_roster_taus": [0, True]}, "tts_roe_roster_taus must hold taus"),
+        ({"tts_roe_roster_size": 2, "tts_roe_roster_taus": 1.0}, r"tts_roe_roster_taus must be a list of 1 to 64 taus \(one per member\), got 1.0"),
+        ({"tts_roe_roster_size": 2, "tts_roe_roster_taus": []}, "tts_roe_roster_taus must be a list of 1 to 64 taus"),
+    ]:
+        with pytest.raises(ValueError, match=fragment):
+            RosterParams.parse(flat)
+    # the keys are the roster technique's: the registry's unknown-key check accepts them
+    reg = registry_for(RoERoster)
+    assert reg.parse({"tts_roe_roster_size": 2, "tts_roe_roster_clean": False, "tts_roe_roster_taus": [0, 1]})["roe_roster"].taus == (0.0, 1.0)
+    assert ROSTER_MAX_TAU == ROE_MAX_TAU and ROE_PATCH == RoEPatchBase.name
+
+
+def test_member_tau_keys_are_refused_for_a_roster_of_separate_requests_and_taus_with_per_layer_taus():
+    plain = types.SimpleNamespace(n=1, temperature=0.0, top_p=1.0, top_k=0, min_p=0.0)
+    with pytest.raises(ValueError, match=r"tts_roe_roster_taus=\[0.0, 1.0\] applies to the samples of one request .* "
+                                         r"\(tts_roe_roster='a'\) each request sets its own tts_roe_tau"):
+        RosterParams.parse({"tts_roe_roster": "a", "tts_roe_roster_size": 2, "tts_roe_roster_taus": [0, 1]}).check_request(plain)
+    with pytest.raises(ValueError, match="tts_roe_roster_clean=False applies to the samples of one request"):
+        RosterParams.parse({"tts_roe_roster": "a", "tts_roe_roster_size": 2, "tts_roe_roster_clean": False}).check_request(plain)
+    own = RosterParams.parse({"tts_roe_roster_size": 2, "tts_roe_roster_taus": [0, 1]})
+    for attr in ("extra_args", "custom_params"):  # vLLM's and SGLang's sampling parameters
+        req = types.SimpleNamespace(n=2, temperature=0.7, top_p=1.0, top_k=0, min_p=0.0, **{attr: {"tts_roe_tau_layers": [1.0, 2.0]}})
+        with pytest.raises(ValueError, match="cannot be combined with tts_roe_tau_layers"):
+            own.check_request(req)
+        own.check_request(types.SimpleNamespace(n=2, temperature=0.7, top_p=1.0, top_k=0, min_p=0.0, **{attr: {"tts_roe_tau": 1.0}}))
+    # a member carries the parent's keys and its roster's name; the engine parses it again (no request check there)
+    assert roster_of({"tts_roe_roster": "n:p", "tts_roe_roster_size": 2, "tts_roe_roster_taus": [0, 1], "tts_roe_roster_clean": True}) == ("n:p", 2)
+
+
+def _vllm_members(extra: dict, n: int, seed: int | None = 40) -> list:
+    params = types.SimpleNamespace(extra_args=extra, seed=seed)
+    kids = []
+    for i in range(n):
+        kid = vllm_child_params(params, i, "req-7")
+        kids.append(types.SimpleNamespace(extra_args=kid.extra_args, seed=None if seed is None else seed + i))  # vLLM: seed + i
+    return kids
+
+
+def test_a_requests_roster_has_a_clean_member_0_by_default_whose_kv_is_not_salted():
+    reg = default_registry()
+    kids = _vllm_members({"tts_roe_roster_size": 3, "tts_roe_tau": 2.0}, 3)
+    assert [k.extra_args["tts_roe_tau"] for k in kids] == [0.0, 2.0, 2.0]
+    assert {k.extra_args["tts_roe_roster"] for k in kids} == {"n:req-7"}
+    salts = [services.cache_salt(reg, "vllm", k.extra_args, f"r{i}", k.seed) for i, k in enumerate(kids)]
+    assert salts[0] is None, "the clean member routes like a plain request: its KV may be shared"
+    assert salts[1:] == ["tts_plugins:roe:tau=2.0:seed=41", "tts_plugins:roe:tau=2.0:seed=42"]
+    # per-layer taus: the clean member gets zeros for every layer (not a conflicting tts_roe_tau)
+    kids = _vllm_members({"tts_roe_roster_size": 2, "tts_roe_tau_layers": [0.5, 1.0, 0.0]}, 2)
+    assert kids[0].extra_args["tts_roe_tau_layers"] == [0.0, 0.0, 0.0] and "tts_roe_tau" not in kids[0].extra_args
+    assert kids[1].extra_args["tts_roe_tau_layers"] == [0.5, 1.0, 0.0]
+    assert services.cache_salt(reg, "vllm", kids[0].extra_args, "r0", 40) is None
+    assert services.cache_salt(reg, "vllm", kids[1].extra_args, "r1", 41) == "tts_plugins:roe:taus=0.5,1.0,0.0:seed=41"
+    # no tau at all: nothing to make clean, nothing added
+    assert [k.extra_args.get("tts_roe_tau") for k in _vllm_members({"tts_roe_roster_size": 2}, 2)] == [None, None]
+
+
+def test_roster_clean_false_keeps_every_member_noisy_and_roster_taus_give_each_member_its_own():
+    reg = default_registry()
+    kids = _vllm_members({"tts_roe_roster_size": 3, "tts_roe_tau": 2.0, "tts_roe_roster_clean": False}, 3)
+    assert [k.extra_args["tts_roe_tau"] for k in kids] == [2.0, 2.0, 2.0]
+    assert all(services.cache_salt(reg, "vllm", k.extra_args, "r", k.seed) for k in kids), "every member is noisy: all salted"
+    kids = _vllm_members({"tts_roe_roster_size": 3, "tts_roe_tau": 2.0, "tts_roe_roster_taus": [1.5, 0, 3]}, 3)
+    assert [k.extra_args["tts_roe_tau"] for k in kids] == [1.5, 0.0, 3.0], "the list overrides the clean default and tts_roe_tau"
+    assert [services.cache_salt(reg, "vllm", k.extra_args, "r", k.seed) for k in kids] == [
+        "tts_plugins:roe:tau=1.5:seed=40", None, "tts_plugins:roe:tau=3.0:seed=42"]
+    kids = _vllm_members({"tts_roe_roster_size": 2, "tts_roe_roster_taus": [0, 1], "tts_roe_roster_clean": False}, 2)
+    assert [k.extra_args["tts_roe_tau"] for k in kids] == [0.0, 1.0], "the list wins over tts_roe_roster_clean too"
+    # SGLang's front end: the same edits, and each sample's own seed (which salts its KV)
+    shared = types.SimpleNamespace(custom_params={"tts_roe_roster_size": 3, "tts_roe_tau": 2.0}, sampling_seed=5, max_new_tokens=8, n=3)
+    kids = [types.SimpleNamespace(sampling_params=shared) for _ in range(3)]
+    counter = SampleCounter()
+    for kid in kids:
+        sglang_child(kid, counter)
+    assert [k.sampling_params.custom_params["tts_roe_tau"] for k in kids] == [0.0, 2.0, 2.0]
+    assert [services.cache_salt(reg, "sglang", k.sampling_params.custom_params, "r", k.sampling_params.sampling_seed) for k in kids] == [
+        None, "tts_plugins:roe:tau=2.0:seed=6", "tts_plugins:roe:tau=2.0:seed=7"]
+    assert shared.custom_params == {"tts_roe_roster_size": 3, "tts_roe_tau": 2.0}, "the parent's (shared) params are not edited"

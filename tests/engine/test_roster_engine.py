@@ -1,6 +1,7 @@
 """RoE rosters in the real engines on the tiny Qwen3-MoE: K members decode one sequence equal to a transformers
 loop that averages the K routed distributions per step; a request's n samples form a roster; an incomplete
-roster waits without holding anything else back, and its aborted members leave no state."""
+roster waits without holding anything else back, and its aborted members leave no state; a request's roster has a
+clean member 0 by default, or one tau per member."""
 
 from __future__ import annotations
 
@@ -60,9 +61,26 @@ def test_a_requests_samples_form_a_sampling_roster_reproducible_from_its_seed(en
     again = eng.generate([p], params, max_tokens=10, n=3, seed=40)
     assert len(first) == 3 and first[0].token_ids == first[1].token_ids == first[2].token_ids, [o.token_ids for o in first]
     assert [o.token_ids for o in again] == [o.token_ids for o in first]
-    # both engines give sample i the seed 40 + i (its routing noise); the roster's draw is keyed by the smallest
-    want = hf_roster(model, p, 10, [(2.0, 40), (2.0, 41), (2.0, 42)], temperature=0.9, key=40, eos=tok.eos_token_id)
+    # both engines give sample i the seed 40 + i (its routing noise); the roster's draw is keyed by the smallest;
+    # sample 0 is the roster's clean member (tau 0) by default
+    want = hf_roster(model, p, 10, [(0.0, 40), (2.0, 41), (2.0, 42)], temperature=0.9, key=40, eos=tok.eos_token_id)
     assert first[0].token_ids == want, (first[0].token_ids, want)
+
+
+def test_a_requests_roster_has_a_clean_member_0_unless_told_otherwise_and_takes_per_member_taus(engines):
+    eng = engines.offline("moe")
+    model, tok = engines.tiny_model("moe"), eng.tokenizer
+    p, eos = prompt(tok, 2), tok.eos_token_id
+    base = {"tts_roe_roster_size": 3, "tts_roe_tau": 5.0, "_temperature": 0.9}
+    cases = [({}, [(0.0, 40), (5.0, 41), (5.0, 42)]),  # the default: sample 0 clean, the others at the request's tau
+             ({"tts_roe_roster_clean": False}, [(5.0, 40), (5.0, 41), (5.0, 42)]),  # every member noisy
+             ({"tts_roe_roster_taus": [1.0, 0.0, 5.0]}, [(1.0, 40), (0.0, 41), (5.0, 42)])]  # one tau per member
+    wants = [hf_roster(model, p, 10, members, temperature=0.9, key=40, eos=eos) for _, members in cases]
+    assert len({tuple(w) for w in wants}) == 3, "the three settings must give three sequences, or this test could not fail"
+    for (extra, members), want in zip(cases, wants):
+        outs = eng.generate([p], [{**base, **extra}], max_tokens=10, n=3, seed=40)
+        assert len(outs) == 3 and outs[0].token_ids == outs[1].token_ids == outs[2].token_ids, (extra, [o.token_ids for o in outs])
+        assert outs[0].token_ids == want, (extra, members, outs[0].token_ids, want)
 
 
 def _debug_counts(prefix: str) -> dict[str, int]:
@@ -123,7 +141,9 @@ def test_bad_roster_parameters_are_refused(engines):
     cases = [({"tts_roe_roster": "a"}, {}, "needs tts_roe_roster_size"),
              ({"tts_roe_roster": "a", "tts_roe_roster_size": 1}, {}, "tts_roe_roster_size must be"),
              ({"tts_roe_roster_size": 3}, {"n": 2, "temperature": 1.0}, "n must be 3"),
-             ({"tts_roe_roster": "a", "tts_roe_roster_size": 2}, {"temperature": 1.0, "top_p": 0.5}, "top_p")]
+             ({"tts_roe_roster": "a", "tts_roe_roster_size": 2}, {"temperature": 1.0, "top_p": 0.5}, "top_p"),
+             ({"tts_roe_roster_size": 2, "tts_roe_roster_taus": [0.0]}, {"n": 2, "temperature": 1.0}, "one tau per member"),
+             ({"tts_roe_roster": "a", "tts_roe_roster_size": 2, "tts_roe_roster_clean": False}, {}, "applies to the samples of one request")]
     for extra, sampling, fragment in cases:
         body = {"model": srv.model, "prompt": "hi", "max_tokens": 2, field: extra, **sampling}
         r = requests.post(srv.base + "/v1/completions", json=body, timeout=60)
