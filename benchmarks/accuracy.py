@@ -1,23 +1,20 @@
-"""Accuracy against decode tokens for every technique, on the trained tiny reasoning models, in the real vLLM engine.
+"""The proving ground: every technique measured with ``tts bench`` on the trained tiny reasoners, with the premise
+it relies on measured on the same model and printed beside its effect.
 
-Held-out multi-step arithmetic (:mod:`tts_plugins.models.arith`, the default difficulty),
-the trained models (:mod:`tts_plugins.models.trained`; built on first use), one vLLM
-OpenAI server per model, and every request sent through the project's client
-(:class:`tts_plugins.client.Server`, :func:`tts_plugins.client.strategies.run_problem`).
-Per method: accuracy with a 95% bootstrap interval over problems, decode tokens
-per problem (every sample's tokens, stopped ones included), samples per problem.
+1. Builds the trained models (:mod:`tts_plugins.models.trained`, the full recipe; cached) and writes the held-out
+   mixed-difficulty problems (:func:`tts_plugins.models.arith.held_out`, 2 to 12 steps) as ``data.jsonl``.
+2. Per model, starts a vLLM OpenAI server (as a user would) and measures the premises on the model's own samples
+   (``premises.json``): within a question, are shorter chains more often right (short-m@k); how often is a slip
+   corrected after "Wait" and does a check after the answer change it to the right one (s1's minimum); how often
+   is the answer reached before the end and re-verified (TrimR); per-difficulty accuracy and token entropy
+   (voting, the ladder, MoI, RoE); does the step checker rank right samples above wrong ones (CarBoN with a
+   process reward).
+3. Runs ``tts bench`` (:mod:`tts_plugins.client.bench`) with every method at its paper's defaults, paired against
+   greedy (single-sample methods) or majority@8 (votes), with equal-budget majority baselines.
+4. Writes ``report.md``: the bench table with each row's premise beside it.
 
-Dense model (``reasoning``): greedy; one sample at T=1; majority@k; the
-inverse-entropy vote@k; Best-of-N by confidence; the temperature ladder with the
-two-stage multi-temperature vote; CarBoN; short-1@k and short-3@k (in-engine group
-stop); the think cap and minimum (s1 "Wait") sweeps, greedy; NoThinking; thought
-trimming; Mixture of Inputs (one sample and majority@k). MoE model
-(``reasoning-moe``): greedy, one sample, majority@K, routing noise alone, a greedy
-roster of K (one clean member, K-1 noisy) and a sampling roster (``n = K``).
-
-Writes JSON (``--json``) and a Pareto chart of accuracy against tokens (``--png``).
-
-    .venv/vllm/bin/python benchmarks/accuracy.py --json acc.json --png acc.png
+    .venv/vllm/bin/python benchmarks/accuracy.py --out bench-results/testbed            # ~1 hour on 2 CPU cores
+    .venv/vllm/bin/python benchmarks/accuracy.py --quick --models test --out /tmp/smoke # plumbing only
 """
 
 from __future__ import annotations
@@ -25,214 +22,173 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
+import math
 import os
-import random
 import sys
 import tempfile
 import time
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path[:0] = [str(ROOT / "tests"), str(ROOT / "tests" / "engine")]
 
-
-@dataclass
-class Method:
-    name: str
-    family: str
-    model: str = "reasoning"
-    options: dict[str, Any] = field(default_factory=dict)  # tts_plugins.client.strategies.Options fields
-    per_problem: Any = None  # pid -> extra tts_* params (group and roster names)
-    roster: tuple[float, ...] | None = None  # greedy roster: one request per member, these taus
+PRM = "tts_plugins.models.arith:step_reward"
 
 
-def methods(k: int, roster_k: int) -> list[Method]:
-    greedy = {"n": 1, "temperature": 0.0}
-    one = {"n": 1, "temperature": 1.0}
-    vote = {"n": k, "temperature": 1.0}
-    out = [
-        Method("greedy", "baseline", options=greedy),
-        Method("1 sample T=1", "baseline", options=one),
-        Method(f"majority@{k}", "vote", options=vote),
-        Method(f"inverse-entropy@{k}", "vote", options={**vote, "vote": "inverse_entropy"}),
-        Method(f"best-of-{k} (confidence)", "vote", options={**vote, "strategy": "best-of-n"}),
-        Method("ladder 0..1.2 (13 rungs)", "temperature", options={"strategy": "ladder", "waves": 2, "ahead": 1}),
-        Method(f"CarBoN n={k}", "carbon", options={**vote, "strategy": "carbon"}),
+def dense_methods(k: int) -> list[str]:
+    vote = f"majority@{k}"
+    return [
+        "greedy",
+        "sample",
+        f"majority:n={k}",
+        f"short-m:m=1,k={k},vs={vote}",
+        f"short-m:m=3,k={k},vs={vote}",
+        f"best-of-n:n={k},vs={vote}",
+        f"best-of-n:n={k},reward={PRM},label=best-of-{k} (step checker),vs={vote}",
+        f"carbon:n={k},vs={vote}",
+        f"carbon:n={k},reward={PRM},label=carbon@{k} (step checker),vs={vote}",
+        f"ladder:1,vs={vote}",
+        "think-max:24",
+        "think-max:48",
+        "think-max:96",
+        "think-min:128",
+        "think-min:192",
+        "no-think",
+        "trim:2",
+        "sample:temperature=0.6,top_p=0.8,label=sample (T=0.6, top_p=0.8)",
+        "moi:label=moi,vs=sample (T=0.6, top_p=0.8)",
+        f"majority:n={k},temperature=0.6,top_p=0.8,label=majority@{k} (T=0.6, top_p=0.8),vs={vote}",
+        f"moi:n={k},label=moi@{k},vs=majority@{k} (T=0.6, top_p=0.8)",
     ]
-    for m in (1, 3):
-        out.append(Method(f"short-{m}@{k}", "group stop", options={**vote, "vote": "short_m", "m": m},
-                          per_problem=lambda pid, m=m: {"tts_group": f"short{m}-{pid}", "tts_group_stop_after": m}))
-    for cap in (16, 32, 48, 64):
-        out.append(Method(f"cap {cap}", "think cap", options={**greedy, "params": {"tts_think_max": cap}}))
-    for low in (96, 128):
-        out.append(Method(f"min {low} (Wait)", "think min", options={**greedy, "params": {"tts_think_min": low}}))
-    out += [
-        Method("NoThinking", "think cap", options={**greedy, "params": {"tts_no_think": True}}),
-        Method("trim: 5 thoughts", "trim", options={**greedy, "params": {"tts_trim": True, "tts_trim_markers": ["\n"], "tts_trim_max_thoughts": 5,
-                                                                          "tts_trim_min_tokens": 0}}),
-        Method("MoI 1 sample", "MoI", options={**one, "params": {"tts_moi_beta": 1.0}}),
-        Method(f"MoI majority@{k}", "MoI", options={**vote, "params": {"tts_moi_beta": 1.0}}),
-    ]
-    rk = {"n": roster_k, "temperature": 1.0}
-    out += [
-        Method("MoE greedy", "baseline", "reasoning-moe", options=greedy),
-        Method("MoE 1 sample T=1", "baseline", "reasoning-moe", options=one),
-        Method(f"MoE majority@{roster_k}", "vote", "reasoning-moe", options=rk),
-        Method("MoE RoE tau=1, 1 sample", "RoE", "reasoning-moe", options={**one, "params": {"tts_roe_tau": 1.0}}),
-        Method(f"MoE greedy roster of {roster_k}", "RoE", "reasoning-moe", roster=(0.0,) + (1.0,) * (roster_k - 1)),
-        Method(f"MoE sampling roster of {roster_k}", "RoE", "reasoning-moe",
-               options={**rk, "params": {"tts_roe_roster_size": roster_k, "tts_roe_tau": 1.0}}),
-    ]
+
+
+def moe_methods(k: int, taus: tuple[float, ...]) -> list[str]:
+    out = ["greedy", f"majority:n={k}"]
+    out += [f"roe:{t}" for t in taus]
+    out += [f"roster:k={k},tau={t},vs=greedy" for t in taus]
     return out
 
 
-def testbed_checks(results: list[dict]) -> dict[str, dict]:
-    """What the trained model must be for the other rows to mean something (the engine tests use a briefly trained
-    model and check only what the engines do): it answers most problems greedily, its single samples at T=1 are right
-    often but not always (so votes have room), and cutting its thinking to 16 tokens costs accuracy."""
-    acc = {(r["model"], r["method"]): r["accuracy"] for r in results}
-    out = {}
-    if ("reasoning", "greedy") in acc:
-        out["greedy accuracy"] = {"figure": acc["reasoning", "greedy"], "wanted": ">= 0.6", "met": acc["reasoning", "greedy"] >= 0.6}
-    if ("reasoning", "1 sample T=1") in acc:
-        a = acc["reasoning", "1 sample T=1"]
-        out["single-sample accuracy at T=1"] = {"figure": a, "wanted": "0.25 to 0.85", "met": 0.25 <= a <= 0.85}
-    if ("reasoning", "cap 16") in acc and ("reasoning", "greedy") in acc:
-        cost = acc["reasoning", "greedy"] - acc["reasoning", "cap 16"]
-        out["accuracy the 16-token cap costs"] = {"figure": cost, "wanted": "> 0.2", "met": cost > 0.2}
-    return out
-
-
-def bootstrap(correct: list[bool], resamples: int = 2000, seed: int = 0) -> tuple[float, float]:
-    """95% percentile interval of the mean over problems."""
-    rng, n = random.Random(seed), len(correct)
-    means = sorted(sum(correct[rng.randrange(n)] for _ in range(n)) / n for _ in range(resamples))
-    return means[int(0.025 * resamples)], means[int(0.975 * resamples) - 1]
-
-
-async def run_method(server, method: Method, problems: list[dict], seed: int, max_tokens: int) -> list[dict]:
-    from tts_plugins.client import aggregate
-    from tts_plugins.client.strategies import Options, run_problem
-
-    async def one(p: dict) -> dict:
-        if method.roster is not None:
-            k = len(method.roster)
-            members = await asyncio.gather(*(
-                server.sample(p["prompt"], n=1, temperature=0.0, max_tokens=max_tokens, seed=seed * 100 + i,
-                              params={"tts_roe_roster": f"r-{p['id']}", "tts_roe_roster_size": k, "tts_roe_tau": tau})
-                for i, tau in enumerate(method.roster)))
-            samples = [s for m in members for s in m]
-            answer = samples[0].answer
-            return {"correct": answer is not None and aggregate.same_answer(answer, p["answer"]), "tokens": sum(s.tokens for s in samples),
-                    "n_samples": k, "identical": len({tuple(s.token_ids or ()) for s in samples}) == 1}
-        opts = dict(method.options)
-        params = {**opts.pop("params", {}), **(method.per_problem(p["id"]) if method.per_problem else {})}
-        o = Options(max_tokens=max_tokens, seed=seed, max_n=64, params=params, **opts)
-        o.check()
-        r = await run_problem(server, p, o)
-        return {"correct": bool(r.get("correct")), "tokens": r["tokens"], "n_samples": r["n_samples"]}
-
-    return await asyncio.gather(*(one(p) for p in problems))
-
-
-async def run_model(base: str, todo: list[Method], problems: list[dict], seed: int, max_tokens: int, concurrency: int) -> list[dict]:
-    from tts_plugins.client import Server
+async def measure_premises(base: str, problems: list[dict], k: int, seed: int, max_tokens: int, concurrency: int) -> dict[str, Any]:
+    """The premises, on the model's own samples: k samples per problem at T=0.7 with their top-5 log-probs."""
+    from tts_plugins.client import Server, aggregate
+    from tts_plugins.client.stats import point_biserial
     from tts_plugins.models import arith
 
-    out = []
-    async with Server(base, engine="vllm", concurrency=concurrency, answer=arith.extract_answer) as server:
-        for m in todo:
-            t0 = time.perf_counter()
-            rows = await run_method(server, m, problems, seed, max_tokens)
-            correct = [r["correct"] for r in rows]
-            lo, hi = bootstrap(correct, seed=seed)
-            rec = {"method": m.name, "family": m.family, "model": m.model, "problems": len(rows), "accuracy": sum(correct) / len(rows),
-                   "ci95": [lo, hi], "tokens_per_problem": sum(r["tokens"] for r in rows) / len(rows),
-                   "samples_per_problem": sum(r["n_samples"] for r in rows) / len(rows), "seconds": round(time.perf_counter() - t0, 1)}
-            if m.roster is not None:
-                rec["members_identical"] = all(r["identical"] for r in rows)
-            out.append(rec)
-            print(f"  {m.name:<30} acc {rec['accuracy']:.3f} [{lo:.3f}, {hi:.3f}]  tokens/problem {rec['tokens_per_problem']:8.1f}  "
-                  f"({rec['seconds']:.1f}s)", flush=True)
+    rows, entropy, prm_right, prm_wrong = [], {}, [], []
+    async with Server(base, concurrency=concurrency, answer=arith.extract_answer) as server:
+        async def one(i: int, p: dict) -> None:
+            samples = await server.sample(p["prompt"], n=k, temperature=0.7, max_tokens=max_tokens, logprobs=5, seed=seed * 7919 + i)
+            for s in samples:
+                text = (s.reasoning + "</think>" + s.text) if s.reasoning else s.text
+                rows.append({"id": p["id"], "question": p["prompt"], "answer": p["answer"], "text": text, "tokens": s.tokens,
+                             "difficulty": p["difficulty"]})
+                entropy.setdefault(p["difficulty"], []).append(aggregate.chain_entropy(s.top or []))
+                (prm_right if s.answer == p["answer"] else prm_wrong).append(arith.step_reward(p["prompt"], text))
+
+        await asyncio.gather(*(one(i, p) for i, p in enumerate(problems)))
+    out = arith.premises(rows)
+    by_d = {}
+    for d in sorted({r["difficulty"] for r in rows}):
+        sub = [r for r in rows if r["difficulty"] == d]
+        acc = sum(arith.extract_answer(r["text"]) == r["answer"] for r in sub) / len(sub)
+        by_d[d] = {"sample_accuracy_T0.7": acc, "mean_token_entropy": sum(entropy[d]) / len(entropy[d]),
+                   "tokens_per_sample": sum(r["tokens"] for r in sub) / len(sub)}
+    out["by_difficulty"] = by_d
+    # the step checker as a process reward: does it rank a right sample above a wrong one? (AUC over pairs)
+    if prm_right and prm_wrong:
+        wins = sum((a > b) + 0.5 * (a == b) for a in prm_right for b in prm_wrong)
+        out["step_checker_auc"] = wins / (len(prm_right) * len(prm_wrong))
+    # length against correctness pooled over questions too (for reference; the premise is within a question)
+    out["length_correct_corr_pooled"] = point_biserial([r["tokens"] for r in rows], [arith.extract_answer(r["text"]) == r["answer"] for r in rows])
     return out
 
 
-def plot(results: list[dict], path: Path, title: str) -> None:
-    import matplotlib
+def premise_for(name: str, label: str, prem: dict[str, Any]) -> str:
+    """The premise a method relies on, as measured (a short cell)."""
+    f = lambda x: "n/a" if x is None or (isinstance(x, float) and math.isnan(x)) else f"{x:.2f}"
+    d = prem.get("by_difficulty", {})
+    if name == "short-m":
+        return (f"length-correct corr within a question {f(prem.get('length_correct_corr'))}; shorter half right {f(prem.get('short_right'))}, "
+                f"longer half {f(prem.get('long_right'))}")
+    if name == "think-min":
+        return (f"slips corrected after Wait {f(prem.get('wait_fix_rate'))}; checks that changed the answer changed it to the right one "
+                f"{f(prem.get('check_fix_rate'))}")
+    if name == "trim":
+        return f"samples that reach the answer and re-verify it {f(prem.get('converged_before_end'))}"
+    if name == "think-max" or name == "no-think":
+        return "tokens per sample by difficulty " + ", ".join(f"{k} {v['tokens_per_sample']:.0f}" for k, v in d.items())
+    if name in ("carbon", "best-of-n") and "step checker" in label:
+        return f"step checker ranks a right sample above a wrong one: AUC {f(prem.get('step_checker_auc'))}"
+    if name in ("majority", "carbon", "best-of-n", "ladder", "moi", "inverse-entropy", "sample", "roe", "roster"):
+        return "T=0.7 sample accuracy by difficulty " + ", ".join(f"{k} {v['sample_accuracy_T0.7']:.2f}" for k, v in d.items()) + \
+               "; token entropy " + ", ".join(f"{v['mean_token_entropy']:.2f}" for v in d.values())
+    return ""
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
 
-    fig, axes = plt.subplots(1, 2, figsize=(13, 5.2), gridspec_kw={"width_ratios": [2.2, 1]})
-    families = sorted({r["family"] for r in results})
-    colors = dict(zip(families, plt.cm.tab10.colors))
-    for ax, model in zip(axes, ("reasoning", "reasoning-moe")):
-        rows = [r for r in results if r["model"] == model]
-        if not rows:
-            ax.set_visible(False)
-            continue
-        for r in rows:
-            lo, hi = r["ci95"]
-            ax.errorbar(r["tokens_per_problem"], r["accuracy"], yerr=[[r["accuracy"] - lo], [hi - r["accuracy"]]], fmt="o",
-                        color=colors[r["family"]], capsize=3, ms=5)
-            ax.annotate(r["method"], (r["tokens_per_problem"], r["accuracy"]), fontsize=7, xytext=(4, 3), textcoords="offset points")
-        front, best = [], -1.0  # Pareto frontier: no other method is both cheaper and more accurate
-        for r in sorted(rows, key=lambda r: (r["tokens_per_problem"], -r["accuracy"])):
-            if r["accuracy"] > best:
-                front.append(r)
-                best = r["accuracy"]
-        ax.plot([r["tokens_per_problem"] for r in front], [r["accuracy"] for r in front], "--", color="grey", lw=1, label="Pareto frontier")
-        ax.set_xscale("log")
-        ax.set_xlabel("decode tokens per problem (log)")
-        ax.set_ylabel("accuracy (95% bootstrap interval)")
-        ax.set_ylim(-0.02, 1.02)
-        ax.set_title("dense" if model == "reasoning" else "MoE")
-        ax.grid(alpha=0.3)
-    handles = [plt.Line2D([], [], marker="o", ls="", color=colors[f], label=f) for f in families]
-    axes[0].legend(handles=handles, fontsize=8, loc="lower right")
-    fig.suptitle(title, fontsize=10)
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
+def report(parts: list[tuple[str, dict, dict]]) -> str:
+    from tts_plugins.client.bench import _pct
+
+    lines = []
+    for model, summary, prem in parts:
+        lines += [f"### {model}: {summary['problems']} problems, {summary['engine']}", "",
+                  "| method | accuracy % (95% CI) | Δ accuracy, paired 95% CI (vs) | McNemar p | tokens / problem | samples | premise, measured |",
+                  "| --- | ---: | --- | ---: | ---: | ---: | --- |"]
+        for r in summary["methods"]:
+            v = r.get("vs_baseline")
+            dv = f"{_pct(v['difference'])} ({_pct(v['ci95'][0])}, {_pct(v['ci95'][1])}) vs {v['against']}" if v else "baseline"
+            if r.get("vs_equal_budget"):
+                e = r["vs_equal_budget"]
+                dv += f"; {_pct(e['difference'])} ({_pct(e['ci95'][0])}, {_pct(e['ci95'][1])}) vs {e['against']}"
+            extra = ""
+            if "carbon_fitted_T_mean" in r:
+                extra = f" (fitted T {r['carbon_fitted_T_mean']:.2f}, {r['carbon_bias_tokens_mean']:.0f} biased tokens)"
+            if "pass_at_n" in r:
+                extra += f" (pass@{r['samples_per_problem']:.3g} {_pct(r['pass_at_n'])})"
+            lines.append(f"| {r['method']}{extra} | {_pct(r['accuracy'])} ({_pct(r['ci95'][0])}, {_pct(r['ci95'][1])}) | {dv} | "
+                         f"{v['mcnemar_p']:.2g} |" if v else f"| {r['method']}{extra} | {_pct(r['accuracy'])} ({_pct(r['ci95'][0])}, "
+                         f"{_pct(r['ci95'][1])}) | {dv} | |")
+            lines[-1] += f" {r['tokens_per_problem']:.0f} | {r['samples_per_problem']:.3g} | {premise_for(r['name'], r['method'], prem)} |"
+        lines.append("")
+    return "\n".join(lines)
 
 
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--problems", type=int, help="held-out problems (default 100; --quick: 12)")
-    ap.add_argument("--k", type=int, help="samples for the votes, CarBoN and short-m@k (default 8; --quick: 4)")
-    ap.add_argument("--roster-k", type=int, default=4)
-    ap.add_argument("--seed", type=int, default=1)
-    ap.add_argument("--max-tokens", type=int, default=200)
-    ap.add_argument("--concurrency", type=int, default=32)
-    ap.add_argument("--only", help="comma-separated method names (default: all)")
-    ap.add_argument("--quick", action="store_true", help="fewer problems and samples (a smoke run)")
+    ap.add_argument("--out", type=Path, default=ROOT / "bench-results" / "testbed")
+    ap.add_argument("--problems", type=int, help="held-out problems (default 500; --quick: 5)")
+    ap.add_argument("--premise-problems", type=int, help="problems sampled for the premise measurements (default 200; --quick: 5)")
+    ap.add_argument("--k", type=int, help="samples for the votes (default 8; --quick: 4)")
+    ap.add_argument("--taus", default="0.1,0.3", help="RoE taus (single noisy samples and rosters)")
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--max-tokens", type=int, default=400)
+    ap.add_argument("--concurrency", type=int, default=48)
+    ap.add_argument("--only", choices=("dense", "moe"), default=None)
+    ap.add_argument("--quick", action="store_true", help="5 problems, k=4 (a smoke run of the plumbing)")
     ap.add_argument("--models", choices=("full", "test"), default="full",
-                    help="full: the trained recipe (cached beside the demo's); test: the test suite's briefly trained models "
-                         "(a run of the plumbing: their accuracies mean nothing)")
-    ap.add_argument("--json", type=Path)
-    ap.add_argument("--png", type=Path)
-    ap.add_argument("--markdown", type=Path, help="the results as a Markdown table")
+                    help="full: the trained recipe; test: the test suite's briefly trained models (plumbing: their accuracies mean nothing)")
     args = ap.parse_args(argv)
-    args.problems = args.problems or (12 if args.quick else 100)
+    args.problems = args.problems or (5 if args.quick else 500)
+    args.premise_problems = min(args.problems, args.premise_problems or (5 if args.quick else 200))
     args.k = args.k or (4 if args.quick else 8)
+    taus = tuple(float(t) for t in args.taus.split(","))
 
+    from tts_plugins.client import bench
+    from tts_plugins.client.cli import parser
     from tts_plugins.models import arith
     from tts_plugins.models.trained import build_reasoning_model
 
     from harness import Server as EngineServer
     from models import TRAINED, tiny_model
 
-    problems = [p.to_json(f"h{i}") for i, p in enumerate(arith.held_out(args.problems))]
-    todo = methods(args.k, args.roster_k)
-    if args.only:
-        names = {s.strip() for s in args.only.split(",")}
-        todo = [m for m in todo if m.name in names]
-    results: list[dict] = []
-    t0 = time.perf_counter()
-    for model in ("reasoning", "reasoning-moe"):
-        mine = [m for m in todo if m.model == model]
-        if not mine:
+    args.out.mkdir(parents=True, exist_ok=True)
+    data = args.out / "data.jsonl"
+    problems = [p.to_json(f"h{i}") for i, p in enumerate(arith.held_out(args.problems, steps=None))]
+    data.write_text("".join(json.dumps(p) + "\n" for p in problems))
+    parts, t0 = [], time.perf_counter()
+    for model, variant in (("reasoning", "dense"), ("reasoning-moe", "moe")):
+        if args.only and args.only != variant:
             continue
         if args.models == "test":
             path = tiny_model(model)
@@ -240,36 +196,39 @@ def main(argv=None) -> int:
             root = Path(os.environ.get("TTS_TINY_MODELS", Path(tempfile.gettempdir()) / "tts-plugins-tiny"))
             path = build_reasoning_model(root / model, TRAINED[model])
         card = json.loads((path / "tts_reasoning.json").read_text())
-        print(f"{model}: {path} (trained in {card['train_seconds']}s; transformers check: greedy {card.get('accuracy_T0')}, "
-              f"T=1 {card.get('accuracy_T1')})", flush=True)
-        # A token budget no batch reaches: vLLM 0.32 on CPU dies when it chunks the prefill of a seeded request
-        # (its CPU generator has no offset to rewind), and every request here is seeded.
+        print(f"{model}: {path}; transformers check: greedy {card.get('accuracy_T0')}, T=1 {card.get('accuracy_T1')}", flush=True)
+        out = args.out / variant
+        out.mkdir(exist_ok=True)
+        # A token budget no batch reaches: vLLM 0.32 on CPU dies when it chunks the prefill of a seeded request.
         srv = EngineServer("vllm", path, python=sys.executable, args=("--max-num-seqs", "64", "--max-num-batched-tokens", "16384"))
         try:
-            results += asyncio.run(run_model(srv.base, mine, problems, args.seed, args.max_tokens, args.concurrency))
+            prem_file = out / "premises.json"
+            if prem_file.exists():
+                prem = json.loads(prem_file.read_text())
+            else:
+                prem = asyncio.run(measure_premises(srv.base, problems[: args.premise_problems], args.k, args.seed, args.max_tokens,
+                                                    args.concurrency))
+                prem_file.write_text(json.dumps(prem, indent=1))
+            print(f"{model} premises: " + json.dumps({k: v for k, v in prem.items() if k != "by_difficulty"}), flush=True)
+            specs = dense_methods(args.k) if variant == "dense" else moe_methods(args.k, taus)
+            argv = ["bench", "--base-url", srv.base, "--data", str(data), "--out", str(out), "--baseline", "greedy", "--equal-budget", "samples",
+                    "--max-tokens", str(args.max_tokens), "--concurrency", str(args.concurrency), "--seed", str(args.seed), "--extract",
+                    "tts_plugins.models.arith:extract_answer"]
+            for s in specs:
+                argv += ["--method", s]
+            if not sys.stderr.isatty():
+                argv.append("--quiet")
+            status = bench.main(parser().parse_args(argv))
+            if status == 2:
+                return 2
         finally:
             srv.close()
-    report = {"engine": "vllm", "problems": args.problems, "steps": arith.DEFAULT_STEPS, "max_operand": arith.DEFAULT_MAX_OPERAND,
-              "k": args.k, "roster_k": args.roster_k, "seed": args.seed, "max_tokens": args.max_tokens, "bootstrap_resamples": 2000,
-              "seconds": round(time.perf_counter() - t0, 1), "results": results}
-    report["testbed"] = testbed_checks(results) if args.models == "full" else {}
-    print(f"\n{'method':<32} {'model':<6} {'accuracy':>8}  {'95% CI':<15} {'tokens/problem':>14} {'samples':>7}")
-    for r in results:
-        print(f"{r['method']:<32} {'MoE' if r['model'] == 'reasoning-moe' else 'dense':<6} {r['accuracy']:8.3f}  "
-              f"[{r['ci95'][0]:.2f}, {r['ci95'][1]:.2f}]   {r['tokens_per_problem']:14.1f} {r['samples_per_problem']:7.1f}")
-    for name, check in report["testbed"].items():
-        print(f"{'' if check['met'] else 'MISSED '}testbed: {name}: {check['figure']:.2f} (wanted {check['wanted']})")
-    if args.json:
-        args.json.write_text(json.dumps(report, indent=1))
-    if args.markdown:
-        lines = ["| model | method | accuracy | 95% interval | decode tokens / problem | samples / problem |",
-                 "| --- | --- | ---: | --- | ---: | ---: |"]
-        lines += [f"| {'MoE' if r['model'] == 'reasoning-moe' else 'dense'} | {r['method']} | {r['accuracy']:.2f} | "
-                  f"{r['ci95'][0]:.2f} to {r['ci95'][1]:.2f} | "
-                  f"{r['tokens_per_problem']:.0f} | {r['samples_per_problem']:g} |" for r in results]
-        args.markdown.write_text("\n".join(lines) + "\n")
-    if args.png:
-        plot(results, args.png, f"Held-out arithmetic ({args.problems} problems, {arith.DEFAULT_STEPS} steps), vLLM on CPU, seed {args.seed}")
+        summary = json.loads((out / "summary.json").read_text())
+        parts.append((f"{variant} ({card.get('train_steps')} steps x {card.get('batch')})", summary, prem))
+    text = report(parts)
+    (args.out / "report.md").write_text(text)
+    print(text)
+    print(f"{args.out}/report.md ({time.perf_counter() - t0:.0f} s)")
     return 0
 
 

@@ -3,9 +3,13 @@
 Paper: "CarBoN: Calibrated Best-of-N Sampling Improves Test-time Reasoning"
 (arXiv 2510.15674). Its exploit phase samples with an input-specific
 temperature T and a shift of the final hidden state, ``z' = (z + W delta) / T``.
-Our choice (see ``../shared`` technique card 4): the equivalent vocabulary-space
-shift ``b = W delta`` restricted to the tokens seen in the kept samples, sent
-per request as two flat lists (``vllm_xargs`` takes no nested objects). The
+Our choice (see ``../shared`` technique card 4): a shift in vocabulary space,
+``b``, restricted to the tokens seen in the kept samples, sent per request as
+two flat lists (``vllm_xargs`` takes no nested objects). This is not the
+paper's parameterization: ``W delta`` can be any vector in the column space of
+the unembedding, ours is any sparse vector over a few hundred tokens, so the
+two fit different families; both act on the logits additively, and ours
+needs no access to hidden states. The
 client fits T and b (``tts_plugins.client.calibration``) and sends
 ``tts_carbon_temperature``, ``tts_carbon_bias_ids``, ``tts_carbon_bias_values``.
 

@@ -20,7 +20,14 @@ Three triggers, each switched off with 0:
 * **repetition loop**: one n-gram of ``ngram`` tokens (default 12) seen
   ``repeats`` times (default 3) in the thinking.
 
-TrimR's thresholds are reported, not verified, so every one is a key. On a
+What comes from TrimR (arXiv 2505.17155; reported, not verified in its code):
+the three triggers (overthinking: the answer already reached and re-verified;
+underthinking: many thoughts without convergence past a token threshold;
+repetition loops), the split into thoughts at reflection markers, and the
+response (a short conclusion, then the end of thinking). Our choices: every
+number (``converge`` 3, ``max_thoughts`` 12, ``min_tokens`` 1024, ``ngram``
+12, ``repeats`` 3), the marker list, the conclusion phrase, and the cheap
+equal-answer rule in place of TrimR's 7B verifier; so every one is a key. On a
 trigger the conclusion phrase and the end-of-thinking string are forced token
 by token (the forced-token primitive think steering uses too); the answer
 then follows normally.

@@ -27,18 +27,83 @@ def test_solution_lines_are_true_and_end_at_the_answer(seed, steps, top):
         assert int(rhs) == t >= 0
     assert p.answer == t
     assert eval(p.question.removeprefix("Compute ").removesuffix(".")) == p.answer  # the question means what it says
-    text = p.completion(rechecks=2)
-    assert text.endswith(f"</think>\n\nAnswer: {t}") and text.count(f"Wait, {p.steps()[-1]}\n") == 2
-    assert arith.extract_answer(text) == str(t)
+    assert arith.parse_question(p.question) == p
+    text = p.completion()
+    assert text.endswith(f"So the answer is {t}.\n</think>\n\nAnswer: {t}") and arith.extract_answer(text) == str(t)
     cut = p.cut_completion(len(p.steps()[0]) // 2)
     assert cut.startswith(p.steps()[0][: len(p.steps()[0]) // 2] + "\n</think>") and arith.extract_answer(cut) == str(t)
     assert arith.extract_answer(p.no_think_completion()) == str(t)
+
+
+@given(seed=st.integers(0, 2**32), slip=st.sampled_from([0.0, 0.3, 1.0]), notice=st.sampled_from([0.0, 0.5, 1.0]))
+def test_traces_plant_slips_corrections_and_checks_as_documented(seed, slip, notice):
+    rng = random.Random(seed)
+    p = arith.mixed_problem(rng)
+    tr = arith.trace(p, rng, slip=slip, notice=notice)
+    assert 2 <= len(p.ops) <= 12 and p.difficulty == arith.difficulty(len(p.ops))
+    assert p.difficulty == ("easy" if len(p.ops) <= 4 else "medium" if len(p.ops) <= 8 else "hard")  # labels match step counts
+    assert len(tr.lines) == len(tr.kinds)
+    t, step = p.start, 0
+    for line, kind in zip(tr.lines, tr.kinds):
+        m = arith.STEP_RE.match(line)
+        if kind in ("step", "slip"):
+            s, x = p.ops[step]
+            a, sign, b, r = int(m.group(2)), m.group(3), int(m.group(4)), int(m.group(5))
+            assert (a, sign, b) == (t, s, x)  # every line continues from the chain's current value
+            right = t + x if s == "+" else t - x
+            assert (r == right) == (kind == "step") and abs(r - right) <= 2
+            t, step = r, step + 1
+        elif kind == "fix":  # a correction really corrects: the same operation, the right value, and the chain goes on from it
+            s, x = p.ops[step - 1]
+            a, b, r = int(m.group(2)), int(m.group(4)), int(m.group(5))
+            assert m.group(1) == "Wait" and b == x and r == (a + x if s == "+" else a - x)
+            t = r
+        elif kind == "doubt":
+            assert m.group(1) == "Hmm" and int(m.group(5)) == t  # a doubt repeats the wrong value
+        elif kind == "so_far":
+            assert line == f"So far {t}."
+        elif kind == "check":  # a check recomputes every running total correctly
+            assert line == "Wait, let me check: " + ", ".join(map(str, p.totals())) + "."
+            t = p.answer
+        elif kind == "stated":
+            assert line == f"So the answer is {t}."
+    assert step == len(p.ops)
+    assert tr.final == t and arith.extract_answer(tr.completion()) == str(tr.final)
+    assert tr.slips == tr.kinds.count("slip") and tr.noticed == tr.kinds.count("fix") and tr.checks == tr.kinds.count("check")
+    assert (tr.final == p.answer) or (tr.slips > tr.noticed and tr.checks == 0)  # only an unnoticed, unchecked slip is wrong
+    if slip == 0:
+        assert tr.slips == 0 and tr.first_answer == p.answer
+    a = arith.analyze(p.question, tr.completion())  # the premise counter reads back what was planted
+    assert (a["slips"], a["fixed"], a["answer"]) == (tr.slips, tr.noticed, str(tr.final))
+
+
+def test_step_reward_scores_the_process():
+    p = arith.held_out(1)[0]
+    clean = p.completion()
+    wrong = clean.replace(p.steps()[1], p.steps()[1].rsplit(" = ", 1)[0] + " = 999")
+    exact = arith.step_checker(0.0)
+    assert exact(p.question, clean) == 1.0 and exact(p.question, wrong) == pytest.approx(1 - 1 / len(p.ops))
+    assert exact(p.question, "no answer") == 0.0 and exact("What is 2?", clean) == 0.0
+    noisy = arith.step_checker(0.5)
+    assert noisy(p.question, clean) == noisy(p.question, clean)  # deterministic per completion
+    with pytest.raises(ValueError, match="noise"):
+        arith.step_checker(1.5)
+
+
+def test_premises_measure_length_against_correctness():
+    rows = []
+    for q in range(5):  # in every question the short samples are right and the long ones wrong
+        for i in range(4):
+            rows.append({"id": q, "question": "Compute 1 + 1.", "answer": "2", "text": f"x</think>Answer: {2 if i < 2 else 3}", "tokens": 10 + i})
+    m = arith.premises(rows)
+    assert m["questions_mixed"] == 5 and m["length_correct_corr"] < -0.8 and m["short_right"] == 1.0 and m["long_right"] == 0.0
 
 
 def test_problem_sets_are_pure_functions_of_their_arguments():
     assert arith.problems(50, 3) == arith.problems(50, 3)
     assert arith.problems(50, 3) != arith.problems(50, 4)
     assert arith.held_out(50) == arith.held_out(50) and arith.held_out(20, steps=4)[0] != arith.held_out(20)[0]
+    assert {len(p.ops) for p in arith.held_out(300, steps=None)} == set(range(2, 13))  # the mixed range
     with pytest.raises(ValueError, match="steps"):
         arith.make_problem(random.Random(0), 0)
 

@@ -180,7 +180,11 @@ def best_of_majority(answers: Sequence[str | None], rewards: Sequence[float], mi
 def multi_temperature_vote(answers_by_temperature: Mapping[float, Sequence[str | None]], tau_intra: float = 0.8, tau_cross: float = 1.0) -> Vote:
     """Two-stage vote: per-temperature majorities, then the majority of those winners.
 
-    ``decided`` is the early-exit test: every temperature's majority share is at
+    The final answer: each temperature's majority answer (a tie inside a temperature goes to the smallest answer,
+    compared normalized, then as written; a temperature whose samples all lack an answer has no winner), then
+    the majority over those winners, one vote per temperature (a tie between winners again goes to the smallest
+    answer). Our choice where the paper is not specific: the tie-break is deterministic and independent of
+    sample order, not random. ``decided`` is the early-exit test: every temperature's majority share is at
     least ``tau_intra`` and the winners' agreement share is at least ``tau_cross``.
     """
     winners, intra_ok = [], True

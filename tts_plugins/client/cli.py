@@ -1,6 +1,9 @@
 """``tts``: run a test-time-scaling strategy over a JSONL of problems against a vLLM or SGLang server.
 
     tts run problems.jsonl -o results.jsonl --url http://127.0.0.1:8000 --strategy ladder
+    tts bench --base-url http://127.0.0.1:8000 --data problems.jsonl --method greedy --method majority:n=8 --out bench/
+
+``tts bench`` (:mod:`tts_plugins.client.bench`) compares methods with paired statistics.
 
 Input lines are ``{"id": ..., "prompt": "...", "answer": ...}`` (``answer``
 optional). Each result is written (and flushed) as soon as its problem is
@@ -130,6 +133,9 @@ def parser() -> argparse.ArgumentParser:
     r.add_argument("--summary", type=Path, default=None, help="also write the summary as JSON here")
     r.add_argument("--timeout", type=float, default=600.0, help="seconds per request")
     r.add_argument("--quiet", action="store_true", help="no progress bar")
+    from tts_plugins.client import bench
+
+    bench.add_parser(sub)
     return ap
 
 
@@ -254,6 +260,10 @@ def report(summary: Summary, a: argparse.Namespace) -> None:
 
 def main(argv: Sequence[str] | None = None) -> int:
     a = parser().parse_args(argv)
+    if a.command == "bench":
+        from tts_plugins.client import bench
+
+        return bench.main(a)
     summary = None
     try:
         summary, status = asyncio.run(run(a))

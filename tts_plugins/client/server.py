@@ -233,9 +233,11 @@ class Server:
             return "vllm"
 
     def body(self, prompt: str, *, n: int, temperature: float, max_tokens: int, params: Mapping[str, Any] | None = None,
-             logprobs: int | None = None, seed: int | None = None) -> dict[str, Any]:
+             logprobs: int | None = None, seed: int | None = None, top_p: float | None = None) -> dict[str, Any]:
         body: dict[str, Any] = {"model": self.model, "messages": [{"role": "user", "content": prompt}], "n": n,
                                 "temperature": temperature, "max_tokens": max_tokens}
+        if top_p is not None and top_p < 1:
+            body["top_p"] = top_p
         if seed is not None:
             body["seed"] = seed
         if logprobs is not None:
@@ -252,7 +254,7 @@ class Server:
 
     async def sample(self, prompt: str, *, n: int = 1, temperature: float = 1.0, max_tokens: int = 256,
                      params: Mapping[str, Any] | None = None, logprobs: int | None = None, seed: int | None = None,
-                     phase: str = "sample", temperatures: Sequence[float] | None = None) -> list[Sample]:
+                     phase: str = "sample", temperatures: Sequence[float] | None = None, top_p: float | None = None) -> list[Sample]:
         """``n`` samples of one chat prompt (one request). ``temperatures``: each choice's temperature, for the record.
 
         Raises :class:`ServerError` when the server is unreachable or refuses the
@@ -261,7 +263,7 @@ class Server:
         """
         import httpx
 
-        body = self.body(prompt, n=n, temperature=temperature, max_tokens=max_tokens, params=params, logprobs=logprobs, seed=seed)
+        body = self.body(prompt, n=n, temperature=temperature, max_tokens=max_tokens, params=params, logprobs=logprobs, seed=seed, top_p=top_p)
         assert self._slots is not None, "use `async with Server(...)`"
         async with self._slots:
             self.requests_sent += 1

@@ -25,6 +25,12 @@ over a JSONL file.
   ``n2`` samples with ``tts_carbon_*`` at request temperature 1 (so the
   engine samples ``softmax((z + b) / T)``, the fitted distribution); select by
   Best-of-N over all ``n1 + n2`` samples.
+  With the default agreement reward, Best-of-N over all N samples picks the
+  majority answer whatever the calibration did: CarBoN is then majority@N by
+  construction. Its effect can only show with a reward that is not the vote,
+  a process reward model (``reward=module:function``; on the testbed,
+  ``tts_plugins.models.arith:step_reward``, a step checker with noise).
+  Each result reports the fitted T and the number of biased tokens.
 * ``best-of-n``: ``n`` samples, the one with the highest reward (default:
   ``confidence``, the exponentiated mean token log-prob); ``vote`` may be
   ``weighted_best_of_n`` or ``best_of_majority`` instead.
@@ -55,6 +61,7 @@ class Options:
     strategy: str = "self-consistency"
     n: int = 8  # samples (self-consistency, best-of-n; carbon: n1 + n2)
     temperature: float = 1.0
+    top_p: float = 1.0
     max_tokens: int = 256
     max_n: int = 16  # samples per request
     seed: int | None = None
@@ -85,6 +92,7 @@ class Options:
         need(isinstance(self.n, int) and self.n >= 1, "n must be an int >= 1,", self.n)
         need(isinstance(self.max_n, int) and self.max_n >= 1, "max_n must be an int >= 1,", self.max_n)
         need(math.isfinite(self.temperature) and self.temperature >= 0, "temperature must be >= 0,", self.temperature)
+        need(isinstance(self.top_p, (int, float)) and 0 < self.top_p <= 1, "top_p must be in (0, 1],", self.top_p)
         need(isinstance(self.max_tokens, int) and self.max_tokens >= 1, "max_tokens must be an int >= 1,", self.max_tokens)
         need(1 <= self.top_logprobs <= 20, "top_logprobs must be in 1..20,", self.top_logprobs)
         need(isinstance(self.m, int) and self.m >= 1, "m must be an int >= 1,", self.m)
@@ -170,7 +178,8 @@ class _Run:
             self.requests += 1
             calls.append(self.server.sample(self.prompt, n=size, temperature=temperature, max_tokens=self.o.max_tokens,
                                             params={**self.o.params, **(params or {})}, logprobs=logprobs,
-                                            seed=_seed(self.o, str(self.problem["id"]), self.requests), phase=phase, temperatures=temperatures))
+                                            seed=_seed(self.o, str(self.problem["id"]), self.requests), phase=phase, temperatures=temperatures,
+                                            top_p=None if temperatures else self.o.top_p))
         return [s for batch in await asyncio.gather(*calls) for s in batch]
 
 

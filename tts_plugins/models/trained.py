@@ -9,21 +9,21 @@ from the seed for a given torch version and thread count (training pins
 ``threads``, default 2), takes a few minutes on two cores, and is cached: a directory already built with the same recipe is
 reused, so the demo, the tests and the benchmarks build it once.
 
-The training mix has 2 to 8 steps per chain and operands 1..9; a fifth of the
-solutions re-check their last step after "Wait" (1 to 3 times), a tenth are cut
-short at a random character and closed with ``"\n</think>"`` as a thinking cap
-closes them, then answered, and 3% answer right after NoThinking's prefill (the
-forced tokens carry no loss, so the model does not learn to cut its own thinking
-short). So a cap, a minimum or NoThinking leads to an answer (a guess, when the
-thinking was cut), as in a real reasoning model, rather than to text the model
-never saw.
+The training mix is :mod:`tts_plugins.models.arith`'s mixed-difficulty traces (2 to
+12 steps) with their planted phenomena: slips corrected after "Wait" or doubted
+and carried on, intermediate results, the answer stated and re-verified. A
+tenth of the solutions are cut short at a random character and closed with
+``"\n</think>"`` as a thinking cap closes them, then answered, and 3% answer
+right after NoThinking's prefill (the forced tokens carry no loss, so the model
+does not learn to cut its own thinking short). So a cap, a minimum or
+NoThinking leads to an answer (a guess, when the thinking was cut), as in a
+real reasoning model, rather than to text the model never saw.
 
-Training stops at the first validation check where single-sample accuracy at
-temperature 1 reaches 45% (see ``TARGET``): the model is then right about half
-the time at temperature 1 on held-out problems at the default difficulty
-(:data:`tts_plugins.models.arith.DEFAULT_STEPS` = 8 steps), more often greedily, so
-sampling more, voting, calibrating or steering has room to change the score.
-The measured numbers are written to ``tts_reasoning.json`` beside the weights.
+Training runs a fixed budget (``VARIANTS``), long enough that the model has
+converged on easy problems while hard ones stay uncertain; the per-difficulty
+accuracy (greedy and T=1, a plain transformers loop on held-out problems) is
+written to ``tts_reasoning.json`` beside the weights. ``target`` (off by
+default) stops at the first validation check whose T=1 accuracy reaches it.
 
     python -m tts_plugins.models.trained --out /tmp/reasoning-dense --variant dense
 """
@@ -42,26 +42,23 @@ from typing import Any
 
 from tts_plugins.models import arith, tiny
 
-RECIPE = 4
+RECIPE = 5
 SPECIAL = tiny.SPECIAL + tiny.THINK  # the tiny models' special tokens and chat template, so every tool treats them alike
 CHAT_TEMPLATE = tiny.CHAT_TEMPLATE
 # Strings the techniques splice in; the tokenizer learns them as words so they stay short.
 PHRASES = ["Wait", "Hmm", "Alternatively", "Okay, I think I have finished thinking.",
-           "Considering the limited time, I have to give the solution now.", "I have checked this enough; time to answer."]
-TRAIN_STEPS = (2, 8)  # chain lengths in the training mix
-# Early stop: training ends at the first check where single-sample accuracy at temperature 1 on a validation set
-# (disjoint from the held-out problems) reaches TARGET. These models learn the task abruptly (the lookup of the
-# k-th operator in the question), from under 20% to over 90% within ~200 steps, so a fixed step count would land
-# anywhere in that range depending on the seed; stopping on validation lands in the range we want for any seed.
-TARGET, CHECK_FROM, CHECK_EVERY, VALIDATION = 0.45, 300, 25, 64
-RECHECK = 0.2  # share of solutions that re-check the last step after "Wait" (1 to 3 times)
+           "Considering the limited time, I have to give the solution now.", "I have checked this enough; time to answer.",
+           "So far", "So the answer is", "Wait, let me check:"]
+TRAIN_STEPS = arith.MIX_STEPS  # chain lengths in the training mix
+# Optional early stop: training ends at the first check (every CHECK_EVERY steps from CHECK_FROM) where single-sample
+# accuracy at temperature 1 on a validation set (disjoint from the held-out problems) reaches the target. Off by default.
+TARGET, CHECK_FROM, CHECK_EVERY, VALIDATION = None, 300, 50, 64
 CUT = 0.1  # share whose thinking is cut at a random character and closed, then answered (what a cap leaves)
 NO_THINK = 0.03  # share that answer right after NoThinking's prefill
 VARIANTS = {
-    # hidden 128, 4 layers; the MoE has 4 experts of width 64, top 2, in every layer (as many active MLP weights as
-    # the dense model's third: more would make it right nearly always at temperature 1)
-    "dense": {"train_steps": 900, "batch": 64, "lr": 3e-3},
-    "moe": {"train_steps": 900, "batch": 64, "lr": 3e-3},
+    # hidden 128, 4 layers; the MoE has 8 experts of width 48, top 2, in every layer, so routing noise has room
+    "dense": {"train_steps": 900, "batch": 32, "lr": 3e-3},
+    "moe": {"train_steps": 900, "batch": 32, "lr": 3e-3},
 }
 
 
@@ -71,22 +68,21 @@ def prompt_text(question: str) -> str:
 
 
 def completion(p: arith.Problem, rng: random.Random) -> list[tuple[str, bool]]:
-    """One training target for ``p`` as ``(text, learned)`` segments: mostly the worked solution, sometimes
-    re-checked, cut short, or unthought.
+    """One training target for ``p`` as ``(text, learned)`` segments: mostly a worked trace (:func:`arith.trace`),
+    sometimes cut short or unthought.
 
     What an engine forces (a cap's ``"\\n</think>"``, NoThinking's prefill) is context, not target: its tokens
     carry no loss, so the model learns what to do after a cut without learning to cut its own thinking short.
     Each segment is tokenized on its own, as the engine encodes a forced string on its own.
     """
     u, end = rng.random(), "<|im_end|>"
+    t = arith.trace(p, rng)
     if u < CUT:
-        think = p.thinking()[: rng.randrange(len(p.thinking()))]
+        think = t.thinking[: rng.randrange(len(t.thinking))]
         return [(think, True), ("\n</think>", False), (f"\n\nAnswer: {p.answer}{end}", True)]
     if u < CUT + NO_THINK:
         return [("Okay, I think I have finished thinking.\n</think>", False), (f"\n\nAnswer: {p.answer}{end}", True)]
-    if u < CUT + NO_THINK + RECHECK:
-        return [(p.completion(rechecks=rng.randint(1, 3)) + end, True)]
-    return [(p.completion() + end, True)]
+    return [(t.completion() + end, True)]
 
 
 def build_tokenizer(path: Path, seed: int):
@@ -96,7 +92,7 @@ def build_tokenizer(path: Path, seed: int):
     rng = random.Random(f"tokenizer:{seed}")
     corpus = []
     for _ in range(2000):
-        p = arith.make_problem(rng, steps=rng.randint(*TRAIN_STEPS))
+        p = arith.mixed_problem(rng, TRAIN_STEPS)
         corpus.append(prompt_text(p.question) + "".join(t for t, _ in completion(p, rng)) + "\n")
     tok = Tokenizer(models.BPE())
     # One token per digit: numbers are spelled the same way in every context, which arithmetic needs.
@@ -126,7 +122,7 @@ def make_model(variant: str, tok):
         eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id, torch_dtype="float32",
     )
     if variant == "moe":
-        cfg = Qwen3MoeConfig(intermediate_size=256, moe_intermediate_size=64, num_experts=4, num_experts_per_tok=2,
+        cfg = Qwen3MoeConfig(intermediate_size=256, moe_intermediate_size=48, num_experts=8, num_experts_per_tok=2,
                              norm_topk_prob=True, decoder_sparse_step=1, router_aux_loss_coef=0.01, **common)
         return Qwen3MoeForCausalLM(cfg)
     return Qwen3ForCausalLM(Qwen3Config(intermediate_size=384, **common))
@@ -137,8 +133,11 @@ def _batch(tok, rng: random.Random, size: int, cache: dict[str, list[int]]):
     import torch
 
     seqs, learn = [], []
+    # one length band per batch (the drawn length +- 1), so a batch pads to about its own length, not the longest
+    mid = rng.randint(*TRAIN_STEPS)
+    band = (max(TRAIN_STEPS[0], mid - 1), min(TRAIN_STEPS[1], mid + 1))
     for _ in range(size):
-        p = arith.make_problem(rng, steps=rng.randint(*TRAIN_STEPS))
+        p = arith.mixed_problem(rng, band)
         q = prompt_text(p.question)
         ids = list(cache.get(q) or cache.setdefault(q, tok(q)["input_ids"]))
         mask = [False] * len(ids)
@@ -166,6 +165,9 @@ def _progress(total: int, desc: str, enabled: bool):
     return tqdm(total=total, desc=desc, unit="step", file=sys.stderr, mininterval=2.0, disable=None if enabled else True)
 
 
+MAX_NEW_TOKENS_PER_STEP = 24  # a trace: ~8 tokens per step, doubts, checks
+
+
 def accuracy(model, tok, problems: list[arith.Problem], temperature: float, seed: int = 0) -> float:
     """Single-sample accuracy with a plain transformers loop (left-padded batch; T=0 is greedy)."""
     import torch
@@ -176,12 +178,13 @@ def accuracy(model, tok, problems: list[arith.Problem], temperature: float, seed
     sample = {"do_sample": True, "temperature": temperature, "top_k": 0, "top_p": 1.0} if temperature > 0 else {"do_sample": False}
     steps = max(len(p.ops) for p in problems)
     with torch.no_grad():
-        gen = model.generate(**enc, max_new_tokens=16 * steps + 16, eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id, **sample)
+        gen = model.generate(**enc, max_new_tokens=MAX_NEW_TOKENS_PER_STEP * steps + 60, eos_token_id=tok.eos_token_id,
+                             pad_token_id=tok.pad_token_id, **sample)
     texts = tok.batch_decode(gen[:, enc["input_ids"].shape[1]:], skip_special_tokens=True)
     return sum(arith.extract_answer(x) == str(p.answer) for x, p in zip(texts, problems)) / len(problems)
 
 
-def train(variant: str, out: Path, *, seed: int = 0, steps: int | None = None, threads: int = 2, progress: bool = True,
+def train(variant: str, out: Path, *, seed: int = 0, steps: int | None = None, threads: int = 1, progress: bool = True,
           target: float | None = TARGET, batch: int | None = None) -> dict[str, Any]:
     """Train ``variant`` from scratch into ``out`` (tokenizer + safetensors); returns the training record.
 
@@ -209,7 +212,7 @@ def train(variant: str, out: Path, *, seed: int = 0, steps: int | None = None, t
         rng, cache = random.Random(f"train:{seed}"), {}
         bar = _progress(cfg["train_steps"], f"training the tiny reasoning model ({variant})", progress)
         t0, losses, checks = time.perf_counter(), [], []
-        validation = arith.problems(VALIDATION, seed=-2)
+        validation = arith.problems(VALIDATION, seed=-2, steps=None)
         model.train()
         for step in range(cfg["train_steps"]):
             ids, mask, labels = _batch(tok, rng, cfg["batch"], cache)
@@ -244,18 +247,26 @@ def train(variant: str, out: Path, *, seed: int = 0, steps: int | None = None, t
         torch.set_num_threads(old_threads)
 
 
-def evaluate(path: Path, n: int = 200, temperatures=(0.0, 1.0), steps: int = arith.DEFAULT_STEPS, seed: int = 0) -> dict[str, float]:
-    """Single-sample accuracy on held-out problems with a plain transformers loop (no engine)."""
+def evaluate(path: Path, n: int = 150, temperatures=(0.0, 1.0), seed: int = 0) -> dict[str, float]:
+    """Single-sample accuracy on held-out problems with a plain transformers loop (no engine), overall and per
+    difficulty (``n`` problems, a third per difficulty)."""
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     tok = AutoTokenizer.from_pretrained(str(path))
     model = AutoModelForCausalLM.from_pretrained(str(path), dtype=torch.float32).eval()
-    probs = arith.held_out(n, steps=steps)
-    return {f"accuracy_T{t:g}": accuracy(model, tok, probs, t, seed) for t in temperatures}
+    out: dict[str, float] = {}
+    for name, lo, hi in arith.DIFFICULTY:
+        rng = random.Random(f"evaluate:{name}")
+        probs = [arith.make_problem(rng, rng.randint(lo, hi)) for _ in range(max(1, n // len(arith.DIFFICULTY)))]
+        for t in temperatures:
+            out[f"accuracy_T{t:g}_{name}"] = accuracy(model, tok, probs, t, seed)
+    for t in temperatures:
+        out[f"accuracy_T{t:g}"] = round(sum(out[f"accuracy_T{t:g}_{d[0]}"] for d in arith.DIFFICULTY) / len(arith.DIFFICULTY), 4)
+    return out
 
 
-def build_reasoning_model(path: str | os.PathLike, variant: str = "dense", *, seed: int = 0, progress: bool = True, evaluate_n: int = 200,
+def build_reasoning_model(path: str | os.PathLike, variant: str = "dense", *, seed: int = 0, progress: bool = True, evaluate_n: int = 150,
                           steps: int | None = None, target: float | None = TARGET, batch: int | None = None) -> Path:
     """Train (or reuse, when built with the same recipe) the reasoning model at ``path``.
 

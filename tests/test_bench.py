@@ -1,0 +1,150 @@
+"""``tts bench`` without a server: the paired statistics against hand computations, the method SPEC parser (bad
+specs are clear errors), resume, and the report built from records."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from tts_plugins.client import bench, stats
+
+
+def test_mcnemar_matches_a_hand_computation():
+    # 10 problems: a right & b wrong on 3, a wrong & b right on 1, 6 concordant.
+    a = [1, 1, 1, 0, 1, 1, 0, 0, 1, 0]
+    b = [0, 0, 0, 1, 1, 1, 0, 0, 1, 0]
+    assert stats.discordant(a, b) == (3, 1)
+    # n = 4 discordant, k = 1: p = 2 * (C(4,0) + C(4,1)) / 16 = 2 * 5 / 16
+    assert stats.mcnemar(a, b) == pytest.approx(10 / 16)
+    assert stats.mcnemar(a, a) == 1.0
+    # 10 discordant all one way: p = 2 / 2^10
+    assert stats.mcnemar([1] * 10, [0] * 10) == pytest.approx(2 / 1024)
+
+
+def test_paired_bootstrap_difference_and_interval():
+    a = [1.0] * 30 + [0.0] * 70
+    b = [1.0] * 20 + [0.0] * 80  # b's right problems are a subset of a's: every difference is 0 or +1
+    d, lo, hi = stats.paired_bootstrap(a, b, resamples=4000, seed=1)
+    assert d == pytest.approx(0.10)
+    # the paired differences are Bernoulli(0.1) over 100 problems: sd of the mean = sqrt(0.1 * 0.9 / 100) = 0.03
+    assert lo == pytest.approx(0.10 - 1.96 * 0.03, abs=0.015) and hi == pytest.approx(0.10 + 1.96 * 0.03, abs=0.015)
+    assert lo >= 0.0  # a never loses a problem: no resample can go below 0
+    with pytest.raises(ValueError, match="equal lengths"):
+        stats.paired_bootstrap([1, 0], [1])
+
+
+def test_paired_interval_is_tighter_than_separate_ones_when_methods_agree():
+    a = [1.0] * 55 + [0.0] * 45
+    b = [1.0] * 50 + [0.0] * 50
+    _, lo, hi = stats.paired_bootstrap(a, b, resamples=3000)
+    la, ha = stats.bootstrap_mean(a, 3000)
+    assert hi - lo < 0.5 * (ha - la)
+
+
+def test_pass_at_k_is_the_unbiased_estimate():
+    assert stats.pass_at_k(8, 0, 1) == 0.0 and stats.pass_at_k(8, 8, 3) == 1.0
+    assert stats.pass_at_k(4, 1, 1) == pytest.approx(0.25)
+    assert stats.pass_at_k(4, 1, 2) == pytest.approx(1 - math.comb(3, 2) / math.comb(4, 2))
+    with pytest.raises(ValueError):
+        stats.pass_at_k(4, 5, 1)
+
+
+@given(st.lists(st.tuples(st.booleans(), st.booleans()), min_size=1, max_size=40))
+@settings(max_examples=60, deadline=None)
+def test_mcnemar_is_a_probability_and_symmetric(pairs):
+    a, b = [x for x, _ in pairs], [y for _, y in pairs]
+    p = stats.mcnemar(a, b)
+    assert 0.0 < p <= 1.0 and p == stats.mcnemar(b, a)
+
+
+@pytest.mark.parametrize("spec, label, settings, params", [
+    ("greedy", "greedy", {"n": 1, "temperature": 0.0}, {}),
+    ("majority:n=8,temperature=0.7", "majority@8", {"n": 8, "temperature": 0.7, "top_p": 1.0}, {}),
+    ("short-m:m=1,k=8", "short-1@8", {"m": 1, "k": 8, "temperature": 0.7, "top_p": 0.95}, {}),
+    ("think-max:512", "think-max 512", {"n": 1, "temperature": 0.0, "budget": 512}, {}),
+    ("carbon:n=8", "carbon@8", {"n": 8, "temperature": 0.7, "top_p": 1.0, "reward": "agreement"}, {}),
+    ("moi", "moi", {"n": 1, "temperature": 0.6, "top_p": 0.8, "beta": 1.0}, {}),
+    ("majority:4,tts_moi_beta=1", "majority@4 (tts_moi_beta=1)", {"n": 4, "temperature": 0.7, "top_p": 1.0}, {"tts_moi_beta": 1}),
+    ('trim:2,tts_trim_markers=["\\n",","]', 'trim converge=2 (tts_trim_markers=["\\n", ","])',
+     {"n": 1, "temperature": 0.0, "converge": 2, "min_tokens": 0}, {"tts_trim_markers": ["\n", ","]}),
+    ("majority:n=8,label=sc", "sc", {"n": 8, "temperature": 0.7, "top_p": 1.0}, {}),
+    ("short-m:k=4,vs=majority@4", "short-1@4", {"m": 1, "k": 4, "temperature": 0.7, "top_p": 0.95}, {}),
+])
+def test_specs_resolve_to_the_papers_defaults(spec, label, settings, params):
+    m = bench.parse_spec(spec)
+    assert (m.label, m.settings, m.params) == (label, settings, params)
+
+
+@pytest.mark.parametrize("spec, message", [
+    ("", "non-empty"),
+    ("foo", "unknown method 'foo'"),
+    ("majority:n=0", "n must be an int >= 1, got 0"),
+    ("short-m:m=3,k=2", "m must be <= k, got m=3, k=2"),
+    ("think-max:abc", "budget must be an int >= 0, got 'abc'"),
+    ("majority:n=4,x=1", "unknown setting 'x' for majority"),
+    ("majority:n=2,temperature=0", "more than one sample needs temperature > 0"),
+    ("greedy:5", "'5' is not key=value"),
+    ("sample:top_p=0", "top_p must be in (0, 1], got 0"),
+    ("roster:k=1", "a roster needs k >= 2 members"),
+])
+def test_bad_specs_are_clear_errors(spec, message):
+    with pytest.raises(ValueError) as e:
+        bench.parse_spec(spec)
+    assert message in str(e.value) and (not spec or repr(spec) in str(e.value))
+
+
+def _record(method, pid, correct, tokens=10, samples=1, difficulty=None):
+    return {"method": method, "id": pid, "difficulty": difficulty, "answer": "1", "reference": "1", "correct": correct, "tokens": tokens,
+            "thinking_tokens": tokens // 2, "samples": samples, "samples_right": int(correct), "wall_s": 0.1, "lengths": [tokens],
+            "finish": ["stop"], "right": [correct]}
+
+
+def test_resume_skips_finished_records_and_a_half_written_line(tmp_path):
+    path = tmp_path / "records.jsonl"
+    path.write_text(json.dumps(_record("greedy", "1", True)) + "\n" + json.dumps({"method": "greedy", "id": "2", "error": "HTTP 500"}) + "\n"
+                    + '{"method": "greedy", "id": "3", "corr')
+    done = bench.read_records(path)
+    assert set(done) == {("greedy", "1")}  # the error is retried, the torn line is ignored
+
+
+def test_summary_pairs_methods_on_the_same_problems_and_reports_by_difficulty():
+    problems = [{"id": str(i), "difficulty": "easy" if i < 10 else "hard"} for i in range(20)]
+    a = [bench.parse_spec("greedy"), bench.parse_spec("majority:n=4")]
+    recs = {}
+    for i in range(20):
+        recs[("greedy", str(i))] = _record("greedy", str(i), i % 2 == 0, difficulty=problems[i]["difficulty"])
+        recs[("majority@4", str(i))] = _record("majority@4", str(i), i % 2 == 0 or i < 4, tokens=40, samples=4,
+                                               difficulty=problems[i]["difficulty"])
+    s = bench.summarize(a, problems, recs, baseline="greedy", resamples=500)
+    rows = {r["method"]: r for r in s["methods"]}
+    v = rows["majority@4"]["vs_baseline"]
+    assert v["difference"] == pytest.approx(2 / 20) and (v["wins"], v["losses"]) == (2, 0) and v["mcnemar_p"] == pytest.approx(0.5)
+    assert v["token_ratio"] == pytest.approx(4.0)
+    assert rows["greedy"]["by_difficulty"]["easy"]["accuracy"] == 0.5 and rows["majority@4"]["by_difficulty"]["easy"]["accuracy"] == 0.7
+    table = bench.markdown(s)
+    assert "| majority@4 | 60.0" in table and "(baseline)" in table and "easy (10)" in table
+
+
+def test_equal_budget_adds_a_majority_at_each_methods_samples():
+    methods = [bench.parse_spec("greedy"), bench.parse_spec("short-m:m=1,k=6"), bench.parse_spec("think-min:64")]
+    rows = {"greedy": {"name": "greedy", "samples_per_problem": 1, "tokens_per_problem": 50},
+            "short-1@6": {"name": "short-m", "samples_per_problem": 6, "tokens_per_problem": 200},
+            "think-min 64": {"name": "think-min", "samples_per_problem": 1, "tokens_per_problem": 150}}
+    added, mapping = bench._equal_budget(methods, rows, "samples")
+    assert [m.label for m in added] == ["majority@6"] and mapping == {"short-1@6": "majority@6"}
+    rows["majority@6"] = {"name": "majority", "samples_per_problem": 6, "tokens_per_problem": 300}
+    added, mapping = bench._equal_budget(methods + added, rows, "tokens")  # 50 tokens per sample: 200 buys 4 samples, 150 three
+    assert [m.label for m in added] == ["majority@4", "majority@3"] and mapping == {"short-1@6": "majority@4", "think-min 64": "majority@3"}
+
+
+def test_data_errors_name_the_line(tmp_path):
+    p = tmp_path / "d.jsonl"
+    p.write_text('{"question": "1 + 1?", "answer": 2}\n{"question": "x"}\n')
+    with pytest.raises(ValueError, match=r"d.jsonl:2: \"answer\" is missing"):
+        bench.read_data(p)
+    p.write_text('{"prompt": "1 + 1?", "answer": 2, "id": 7, "difficulty": "easy"}\n')
+    assert bench.read_data(p) == [{"id": "7", "prompt": "1 + 1?", "answer": "2", "difficulty": "easy"}]

@@ -1,0 +1,705 @@
+"""``tts bench``: measure test-time-scaling methods on your server and your data, with paired statistics.
+
+    tts bench --base-url http://127.0.0.1:8000 --data problems.jsonl --out bench/ \\
+        --method greedy --method majority:n=8 --method short-m:m=1,k=8 --method think-max:512
+
+Data: JSONL, one problem per line, ``{"question": ..., "answer": ...}`` with an
+optional ``id`` and ``difficulty`` (``prompt`` is accepted for ``question``).
+Each question is sent as the user message of a chat completion, so the
+server's chat template applies. Answers are extracted from the text after
+thinking (``--extract``: ``auto`` takes the last ``\\boxed{}``, else what follows
+``Answer:``) and graded against the reference with math-verify.
+
+A method SPEC is a name, an optional positional value after ``:``, and
+``key=value`` settings, comma-separated: ``greedy``, ``majority:n=8,temperature=0.7``,
+``short-m:m=1,k=8``, ``think-max:512``, ``carbon:n=8``. Any ``tts_*`` key is sent
+with the method's requests (``majority:n=4,tts_moi_beta=1``); ``label=...``
+names the row. Every method runs at its paper's default settings unless a
+setting is given (``tts bench --list`` prints them with their sources).
+
+Output in ``--out``: ``records.jsonl`` (one line per method and problem: answer,
+correct, decode tokens, thinking tokens, samples, wall time; appended as
+problems finish, so running the same command again resumes), ``summary.json``,
+``report.md`` (accuracy with a 95% interval, tokens per problem, and the paired
+difference to ``--baseline`` with a 95% paired-bootstrap interval and McNemar's
+exact p; per difficulty when the data has it) and ``pareto.png`` (accuracy
+against tokens, with intervals; needs matplotlib).
+
+``--equal-budget samples`` (or ``tokens``) adds, for every method that spends
+more than one sample's worth, a majority vote at the same mean number of samples
+(or tokens) per problem, and reports the method against it.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import math
+import sys
+import time
+import zlib
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from tts_plugins.client import aggregate, stats
+from tts_plugins.client.server import EXTRACTORS, Sample, Server, ServerError, extractor, final_part
+
+# --- methods -----------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class MethodInfo:
+    """A method ``tts bench`` knows: its settings with defaults, the positional setting, and where they come from."""
+
+    name: str
+    help: str
+    defaults: Mapping[str, Any]
+    positional: str | None = None
+    source: str = ""
+
+
+# The papers' decoding settings where they give them; "ours" where they do not (each says which).
+METHODS: dict[str, MethodInfo] = {m.name: m for m in (
+    MethodInfo("greedy", "one greedy sample", {"n": 1, "temperature": 0.0}),
+    MethodInfo("sample", "one sample", {"n": 1, "temperature": 0.6, "top_p": 0.95},
+               source="T=0.6, top_p=0.95: the sampling DeepSeek-R1 and Qwen3 recommend for their thinking mode"),
+    MethodInfo("majority", "self-consistency: n samples, majority vote", {"n": 8, "temperature": 0.7, "top_p": 1.0}, "n",
+               source="Wang et al. 2023 (arXiv 2203.11171): T=0.7 without top-k truncation for GPT-3/PaLM; n=8 is ours (the paper: 40)"),
+    MethodInfo("inverse-entropy", "n samples, vote weighted by 1 / mean token entropy", {"n": 8, "temperature": 0.7, "top_p": 1.0}, "n",
+               source="arXiv 2511.02309; settings are majority's (ours)"),
+    MethodInfo("best-of-n", "n samples, the one with the highest reward", {"n": 8, "temperature": 0.7, "top_p": 1.0, "reward": "confidence"},
+               "n", source="reward 'confidence' (mean token log-prob) is ours; give reward=module:function for a reward model"),
+    MethodInfo("short-m", "short-m@k: k samples in one in-engine group, stopped once m finish; vote among the m",
+               {"m": 1, "k": 8, "temperature": 0.7, "top_p": 0.95}, "k",
+               source="Hassid et al. 2025 (arXiv 2505.17813): T=0.7, top_p=0.95 (k=20 in the paper; 8 is ours)"),
+    MethodInfo("think-max", "thinking cap (s1 budget forcing), greedy", {"n": 1, "temperature": 0.0, "budget": 512}, "budget",
+               source="s1 (arXiv 2501.19393): greedy decoding"),
+    MethodInfo("think-min", "thinking minimum with 'Wait' (s1 budget forcing), greedy", {"n": 1, "temperature": 0.0, "budget": 512}, "budget",
+               source="s1 (arXiv 2501.19393): greedy decoding, 'Wait'"),
+    MethodInfo("no-think", "NoThinking: the thinking block prefilled and closed", {"n": 1, "temperature": 0.0}, "n",
+               source="arXiv 2504.09858; greedy for one sample is ours (the paper reports pass@k of samples)"),
+    MethodInfo("trim", "thought trimming (TrimR-style), in the engine", {"n": 1, "temperature": 0.0, "converge": 3, "min_tokens": 0}, "converge",
+               source="TrimR (arXiv 2505.17155) thresholds are reported, not sourced: converge/min_tokens are our defaults; greedy is ours"),
+    MethodInfo("moi", "Mixture of Inputs (the next input mixes the sampled token and the distribution)",
+               {"n": 1, "temperature": 0.6, "top_p": 0.8, "beta": 1.0}, "n",
+               source="arXiv 2505.14827: T=0.6, top_p=0.8, beta=1; n > 1 votes by majority"),
+    MethodInfo("carbon", "CarBoN: explore, fit T and a bias, exploit; Best-of-N over all", {"n": 8, "temperature": 0.7, "top_p": 1.0,
+               "reward": "agreement"}, "n",
+               source="arXiv 2510.15674 (reported): N1 = N/2 explore; the paper scores with a process reward model; the default "
+                      "'agreement' reward with Best-of-N over all N is majority@N by construction: give reward=module:function"),
+    MethodInfo("ladder", "temperature ladder with the two-stage multi-temperature vote and early exit",
+               {"waves": 1, "tau_intra": 0.8, "tau_cross": 1.0, "ladder": "0.0..1.2"}, "waves",
+               source="arXiv 2510.02611 (reported): rungs 0.0..1.2 step 0.1, tau_intra 0.8, tau_cross 1.0"),
+    MethodInfo("roe", "RoE routing noise on every token of one sample (MoE models)", {"n": 1, "temperature": 0.0, "tau": 0.3}, "tau",
+               source="arXiv 2509.17238 (reported): per-layer tau, small; 0.3 is ours"),
+    MethodInfo("roster", "RoE roster: k members (one clean, k-1 noisy) decode one sequence (MoE models)",
+               {"k": 4, "temperature": 0.0, "tau": 0.3}, "k", source="arXiv 2509.17238 (reported): one clean member, greedy"),
+)}
+COMMON = ("n", "temperature", "top_p", "max_tokens", "label", "vs")
+
+
+@dataclass
+class Method:
+    """A parsed SPEC: the method, its resolved settings, the ``tts_*`` keys it sends, and its row label."""
+
+    spec: str
+    info: MethodInfo
+    settings: dict[str, Any]
+    params: dict[str, Any] = field(default_factory=dict)
+    label: str = ""
+    vs: str | None = None  # the label this method is compared with (default: the run's baseline)
+
+    @property
+    def name(self) -> str:
+        return self.info.name
+
+
+def _value(text: str) -> Any:
+    low = text.lower()
+    if low in ("true", "false"):
+        return low == "true"
+    try:
+        return int(text)
+    except ValueError:
+        pass
+    try:
+        return float(text)
+    except ValueError:
+        pass
+    if text[:1] in "[{\"":
+        try:
+            return json.loads(text)
+        except json.JSONDecodeError:
+            pass
+    return text
+
+
+def parse_spec(spec: str) -> Method:
+    """``name[:value][,key=value...]`` -> :class:`Method`; a bad spec is a ``ValueError`` naming what is wrong."""
+    if not isinstance(spec, str) or not spec.strip():
+        raise ValueError(f"a method spec must be a non-empty string, got {spec!r}")
+    name, _, rest = spec.strip().partition(":")
+    info = METHODS.get(name)
+    if info is None:
+        raise ValueError(f"unknown method {name!r} in spec {spec!r}; known: {', '.join(METHODS)}")
+    settings, params = dict(info.defaults), {}
+    label = vs = None
+    items = [x for x in _split(rest)] if rest else []
+    for i, item in enumerate(items):
+        key, eq, raw = item.partition("=")
+        key = key.strip()
+        if not eq:
+            if i != 0 or info.positional is None:
+                raise ValueError(f"in spec {spec!r}: {item!r} is not key=value" + (f" (only the first item may be a bare {info.positional})"
+                                                                                  if info.positional else ""))
+            key, raw = info.positional, item
+        value = _value(raw.strip())
+        if key.startswith("tts_"):
+            params[key] = value
+        elif key == "label":
+            label = str(raw.strip())
+        elif key == "vs":
+            vs = str(raw.strip())
+        elif key in info.defaults or key in COMMON:
+            settings[key] = value
+        else:
+            raise ValueError(f"in spec {spec!r}: unknown setting {key!r} for {name}; settings: "
+                             f"{', '.join(sorted(set(info.defaults) | set(COMMON)))}, or any tts_* key")
+    _check(spec, name, settings)
+    m = Method(spec.strip(), info, settings, params, vs=vs)
+    m.label = label or _default_label(m)
+    return m
+
+
+def _split(text: str) -> list[str]:
+    """Comma-separated items; commas inside brackets or quotes stay (``tts_trim_markers=["\\n",","]``)."""
+    out, depth, cur, quote = [], 0, "", False
+    for ch in text:
+        if ch == '"':
+            quote = not quote
+        elif not quote and ch in "[{":
+            depth += 1
+        elif not quote and ch in "]}":
+            depth -= 1
+        if ch == "," and depth == 0 and not quote:
+            out.append(cur)
+            cur = ""
+        else:
+            cur += ch
+    if cur or out:
+        out.append(cur)
+    return [x for x in (s.strip() for s in out) if x]
+
+
+def _check(spec: str, name: str, s: Mapping[str, Any]) -> None:
+    def need(ok: bool, what: str) -> None:
+        if not ok:
+            raise ValueError(f"in spec {spec!r}: {what}")
+
+    def is_int(v: Any) -> bool:
+        return isinstance(v, int) and not isinstance(v, bool)
+
+    for key in ("n", "k", "m", "budget", "waves", "converge", "min_tokens", "max_tokens"):
+        if key in s:
+            need(is_int(s[key]) and s[key] >= (0 if key in ("budget", "min_tokens", "converge") else 1),
+                 f"{key} must be an int >= {0 if key in ('budget', 'min_tokens', 'converge') else 1}, got {s[key]!r}")
+    for key in ("temperature", "tau", "beta"):
+        if key in s:
+            need(isinstance(s[key], (int, float)) and not isinstance(s[key], bool) and math.isfinite(s[key]) and s[key] >= 0,
+                 f"{key} must be a number >= 0, got {s[key]!r}")
+    if "top_p" in s:
+        need(isinstance(s["top_p"], (int, float)) and 0 < s["top_p"] <= 1, f"top_p must be in (0, 1], got {s['top_p']!r}")
+    if name == "short-m":
+        need(s["m"] <= s["k"], f"m must be <= k, got m={s['m']}, k={s['k']}")
+    if name in ("majority", "inverse-entropy", "best-of-n", "carbon", "short-m", "moi", "no-think", "sample") and s.get("n", s.get("k", 1)) > 1:
+        need(s.get("temperature", 0) > 0, "more than one sample needs temperature > 0")
+    if name == "carbon":
+        need(s["n"] >= 2, f"carbon needs n >= 2 (explore and exploit), got {s['n']}")
+    if name == "roster":
+        need(s["k"] >= 2, f"a roster needs k >= 2 members, got {s['k']}")
+
+
+def _default_label(m: Method) -> str:
+    s, d = m.settings, m.info.defaults
+    changed = [f"{k}={s[k]}" for k in s if k not in (m.info.positional,) and d.get(k) != s[k]]
+    pos = f"{s[m.info.positional]}" if m.info.positional else ""
+    base = {"majority": f"majority@{s.get('n')}", "inverse-entropy": f"inverse-entropy@{s.get('n')}", "best-of-n": f"best-of-{s.get('n')}",
+            "short-m": f"short-{s.get('m')}@{s.get('k')}", "carbon": f"carbon@{s.get('n')}", "think-max": f"think-max {pos}",
+            "think-min": f"think-min {pos}", "roster": f"roster of {s.get('k')} tau={s.get('tau')}", "roe": f"roe tau={s.get('tau')}",
+            "ladder": f"ladder x{s.get('waves')}", "trim": f"trim converge={s.get('converge')}"}.get(m.name)
+    if base is None:
+        base = m.name + (f"@{s['n']}" if s.get("n", 1) > 1 else "")
+        changed = [c for c in changed if not c.startswith("n=")]
+    else:
+        changed = [c for c in changed if c.split("=")[0] not in ("n", "m", "k", "tau", "waves", "converge")]
+    extra = changed + [f"{k}={json.dumps(v) if not isinstance(v, str) else v}" for k, v in m.params.items()]
+    return base + (f" ({', '.join(extra)})" if extra else "")
+
+
+# --- running ----------------------------------------------------------------------------------------------
+
+
+def read_data(path: Path, limit: int | None = None) -> list[dict[str, Any]]:
+    out, seen = [], set()
+    try:
+        lines = path.read_text(encoding="utf-8").splitlines()
+    except OSError as exc:
+        raise ValueError(f"cannot read {path}: {exc.strerror}") from None
+    for no, line in enumerate(lines, 1):
+        if not line.strip():
+            continue
+        try:
+            p = json.loads(line)
+        except json.JSONDecodeError as exc:
+            raise ValueError(f"{path}:{no}: not JSON ({exc.msg})") from None
+        q = p.get("question", p.get("prompt")) if isinstance(p, dict) else None
+        if not isinstance(q, str) or not q:
+            raise ValueError(f'{path}:{no}: expected an object with a non-empty string "question", got {line[:120]!r}')
+        if "answer" not in p or p["answer"] is None:
+            raise ValueError(f'{path}:{no}: "answer" is missing (tts bench grades every problem)')
+        pid = str(p.get("id", no))
+        if pid in seen:
+            raise ValueError(f"{path}:{no}: duplicate id {pid!r}")
+        seen.add(pid)
+        out.append({"id": pid, "prompt": q, "answer": str(p["answer"]), "difficulty": p.get("difficulty")})
+        if limit is not None and len(out) >= limit:
+            break
+    if not out:
+        raise ValueError(f"{path}: no problems")
+    return out
+
+
+def thinking_tokens(s: Sample) -> int:
+    """Decode tokens spent thinking: the share of the sample's tokens that the thinking text takes (by characters),
+    exact when the completion has no thinking or is only thinking."""
+    full = (s.reasoning + "</think>" + s.text) if s.reasoning else s.text
+    answer_part = final_part(full)
+    if len(answer_part) == len(full):  # no end of thinking: all thinking when the reasoning parser split nothing off
+        return s.tokens if s.reasoning else 0
+    return round(s.tokens * (len(full) - len(answer_part)) / max(1, len(full)))
+
+
+def _seed(seed: int, method: str, pid: str) -> int:
+    return (seed * 1_000_003 + zlib.crc32(f"{method}\x00{pid}".encode())) % (2**31 - 1)
+
+
+async def run_one(server: Server, m: Method, p: Mapping[str, Any], *, seed: int, max_tokens: int, max_n: int,
+                  same: Callable[[str, str], bool], save_samples: bool = False) -> dict[str, Any]:
+    """One method on one problem: the record ``records.jsonl`` keeps."""
+    from tts_plugins.client.strategies import Options, run_problem
+
+    s, name = m.settings, m.name
+    t0 = time.perf_counter()
+    mt = int(s.get("max_tokens", max_tokens))
+    rseed = _seed(seed, m.label, str(p["id"]))
+    extra: dict[str, Any] = {}
+    if name == "roster":
+        k, tau = s["k"], float(s["tau"])
+        group = f"bench-{rseed}-{p['id']}"[:150]
+        members = await asyncio.gather(*(
+            server.sample(p["prompt"], n=1, temperature=float(s["temperature"]), max_tokens=mt, seed=rseed + i,
+                          params={**m.params, "tts_roe_roster": group, "tts_roe_roster_size": k, "tts_roe_tau": 0.0 if i == 0 else tau})
+            for i in range(k)))
+        samples = [x for ms in members for x in ms]
+        answer = samples[0].answer
+        extra["members_identical"] = len({tuple(x.token_ids or ()) for x in samples}) == 1
+    else:
+        params = dict(m.params)
+        o = dict(n=int(s.get("n", 1)), temperature=float(s.get("temperature", 1.0)), top_p=float(s.get("top_p", 1.0)), max_tokens=mt,
+                 seed=rseed, max_n=max_n)
+        if name == "think-max":
+            params["tts_think_max"] = s["budget"]
+        elif name == "think-min":
+            params["tts_think_min"] = s["budget"]
+        elif name == "no-think":
+            params["tts_no_think"] = True
+        elif name == "trim":
+            params.update(tts_trim=True, tts_trim_converge=s["converge"], tts_trim_min_tokens=s["min_tokens"])
+        elif name == "moi":
+            params["tts_moi_beta"] = float(s["beta"])
+        elif name == "roe":
+            params["tts_roe_tau"] = float(s["tau"])
+        if name == "inverse-entropy":
+            o["vote"] = "inverse_entropy"
+        elif name == "best-of-n":
+            o.update(strategy="best-of-n", reward=s["reward"])
+        elif name == "short-m":
+            o.update(n=s["k"], vote="short_m", m=s["m"])
+            params.update(tts_group=f"bench-{rseed}-{p['id']}"[:150], tts_group_stop_after=s["m"])
+        elif name == "carbon":
+            o.update(strategy="carbon", reward=s["reward"])
+        elif name == "ladder":
+            o.update(strategy="ladder", waves=s["waves"], min_waves=1, ahead=s["waves"], tau_intra=float(s["tau_intra"]),
+                     tau_cross=float(s["tau_cross"]), n=1)
+        opts = Options(params=params, **o)
+        opts.check()
+        r = await run_problem(server, p, opts)
+        answer = r["answer"]
+        samples = [Sample(text=x.get("text", ""), reasoning=x.get("reasoning"), answer=x.get("answer"), tokens=x["tokens"],
+                          finish_reason=x.get("finish_reason"), temperature=x.get("temperature")) for x in r["samples"]]
+        if r.get("calibration"):
+            extra["calibration"] = {k: r["calibration"][k] for k in ("temperature", "bias_tokens")}
+        if "early_exit" in r:
+            extra["early_exit"] = r["early_exit"]
+    right = [x.answer is not None and same(str(x.answer), str(p["answer"])) for x in samples]
+    if save_samples:
+        extra["texts"] = [(x.reasoning + "</think>" + x.text) if x.reasoning else x.text for x in samples]
+    return {"method": m.label, "id": p["id"], "difficulty": p.get("difficulty"), "answer": answer, "reference": p["answer"],
+            "correct": answer is not None and same(str(answer), str(p["answer"])), "tokens": sum(x.tokens for x in samples),
+            "thinking_tokens": sum(thinking_tokens(x) for x in samples), "samples": len(samples), "samples_right": sum(right),
+            "finish": [x.finish_reason for x in samples], "lengths": [x.tokens for x in samples], "right": right,
+            "wall_s": round(time.perf_counter() - t0, 3), **extra}
+
+
+def read_records(path: Path) -> dict[tuple[str, str], dict[str, Any]]:
+    """Finished records by (method label, problem id); a half-written last line (an interrupted run) is skipped."""
+    done: dict[tuple[str, str], dict[str, Any]] = {}
+    if not path.exists():
+        return done
+    for line in path.read_text(encoding="utf-8").splitlines():
+        try:
+            r = json.loads(line)
+        except json.JSONDecodeError:
+            continue
+        if isinstance(r, dict) and "error" not in r and "method" in r and "id" in r:
+            done[(r["method"], str(r["id"]))] = r
+    return done
+
+
+async def run_methods(server: Server, methods: Sequence[Method], problems: Sequence[Mapping[str, Any]], out: Path, *, seed: int,
+                      max_tokens: int, max_n: int, concurrency: int, same: Callable[[str, str], bool], progress: bool,
+                      done: dict[tuple[str, str], dict[str, Any]], save_samples: bool = False) -> int:
+    """Run what is not in ``done`` yet; append each record as it finishes. Returns the number of failed problems."""
+    todo = [(m, p) for m in methods for p in problems if (m.label, p["id"]) not in done]
+    bar = None
+    if progress:
+        try:
+            from tqdm import tqdm
+
+            bar = tqdm(total=len(methods) * len(problems), initial=len(methods) * len(problems) - len(todo), unit="problem",
+                       file=sys.stderr, dynamic_ncols=True, desc="tts bench")
+        except ImportError:
+            bar = None
+    failed = 0
+    limit = asyncio.Semaphore(max(1, concurrency))
+    with (out / "records.jsonl").open("a", encoding="utf-8") as f:
+        if f.tell() and not (out / "records.jsonl").read_bytes().endswith(b"\n"):
+            f.write("\n")
+
+        async def one(m: Method, p: Mapping[str, Any]) -> None:
+            nonlocal failed
+            async with limit:
+                try:
+                    r = await run_one(server, m, p, seed=seed, max_tokens=max_tokens, max_n=max_n, same=same, save_samples=save_samples)
+                except ServerError as exc:
+                    if exc.status in (0, 400, 404, 422):  # unreachable, or the method's parameters are refused: all would fail
+                        raise ServerError(f"method {m.label!r}: {exc}", exc.status) from None
+                    r = {"method": m.label, "id": p["id"], "error": str(exc)}
+                    failed += 1
+            f.write(json.dumps(r, ensure_ascii=False) + "\n")
+            f.flush()
+            if "error" not in r:
+                done[(m.label, str(p["id"]))] = r
+            if bar is not None:
+                bar.update(1)
+                bar.set_postfix_str(m.label[:30])
+
+        # method by method (the progress bar moves through the table), problems concurrently within a method
+        try:
+            for m in methods:
+                mine = [p for mm, p in todo if mm is m]
+                tasks = [asyncio.ensure_future(one(m, p)) for p in mine]
+                try:
+                    await asyncio.gather(*tasks)
+                finally:
+                    for t in tasks:
+                        t.cancel()
+                    await asyncio.gather(*tasks, return_exceptions=True)
+        finally:
+            if bar is not None:
+                bar.close()
+    return failed
+
+
+# --- statistics and reports --------------------------------------------------------------------------------
+
+
+def summarize(methods: Sequence[Method], problems: Sequence[Mapping[str, Any]], records: Mapping[tuple[str, str], Mapping[str, Any]], *,
+              baseline: str | None, resamples: int = 10_000, seed: int = 0, equal: Mapping[str, str] | None = None) -> dict[str, Any]:
+    """Per method: accuracy and interval, tokens, samples, pass@N, paired difference to the baseline (and to its
+    equal-budget majority), per difficulty. Only problems every compared method finished are paired."""
+    ids = [str(p["id"]) for p in problems]
+    diff_of = {str(p["id"]): p.get("difficulty") for p in problems}
+    rows: list[dict[str, Any]] = []
+    by_label = {m.label: m for m in methods}
+    for m in methods:
+        recs = [records[(m.label, i)] for i in ids if (m.label, i) in records]
+        if not recs:
+            continue
+        correct = [float(r["correct"]) for r in recs]
+        lo, hi = stats.bootstrap_mean(correct, resamples, seed)
+        row: dict[str, Any] = {
+            "method": m.label, "spec": m.spec, "name": m.name, "settings": m.settings, "params": m.params, "source": m.info.source,
+            "problems": len(recs), "accuracy": sum(correct) / len(recs), "ci95": [lo, hi],
+            "tokens_per_problem": sum(r["tokens"] for r in recs) / len(recs),
+            "thinking_tokens_per_problem": sum(r["thinking_tokens"] for r in recs) / len(recs),
+            "samples_per_problem": sum(r["samples"] for r in recs) / len(recs), "wall_s_per_problem": sum(r["wall_s"] for r in recs) / len(recs),
+            "equal_budget_for": sorted(k for k, v in (equal or {}).items() if v == m.label) or None,
+        }
+        n_min = min(r["samples"] for r in recs)
+        if n_min > 1 and m.name != "roster":
+            row["pass_at_n"] = sum(r["samples_right"] > 0 for r in recs) / len(recs)
+            row["mean_sample_accuracy"] = sum(r["samples_right"] / r["samples"] for r in recs) / len(recs)
+        cal = [r["calibration"] for r in recs if r.get("calibration")]
+        if cal:
+            row["carbon_fitted_T_mean"] = sum(c["temperature"] for c in cal) / len(cal)
+            row["carbon_bias_tokens_mean"] = sum(c["bias_tokens"] for c in cal) / len(cal)
+        if any(r.get("early_exit") for r in recs):
+            row["early_exits"] = sum(bool(r.get("early_exit")) for r in recs)
+        groups = sorted({diff_of[r["id"]] for r in recs if diff_of.get(r["id"]) is not None}, key=str)
+        if groups:
+            row["by_difficulty"] = {str(g): {"problems": len(sub), "accuracy": sum(r["correct"] for r in sub) / len(sub),
+                                             "tokens_per_problem": sum(r["tokens"] for r in sub) / len(sub)}
+                                    for g in groups for sub in [[r for r in recs if diff_of[r["id"]] == g]]}
+        rows.append(row)
+
+    def paired(a_label: str, b_label: str) -> dict[str, Any] | None:
+        common = [i for i in ids if (a_label, i) in records and (b_label, i) in records]
+        if not common:
+            return None
+        a = [records[(a_label, i)]["correct"] for i in common]
+        b = [records[(b_label, i)]["correct"] for i in common]
+        d, lo, hi = stats.paired_bootstrap([float(x) for x in a], [float(x) for x in b], resamples, seed)
+        wins, losses = stats.discordant(a, b)
+        ta = sum(records[(a_label, i)]["tokens"] for i in common) / len(common)
+        tb = sum(records[(b_label, i)]["tokens"] for i in common) / len(common)
+        return {"against": b_label, "problems": len(common), "difference": d, "ci95": [lo, hi], "mcnemar_p": stats.mcnemar(a, b),
+                "wins": wins, "losses": losses, "token_ratio": ta / tb if tb else None}
+
+    for row in rows:
+        against = by_label[row["method"]].vs or baseline
+        if against and row["method"] != against and against in by_label:
+            row["vs_baseline"] = paired(row["method"], against)
+        eb = (equal or {}).get(row["method"])
+        if eb and eb != row["method"]:
+            row["vs_equal_budget"] = paired(row["method"], eb)
+    return {"baseline": baseline, "problems": len(problems), "resamples": resamples, "methods": rows}
+
+
+def _pct(x: float) -> str:
+    return f"{100 * x:.1f}"
+
+
+def markdown(summary: Mapping[str, Any]) -> str:
+    base = summary.get("baseline")
+    lines = [f"| method | accuracy % (95% CI) | Δ vs {base or 'baseline'} (paired 95% CI) | McNemar p | tokens / problem | thinking tokens | "
+             "samples | pass@N | Δ vs majority at equal budget |",
+             "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |"]
+    for r in summary["methods"]:
+        v, e = r.get("vs_baseline"), r.get("vs_equal_budget")
+        dv = f"{_pct(v['difference'])} ({_pct(v['ci95'][0])}, {_pct(v['ci95'][1])})" if v else "(baseline)" if r["method"] == base else ""
+        if v and v["against"] != base:
+            dv += f" vs {v['against']}"
+        pv = f"{v['mcnemar_p']:.3g}" if v else ""
+        de = f"{_pct(e['difference'])} ({_pct(e['ci95'][0])}, {_pct(e['ci95'][1])}) vs {e['against']}" if e else ""
+        pn = _pct(r["pass_at_n"]) if "pass_at_n" in r else ""
+        lines.append(f"| {r['method']} | {_pct(r['accuracy'])} ({_pct(r['ci95'][0])}, {_pct(r['ci95'][1])}) | {dv} | {pv} | "
+                     f"{r['tokens_per_problem']:.0f} | {r['thinking_tokens_per_problem']:.0f} | {r['samples_per_problem']:.3g} | {pn} | {de} |")
+    groups = sorted({g for r in summary["methods"] for g in r.get("by_difficulty", {})}, key=_difficulty_order)
+    if groups:
+        lines += ["", "Accuracy % by difficulty (problems):", "",
+                  "| method | " + " | ".join(f"{g} ({summary['methods'][0].get('by_difficulty', {}).get(g, {}).get('problems', '')})"
+                                             for g in groups) + " |",
+                  "| --- |" + " ---: |" * len(groups)]
+        for r in summary["methods"]:
+            cells = [(_pct(r["by_difficulty"][g]["accuracy"]) if g in r.get("by_difficulty", {}) else "") for g in groups]
+            lines.append(f"| {r['method']} | " + " | ".join(cells) + " |")
+    extras = [r for r in summary["methods"] if "carbon_fitted_T_mean" in r]
+    for r in extras:
+        lines.append(f"\n{r['method']}: fitted temperature {r['carbon_fitted_T_mean']:.3f} on average, "
+                     f"{r['carbon_bias_tokens_mean']:.1f} biased tokens per problem.")
+    return "\n".join(lines) + "\n"
+
+
+def _difficulty_order(g: str) -> tuple:
+    order = {"easy": 0, "medium": 1, "hard": 2}
+    return (order.get(g, 3), g)
+
+
+def plot(summary: Mapping[str, Any], path: Path, title: str) -> bool:
+    try:
+        import matplotlib
+    except ImportError:
+        print("tts bench: matplotlib is not installed; no Pareto chart (pip install matplotlib)", file=sys.stderr)
+        return False
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    rows = summary["methods"]
+    fig, ax = plt.subplots(figsize=(9, 5.5))
+    for r in rows:
+        lo, hi = r["ci95"]
+        ax.errorbar(r["tokens_per_problem"], r["accuracy"], yerr=[[r["accuracy"] - lo], [hi - r["accuracy"]]], fmt="o", capsize=3, ms=5)
+        ax.annotate(r["method"], (r["tokens_per_problem"], r["accuracy"]), fontsize=7, xytext=(4, 3), textcoords="offset points")
+    front, best = [], -1.0
+    for r in sorted(rows, key=lambda r: (r["tokens_per_problem"], -r["accuracy"])):
+        if r["accuracy"] > best:
+            front.append(r)
+            best = r["accuracy"]
+    ax.plot([r["tokens_per_problem"] for r in front], [r["accuracy"] for r in front], "--", color="grey", lw=1, label="Pareto frontier")
+    ax.set_xscale("log")
+    ax.set_xlabel("decode tokens per problem (log)")
+    ax.set_ylabel("accuracy (95% bootstrap interval)")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8, loc="lower right")
+    ax.set_title(title, fontsize=10)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return True
+
+
+# --- command line ------------------------------------------------------------------------------------------
+
+
+def add_parser(sub: Any) -> argparse.ArgumentParser:
+    b = sub.add_parser("bench", help="measure methods on your server and data, with paired statistics",
+                       description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
+    b.add_argument("--base-url", default=None, help="server base URL (default $TTS_SERVER_URL or http://127.0.0.1:8000)")
+    b.add_argument("--data", type=Path, help='JSONL: {"question", "answer", "id"?, "difficulty"?} per line')
+    b.add_argument("--method", action="append", default=[], metavar="SPEC", help="a method SPEC (repeat); see --list")
+    b.add_argument("--out", type=Path, help="output folder (records.jsonl, summary.json, report.md, pareto.png); resumes")
+    b.add_argument("--baseline", default=None, help="the method label the others are compared with (default: the first method)")
+    b.add_argument("--equal-budget", choices=("off", "samples", "tokens"), default="off",
+                   help="add majority votes at each method's mean samples (or tokens) per problem, and compare")
+    b.add_argument("--engine", choices=("auto", "vllm", "sglang"), default="auto")
+    b.add_argument("--model", default=None, help="model name (default: the first the server lists)")
+    b.add_argument("--extract", default="auto", help=f"answer extractor: {', '.join(EXTRACTORS)} or module:function (text) -> str | None")
+    b.add_argument("--grader", choices=("math-verify", "exact"), default="math-verify")
+    b.add_argument("--max-tokens", type=int, default=1024, help="per sample, unless a spec sets max_tokens")
+    b.add_argument("--max-n", type=int, default=16, help="samples per request")
+    b.add_argument("--concurrency", type=int, default=16, help="problems (and requests) in flight at once")
+    b.add_argument("--limit", type=int, default=None, help="only the first N problems")
+    b.add_argument("--seed", type=int, default=0)
+    b.add_argument("--resamples", type=int, default=10_000, help="bootstrap resamples")
+    b.add_argument("--timeout", type=float, default=600.0, help="seconds per request")
+    b.add_argument("--quiet", action="store_true", help="no progress bar")
+    b.add_argument("--save-samples", action="store_true", help="keep every sample's text in records.jsonl (for premise measurements)")
+    b.add_argument("--list", action="store_true", help="list the methods, their default settings and sources, and exit")
+    return b
+
+
+def list_methods() -> str:
+    out = []
+    for m in METHODS.values():
+        d = ", ".join(f"{k}={v}" for k, v in m.defaults.items())
+        out.append(f"{m.name}{f':<{m.positional}>' if m.positional else ''}  {m.help}\n    defaults: {d}\n    source: {m.source or '-'}")
+    return "\n".join(out)
+
+
+def _equal_budget(methods: Sequence[Method], summary_rows: Mapping[str, Mapping[str, Any]], mode: str) -> tuple[list[Method], dict[str, str]]:
+    """For every method spending more than one sample's worth: the majority vote at its mean samples (or tokens) per
+    problem, at majority's default settings. Returns the votes to add (those not run already) and method -> vote label."""
+    added: list[Method] = []
+    mapping: dict[str, str] = {}
+    have = {m.label: m for m in methods}
+    per_sample = None
+    if mode == "tokens":
+        singles = [r for r in summary_rows.values() if r["name"] in ("majority", "sample") and r["samples_per_problem"] > 0]
+        if singles:
+            per_sample = sum(r["tokens_per_problem"] / r["samples_per_problem"] for r in singles) / len(singles)
+    for m in methods:
+        r = summary_rows.get(m.label)
+        if r is None or m.name == "majority":
+            continue
+        if mode == "samples":
+            k = round(r["samples_per_problem"])
+        elif per_sample:
+            k = round(r["tokens_per_problem"] / per_sample)
+        else:
+            continue
+        if k < 2:
+            continue
+        vote = parse_spec(f"majority:n={k}")
+        if vote.label not in have:
+            added.append(vote)
+            have[vote.label] = vote
+        mapping[m.label] = vote.label
+    return added, mapping
+
+
+async def bench(a: argparse.Namespace) -> int:
+    import os
+
+    methods = [parse_spec(s) for s in a.method]
+    labels = [m.label for m in methods]
+    dup = sorted({x for x in labels if labels.count(x) > 1})
+    if dup:
+        raise ValueError(f"two methods have the label {dup[0]!r}; give one of them label=...")
+    baseline = a.baseline or labels[0]
+    if baseline not in labels:
+        raise ValueError(f"--baseline {baseline!r} is not one of the methods' labels: {', '.join(labels)}")
+    for m in methods:
+        if m.vs is not None and m.vs not in labels:
+            raise ValueError(f"method {m.label!r}: vs={m.vs!r} is not one of the methods' labels: {', '.join(labels)}")
+    problems = read_data(a.data, a.limit)
+    a.out.mkdir(parents=True, exist_ok=True)
+    same = aggregate.same_answer if a.grader == "math-verify" else (lambda x, y: x.strip() == y.strip())
+    done = read_records(a.out / "records.jsonl")
+    url = a.base_url or os.environ.get("TTS_SERVER_URL", "http://127.0.0.1:8000")
+    server = Server(url, engine=None if a.engine == "auto" else a.engine, model=a.model, concurrency=a.concurrency, timeout=a.timeout,
+                    answer=extractor(a.extract))
+    t0 = time.perf_counter()
+    async with server:
+        print(f"tts bench: {len(problems)} problems x {len(methods)} methods on {server.engine} ({server.model}) at {server.base_url}",
+              file=sys.stderr)
+        kw = dict(seed=a.seed, max_tokens=a.max_tokens, max_n=a.max_n, concurrency=a.concurrency, same=same, progress=not a.quiet, done=done,
+                  save_samples=a.save_samples)
+        failed = await run_methods(server, methods, problems, a.out, **kw)
+        equal: dict[str, str] = {}
+        if a.equal_budget != "off":
+            first = summarize(methods, problems, done, baseline=baseline, resamples=10, seed=a.seed)
+            extra, equal = _equal_budget(methods, {r["method"]: r for r in first["methods"]}, a.equal_budget)
+            if extra:
+                failed += await run_methods(server, extra, problems, a.out, **kw)
+                methods = methods + extra
+        engine, model = server.engine, server.model
+    summary = summarize(methods, problems, done, baseline=baseline, resamples=a.resamples, seed=a.seed, equal=equal)
+    summary.update(engine=engine, model=model, data=str(a.data), seed=a.seed, max_tokens=a.max_tokens, grader=a.grader, extract=a.extract,
+                   seconds=round(time.perf_counter() - t0, 1), failed=failed)
+    (a.out / "summary.json").write_text(json.dumps(summary, indent=1) + "\n")
+    table = markdown(summary)
+    (a.out / "report.md").write_text(f"# tts bench: {model} on {engine}, {len(problems)} problems from {a.data.name}\n\n" + table)
+    plot(summary, a.out / "pareto.png", f"{model} ({engine}), {len(problems)} problems, seed {a.seed}")
+    print(table, file=sys.stdout)
+    print(f"tts bench: {a.out}/records.jsonl, summary.json, report.md, pareto.png ({summary['seconds']} s; {failed} failed)",
+          file=sys.stderr)
+    return 1 if failed else 0
+
+
+def main(a: argparse.Namespace) -> int:
+    if a.list:
+        print(list_methods())
+        return 0
+    missing = [f for f, v in (("--data", a.data), ("--out", a.out), ("--method", a.method)) if not v]
+    if missing:
+        print(f"tts bench: error: {', '.join(missing)} required", file=sys.stderr)
+        return 2
+    try:
+        return asyncio.run(bench(a))
+    except ValueError as exc:
+        print(f"tts bench: error: {exc}", file=sys.stderr)
+        return 2
+    except ServerError as exc:
+        print(f"tts bench: error: {exc}", file=sys.stderr)
+        print(f"tts bench: records finished so far are in {a.out}/records.jsonl; run the same command again to resume", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print(f"\ntts bench: interrupted; run the same command again to resume ({a.out}/records.jsonl)", file=sys.stderr)
+        return 130
+
+
+__all__ = ["METHODS", "Method", "add_parser", "main", "markdown", "parse_spec", "read_records", "summarize"]
