@@ -77,7 +77,7 @@ async def measure_premises(base: str, problems: list[dict], k: int, seed: int, m
     from tts_plugins.models import arith
 
     rows, entropy, prm_right, prm_wrong = [], {}, [], []
-    async with Server(base, concurrency=concurrency, answer=arith.extract_answer) as server:
+    async with Server(base, concurrency=concurrency, answer=arith.extract_answer, keep_special_tokens=True) as server:
         async def one(i: int, p: dict) -> None:
             samples = await server.sample(p["prompt"], n=k, temperature=0.7, max_tokens=max_tokens, logprobs=5, seed=seed * 7919 + i)
             for s in samples:

@@ -651,7 +651,7 @@ async def bench(a: argparse.Namespace) -> int:
     done = read_records(a.out / "records.jsonl")
     url = a.base_url or os.environ.get("TTS_SERVER_URL", "http://127.0.0.1:8000")
     server = Server(url, engine=None if a.engine == "auto" else a.engine, model=a.model, concurrency=a.concurrency, timeout=a.timeout,
-                    answer=extractor(a.extract))
+                    answer=extractor(a.extract), keep_special_tokens=True)
     t0 = time.perf_counter()
     async with server:
         print(f"tts bench: {len(problems)} problems x {len(methods)} methods on {server.engine} ({server.model}) at {server.base_url}",

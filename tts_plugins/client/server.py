@@ -175,6 +175,10 @@ class Server:
     timeout: float = 600.0
     api_key: str = "none"
     answer: Callable[[str], str | None] = extract_auto
+    # keep special tokens in the text (``skip_special_tokens: false``), so the end of thinking stays visible when
+    # the server runs no reasoning parser and the tokenizer makes "</think>" a special token (``tts bench`` counts
+    # thinking tokens by it); end-of-turn markers at the end of a choice are dropped
+    keep_special_tokens: bool = False
     _client: Any = field(default=None, repr=False)
     _slots: asyncio.Semaphore | None = field(default=None, repr=False)
     requests_sent: int = 0
@@ -240,6 +244,8 @@ class Server:
             body["top_p"] = top_p
         if seed is not None:
             body["seed"] = seed
+        if self.keep_special_tokens:
+            body["skip_special_tokens"] = False
         if logprobs is not None:
             body.update(logprobs=True, top_logprobs=logprobs)
         if self.engine == "vllm":
@@ -294,6 +300,8 @@ class Server:
     def _sample(self, choice: Mapping[str, Any], phase: str, temperature: float, scale: float) -> Sample:
         msg = choice.get("message") or {}
         text = msg.get("content") or ""
+        if self.keep_special_tokens:
+            text = _strip_end_markers(text)
         reasoning = msg.get("reasoning_content") or msg.get("reasoning")
         ids, lps, top = None, None, None
         if self.engine == "vllm":
@@ -317,6 +325,20 @@ class Server:
         full = text if reasoning is None else f"{reasoning}</think>{text}"
         return Sample(text=text, reasoning=reasoning, answer=self.answer(full), tokens=int(tokens), finish_reason=choice.get("finish_reason"),
                       temperature=temperature, phase=phase, token_ids=list(ids) if ids is not None else None, token_logprobs=lps, top=top)
+
+
+_END_MARKERS = ("<|im_end|>", "<|endoftext|>", "<|eot_id|>", "</s>", "<|end|>", "<|return|>")
+
+
+def _strip_end_markers(text: str) -> str:
+    while True:
+        stripped = text.rstrip()
+        for m in _END_MARKERS:
+            if stripped.endswith(m):
+                text = stripped[: -len(m)]
+                break
+        else:
+            return text
 
 
 def _vllm_id(token: str) -> int:
