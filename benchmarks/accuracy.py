@@ -67,6 +67,7 @@ def moe_methods(k: int, taus: tuple[float, ...]) -> list[str]:
     out = ["greedy", f"majority:n={k}"]
     out += [f"roe:{t}" for t in taus]
     out += [f"roster:k={k},tau={t},vs=greedy" for t in taus]
+    out.append(f"roster:k={k},tau={max(taus)},temperature=0.7,label=sampling roster of {k} tau={max(taus)},vs=majority@{k}")
     return out
 
 
@@ -160,7 +161,8 @@ def main(argv=None) -> int:
     ap.add_argument("--problems", type=int, help="held-out problems (default 500; --quick: 5)")
     ap.add_argument("--premise-problems", type=int, help="problems sampled for the premise measurements (default 200; --quick: 5)")
     ap.add_argument("--k", type=int, help="samples for the votes (default 8; --quick: 4)")
-    ap.add_argument("--taus", default="0.1,0.3", help="RoE taus (single noisy samples and rosters)")
+    ap.add_argument("--taus", default="0.05,0.1,0.2,0.5", help="RoE taus (single noisy samples and greedy rosters)")
+    ap.add_argument("--roster-k", type=int, default=4, help="roster members and the MoE's majority vote")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--max-tokens", type=int, default=400)
     ap.add_argument("--concurrency", type=int, default=48)
@@ -210,7 +212,7 @@ def main(argv=None) -> int:
                                                     args.concurrency))
                 prem_file.write_text(json.dumps(prem, indent=1))
             print(f"{model} premises: " + json.dumps({k: v for k, v in prem.items() if k != "by_difficulty"}), flush=True)
-            specs = dense_methods(args.k) if variant == "dense" else moe_methods(args.k, taus)
+            specs = dense_methods(args.k) if variant == "dense" else moe_methods(args.roster_k, taus)
             argv = ["bench", "--base-url", srv.base, "--data", str(data), "--out", str(out), "--baseline", "greedy", "--equal-budget", "samples",
                     "--max-tokens", str(args.max_tokens), "--concurrency", str(args.concurrency), "--seed", str(args.seed), "--extract",
                     "tts_plugins.models.arith:extract_answer"]

@@ -95,8 +95,9 @@ METHODS: dict[str, MethodInfo] = {m.name: m for m in (
                source="arXiv 2510.02611 (reported): rungs 0.0..1.2 step 0.1, tau_intra 0.8, tau_cross 1.0"),
     MethodInfo("roe", "RoE routing noise on every token of one sample (MoE models)", {"n": 1, "temperature": 0.0, "tau": 0.3}, "tau",
                source="arXiv 2509.17238 (reported): per-layer tau, small; 0.3 is ours"),
-    MethodInfo("roster", "RoE roster: k members (one clean, k-1 noisy) decode one sequence (MoE models)",
-               {"k": 4, "temperature": 0.0, "tau": 0.3}, "k", source="arXiv 2509.17238 (reported): one clean member, greedy"),
+    MethodInfo("roster", "RoE roster: k members (one clean, k-1 noisy) decode one sequence (MoE models); temperature > 0: one "
+               "request of n = k samples", {"k": 4, "temperature": 0.0, "tau": 0.3}, "k",
+               source="arXiv 2509.17238 (reported): one clean member, greedy"),
 )}
 COMMON = ("n", "temperature", "top_p", "max_tokens", "label", "vs")
 
@@ -180,9 +181,9 @@ def _split(text: str) -> list[str]:
     for ch in text:
         if ch == '"':
             quote = not quote
-        elif not quote and ch in "[{":
+        elif not quote and ch in "[{(":
             depth += 1
-        elif not quote and ch in "]}":
+        elif not quote and ch in "]})":
             depth -= 1
         if ch == "," and depth == 0 and not quote:
             out.append(cur)
@@ -243,18 +244,10 @@ def _default_label(m: Method) -> str:
 
 
 def read_data(path: Path, limit: int | None = None) -> list[dict[str, Any]]:
+    from tts_plugins.client.cli import iter_jsonl
+
     out, seen = [], set()
-    try:
-        lines = path.read_text(encoding="utf-8").splitlines()
-    except OSError as exc:
-        raise ValueError(f"cannot read {path}: {exc.strerror}") from None
-    for no, line in enumerate(lines, 1):
-        if not line.strip():
-            continue
-        try:
-            p = json.loads(line)
-        except json.JSONDecodeError as exc:
-            raise ValueError(f"{path}:{no}: not JSON ({exc.msg})") from None
+    for no, line, p in iter_jsonl(path):
         q = p.get("question", p.get("prompt")) if isinstance(p, dict) else None
         if not isinstance(q, str) or not q:
             raise ValueError(f'{path}:{no}: expected an object with a non-empty string "question", got {line[:120]!r}')
@@ -296,7 +289,14 @@ async def run_one(server: Server, m: Method, p: Mapping[str, Any], *, seed: int,
     mt = int(s.get("max_tokens", max_tokens))
     rseed = _seed(seed, m.label, str(p["id"]))
     extra: dict[str, Any] = {}
-    if name == "roster":
+    if name == "roster" and float(s["temperature"]) > 0:
+        # a sampling roster: one request of n = k samples, member 0 clean (the engine's default), the others at tau
+        k, tau = s["k"], float(s["tau"])
+        samples = await server.sample(p["prompt"], n=k, temperature=float(s["temperature"]), max_tokens=mt, seed=rseed,
+                                      top_p=float(s.get("top_p", 1.0)), params={**m.params, "tts_roe_roster_size": k, "tts_roe_tau": tau})
+        answer = samples[0].answer
+        extra["members_identical"] = len({tuple(x.token_ids or ()) for x in samples}) == 1
+    elif name == "roster":
         k, tau = s["k"], float(s["tau"])
         group = f"bench-{rseed}-{p['id']}"[:150]
         members = await asyncio.gather(*(
@@ -355,18 +355,11 @@ async def run_one(server: Server, m: Method, p: Mapping[str, Any], *, seed: int,
 
 
 def read_records(path: Path) -> dict[tuple[str, str], dict[str, Any]]:
-    """Finished records by (method label, problem id); a half-written last line (an interrupted run) is skipped."""
-    done: dict[tuple[str, str], dict[str, Any]] = {}
-    if not path.exists():
-        return done
-    for line in path.read_text(encoding="utf-8").splitlines():
-        try:
-            r = json.loads(line)
-        except json.JSONDecodeError:
-            continue
-        if isinstance(r, dict) and "error" not in r and "method" in r and "id" in r:
-            done[(r["method"], str(r["id"]))] = r
-    return done
+    """Finished records by (method label, problem id); errors are retried and a half-written last line (an
+    interrupted run) is skipped."""
+    from tts_plugins.client.cli import finished_results
+
+    return {(r["method"], str(r["id"])): r for r in finished_results(path) if "method" in r}
 
 
 async def run_methods(server: Server, methods: Sequence[Method], problems: Sequence[Mapping[str, Any]], out: Path, *, seed: int,
@@ -688,18 +681,10 @@ def main(a: argparse.Namespace) -> int:
     if missing:
         print(f"tts bench: error: {', '.join(missing)} required", file=sys.stderr)
         return 2
-    try:
-        return asyncio.run(bench(a))
-    except ValueError as exc:
-        print(f"tts bench: error: {exc}", file=sys.stderr)
-        return 2
-    except ServerError as exc:
-        print(f"tts bench: error: {exc}", file=sys.stderr)
-        print(f"tts bench: records finished so far are in {a.out}/records.jsonl; run the same command again to resume", file=sys.stderr)
-        return 2
-    except KeyboardInterrupt:
-        print(f"\ntts bench: interrupted; run the same command again to resume ({a.out}/records.jsonl)", file=sys.stderr)
-        return 130
+    from tts_plugins.client.cli import run_guarded
+
+    status, failure = run_guarded("tts bench", a.out / "records.jsonl", lambda: bench(a))
+    return status if failure is None else failure
 
 
 __all__ = ["METHODS", "Method", "add_parser", "main", "markdown", "parse_spec", "read_records", "summarize"]

@@ -26,7 +26,7 @@ import json
 import os
 import sys
 import time
-from collections.abc import Sequence
+from collections.abc import Awaitable, Callable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -38,8 +38,8 @@ class InputError(ValueError):
     pass
 
 
-def read_problems(path: Path) -> list[dict[str, Any]]:
-    problems, seen = [], set()
+def iter_jsonl(path: Path) -> Iterator[tuple[int, str, Any]]:
+    """``(line number, line, value)`` for each non-blank line; unreadable files and bad JSON are :class:`InputError`."""
     try:
         lines = path.read_text(encoding="utf-8").splitlines()
     except OSError as exc:
@@ -48,9 +48,14 @@ def read_problems(path: Path) -> list[dict[str, Any]]:
         if not line.strip():
             continue
         try:
-            p = json.loads(line)
+            yield no, line, json.loads(line)
         except json.JSONDecodeError as exc:
             raise InputError(f"{path}:{no}: not JSON ({exc.msg})") from None
+
+
+def read_problems(path: Path) -> list[dict[str, Any]]:
+    problems, seen = [], set()
+    for no, line, p in iter_jsonl(path):
         if not isinstance(p, dict) or not isinstance(p.get("prompt"), str) or not p["prompt"]:
             raise InputError(f'{path}:{no}: expected an object with a non-empty string "prompt", got {line[:120]!r}')
         pid = p.get("id", no)
@@ -63,19 +68,22 @@ def read_problems(path: Path) -> list[dict[str, Any]]:
     return problems
 
 
-def finished_ids(path: Path) -> set[str]:
-    """Ids with a result in the output file (lines with an error, or cut short by an interruption, do not count)."""
-    done: set[str] = set()
+def finished_results(path: Path) -> Iterator[dict[str, Any]]:
+    """The results in an output file so far: lines with an error, or cut short by an interruption, do not count."""
     if not path.exists():
-        return done
+        return
     for line in path.read_text(encoding="utf-8").splitlines():
         try:
             r = json.loads(line)
         except json.JSONDecodeError:
             continue
         if isinstance(r, dict) and "id" in r and "error" not in r:
-            done.add(str(r["id"]))
-    return done
+            yield r
+
+
+def finished_ids(path: Path) -> set[str]:
+    """Ids with a result in the output file."""
+    return {str(r["id"]) for r in finished_results(path)}
 
 
 def _float_list(text: str) -> list[float]:
@@ -264,21 +272,29 @@ def main(argv: Sequence[str] | None = None) -> int:
         from tts_plugins.client import bench
 
         return bench.main(a)
-    summary = None
-    try:
-        summary, status = asyncio.run(run(a))
-    except (InputError, ValueError) as exc:
-        print(f"tts: error: {exc}", file=sys.stderr)
-        return 2
-    except ServerError as exc:
-        print(f"tts: error: {exc}", file=sys.stderr)
-        print(f"tts: results finished so far are in {a.output}; run the same command again to resume", file=sys.stderr)
-        return 2
-    except KeyboardInterrupt:
-        print(f"\ntts: interrupted; results finished so far are in {a.output}; run the same command again to resume", file=sys.stderr)
-        return 130
+    result, failure = run_guarded("tts", a.output, lambda: run(a))
+    if failure is not None:
+        return failure
+    summary, status = result
     report(summary, a)
     return status
+
+
+def run_guarded(prog: str, where: Path, coro: Callable[[], Awaitable[Any]]) -> tuple[Any, int | None]:
+    """Run ``coro()``; bad input, an unreachable or refusing server and an interruption are reported on stderr
+    (with where the finished results are) and give the exit status: ``(result, None)`` or ``(None, status)``."""
+    try:
+        return asyncio.run(coro()), None
+    except ValueError as exc:  # InputError included
+        print(f"{prog}: error: {exc}", file=sys.stderr)
+        return None, 2
+    except ServerError as exc:
+        print(f"{prog}: error: {exc}", file=sys.stderr)
+        print(f"{prog}: results finished so far are in {where}; run the same command again to resume", file=sys.stderr)
+        return None, 2
+    except KeyboardInterrupt:
+        print(f"\n{prog}: interrupted; results finished so far are in {where}; run the same command again to resume", file=sys.stderr)
+        return None, 130
 
 
 if __name__ == "__main__":

@@ -287,7 +287,8 @@ def build_reasoning_model(path: str | os.PathLike, variant: str = "dense", *, se
     record = train(variant, tmp, seed=seed, progress=progress, steps=steps, target=target, batch=batch)
     if evaluate_n:
         record.update(evaluate(tmp, n=evaluate_n))
-    (tmp / "tts_reasoning.json").write_text(json.dumps({**stamp, **record}, indent=1))
+    # the stamp last: its keys (what was asked for) are what a later call compares, not the record's resolved values
+    (tmp / "tts_reasoning.json").write_text(json.dumps({**record, **stamp}, indent=1))
     shutil.rmtree(path, ignore_errors=True)
     tmp.rename(path)  # readers see either no model or a whole one
     return path
