@@ -82,7 +82,14 @@ def test_step_reward_scores_the_process():
     clean = p.completion()
     wrong = clean.replace(p.steps()[1], p.steps()[1].rsplit(" = ", 1)[0] + " = 999")
     exact = arith.step_checker(0.0)
-    assert exact(p.question, clean) == 1.0 and exact(p.question, wrong) == pytest.approx(1 - 1 / len(p.ops))
+    # the wrong step, and the next one (it does not start from the wrong result the chain stated)
+    assert exact(p.question, clean) == 1.0 and exact(p.question, wrong) == pytest.approx(1 - 2 / len(p.ops))
+    a, sign, b = p.steps()[0].split(" = ")[0].split(" ")
+    other = "-" if sign == "+" else "+"
+    misread = clean.replace(p.steps()[0], f"{a} {other} {b} = {int(a) + int(b) if other == '+' else int(a) - int(b)}", 1)
+    assert exact(p.question, misread) < 1.0  # right arithmetic on the wrong operation is a wrong step
+    corrected = clean.replace(p.steps()[1], p.steps()[1].rsplit(" = ", 1)[0] + " = 999\nWait, " + p.steps()[1], 1)
+    assert exact(p.question, corrected) == 1.0  # a correction replaces the line it corrects
     assert exact(p.question, "no answer") == 0.0 and exact("What is 2?", clean) == 0.0
     noisy = arith.step_checker(0.5)
     assert noisy(p.question, clean) == noisy(p.question, clean)  # deterministic per completion

@@ -260,35 +260,46 @@ def parse_question(question: str) -> Problem | None:
 
 
 def step_checker(noise: float = 0.1, seed: int = 0):
-    """A process reward: the share of the thinking's step lines (``a op b = c``) a checker judges right, where the
-    checker is right about each line with probability ``1 - noise`` (deterministic per completion and line).
-    A line corrected on the next line ("Wait, ...") is judged as its correction. Lines after the last stated
-    answer are not scored; a completion without a stated or final answer scores 0.
+    """A process reward: the share of the thinking's steps a checker judges right, where the checker is right
+    about each step with probability ``1 - noise`` (deterministic per completion and step).
 
-    Use as CarBoN's or Best-of-N's reward: ``reward=tts_plugins.models.arith:step_reward`` (noise 0.1), or build
-    your own noise level: ``step_checker(0.3)``. Called as ``fn(prompt, completion) -> float``."""
+    A step (a line ``a op b = c``; a "Wait, ..." correction replaces the line before it, "Hmm" doubts are not
+    steps) is right when it is the question's next operation (the right operator and operand), starts from the
+    previous step's result (the question's first number for the first step), and its arithmetic is right: what a
+    step-level verifier of this task checks. Steps after the last one the question has, and missing steps, count
+    as wrong. A completion without a stated or final answer scores 0.
+
+    Use as CarBoN's or Best-of-N's reward: ``reward=tts_plugins.models.arith:step_reward`` (noise 0.1), or
+    build your own noise level: ``step_checker(0.3)``. Called as ``fn(prompt, completion) -> float``."""
     if not 0 <= noise <= 1:
         raise ValueError(f"noise must be in [0, 1], got {noise!r}")
 
     def reward(prompt: str, completion: str) -> float:
         import zlib
 
-        if parse_question(prompt) is None or extract_answer(completion) is None and not STATED_RE.search(completion):
+        problem = parse_question(prompt)
+        if problem is None or extract_answer(completion) is None and not STATED_RE.search(completion):
             return 0.0
-        lines = [x.strip() for x in completion.split("</think>")[0].split("\n")]
-        judged: list[bool] = []
-        for i, line in enumerate(lines):
-            mm = STEP_RE.match(line)
+        steps: list[tuple[int, str, int, int]] = []
+        for line in completion.split("</think>")[0].split("\n"):
+            mm = STEP_RE.match(line.strip())
             if not mm or mm.group(1) == "Hmm":
                 continue
-            a, s, b, r = int(mm.group(2)), mm.group(3), int(mm.group(4)), int(mm.group(5))
-            right = (a + b if s == "+" else a - b) == r
-            if mm.group(1) is None and i + 1 < len(lines) and lines[i + 1].startswith("Wait, ") and STEP_RE.match(lines[i + 1]):
-                continue  # judged by its correction
-            flip = random.Random(zlib.crc32(f"{seed}:{i}:{line}:{completion}".encode())).random() < noise
+            step = (int(mm.group(2)), mm.group(3), int(mm.group(4)), int(mm.group(5)))
+            if mm.group(1) == "Wait" and steps:
+                steps[-1] = step  # a correction replaces the line it corrects
+            else:
+                steps.append(step)
+        judged, prev = [], problem.start
+        for i in range(max(len(steps), len(problem.ops))):
+            if i < len(steps) and i < len(problem.ops):
+                a, s, b, r = steps[i]
+                right = (s, b) == problem.ops[i] and a == prev and r == (a + b if s == "+" else a - b)
+                prev = r
+            else:
+                right = False
+            flip = random.Random(zlib.crc32(f"{seed}:{i}:{completion}".encode())).random() < noise
             judged.append(right != flip)
-        if not judged:
-            return 0.0
         return sum(judged) / len(judged)
 
     return reward
