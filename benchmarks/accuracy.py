@@ -141,8 +141,8 @@ def report(parts: list[tuple[str, dict, dict]]) -> str:
             extra = ""
             if "carbon_fitted_T_mean" in r:
                 extra = f" (fitted T {r['carbon_fitted_T_mean']:.2f}, {r['carbon_bias_tokens_mean']:.0f} biased tokens)"
-            if "pass_at_n" in r:
-                extra += f" (pass@{r['samples_per_problem']:.3g} {_pct(r['pass_at_n'])})"
+            if "pass_at_k" in r:
+                extra += f" (pass@{r['pass_at_k']['k']} {_pct(r['pass_at_k']['value'])})"
             lines.append(f"| {r['method']}{extra} | {_pct(r['accuracy'])} ({_pct(r['ci95'][0])}, {_pct(r['ci95'][1])}) | {dv} | "
                          f"{v['mcnemar_p']:.2g} |" if v else f"| {r['method']}{extra} | {_pct(r['accuracy'])} ({_pct(r['ci95'][0])}, "
                          f"{_pct(r['ci95'][1])}) | {dv} | |")

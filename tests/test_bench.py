@@ -90,6 +90,10 @@ def test_specs_resolve_to_the_papers_defaults(spec, label, settings, params):
     ("greedy:5", "'5' is not key=value"),
     ("sample:top_p=0", "top_p must be in (0, 1], got 0"),
     ("roster:k=1", "a roster needs k >= 2 members"),
+    ("moi:beta=0", "beta must be > 0, got 0"),
+    ("ladder:1,tau_intra=1.5", "tau_intra must be in (0, 1], got 1.5"),
+    ("ladder:1,temperature=0.5", "unknown setting 'temperature' for ladder"),  # the rungs set the temperatures
+    ("short-m:k=8,n=1", "unknown setting 'n' for short-m"),
 ])
 def test_bad_specs_are_clear_errors(spec, message):
     with pytest.raises(ValueError) as e:
@@ -148,3 +152,27 @@ def test_data_errors_name_the_line(tmp_path):
         bench.read_data(p)
     p.write_text('{"prompt": "1 + 1?", "answer": 2, "id": 7, "difficulty": "easy"}\n')
     assert bench.read_data(p) == [{"id": "7", "prompt": "1 + 1?", "answer": "2", "difficulty": "easy"}]
+
+
+def test_thinking_tokens_count_thinking_cut_off_by_max_tokens():
+    from tts_plugins.client.server import Sample
+
+    assert bench.thinking_tokens(Sample(text="<think>\n7 + 5 = 12\n12 - 3", tokens=20)) == 20  # opened, never closed
+    assert bench.thinking_tokens(Sample(text="Answer: 3", tokens=4)) == 0
+    # by characters: "7 + 5 = 12</think>" is 18 of the 29 characters
+    assert bench.thinking_tokens(Sample(text="\n\nAnswer: 3", reasoning="7 + 5 = 12", tokens=10)) == round(10 * 18 / 29)
+    assert bench.thinking_tokens(Sample(text="", reasoning="7 + 5 = 12 and on", tokens=10)) == 10
+
+
+def test_group_names_stay_short_and_differ_by_run_method_and_problem():
+    names = {bench._group_name(n, m, p) for n in ("a", "b") for m in ("short-1@8", "short-3@8") for p in ("1", "x" * 500)}
+    assert len(names) == 8 and max(map(len, names)) <= 128
+
+
+def test_summary_reports_pass_at_k_at_the_fewest_samples():
+    problems = [{"id": "1"}, {"id": "2"}]
+    m = bench.parse_spec("majority:n=4")
+    recs = {("majority@4", "1"): {**_record("majority@4", "1", True, samples=4), "samples_right": 1},
+            ("majority@4", "2"): {**_record("majority@4", "2", False, samples=2), "samples_right": 0}}
+    row = bench.summarize([m], problems, recs, baseline=None, resamples=10)["methods"][0]
+    assert row["pass_at_k"] == {"k": 2, "value": pytest.approx((stats.pass_at_k(4, 1, 2) + 0.0) / 2)}

@@ -47,6 +47,8 @@ from typing import Any
 from tts_plugins.client import aggregate, stats
 from tts_plugins.client.server import EXTRACTORS, Sample, Server, ServerError, extractor, final_part
 
+THINK_START = ("<think>", "<seed:think>", "\u25c1think\u25b7", "<|begin_of_thought|>", "<reasoning>")
+
 # --- methods -----------------------------------------------------------------------------------------------
 
 
@@ -91,8 +93,8 @@ METHODS: dict[str, MethodInfo] = {m.name: m for m in (
                source="arXiv 2510.15674 (reported): N1 = N/2 explore; the paper scores with a process reward model; the default "
                       "'agreement' reward with Best-of-N over all N is majority@N by construction: give reward=module:function"),
     MethodInfo("ladder", "temperature ladder with the two-stage multi-temperature vote and early exit",
-               {"waves": 1, "tau_intra": 0.8, "tau_cross": 1.0, "ladder": "0.0..1.2"}, "waves",
-               source="arXiv 2510.02611 (reported): rungs 0.0..1.2 step 0.1, tau_intra 0.8, tau_cross 1.0"),
+               {"waves": 1, "tau_intra": 0.8, "tau_cross": 1.0}, "waves",
+               source="arXiv 2510.02611 (reported): rungs 0.0..1.2 step 0.1 (13 samples a wave), tau_intra 0.8, tau_cross 1.0"),
     MethodInfo("roe", "RoE routing noise on every token of one sample (MoE models)", {"n": 1, "temperature": 0.0, "tau": 0.3}, "tau",
                source="arXiv 2509.17238 (reported): per-layer tau, small; 0.3 is ours"),
     MethodInfo("roster", "RoE roster: k members (one clean, k-1 noisy) decode one sequence (MoE models); temperature > 0: one "
@@ -100,6 +102,7 @@ METHODS: dict[str, MethodInfo] = {m.name: m for m in (
                source="arXiv 2509.17238 (reported): one clean member, greedy"),
 )}
 COMMON = ("n", "temperature", "top_p", "max_tokens", "label", "vs")
+UNUSED = {"ladder": ("n", "temperature", "top_p"), "short-m": ("n",), "roster": ("n",)}  # common keys a method has no use for
 
 
 @dataclass
@@ -164,11 +167,11 @@ def parse_spec(spec: str) -> Method:
             label = str(raw.strip())
         elif key == "vs":
             vs = str(raw.strip())
-        elif key in info.defaults or key in COMMON:
+        elif key in info.defaults or (key in COMMON and key not in UNUSED.get(name, ())):
             settings[key] = value
         else:
             raise ValueError(f"in spec {spec!r}: unknown setting {key!r} for {name}; settings: "
-                             f"{', '.join(sorted(set(info.defaults) | set(COMMON)))}, or any tts_* key")
+                             f"{', '.join(sorted(set(info.defaults) | set(COMMON) - set(UNUSED.get(name, ()))))}, or any tts_* key")
     _check(spec, name, settings)
     m = Method(spec.strip(), info, settings, params, vs=vs)
     m.label = label or _default_label(m)
@@ -211,11 +214,18 @@ def _check(spec: str, name: str, s: Mapping[str, Any]) -> None:
         if key in s:
             need(isinstance(s[key], (int, float)) and not isinstance(s[key], bool) and math.isfinite(s[key]) and s[key] >= 0,
                  f"{key} must be a number >= 0, got {s[key]!r}")
+    if "beta" in s:
+        need(s["beta"] > 0, f"beta must be > 0, got {s['beta']!r}")
+    if "tau" in s:
+        need(s["tau"] <= 100, f"tau must be <= 100, got {s['tau']!r}")
+    for key in ("tau_intra", "tau_cross"):
+        if key in s:
+            need(isinstance(s[key], (int, float)) and 0 < s[key] <= 1, f"{key} must be in (0, 1], got {s[key]!r}")
     if "top_p" in s:
         need(isinstance(s["top_p"], (int, float)) and 0 < s["top_p"] <= 1, f"top_p must be in (0, 1], got {s['top_p']!r}")
     if name == "short-m":
         need(s["m"] <= s["k"], f"m must be <= k, got m={s['m']}, k={s['k']}")
-    if name in ("majority", "inverse-entropy", "best-of-n", "carbon", "short-m", "moi", "no-think", "sample") and s.get("n", s.get("k", 1)) > 1:
+    if name in ("majority", "inverse-entropy", "best-of-n", "carbon", "short-m", "moi", "no-think", "sample") and s.get("k", s.get("n", 1)) > 1:
         need(s.get("temperature", 0) > 0, "more than one sample needs temperature > 0")
     if name == "carbon":
         need(s["n"] >= 2, f"carbon needs n >= 2 (explore and exploit), got {s['n']}")
@@ -267,12 +277,19 @@ def read_data(path: Path, limit: int | None = None) -> list[dict[str, Any]]:
 
 def thinking_tokens(s: Sample) -> int:
     """Decode tokens spent thinking: the share of the sample's tokens that the thinking text takes (by characters),
-    exact when the completion has no thinking or is only thinking."""
+    exact when the completion has no thinking or is only thinking. A completion that opened thinking and never
+    closed it (cut off by ``max_tokens``) is all thinking; one whose prompt opened it (a chat template) and that
+    never closed it is counted as answer, as the text cannot tell."""
     full = (s.reasoning + "</think>" + s.text) if s.reasoning else s.text
     answer_part = final_part(full)
-    if len(answer_part) == len(full):  # no end of thinking: all thinking when the reasoning parser split nothing off
-        return s.tokens if s.reasoning else 0
+    if len(answer_part) == len(full):  # no end of thinking: all thinking if it was opened (cut off by max_tokens)
+        return s.tokens if s.reasoning or any(m in full for m in THINK_START) else 0
     return round(s.tokens * (len(full) - len(answer_part)) / max(1, len(full)))
+
+
+def _group_name(nonce: str, label: str, pid: str) -> str:
+    """A short group / roster name, unique to this run, method and problem (engines cap names at 128 characters)."""
+    return f"bench-{nonce}-{zlib.crc32(label.encode()):08x}-{zlib.crc32(str(pid).encode()):08x}"
 
 
 def _seed(seed: int, method: str, pid: str) -> int:
@@ -280,7 +297,7 @@ def _seed(seed: int, method: str, pid: str) -> int:
 
 
 async def run_one(server: Server, m: Method, p: Mapping[str, Any], *, seed: int, max_tokens: int, max_n: int,
-                  same: Callable[[str, str], bool], save_samples: bool = False) -> dict[str, Any]:
+                  same: Callable[[str, str], bool], save_samples: bool = False, nonce: str = "0") -> dict[str, Any]:
     """One method on one problem: the record ``records.jsonl`` keeps."""
     from tts_plugins.client.strategies import Options, run_problem
 
@@ -298,7 +315,7 @@ async def run_one(server: Server, m: Method, p: Mapping[str, Any], *, seed: int,
         extra["members_identical"] = len({tuple(x.token_ids or ()) for x in samples}) == 1
     elif name == "roster":
         k, tau = s["k"], float(s["tau"])
-        group = f"bench-{rseed}-{p['id']}"[:150]
+        group = _group_name(nonce, m.label, p["id"])
         members = await asyncio.gather(*(
             server.sample(p["prompt"], n=1, temperature=float(s["temperature"]), max_tokens=mt, seed=rseed + i,
                           params={**m.params, "tts_roe_roster": group, "tts_roe_roster_size": k, "tts_roe_tau": 0.0 if i == 0 else tau})
@@ -328,11 +345,12 @@ async def run_one(server: Server, m: Method, p: Mapping[str, Any], *, seed: int,
             o.update(strategy="best-of-n", reward=s["reward"])
         elif name == "short-m":
             o.update(n=s["k"], vote="short_m", m=s["m"])
-            params.update(tts_group=f"bench-{rseed}-{p['id']}"[:150], tts_group_stop_after=s["m"])
+            params.update(tts_group=_group_name(nonce, m.label, p["id"]), tts_group_stop_after=s["m"])
         elif name == "carbon":
             o.update(strategy="carbon", reward=s["reward"])
         elif name == "ladder":
-            o.update(strategy="ladder", waves=s["waves"], min_waves=1, ahead=s["waves"], tau_intra=float(s["tau_intra"]),
+            # one wave at a time: a wave cancelled by an early exit would have spent tokens no record counts
+            o.update(strategy="ladder", waves=s["waves"], min_waves=1, ahead=1, tau_intra=float(s["tau_intra"]),
                      tau_cross=float(s["tau_cross"]), n=1)
         opts = Options(params=params, **o)
         opts.check()
@@ -364,9 +382,16 @@ def read_records(path: Path) -> dict[tuple[str, str], dict[str, Any]]:
 
 async def run_methods(server: Server, methods: Sequence[Method], problems: Sequence[Mapping[str, Any]], out: Path, *, seed: int,
                       max_tokens: int, max_n: int, concurrency: int, same: Callable[[str, str], bool], progress: bool,
-                      done: dict[tuple[str, str], dict[str, Any]], save_samples: bool = False) -> int:
-    """Run what is not in ``done`` yet; append each record as it finishes. Returns the number of failed problems."""
+                      done: dict[tuple[str, str], dict[str, Any]], save_samples: bool = False, fingerprint: Callable[..., str] | None = None,
+                      nonce: str = "0") -> int:
+    """Run what is not in ``done`` yet; append each record as it finishes. Returns the number of failed problems
+    (their errors are recorded and retried on resume).
+
+    An unreachable server stops the run; so does a request the server refuses (HTTP 400/422) before any problem
+    of that method succeeded (the method's parameters are wrong: every problem would fail alike). A refusal after
+    that (one problem's prompt too long, say), a timeout or a malformed response is that problem's error."""
     todo = [(m, p) for m in methods for p in problems if (m.label, p["id"]) not in done]
+    succeeded = {m.label: sum((m.label, p["id"]) in done for p in problems) for m in methods}
     bar = None
     if progress:
         try:
@@ -386,12 +411,16 @@ async def run_methods(server: Server, methods: Sequence[Method], problems: Seque
             nonlocal failed
             async with limit:
                 try:
-                    r = await run_one(server, m, p, seed=seed, max_tokens=max_tokens, max_n=max_n, same=same, save_samples=save_samples)
+                    r = await run_one(server, m, p, seed=seed, max_tokens=max_tokens, max_n=max_n, same=same, save_samples=save_samples,
+                                      nonce=nonce)
+                    succeeded[m.label] += 1
                 except ServerError as exc:
-                    if exc.status in (0, 400, 404, 422):  # unreachable, or the method's parameters are refused: all would fail
+                    if exc.status in (0, 404) or (exc.status in (400, 422) and not succeeded[m.label]):
                         raise ServerError(f"method {m.label!r}: {exc}", exc.status) from None
                     r = {"method": m.label, "id": p["id"], "error": str(exc)}
                     failed += 1
+                if fingerprint is not None:
+                    r["fp"] = fingerprint(m, p)
             f.write(json.dumps(r, ensure_ascii=False) + "\n")
             f.flush()
             if "error" not in r:
@@ -443,8 +472,8 @@ def summarize(methods: Sequence[Method], problems: Sequence[Mapping[str, Any]], 
             "equal_budget_for": sorted(k for k, v in (equal or {}).items() if v == m.label) or None,
         }
         n_min = min(r["samples"] for r in recs)
-        if n_min > 1 and m.name != "roster":
-            row["pass_at_n"] = sum(r["samples_right"] > 0 for r in recs) / len(recs)
+        if n_min > 1 and m.name != "roster":  # pass@k at the fewest samples any problem got (the unbiased estimate)
+            row["pass_at_k"] = {"k": n_min, "value": sum(stats.pass_at_k(r["samples"], r["samples_right"], n_min) for r in recs) / len(recs)}
             row["mean_sample_accuracy"] = sum(r["samples_right"] / r["samples"] for r in recs) / len(recs)
         cal = [r["calibration"] for r in recs if r.get("calibration")]
         if cal:
@@ -489,7 +518,7 @@ def _pct(x: float) -> str:
 def markdown(summary: Mapping[str, Any]) -> str:
     base = summary.get("baseline")
     lines = [f"| method | accuracy % (95% CI) | Δ vs {base or 'baseline'} (paired 95% CI) | McNemar p | tokens / problem | thinking tokens | "
-             "samples | pass@N | Δ vs majority at equal budget |",
+             "samples | pass@k | Δ vs majority at equal budget |",
              "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |"]
     for r in summary["methods"]:
         v, e = r.get("vs_baseline"), r.get("vs_equal_budget")
@@ -498,7 +527,7 @@ def markdown(summary: Mapping[str, Any]) -> str:
             dv += f" vs {v['against']}"
         pv = f"{v['mcnemar_p']:.3g}" if v else ""
         de = f"{_pct(e['difference'])} ({_pct(e['ci95'][0])}, {_pct(e['ci95'][1])}) vs {e['against']}" if e else ""
-        pn = _pct(r["pass_at_n"]) if "pass_at_n" in r else ""
+        pn = f"{_pct(r['pass_at_k']['value'])} (k={r['pass_at_k']['k']})" if "pass_at_k" in r else ""
         lines.append(f"| {r['method']} | {_pct(r['accuracy'])} ({_pct(r['ci95'][0])}, {_pct(r['ci95'][1])}) | {dv} | {pv} | "
                      f"{r['tokens_per_problem']:.0f} | {r['thinking_tokens_per_problem']:.0f} | {r['samples_per_problem']:.3g} | {pn} | {de} |")
     groups = sorted({g for r in summary["methods"] for g in r.get("by_difficulty", {})}, key=_difficulty_order)
@@ -638,19 +667,35 @@ async def bench(a: argparse.Namespace) -> int:
     for m in methods:
         if m.vs is not None and m.vs not in labels:
             raise ValueError(f"method {m.label!r}: vs={m.vs!r} is not one of the methods' labels: {', '.join(labels)}")
+    for m in methods:
+        if m.name == "roster" and float(m.settings["temperature"]) == 0 and m.settings["k"] > a.concurrency:
+            raise ValueError(f"method {m.label!r}: a greedy roster of {m.settings['k']} sends {m.settings['k']} requests that must all be "
+                             f"in flight together; raise --concurrency to at least {m.settings['k']}")
     problems = read_data(a.data, a.limit)
     a.out.mkdir(parents=True, exist_ok=True)
     same = aggregate.same_answer if a.grader == "math-verify" else (lambda x, y: x.strip() == y.strip())
     done = read_records(a.out / "records.jsonl")
     url = a.base_url or os.environ.get("TTS_SERVER_URL", "http://127.0.0.1:8000")
     server = Server(url, engine=None if a.engine == "auto" else a.engine, model=a.model, concurrency=a.concurrency, timeout=a.timeout,
-                    answer=extractor(a.extract), keep_special_tokens=True)
+                    answer=extractor(a.extract), keep_special_tokens=True, explicit_sampling=True)
     t0 = time.perf_counter()
     async with server:
         print(f"tts bench: {len(problems)} problems x {len(methods)} methods on {server.engine} ({server.model}) at {server.base_url}",
               file=sys.stderr)
+        def fingerprint(m: Method, p: Mapping[str, Any]) -> str:
+            """What a record depends on: a record written under other settings, data or model is not reused."""
+            what = [m.spec, m.settings, m.params, a.max_tokens, a.seed, server.model, a.extract, a.grader, p["prompt"], p["answer"]]
+            return f"{zlib.crc32(json.dumps(what, sort_keys=True, default=str).encode()):08x}"
+
+        # records written under other settings are done again (records without a fingerprint are kept)
+        for key in [k for k, r in done.items() if "fp" in r]:
+            m = next((x for x in methods if x.label == key[0]), None)
+            p = next((x for x in problems if x["id"] == key[1]), None)
+            if m is not None and p is not None and done[key]["fp"] != fingerprint(m, p):
+                del done[key]
+        nonce = f"{zlib.crc32(f'{time.time_ns()}:{os.getpid()}'.encode()):08x}"
         kw = dict(seed=a.seed, max_tokens=a.max_tokens, max_n=a.max_n, concurrency=a.concurrency, same=same, progress=not a.quiet, done=done,
-                  save_samples=a.save_samples)
+                  save_samples=a.save_samples, fingerprint=fingerprint, nonce=nonce)
         failed = await run_methods(server, methods, problems, a.out, **kw)
         equal: dict[str, str] = {}
         if a.equal_budget != "off":

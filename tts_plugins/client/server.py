@@ -151,6 +151,10 @@ class Sample:
         return out
 
 
+TIMED_OUT = 408  # ServerError.status of a request that timed out
+BAD_RESPONSE = 502  # ServerError.status of a response that is not what was asked for
+
+
 class ServerError(RuntimeError):
     """The server could not be reached, or it refused a request (``status`` is the HTTP status, 0 if unreachable)."""
 
@@ -179,6 +183,9 @@ class Server:
     # the server runs no reasoning parser and the tokenizer makes "</think>" a special token (``tts bench`` counts
     # thinking tokens by it); end-of-turn markers at the end of a choice are dropped
     keep_special_tokens: bool = False
+    # send top_p, top_k and min_p explicitly on sampled requests (top_k -1 and min_p 0: no truncation), so neither
+    # engine fills them from the model's generation_config.json (both do by default): what was asked is what runs
+    explicit_sampling: bool = False
     _client: Any = field(default=None, repr=False)
     _slots: asyncio.Semaphore | None = field(default=None, repr=False)
     requests_sent: int = 0
@@ -240,7 +247,9 @@ class Server:
              logprobs: int | None = None, seed: int | None = None, top_p: float | None = None) -> dict[str, Any]:
         body: dict[str, Any] = {"model": self.model, "messages": [{"role": "user", "content": prompt}], "n": n,
                                 "temperature": temperature, "max_tokens": max_tokens}
-        if top_p is not None and top_p < 1:
+        if self.explicit_sampling and temperature > 0:
+            body.update(top_p=1.0 if top_p is None else top_p, top_k=-1, min_p=0.0)
+        elif top_p is not None and top_p < 1:
             body["top_p"] = top_p
         if seed is not None:
             body["seed"] = seed
@@ -282,6 +291,8 @@ class Server:
             except asyncio.CancelledError:
                 self.cancelled += 1
                 raise
+            except httpx.TimeoutException:
+                raise ServerError(f"the request timed out after {self.timeout:g} s", TIMED_OUT) from None
             except httpx.HTTPError as exc:
                 raise ServerError(f"cannot reach the server at {self.base_url} ({type(exc).__name__}: {exc}); is it running?") from None
         if r.status_code != 200:
@@ -289,7 +300,7 @@ class Server:
         data = r.json()
         choices = sorted(data.get("choices") or [], key=lambda c: c.get("index", 0))
         if len(choices) != n:
-            raise ServerError(f"asked for {n} samples, the server returned {len(choices)}")
+            raise ServerError(f"asked for {n} samples, the server returned {len(choices)}", BAD_RESPONSE)
         out = []
         for c in choices:
             t = temperatures[c.get("index", 0) % len(temperatures)] if temperatures else temperature
@@ -343,7 +354,7 @@ def _strip_end_markers(text: str) -> str:
 
 def _vllm_id(token: str) -> int:
     if not token.startswith("token_id:"):
-        raise ServerError(f"expected a token id in the log-probs (return_tokens_as_token_ids), got {token!r}")
+        raise ServerError(f"expected a token id in the log-probs (return_tokens_as_token_ids), got {token!r}", BAD_RESPONSE)
     return int(token[len("token_id:"):])
 
 
