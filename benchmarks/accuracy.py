@@ -54,6 +54,8 @@ def dense_methods(k: int) -> list[str]:
         "think-min:128",
         "no-think",
         "trim:2",
+        "sample:temperature=0.7,top_p=1.0,label=sample (T=0.7)",
+        "trim:2,temperature=0.7,label=trim converge=2 (T=0.7),vs=sample (T=0.7)",
         "sample:temperature=0.6,top_p=0.8,label=sample (T=0.6, top_p=0.8)",
         "moi:label=moi,vs=sample (T=0.6, top_p=0.8)",
     ]

@@ -162,6 +162,10 @@ def test_thinking_tokens_count_thinking_cut_off_by_max_tokens():
     # by characters: "7 + 5 = 12</think>" is 18 of the 29 characters
     assert bench.thinking_tokens(Sample(text="\n\nAnswer: 3", reasoning="7 + 5 = 12", tokens=10)) == round(10 * 18 / 29)
     assert bench.thinking_tokens(Sample(text="", reasoning="7 + 5 = 12 and on", tokens=10)) == 10
+    # the chat template opened thinking in the prompt: a sample that closes it shows so, and a stopped one is all thinking
+    closed, stopped = Sample(text="7 + 5 = 12\n</think>\n\nAnswer: 12", tokens=12), Sample(text="7 + 5 =", tokens=5)
+    assert bench.prompt_opens_thinking([stopped, closed]) and not bench.prompt_opens_thinking([stopped])
+    assert bench.thinking_tokens(stopped, prompt_opened=True) == 5 and bench.thinking_tokens(stopped) == 0
 
 
 def test_group_names_stay_short_and_differ_by_run_method_and_problem():

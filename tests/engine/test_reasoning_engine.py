@@ -82,7 +82,7 @@ def test_proving_ground_runs_end_to_end(engines, tmp_path):
     assert r.returncode == 0, r.stderr[-3000:] + "\n--- stdout ---\n" + r.stdout[-2000:]
     dense = {x["method"]: x for x in json.loads((out / "dense" / "summary.json").read_text())["methods"]}
     moe = {x["method"]: x for x in json.loads((out / "moe" / "summary.json").read_text())["methods"]}
-    assert len(dense) == 16 and len(moe) == 2 + 2 * 4 + 1
+    assert len(dense) == 18 and len(moe) == 2 + 2 * 4 + 1
     for x in [*dense.values(), *moe.values()]:
         assert x["problems"] == 4 and 0 <= x["ci95"][0] <= x["accuracy"] <= x["ci95"][1] <= 1 and x["tokens_per_problem"] > 0, x
         assert x["method"] == "greedy" or x["vs_baseline"]["problems"] == 4

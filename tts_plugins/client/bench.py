@@ -275,15 +275,24 @@ def read_data(path: Path, limit: int | None = None) -> list[dict[str, Any]]:
     return out
 
 
-def thinking_tokens(s: Sample) -> int:
+def prompt_opens_thinking(samples: Sequence[Sample]) -> bool:
+    """Whether the chat template opened thinking in the prompt: some sample closes thinking it never opened."""
+    for s in samples:
+        full = (s.reasoning + "</think>" + s.text) if s.reasoning else s.text
+        if len(final_part(full)) < len(full) and not any(m in full for m in THINK_START):
+            return True
+    return False
+
+
+def thinking_tokens(s: Sample, prompt_opened: bool = False) -> int:
     """Decode tokens spent thinking: the share of the sample's tokens that the thinking text takes (by characters),
     exact when the completion has no thinking or is only thinking. A completion that opened thinking and never
-    closed it (cut off by ``max_tokens``) is all thinking; one whose prompt opened it (a chat template) and that
-    never closed it is counted as answer, as the text cannot tell."""
+    closed it (cut off by ``max_tokens``, or stopped by a group) is all thinking, and so is one that never closed
+    it when the prompt opened it (``prompt_opened``: :func:`prompt_opens_thinking` on the problem's samples)."""
     full = (s.reasoning + "</think>" + s.text) if s.reasoning else s.text
     answer_part = final_part(full)
-    if len(answer_part) == len(full):  # no end of thinking: all thinking if it was opened (cut off by max_tokens)
-        return s.tokens if s.reasoning or any(m in full for m in THINK_START) else 0
+    if len(answer_part) == len(full):  # no end of thinking: all thinking if it was opened (cut off, or stopped)
+        return s.tokens if s.reasoning or prompt_opened or any(m in full for m in THINK_START) else 0
     return round(s.tokens * (len(full) - len(answer_part)) / max(1, len(full)))
 
 
@@ -363,11 +372,12 @@ async def run_one(server: Server, m: Method, p: Mapping[str, Any], *, seed: int,
         if "early_exit" in r:
             extra["early_exit"] = r["early_exit"]
     right = [x.answer is not None and same(str(x.answer), str(p["answer"])) for x in samples]
+    opened = prompt_opens_thinking(samples)
     if save_samples:
         extra["texts"] = [(x.reasoning + "</think>" + x.text) if x.reasoning else x.text for x in samples]
     return {"method": m.label, "id": p["id"], "difficulty": p.get("difficulty"), "answer": answer, "reference": p["answer"],
             "correct": answer is not None and same(str(answer), str(p["answer"])), "tokens": sum(x.tokens for x in samples),
-            "thinking_tokens": sum(thinking_tokens(x) for x in samples), "samples": len(samples), "samples_right": sum(right),
+            "thinking_tokens": sum(thinking_tokens(x, opened) for x in samples), "samples": len(samples), "samples_right": sum(right),
             "finish": [x.finish_reason for x in samples], "lengths": [x.tokens for x in samples], "right": right,
             "wall_s": round(time.perf_counter() - t0, 3), **extra}
 
