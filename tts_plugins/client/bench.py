@@ -440,16 +440,11 @@ async def run_methods(server: Server, methods: Sequence[Method], problems: Seque
                 bar.set_postfix_str(m.label[:30])
 
         # method by method (the progress bar moves through the table), problems concurrently within a method
+        from tts_plugins.client.cli import gather_all
+
         try:
             for m in methods:
-                mine = [p for mm, p in todo if mm is m]
-                tasks = [asyncio.ensure_future(one(m, p)) for p in mine]
-                try:
-                    await asyncio.gather(*tasks)
-                finally:
-                    for t in tasks:
-                        t.cancel()
-                    await asyncio.gather(*tasks, return_exceptions=True)
+                await gather_all(one(m, p) for mm, p in todo if mm is m)
         finally:
             if bar is not None:
                 bar.close()

@@ -26,7 +26,7 @@ import json
 import os
 import sys
 import time
-from collections.abc import Awaitable, Callable, Iterator, Sequence
+from collections.abc import Awaitable, Callable, Iterable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -242,13 +242,9 @@ async def run(a: argparse.Namespace) -> tuple[Summary, int]:
                 async with limit:
                     await one(p)
 
-            tasks = [asyncio.ensure_future(bounded(p)) for p in todo]
             try:
-                await asyncio.gather(*tasks)
+                await gather_all(bounded(p) for p in todo)
             finally:
-                for t in tasks:
-                    t.cancel()
-                await asyncio.gather(*tasks, return_exceptions=True)
                 if bar is not None:
                     bar.close()
     return summary, status
@@ -278,6 +274,17 @@ def main(argv: Sequence[str] | None = None) -> int:
     summary, status = result
     report(summary, a)
     return status
+
+
+async def gather_all(coros: Iterable[Awaitable[Any]]) -> None:
+    """Run ``coros`` concurrently; if one fails (or this is cancelled), cancel the rest and wait for them to end."""
+    tasks = [asyncio.ensure_future(c) for c in coros]
+    try:
+        await asyncio.gather(*tasks)
+    finally:
+        for t in tasks:
+            t.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
 
 
 def run_guarded(prog: str, where: Path, coro: Callable[[], Awaitable[Any]]) -> tuple[Any, int | None]:
