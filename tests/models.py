@@ -20,7 +20,7 @@ TRAINED = {"reasoning": "dense", "reasoning-moe": "moe"}
 RANDOM = ("dense", "multi", "moe", "eager", "wobbly")
 # (steps, sequences per step): dense, enough for the format (thinking lines, "Wait" re-checks, an answer after a cut);
 # the MoE only feeds the accuracy benchmark's end-to-end run, which checks plumbing (a greedy roster's members agree)
-TEST_TRAINING = {"dense": (150, 32), "moe": (40, 32)}
+TEST_TRAINING = {"dense": (300, 32), "moe": (40, 32)}
 
 
 def tiny_model(variant: str) -> Path:
