@@ -132,23 +132,21 @@ def report(parts: list[tuple[str, dict, dict]]) -> str:
     lines = []
     for model, summary, prem in parts:
         lines += [f"### {model}: {summary['problems']} problems, {summary['engine']}", "",
-                  "| method | accuracy % (95% CI) | Δ accuracy, paired 95% CI (vs) | McNemar p | tokens / problem | samples | premise, measured |",
+                  "| method | accuracy % (95% CI) | Δ accuracy, paired 95% CI (vs) | McNemar p | tokens / problem | samples | premise, measured; notes |",
                   "| --- | ---: | --- | ---: | ---: | ---: | --- |"]
         for r in summary["methods"]:
-            v = r.get("vs_baseline")
-            dv = f"{_pct(v['difference'])} ({_pct(v['ci95'][0])}, {_pct(v['ci95'][1])}) vs {v['against']}" if v else "baseline"
-            if r.get("vs_equal_budget"):
-                e = r["vs_equal_budget"]
-                dv += f"; {_pct(e['difference'])} ({_pct(e['ci95'][0])}, {_pct(e['ci95'][1])}) vs {e['against']}"
-            extra = ""
+            diffs = [x for x in (r.get("vs_baseline"), r.get("vs_equal_budget")) if x]
+            diffs = [x for i, x in enumerate(diffs) if x["against"] not in (y["against"] for y in diffs[:i])]
+            dv = "; ".join(f"{_pct(x['difference'])} ({_pct(x['ci95'][0])}, {_pct(x['ci95'][1])}) vs {x['against']}"
+                           for x in diffs) or "baseline"
+            p = f"{diffs[0]['mcnemar_p']:.2g}" if diffs else ""
+            notes = [premise_for(r["name"], r["method"], prem)]
             if "carbon_fitted_T_mean" in r:
-                extra = f" (fitted T {r['carbon_fitted_T_mean']:.2f}, {r['carbon_bias_tokens_mean']:.0f} biased tokens)"
+                notes.append(f"fitted T {r['carbon_fitted_T_mean']:.2f}, {r['carbon_bias_tokens_mean']:.0f} biased tokens")
             if "pass_at_k" in r:
-                extra += f" (pass@{r['pass_at_k']['k']} {_pct(r['pass_at_k']['value'])})"
-            lines.append(f"| {r['method']}{extra} | {_pct(r['accuracy'])} ({_pct(r['ci95'][0])}, {_pct(r['ci95'][1])}) | {dv} | "
-                         f"{v['mcnemar_p']:.2g} |" if v else f"| {r['method']}{extra} | {_pct(r['accuracy'])} ({_pct(r['ci95'][0])}, "
-                         f"{_pct(r['ci95'][1])}) | {dv} | |")
-            lines[-1] += f" {r['tokens_per_problem']:.0f} | {r['samples_per_problem']:.3g} | {premise_for(r['name'], r['method'], prem)} |"
+                notes.append(f"pass@{r['pass_at_k']['k']} {_pct(r['pass_at_k']['value'])}")
+            lines.append(f"| {r['method']} | {_pct(r['accuracy'])} ({_pct(r['ci95'][0])}, {_pct(r['ci95'][1])}) | {dv} | {p} | "
+                         f"{r['tokens_per_problem']:.0f} | {r['samples_per_problem']:.3g} | {'; '.join(n for n in notes if n)} |")
         lines.append("")
     return "\n".join(lines)
 

@@ -15,7 +15,8 @@ from tts_plugins.models import arith
 pytestmark = pytest.mark.engine
 
 PRM = "tts_plugins.models.arith:step_reward"
-METHODS = ["greedy", "majority:n=3", "short-m:m=1,k=3,vs=majority@3", "think-max:8", f"carbon:n=4,reward={PRM},vs=majority@3", "trim:2"]
+METHODS = ["greedy", "majority:n=3", "short-m:m=1,k=3,vs=majority@3", "think-max:8", f"carbon:n=4,reward={PRM},label=carbon@4,vs=majority@3",
+           "trim:2"]
 
 
 def _bench(srv, data, out, *extra):

@@ -63,7 +63,7 @@ def test_cap_cuts_thinking_short_and_still_answers(setup):
 
 def test_minimum_splices_wait_and_the_model_rechecks(setup):
     eng, tok, probs, prompts, _ = setup
-    outs = eng.generate(prompts[:8], [{"tts_think_min": 110}] * 8, max_tokens=220)
+    outs = eng.generate(prompts[:8], [{"tts_think_min": 110}] * 8, max_tokens=400)
     for o in outs:
         text = tok.decode(o.token_ids)
         assert _thinking_tokens(tok, o) >= 110, text
