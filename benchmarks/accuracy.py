@@ -132,7 +132,7 @@ def report(parts: list[tuple[str, dict, dict]]) -> str:
     lines = []
     for model, summary, prem in parts:
         lines += [f"### {model}: {summary['problems']} problems, {summary['engine']}", "",
-                  "| method | accuracy % (95% CI) | Δ accuracy, paired 95% CI (vs) | McNemar p | tokens / problem | samples | premise, measured; notes |",
+                  "| method | accuracy % (95% CI) | Δ accuracy, paired 95% CI (vs) | McNemar p | tokens / problem | samples | premise; notes |",
                   "| --- | ---: | --- | ---: | ---: | ---: | --- |"]
         for r in summary["methods"]:
             diffs = [x for x in (r.get("vs_baseline"), r.get("vs_equal_budget")) if x]
