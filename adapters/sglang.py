@@ -16,10 +16,13 @@ Hooks (all through :mod:`tts_plugins.patching`, registered with SGLang's
   the tokenizer manager, so a bad request fails with ``ValueError`` (HTTP 400
   on the OpenAI endpoints and non-streaming ``/generate``) before it reaches a
   batch.
+* ``Req.__init__`` (after; scheduler): counts the live requests that carry
+  ``tts_*`` keys (:class:`OptedIn`; uncounted at release).
 * ``ForwardBatch.init_new`` (around): SGLang's sampler sees no request
   identity, so when a request of the batch carries ``tts_*`` keys, the forward
   batch remembers its requests (one pass over the batch's request list, as
-  SGLang's own ``rids`` list does; nothing when no request opted in).
+  SGLang's own ``rids`` list does). While no live request of the process
+  opted in, it is one integer check.
 * ``ModelRunner.sample`` (around): applies the techniques to
   ``next_token_logits`` before SGLang's penalties, grammar and sampler, then
   feeds the sampled ids back to the technique state. The state therefore
@@ -228,8 +231,51 @@ def _observe(patch: Any, event: str, *args: Any) -> Any:
         return None
 
 
+class OptedIn:
+    """How many live requests of this scheduler process carry ``tts_*`` keys.
+
+    Counted when SGLang builds the request (``Req.__init__``) and uncounted when it finishes
+    (``release_kv_cache``) or, for a request dropped before it ran (aborted in the queue), when the object goes
+    away; so a batch in a process where nobody opted in costs one integer check per step, not a pass over
+    its requests.
+    """
+
+    def __init__(self) -> None:
+        self.count = 0
+
+    def admit(self, req: Any) -> None:
+        if _tts_params(req) is None:
+            return
+        cell = [True]  # shared by the release hook and the finalizer: whichever comes first uncounts
+        self.count += 1
+        req.tts_plugins_counted = cell
+        weakref.finalize(req, self._uncount, cell)
+
+    def release(self, req: Any) -> None:
+        cell = getattr(req, "tts_plugins_counted", None)
+        if cell is not None:
+            self._uncount(cell)
+
+    def _uncount(self, cell: list[bool]) -> None:
+        if cell[0]:
+            cell[0] = False
+            self.count -= 1
+
+
+OPTED_IN = OptedIn()
+
+
+def _admitted_after(result: Any, req: Any, *args: Any, **kwargs: Any) -> None:
+    try:
+        OPTED_IN.admit(req)
+    except Exception:  # never fail a request here; an uncounted request would run plain, so count it loudly
+        log.exception("tts_plugins: could not count an opted-in request")
+
+
 def _init_new_around(orig: Any, cls: Any, batch: Any, *args: Any, **kwargs: Any) -> Any:
     fb = orig(cls, batch, *args, **kwargs)
+    if not OPTED_IN.count:  # nobody in this process opted in: O(1) per step
+        return fb
     reqs = batch.reqs
     if any(_tts_params(r) is not None for r in reqs):
         decode = batch.forward_mode.is_decode()
@@ -297,6 +343,7 @@ def _sample_around(orig: Any, model_runner: Any, logits_output: Any, forward_bat
 
 def _release_after(result: Any, req: Any, *args: Any, **kwargs: Any) -> None:
     if req.finished():
+        OPTED_IN.release(req)
         for st in list(_LIVE):
             st.release(req.rid)
         for patch in _observers():
@@ -407,6 +454,7 @@ def register() -> None:
             (TARGETS["init_new"], _init_new_around, "around"),
             (TARGETS["sample"], _sample_around, "around"),
             (TARGETS["release"], _release_after, "after"),
+            (TARGETS["new_request"], _admitted_after, "after"),
         ],
         tag="core", min_version=SGLANG_MIN_VERSION, max_version=SGLANG_MAX_VERSION,
     )

@@ -24,6 +24,7 @@ import asyncio
 import json
 import math
 import os
+import re
 import sys
 import tempfile
 import time
@@ -163,6 +164,7 @@ def main(argv=None) -> int:
     ap.add_argument("--max-tokens", type=int, default=400)
     ap.add_argument("--concurrency", type=int, default=64)
     ap.add_argument("--only", choices=("dense", "moe"), default=None)
+    ap.add_argument("--select", metavar="REGEX", help="run only the method SPECs this regular expression finds (and the baseline, greedy)")
     ap.add_argument("--quick", action="store_true", help="5 problems, k=4 (a smoke run of the plumbing)")
     ap.add_argument("--models", choices=("full", "test"), default="full",
                     help="full: the trained recipe; test: the test suite's briefly trained models (plumbing: their accuracies mean nothing)")
@@ -209,6 +211,8 @@ def main(argv=None) -> int:
                 prem_file.write_text(json.dumps(prem, indent=1))
             print(f"{model} premises: " + json.dumps({k: v for k, v in prem.items() if k != "by_difficulty"}), flush=True)
             specs = dense_methods(args.k) if variant == "dense" else moe_methods(args.roster_k, taus)
+            if args.select:
+                specs = [s for s in specs if s == "greedy" or re.search(args.select, s)]
             argv = ["bench", "--base-url", srv.base, "--data", str(data), "--out", str(out), "--baseline", "greedy", "--equal-budget", "samples",
                     "--max-tokens", str(args.max_tokens), "--concurrency", str(args.concurrency), "--seed", str(args.seed), "--extract",
                     "tts_plugins.models.arith:extract_answer"]

@@ -1,6 +1,7 @@
 """Decode throughput of a real engine with the plugins: ratios to the same engine with them disabled.
 
-Runs the engine offline on the tiny dense model with a batch of requests
+Runs the engine offline on the tiny dense model, its vocabulary padded to
+Qwen's 151,936 (``--vocab``), with a batch of requests
 (greedy, fixed length, EOS ignored so every configuration decodes the same
 number of tokens) in these configurations:
 
@@ -36,7 +37,11 @@ CONFIGS = {
     "think-min": {"tts_think_min": 10**6},
     "trim": {"tts_trim": True},
     "group": {"tts_group": "bench", "tts_group_stop_after": 10**5},
+    "carbon": {"tts_carbon_temperature": 0.7, "tts_carbon_bias_ids": list(range(16)), "tts_carbon_bias_values": [0.5] * 16},
     "moi": {"tts_moi_beta": 1.0},  # Mixture of Inputs: a model patch, not a logits technique
+    # every logits technique on every request at once (the think minimum gates, trim watches, the group counts)
+    "all-logits": {"tts_think_min": 10**6, "tts_trim": True, "tts_group": "bench-all", "tts_group_stop_after": 10**5,
+                   "tts_carbon_temperature": 0.7, "tts_carbon_bias_ids": list(range(16)), "tts_carbon_bias_values": [0.5] * 16},
 }
 TARGETS = {"unused": 0.98}
 
@@ -126,6 +131,8 @@ def main(argv=None) -> int:
     ap.add_argument("--reps", type=int, default=5)
     ap.add_argument("--quick", action="store_true", help="3 repetitions of 32 tokens")
     ap.add_argument("--json", type=Path)
+    ap.add_argument("--vocab", type=int, default=151_936,
+                    help="the tiny model's vocabulary (default Qwen's 151,936, so the processors' share of a step is not hidden)")
     ap.add_argument("--cases", help="comma-separated subset of: " + ", ".join(CONFIGS) + " (unused always runs)")
     args = ap.parse_args(argv)
     configs = ["unused"] + [c for c in (args.cases.split(",") if args.cases else CONFIGS) if c != "unused"]
@@ -136,8 +143,8 @@ def main(argv=None) -> int:
         args.reps, args.tokens = 3, 32
     from tts_plugins.models.tiny import build_tiny_model
 
-    model = str(build_tiny_model(Path(tempfile.gettempdir()) / "tts-plugins-tiny" / "dense", "dense"))
-    print(f"[{args.engine}] batch {args.batch}, {args.tokens} tokens a request, {args.reps} repetitions", flush=True)
+    model = str(build_tiny_model(Path(tempfile.gettempdir()) / "tts-plugins-tiny" / f"dense-v{args.vocab}", "dense", model_vocab=args.vocab))
+    print(f"[{args.engine}] batch {args.batch}, {args.tokens} tokens a request, {args.reps} repetitions, vocabulary {args.vocab}", flush=True)
     base = measure(args.engine, model, True, ["unused"], args.batch, args.tokens, args.reps)["unused"]
     print(f"[{args.engine}] disabled engine done", flush=True)
     runs = measure(args.engine, model, False, configs, args.batch, args.tokens, args.reps)
@@ -148,7 +155,7 @@ def main(argv=None) -> int:
         med = statistics.median(vals)
         target = TARGETS.get(name, 0.90)
         results.append({
-            "engine": args.engine, "case": name, "tok_per_s": med, "batch": args.batch,
+            "engine": args.engine, "case": name, "tok_per_s": med, "batch": args.batch, "vocab": args.vocab,
             "ms_per_step": args.batch / med * 1e3, "spread": max(vals) - min(vals), "ratio": med / base_med,
             # same engine, interleaved: the comparison least exposed to process-to-process noise
             "ratio_to_unused": med / unused_med, "target": target, "meets_target": med / base_med >= target,

@@ -91,7 +91,8 @@ def topk_distribution(logits: torch.Tensor, topk: torch.Tensor, kmax: int) -> tu
     ``ids[n, kmax]`` (int64), ``probs[n, kmax]`` (float32), ``entropy[n]`` in [0, 1]
     (0 for k = 1).
     """
-    vals, ids = logits.float().topk(kmax, dim=-1)
+    vals, ids = logits.topk(kmax, dim=-1)  # in the logits' own dtype: no float copy of [n, V]; the k values convert exactly
+    vals = vals.float()
     keep = torch.arange(kmax, device=logits.device) < topk.unsqueeze(1)
     vals = vals.masked_fill(~keep, float("-inf"))
     logp = torch.log_softmax(vals, dim=-1)

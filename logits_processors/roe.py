@@ -178,7 +178,8 @@ def mask_router_logits(router_logits: torch.Tensor, k: int, tau: torch.Tensor, n
     returned unchanged (bit-identical). With a softmax router that does not renormalize its top-k, the weights come
     out renormalized among the chosen experts (the masked ones leave the normalizer); our choice, documented.
     """
-    _, ids = noisy_topk(router_logits, k, tau, noise)
-    low = torch.finfo(router_logits.dtype).min / 2
-    masked = torch.full_like(router_logits, low).scatter(1, ids, router_logits.gather(1, ids))
-    return torch.where((tau > 0).unsqueeze(1), masked, router_logits)
+    noisy = (tau > 0).unsqueeze(1)
+    scores = torch.where(noisy, router_logits + tau.unsqueeze(1).to(router_logits.dtype) * noise.to(router_logits.dtype), router_logits)
+    ids = torch.topk(scores, k, dim=-1).indices  # the experts noisy_topk picks (the weights come from the engine's routing)
+    keep = torch.zeros_like(router_logits, dtype=torch.bool).scatter_(1, ids, True) | ~noisy
+    return torch.where(keep, router_logits, torch.finfo(router_logits.dtype).min / 2)

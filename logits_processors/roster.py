@@ -58,10 +58,10 @@ without a formula; probability averaging is the standard mixture and keeps
 every member's mass). The roster's token is then
 
 * greedy rosters (the first member to join is greedy): ``argmax`` of the mean;
-* sampling rosters: a Gumbel-max draw from the mean, with counter-based noise
-  keyed by the roster's seed (the smallest member seed, else a hash of its
-  name) and the roster's draw number, so a roster is reproducible from its
-  seed and every member draws the same token.
+* sampling rosters: an inverse-CDF draw from the mean, with one
+  counter-based uniform keyed by the roster's seed (the smallest member seed,
+  else a hash of its name) and the roster's draw number, so a roster is
+  reproducible from its seed and every member draws the same token.
 
 Every member's row is then forced to that token (every other logit -inf), so
 whatever sampler the engine runs, all members emit it: the roster stays one
@@ -79,8 +79,9 @@ waits on the batch and never splits. A member that leaves (finished, aborted)
 leaves its roster; an empty roster is deleted, so its name can be reused.
 
 Hot path: host work is numpy over the batch's member rows; device work is one
-softmax over the member rows, an ``index_add`` per roster, and two in-place
-writes. A batch without members returns at once.
+softmax over the member rows, one sum per roster (a cumulative sum and a
+search for the sampling ones), and two in-place writes, in scratch buffers
+reused from step to step. A batch without members returns at once.
 """
 
 from __future__ import annotations
@@ -95,10 +96,10 @@ from typing import Any
 import numpy as np
 import torch
 
-from tts_plugins.noise import gumbel
+from tts_plugins.noise import uniform
 from tts_plugins.params import get_bool, get_int, get_number_list, get_text, show
 from tts_plugins.services import SampleEdit
-from tts_plugins.slots import SlotAllocator
+from tts_plugins.slots import SlotAllocator, Workspace
 from tts_plugins.technique import GREEDY_TEMPERATURE, EngineInfo, LogitsTechnique, ModelPatch, SlotRequest
 
 log = logging.getLogger("tts_plugins")
@@ -266,6 +267,7 @@ class RoERoster(LogitsTechnique):
         self.draw_np = np.zeros(info.max_slots, dtype=np.int64)
         self.greedy_np = np.zeros(info.max_slots, dtype=bool)
         self.late_steps = 0  # member-steps forced behind the frontier (desynchronized members)
+        self.ws = Workspace(info.device, info.pin_memory)  # the step's scratch: reused, so a step allocates nothing
         self._warned_no_host = False
 
     @property
@@ -353,32 +355,48 @@ class RoERoster(LogitsTechnique):
             return logits
         slots = host_slots[rows]
         front = self.front_np[slots]
-        # aggregate in slot order, so the sums do not depend on where the engine put the rows
-        order = np.lexsort((slots, ~front))
-        rows, slots, front = rows[order], slots[order], front[order]
+        # frontier members first, grouped by roster with the sampling rosters first, members in slot order: the
+        # sums do not depend on where the engine put the rows, and the sampling rosters' sums are one block
+        group = self.group_np[slots]
+        order = np.lexsort((slots, group, self.greedy_np[group], ~front))
+        rows, slots, front, group = rows[order], slots[order], front[order], group[order]
         nf = int(front.sum())
         tokens = np.empty(rows.size, dtype=np.int64)
         tokens[nf:] = self.force_np[slots[nf:]]
         self.late_steps += rows.size - nf
-        dev = logits.device
-        idx = torch.from_numpy(rows).to(dev)
-        tok = torch.from_numpy(tokens).to(dev)
+        ws, vocab = self.ws, logits.shape[1]
+        idx = ws.upload("rows", rows)
+        tok = ws.upload("tokens", tokens)
         if nf:
-            groups, inverse, counts = np.unique(self.group_np[slots[:nf]], return_inverse=True, return_counts=True)
-            inv_t = torch.from_numpy(self.inv_t_np[slots[:nf]]).to(dev)
-            probs = torch.softmax(logits[idx[:nf]].float().mul_(inv_t.unsqueeze(1)), dim=-1)  # the gather is a fresh copy
-            mean = torch.zeros(groups.size, logits.shape[1], dtype=torch.float32, device=dev)
-            member_group = torch.from_numpy(inverse.reshape(-1)).to(dev)
-            mean.index_add_(0, member_group, probs)
-            mean /= torch.from_numpy(counts.astype(np.float32)).to(dev).unsqueeze(1)
-            choice = mean.argmax(-1)
-            sampling = np.flatnonzero(~self.greedy_np[groups])
-            if sampling.size:  # Gumbel-max draws for the sampling rosters only
-                sel = torch.from_numpy(sampling).to(dev)
-                noise = gumbel(torch.from_numpy(self.key_np[groups[sampling]]).to(dev), torch.from_numpy(self.draw_np[groups[sampling]]).to(dev),
-                               _DRAW_STREAM, logits.shape[1])
-                choice[sel] = (mean[sel].double().log() + noise).argmax(-1)
-            tok[:nf] = choice[member_group]
+            groups, first, inverse, counts = np.unique(group[:nf], return_index=True, return_inverse=True, return_counts=True)
+            # np.unique sorts the rosters by index; keep them in member order (sampling rosters first)
+            rank = np.argsort(first, kind="stable")
+            groups, counts = groups[rank], counts[rank]
+            inverse = np.argsort(rank)[inverse.reshape(-1)]
+            g = groups.size
+            # the one softmax: the frontier members' rows, tempered, in float32 (a reused buffer, no allocation)
+            scaled = ws.get("scaled", nf, vocab, torch.float32)
+            torch.mul(torch.index_select(logits, 0, idx[:nf], out=ws.get("gathered", nf, vocab, logits.dtype)),
+                      ws.upload("inv_t", self.inv_t_np[slots[:nf]].reshape(-1, 1)), out=scaled)
+            probs = torch.ops.aten.softmax.int_out(scaled, -1, None, out=ws.get("probs", nf, vocab, torch.float32))
+            # each roster's sum of its members' distributions (the mean times K: same argmax, same draw)
+            total = ws.get("sum", g, vocab, torch.float32)
+            member_roster = ws.upload("member_roster", inverse)
+            k = int(counts[0])
+            if np.all(counts == k):  # every roster complete at the frontier (the usual case): one reduction
+                torch.sum(probs.view(g, k, vocab), 1, out=total)
+            else:
+                total.zero_().index_add_(0, member_roster, probs)
+            choice = ws.get("choice", 1, g, torch.int64)[0]
+            torch.argmax(total, -1, out=choice)
+            ns = int((~self.greedy_np[groups]).sum())  # the first ns rosters sample
+            if ns:  # inverse-CDF draws: one counter-based uniform per roster, keyed by (roster seed, draw number)
+                cdf = torch.cumsum(total[:ns], -1, out=ws.get("cdf", ns, vocab, torch.float32))
+                u = uniform(ws.upload("keys", self.key_np[groups[:ns]]), ws.upload("draws", self.draw_np[groups[:ns]]), _DRAW_STREAM, 1)
+                target = u.float().clamp_(max=1.0 - 2.0**-23).mul_(cdf[:, -1:])
+                drawn = torch.searchsorted(cdf, target, right=True).clamp_(max=vocab - 1)
+                choice[:ns] = drawn[:, 0]
+            tok[:nf] = choice[member_roster]
             self.draw_np[groups] += 1
         logits.index_fill_(0, idx, float("-inf"))
         logits[idx, tok] = 0.0

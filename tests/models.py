@@ -6,7 +6,8 @@ the engine tests need: they check what the engines and the techniques do with a 
 format (parity with transformers, a cap that leaves an answer, "Wait" re-checks), not how accurate it is; the
 accuracy benchmark trains the full recipe into its own cache.
 
-``python tests/models.py`` builds every variant (CI runs it once, before the suites).
+``python tests/models.py [random|trained|all]`` builds the variants (CI builds the random ones, then trains the two
+reasoners in the background while the unit tests run, which need only the random ones).
 """
 
 from __future__ import annotations
@@ -39,9 +40,12 @@ if __name__ == "__main__":
     import multiprocessing
     from concurrent.futures import ProcessPoolExecutor
 
-    for name in RANDOM:
-        print(f"{name}: {tiny_model(name)}", file=sys.stderr)
-    # the trained models train on one thread each: both at once on two cores
-    with ProcessPoolExecutor(len(TRAINED), mp_context=multiprocessing.get_context("spawn")) as pool:
-        for name, path in zip(TRAINED, pool.map(tiny_model, TRAINED)):
-            print(f"{name}: {path}", file=sys.stderr)
+    which = sys.argv[1] if len(sys.argv) > 1 else "all"  # random | trained | all
+    if which in ("random", "all"):
+        for name in RANDOM:
+            print(f"{name}: {tiny_model(name)}", file=sys.stderr)
+    if which in ("trained", "all"):
+        # the trained models train on one thread each: both at once on two cores
+        with ProcessPoolExecutor(len(TRAINED), mp_context=multiprocessing.get_context("spawn")) as pool:
+            for name, path in zip(TRAINED, pool.map(tiny_model, TRAINED)):
+                print(f"{name}: {path}", file=sys.stderr)

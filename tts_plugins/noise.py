@@ -37,11 +37,21 @@ def splitmix64(x: torch.Tensor) -> torch.Tensor:
     return z ^ _shr(z, 31)
 
 
+_COLUMNS: dict[tuple[int, torch.device], torch.Tensor] = {}
+
+
+def _mixed_columns(n: int, device: torch.device) -> torch.Tensor:
+    """``splitmix64(arange(n))``, computed once per width and device (the hot path asks for the same ones every step)."""
+    cols = _COLUMNS.get((n, device))
+    if cols is None:
+        cols = _COLUMNS[(n, device)] = splitmix64(torch.arange(n, dtype=torch.int64, device=device))
+    return cols
+
+
 def uniform(seed: torch.Tensor, position: torch.Tensor, layer: int, n: int) -> torch.Tensor:
     """``[T, n]`` float64 uniforms in (0, 1), a pure function of (seed, position, layer, column)."""
     key = splitmix64(splitmix64(splitmix64(seed.to(torch.int64)) ^ position.to(torch.int64)) ^ int(layer))
-    cols = torch.arange(n, dtype=torch.int64, device=seed.device)
-    bits = splitmix64(key.unsqueeze(1) ^ splitmix64(cols).unsqueeze(0))
+    bits = splitmix64(key.unsqueeze(1) ^ _mixed_columns(n, seed.device).unsqueeze(0))
     return (_shr(bits, 11).to(torch.float64) + 0.5) * (1.0 / (1 << 53))
 
 

@@ -14,7 +14,11 @@ things, and they are easy to get subtly wrong by hand:
   changed costs one attribute check and allocates nothing. On a CPU engine the
   device tensor *is* the host tensor: no copy at all.
 
-Neither ever syncs with the device.
+* :class:`Workspace` holds a hot path's scratch tensors and the staging of
+  its small per-step index arrays: buffers grow to the largest batch seen and
+  are reused, so a step allocates nothing once the batch size has been seen.
+
+None of them ever syncs with the device.
 """
 
 from __future__ import annotations
@@ -25,7 +29,7 @@ from typing import Any
 import numpy as np
 import torch
 
-__all__ = ["HostMirror", "SlotAllocator", "SlotsExhausted"]
+__all__ = ["HostMirror", "SlotAllocator", "SlotsExhausted", "Workspace"]
 
 
 class SlotsExhausted(RuntimeError):
@@ -116,3 +120,46 @@ class HostMirror:
                 self._dev.copy_(self.host, non_blocking=True)
             self.dirty = False
         return self._dev
+
+
+class Workspace:
+    """Scratch tensors reused from step to step, and pinned staging for small host arrays.
+
+    ``get(name, rows, cols, dtype)`` is a ``[rows, cols]`` view of a buffer that grows (to twice the rows
+    asked, at least) when a step needs more rows than any before, and is kept; ``upload(name, array)`` copies
+    a small numpy array to the device through a reused (pinned, where the engine allows it) host buffer, with
+    ``non_blocking``; on a CPU engine it is the array itself, no copy. As for :class:`HostMirror`, the host
+    buffer is rewritten only at the next step, after the engine synced with the host.
+    """
+
+    def __init__(self, device: torch.device | str = "cpu", pin_memory: bool = False) -> None:
+        self.device = torch.device(device)
+        self.pin = bool(pin_memory) and self.device.type != "cpu"
+        self._bufs: dict[str, torch.Tensor] = {}
+        self._staged: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
+        self.grown = 0  # how many times a buffer was (re)allocated: flat once the batch sizes have been seen
+
+    def get(self, name: str, rows: int, cols: int, dtype: torch.dtype) -> torch.Tensor:
+        buf = self._bufs.get(name)
+        if buf is None or buf.shape[0] < rows or buf.shape[1] != cols or buf.dtype != dtype:
+            keep = buf.shape[0] if buf is not None and buf.shape[1] == cols and buf.dtype == dtype else 0
+            buf = self._bufs[name] = torch.empty(max(2 * rows, keep, 1), cols, dtype=dtype, device=self.device)
+            self.grown += 1
+        return buf[:rows]
+
+    def upload(self, name: str, array: np.ndarray) -> torch.Tensor:
+        array = np.ascontiguousarray(array)
+        if self.device.type == "cpu":
+            return torch.from_numpy(array)
+        n = array.size
+        host, dev = self._staged.get(name, (None, None))
+        if host is None or host.numel() < n or host.dtype != torch.from_numpy(array[:0]).dtype:
+            dtype = torch.from_numpy(array[:0]).dtype
+            host = torch.empty(max(2 * n, 16), dtype=dtype, pin_memory=self.pin)
+            dev = torch.empty(host.numel(), dtype=dtype, device=self.device)
+            self._staged[name] = (host, dev)
+            self.grown += 1
+        host.numpy()[:n] = array.reshape(-1)
+        out = dev[:n]
+        out.copy_(host[:n], non_blocking=True)
+        return out.view(array.shape)

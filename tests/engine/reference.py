@@ -127,10 +127,10 @@ def hf_roster(model_dir: Path, prompt_ids: list[int], max_new: int, members: lis
     """A RoE roster in a plain transformers loop: each step, every member ``(tau, seed)`` computes the next-token
     distribution of the shared sequence under its own routing noise (the whole sequence recomputed), the roster's
     distribution is the mean of ``softmax(z / T)`` (T = 1 when greedy), and its token is the argmax (greedy) or the
-    Gumbel-max draw with the noise of (key, step) that the engines use. Shares only the noise functions."""
+    inverse-CDF draw with the uniform of (key, step) that the engines use. Shares only the noise functions."""
     import torch
 
-    from tts_plugins.logits_processors.roe import gumbel
+    from tts_plugins.logits_processors.roe import uniform
     from tts_plugins.logits_processors.roster import _DRAW_STREAM
 
     model = _model(str(model_dir))
@@ -145,8 +145,9 @@ def hf_roster(model_dir: Path, prompt_ids: list[int], max_new: int, members: lis
                 mean = mean + torch.softmax(z / t, -1)
             mean = mean / len(members)
             if temperature > 0:
-                noise = gumbel(torch.tensor([key]), torch.tensor([step]), _DRAW_STREAM, mean.shape[0])[0]
-                nxt = int((mean.log() + noise).argmax())
+                u = float(uniform(torch.tensor([key]), torch.tensor([step]), _DRAW_STREAM, 1)[0, 0])
+                cdf = torch.cumsum(mean, -1)
+                nxt = min(int(torch.searchsorted(cdf, torch.tensor([u * float(cdf[-1])], dtype=cdf.dtype), right=True)), mean.shape[0] - 1)
             else:
                 nxt = int(mean.argmax())
             out.append(nxt)

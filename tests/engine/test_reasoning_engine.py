@@ -63,34 +63,39 @@ def test_cap_cuts_thinking_short_and_still_answers(setup):
 
 def test_minimum_splices_wait_and_the_model_rechecks(setup):
     eng, tok, probs, prompts, _ = setup
-    outs = eng.generate(prompts[:8], [{"tts_think_min": 110}] * 8, max_tokens=400)
-    for o in outs:
+    # a minimum beyond each problem's own chain (mixed difficulty: chains run from a few lines to a dozen)
+    plain = eng.generate(prompts[:8], [{}] * 8, max_tokens=400)
+    mins = [_thinking_tokens(tok, o) + 24 for o in plain]
+    outs = eng.generate(prompts[:8], [{"tts_think_min": m} for m in mins], max_tokens=480)
+    for o, m in zip(outs, mins):
         text = tok.decode(o.token_ids)
-        assert _thinking_tokens(tok, o) >= 110, text
+        assert _thinking_tokens(tok, o) >= m, text
         assert "Wait," in text, text  # the model goes on as it learned: "Wait, a + b = c"
         assert arith.extract_answer(text) is not None, text
 
 
 @pytest.mark.vllm_only
 def test_proving_ground_runs_end_to_end(engines, tmp_path):
-    """The benchmark that fills the README's table, on 4 problems with the briefly trained models: every method of
-    both models runs through ``tts bench``, the premises are measured, and the report pairs each row with them."""
+    """The benchmark that fills the README's table, on 4 problems with the briefly trained dense model: every method
+    runs through ``tts bench``, the premises are measured, and the report pairs each row with them. (The MoE half runs
+    the same code with the RoE methods, which the roster and RoE engine tests check; CI time goes to those.)"""
     engines.close()  # one engine at a time: the benchmark starts its own servers
     out = tmp_path / "testbed"
     r = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "accuracy.py"), "--quick", "--models", "test", "--problems", "4",
-                        "--out", str(out)], capture_output=True, text=True, timeout=1200, cwd=tmp_path)
+                        "--only", "dense", "--out", str(out)], capture_output=True, text=True, timeout=1200, cwd=tmp_path)
     assert r.returncode == 0, r.stderr[-3000:] + "\n--- stdout ---\n" + r.stdout[-2000:]
     dense = {x["method"]: x for x in json.loads((out / "dense" / "summary.json").read_text())["methods"]}
-    moe = {x["method"]: x for x in json.loads((out / "moe" / "summary.json").read_text())["methods"]}
-    assert len(dense) == 18 and len(moe) == 2 + 2 * 4 + 1
-    for x in [*dense.values(), *moe.values()]:
+    assert len(dense) == 18
+    for x in dense.values():
         assert x["problems"] == 4 and 0 <= x["ci95"][0] <= x["accuracy"] <= x["ci95"][1] <= 1 and x["tokens_per_problem"] > 0, x
         assert x["method"] == "greedy" or x["vs_baseline"]["problems"] == 4
     assert dense["think-max 24"]["tokens_per_problem"] < dense["greedy"]["tokens_per_problem"] < dense["think-min 128"]["tokens_per_problem"]
-    assert dense["short-1@4"]["tokens_per_problem"] < dense["majority@4"]["tokens_per_problem"]
+    # short-1@4 stops the other samples when the first closes its thinking: they end within a step or two of it, and
+    # only the winner writes an answer (majority@4 draws its own samples, so its tokens are not compared here)
+    short = [json.loads(line) for line in (out / "dense" / "records.jsonl").read_text().splitlines()]
+    short = [x for x in short if x.get("method") == "short-1@4"]
+    assert len(short) == 4 and all(max(x["lengths"]) - min(x["lengths"]) <= 24 for x in short), [x["lengths"] for x in short]
     assert dense["ladder x1"]["vs_equal_budget"]["against"] == "majority@13"
-    records = [json.loads(line) for line in (out / "moe" / "records.jsonl").read_text().splitlines()]
-    assert all(x["members_identical"] for x in records if x["method"].startswith("roster"))  # a roster decodes one sequence
     prem = json.loads((out / "dense" / "premises.json").read_text())
     assert prem["samples"] == 4 * 4 and set(prem["by_difficulty"]) <= {"easy", "medium", "hard"}
     report = (out / "report.md").read_text()

@@ -98,8 +98,14 @@ def _calibrate(model, tok, target: int, p: float, seed: int) -> float:
     return (lo + hi) / 2
 
 
-def build_tiny_model(path: str | Path, variant: str = "dense", *, seed: int = 0, vocab_size: int = 512) -> Path:
-    """Build (or reuse, if already built with the same recipe) a tiny model under ``path``."""
+def build_tiny_model(path: str | Path, variant: str = "dense", *, seed: int = 0, vocab_size: int = 512, model_vocab: int | None = None) -> Path:
+    """Build (or reuse, if already built with the same recipe) a tiny model under ``path``.
+
+    ``model_vocab``: the model's vocabulary (embedding and output rows), when larger than the tokenizer's, as
+    Qwen pads 151,669 tokens to 151,936: the engine then computes and processes logits of that width, so a
+    benchmark on the tiny model sees the per-step cost of a real vocabulary. The extra rows are never sampled
+    by a tokenizer and decode to nothing.
+    """
     import torch
     from transformers import Qwen3Config, Qwen3ForCausalLM, Qwen3MoeConfig, Qwen3MoeForCausalLM
 
@@ -107,6 +113,8 @@ def build_tiny_model(path: str | Path, variant: str = "dense", *, seed: int = 0,
         raise ValueError(f"variant must be one of dense, multi, moe, eager, wobbly, got {variant!r}")
     path = Path(path)
     stamp = {"variant": variant, "seed": seed, "vocab_size": vocab_size, "recipe": 4}
+    if model_vocab:
+        stamp["model_vocab"] = model_vocab
     marker = path / "tts_tiny.json"
     if marker.exists() and json.loads(marker.read_text()) == stamp:
         return path
@@ -114,7 +122,7 @@ def build_tiny_model(path: str | Path, variant: str = "dense", *, seed: int = 0,
     tok = build_tokenizer(path, variant, vocab_size, seed)
     n_vocab = len(tok)
     common = dict(
-        vocab_size=n_vocab,
+        vocab_size=max(n_vocab, model_vocab or 0),
         hidden_size=64,
         num_hidden_layers=2,
         num_attention_heads=4,
