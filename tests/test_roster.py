@@ -100,6 +100,22 @@ def test_sampled_rosters_draw_from_the_mean_distribution():
     assert np.all(np.abs(freq[:4] - want[:4].numpy()) <= tol), (freq[:4], want[:4])
 
 
+def test_a_roster_step_allocates_nothing_once_its_batch_size_was_seen():
+    s = state()
+    for slot in range(8):
+        admit(s, slot, f"r{slot // 4}", 4, greedy=slot < 4, seed=slot)
+    tech = s.techniques[0]
+    host = np.arange(8, dtype=np.int64)
+    z = torch.randn(8, V, generator=torch.Generator().manual_seed(1))
+    s.apply(z.clone(), torch.from_numpy(host), host)
+    grown = tech.ws.grown
+    for _ in range(5):
+        out = s.apply(z.clone(), torch.from_numpy(host), host)
+        for slot in range(8):
+            s.feed(slot, [int(out[slot // 4 * 4].argmax())])
+    assert tech.ws.grown == grown, "a step reallocated its scratch buffers"
+
+
 def test_a_member_behind_the_frontier_replays_the_decided_tokens():
     s = state()
     for slot in range(3):

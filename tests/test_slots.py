@@ -147,3 +147,20 @@ def test_gpu_mirror_is_pinned_and_uploads_when_dirty():
     m.np[5] = 9
     m.mark_dirty()
     assert m.device_view().cpu().tolist() == m.np.tolist()
+
+
+def test_workspace_reuses_its_buffers_once_a_size_was_seen():
+    from tts_plugins.slots import Workspace
+
+    ws = Workspace("cpu")
+    a = ws.get("x", 5, 7, torch.float32)
+    assert a.shape == (5, 7) and ws.grown == 1
+    b = ws.get("x", 3, 7, torch.float32)
+    assert b.data_ptr() == a.data_ptr() and ws.grown == 1  # smaller: a view of the same buffer
+    ws.get("x", 10, 7, torch.float32)  # within the doubled capacity
+    assert ws.grown == 1
+    ws.get("x", 11, 7, torch.float32)
+    ws.get("x", 4, 7, torch.bfloat16)  # another dtype or width is another buffer
+    assert ws.grown == 3
+    arr = np.arange(6, dtype=np.int64).reshape(2, 3)
+    assert torch.equal(ws.upload("i", arr), torch.from_numpy(arr))
