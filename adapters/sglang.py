@@ -66,7 +66,7 @@ from tts_plugins import debug, services
 from tts_plugins.batch import SlotState
 from tts_plugins.manager import default_registry
 from tts_plugins.params import PREFIX, tts_keys
-from tts_plugins.slots import SlotAllocator
+from tts_plugins.slots import SlotAllocator, Workspace
 from tts_plugins.technique import GREEDY_TEMPERATURE, EngineInfo, SlotRequest
 
 log = logging.getLogger("sglang.tts_plugins")
@@ -121,6 +121,7 @@ class SglangTTS:
         self.slots = SlotAllocator(max_slots, what="opted-in requests")
         self._pending: tuple[torch.Tensor, list[tuple[int, int, str]], Any] | None = None
         self._ids_host: torch.Tensor | None = None  # reused pinned buffer for the sampled ids (GPU)
+        self.ws = Workspace(device, self.info.pin_memory)
         _LIVE.add(self)
         debug.register("sglang", self)
 
@@ -320,7 +321,7 @@ def _sample_around(orig: Any, model_runner: Any, logits_output: Any, forward_bat
             # rows whose sampled token is thrown away (a prefill chunk that is not the last) see no technique
             # this step: a technique that reads the other rows (a RoE roster) must not count them
             seen = host_slots if all(keep) else np.where(np.asarray(keep, dtype=bool), host_slots, st.info.neutral_slot)
-            row_slots = torch.from_numpy(seen).to(logits.device, non_blocking=True)
+            row_slots = st.ws.upload("row_slots", seen)  # pinned staging: no pageable host-to-device copy
             out = st.state.apply(logits, row_slots, seen)
             if out is not logits:
                 logits_output.next_token_logits = out

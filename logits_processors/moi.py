@@ -42,7 +42,7 @@ import numpy as np
 import torch
 
 from tts_plugins.params import get_float, get_int, show
-from tts_plugins.slots import SlotAllocator
+from tts_plugins.slots import SlotAllocator, Workspace
 from tts_plugins.technique import ModelPatch
 
 __all__ = ["MOI_KEYS", "MOI_MAX_TOPK", "MoIParams", "MoIPatchBase", "MoIRunnerState", "MoIStash", "moi_reference", "topk_distribution"]
@@ -127,6 +127,7 @@ class MoIStash:
         self.pos = np.full(max_requests, -1, dtype=np.int64)
         self.topk = np.zeros(max_requests, dtype=np.int64)
         self.beta_host = np.ones(max_requests, dtype=np.float32)
+        self.ws = Workspace(self.device, pin_memory=self.device.type == "cuda")  # pinned staging of the step's indices
 
     def _allocate(self) -> None:
         n, k, dev = self.max_requests, self.kmax, self.device
@@ -174,8 +175,8 @@ class MoIStash:
             return
         topk_np = np.minimum(self.topk[slots], logits_rows.shape[-1])
         kmax = int(topk_np.max())
-        index = torch.from_numpy(slots).to(self.device, non_blocking=True)
-        topk = torch.from_numpy(topk_np).to(self.device, non_blocking=True)
+        index = self.ws.upload("stash_slots", slots)
+        topk = self.ws.upload("stash_topk", topk_np)
         ids, probs, ent = topk_distribution(logits_rows, topk, kmax)
         self.ids[index, :kmax] = ids
         self.probs[index, :kmax] = probs
@@ -199,7 +200,7 @@ class MoIStash:
     def mix(self, slots: np.ndarray, embed: Callable[[torch.Tensor], torch.Tensor]) -> torch.Tensor:
         """The mixed input embeddings ``[n, d]`` of ``slots`` (float32); ``embed`` maps ids to embeddings."""
         kmax = int(np.minimum(self.topk[slots], self.kmax).max())
-        index = torch.from_numpy(slots).to(self.device, non_blocking=True)
+        index = self.ws.upload("mix_slots", slots)
         ids, probs = self.ids[index, :kmax], self.probs[index, :kmax]
         w_top, w_y = mixture_weights(probs, self.ent[index], self.beta[index])
         y = self.sampled[index]

@@ -164,3 +164,18 @@ def test_workspace_reuses_its_buffers_once_a_size_was_seen():
     assert ws.grown == 3
     arr = np.arange(6, dtype=np.int64).reshape(2, 3)
     assert torch.equal(ws.upload("i", arr), torch.from_numpy(arr))
+
+
+def test_workspace_staging_alternates_two_host_buffers_per_name():
+    """Off the CPU (the meta device stands in for a GPU here): each name's uploads take turns between two host
+    buffers, so the next step's upload never rewrites the buffer the previous step's copy reads."""
+    from tts_plugins.slots import Workspace
+
+    ws = Workspace("meta")
+    first = ws.upload("rows", np.arange(4, dtype=np.int64))
+    host, _, turn = ws._staged["rows"]
+    assert first.shape == (4,) and first.device.type == "meta" and turn == 1
+    assert host[0, :4].tolist() == [0, 1, 2, 3]
+    assert ws.upload("rows", np.array([[7, 8], [9, 10]], dtype=np.int64)).shape == (2, 2)
+    assert host[0, :4].tolist() == [0, 1, 2, 3] and host[1, :4].tolist() == [7, 8, 9, 10]  # the first is intact
+    assert ws._staged["rows"][2] == 0 and ws.grown == 1

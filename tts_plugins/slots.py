@@ -136,7 +136,7 @@ class Workspace:
         self.device = torch.device(device)
         self.pin = bool(pin_memory) and self.device.type != "cpu"
         self._bufs: dict[str, torch.Tensor] = {}
-        self._staged: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
+        self._staged: dict[str, list] = {}  # name -> [host [2, n] (pinned), device [2, n], whose turn]
         self.grown = 0  # how many times a buffer was (re)allocated: flat once the batch sizes have been seen
 
     def get(self, name: str, rows: int, cols: int, dtype: torch.dtype) -> torch.Tensor:
@@ -148,18 +148,22 @@ class Workspace:
         return buf[:rows]
 
     def upload(self, name: str, array: np.ndarray) -> torch.Tensor:
+        """``array`` on the device. Two host buffers per name take turns, so a scheduler that prepares the next
+        step while the device still runs this one (overlap, async scheduling) never rewrites a buffer whose copy
+        may not have run; upload each name once per step."""
         array = np.ascontiguousarray(array)
         if self.device.type == "cpu":
             return torch.from_numpy(array)
-        n = array.size
-        host, dev = self._staged.get(name, (None, None))
-        if host is None or host.numel() < n or host.dtype != torch.from_numpy(array[:0]).dtype:
-            dtype = torch.from_numpy(array[:0]).dtype
-            host = torch.empty(max(2 * n, 16), dtype=dtype, pin_memory=self.pin)
-            dev = torch.empty(host.numel(), dtype=dtype, device=self.device)
-            self._staged[name] = (host, dev)
+        n, dtype = array.size, torch.from_numpy(array[:0]).dtype
+        entry = self._staged.get(name)
+        if entry is None or entry[0].shape[1] < n or entry[0].dtype != dtype:
+            size = max(2 * n, 16)
+            entry = [torch.empty(2, size, dtype=dtype, pin_memory=self.pin), torch.empty(2, size, dtype=dtype, device=self.device), 0]
+            self._staged[name] = entry
             self.grown += 1
-        host.numpy()[:n] = array.reshape(-1)
-        out = dev[:n]
-        out.copy_(host[:n], non_blocking=True)
+        host, dev, turn = entry
+        entry[2] = 1 - turn
+        host[turn].numpy()[:n] = array.reshape(-1)
+        out = dev[turn, :n]
+        out.copy_(host[turn, :n], non_blocking=True)
         return out.view(array.shape)
