@@ -75,6 +75,15 @@ class LadderPatchBase(ModelPatch):
     params = LadderParams
     feature, hint = "the temperature ladder", " (send one request per temperature instead)"
 
+    @classmethod
+    def conformance_params(cls) -> list[dict[str, Any]]:
+        return [{"tts_temperature_ladder": [0.0, 0.7, 1.2]}]
+
+    @classmethod
+    def neutral_params(cls) -> list[dict[str, Any]]:
+        # every rung greedy: a greedy request's samples (the suite compares with greedy plain requests)
+        return [{"tts_temperature_ladder": [0.0]}]
+
     @staticmethod
     def check_request(params: LadderParams, request: Any) -> None:
         """Refuse a greedy request: the ladder replaces its temperature, and a greedy request cannot carry that."""

@@ -294,6 +294,15 @@ class MoIPatchBase(ModelPatch):
     CACHE_SALT = "tts_plugins:moi"
 
     @classmethod
+    def conformance_params(cls) -> list[dict[str, Any]]:
+        return [{"tts_moi_beta": 1.0}, {"tts_moi_beta": 0.5, "tts_moi_topk": 5}]
+
+    @classmethod
+    def neutral_params(cls) -> list[dict[str, Any]]:
+        # top-1: the mixture's entropy is 0, so the input is the sampled token's own embedding
+        return [{"tts_moi_beta": 1.0, "tts_moi_topk": 1}]
+
+    @classmethod
     def salt_of(cls, params: MoIParams) -> str:
         """A prefix-cache salt that tells Mixture-of-Inputs settings apart (KV computed from mixtures is not
         determined by the token ids); for an engine that salts rather than keeps such KV out of its cache."""

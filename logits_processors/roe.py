@@ -146,6 +146,14 @@ class RoEPatchBase(ModelPatch):
     params = RoEParams
     feature = "RoE"
 
+    @classmethod
+    def conformance_params(cls) -> list[dict[str, Any]]:
+        return [{"tts_roe_tau": 0.5}, {"tts_roe_tau_layers": [0.0, 1.0]}]
+
+    @classmethod
+    def neutral_params(cls) -> list[dict[str, Any]]:
+        return [{"tts_roe_tau": 0.0}, {"tts_roe_tau_layers": [0.0, 0.0]}]  # the model's own routing
+
     def cache_salt(self, params: RoEParams, request_id: str, seed: int | None) -> str:
         """KV of noisily routed tokens depends on the taus and the noise seed: no other request may reuse it
         (and an RoE request does not reuse plain prefixes). A request whose taus are all 0 (e.g. a roster's clean

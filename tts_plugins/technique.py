@@ -247,6 +247,18 @@ class ModelPatch:
         return cls.params.parse(flat) if cls.params is not None else None
 
     @classmethod
+    def conformance_params(cls) -> list[dict[str, Any]]:
+        """Valid flat parameter sets that turn the patch on, covering its modes, for the conformance suite
+        (:mod:`tts_plugins.testing.conformance`, ``check_patch_*``). A patch with ``keys`` provides at least one."""
+        return []
+
+    @classmethod
+    def neutral_params(cls) -> list[dict[str, Any]]:
+        """Parameter sets at which the patch changes nothing: the suite checks that a request sending them
+        decodes exactly as a plain request does (in the engine), and that they parse (or parse to ``None``)."""
+        return []
+
+    @classmethod
     def supported(cls) -> str | None:
         """``None`` when the installed engine can run this patch, else the reason (returned to the client at admission).
 

@@ -22,6 +22,13 @@ The invariants (names used in failure messages and ``-k`` selection):
 ``parse_rejects_bad_input``, ``rows_not_opted_in_unchanged``,
 ``batch_order_equivariance``, ``slot_lifecycle``, ``shape_dtype_device``,
 ``argmax_claim``, ``unused_path_does_nothing``, ``matches_reference``.
+
+Model patches (:class:`~tts_plugins.technique.ModelPatch`) have their own, with
+``conformance_params()`` and ``neutral_params()`` declared on the patch:
+``patch_parse_rejects_bad_input`` and ``patch_examples_parse`` (host only), and
+in a real engine (:func:`check_patch_in_engine`) ``patch_plain_rows_identical``
+(plain requests batched with opted-in ones decode as they do alone) and
+``patch_neutral_is_plain`` (neutral parameters decode as a plain request).
 """
 
 from __future__ import annotations
@@ -425,6 +432,87 @@ def check_engine_matches_reference(tech: type, generate: Callable[[list[list[int
                  f"greedy ids differ from the reference loop at token {first}: {list(got)[:first + 3]} vs {want[:first + 3]}", row=row, params=flat)
 
 
+# --- model patches ------------------------------------------------------------------
+
+PATCH_INVARIANTS = ("patch_parse_rejects_bad_input", "patch_examples_parse", "patch_plain_rows_identical", "patch_neutral_is_plain")
+
+
+def patch_examples(patch: type) -> list[dict[str, Any]]:
+    """A patch's ``conformance_params`` (each must turn it on); a patch without keys has none and needs none."""
+    found = list(patch.conformance_params())
+    if patch.keys and not found:
+        fail(patch, "patch_examples_parse", "conformance_params() returned no parameter set (the patch has request keys)")
+    return found
+
+
+def check_patch_parse_rejects_bad_input(patch: type) -> None:
+    """As for a technique: no keys = off; junk values raise ``ValueError`` naming a key; nothing else escapes."""
+    try:
+        off = patch.parse_params({})
+    except Exception as exc:  # noqa: BLE001
+        fail(patch, "patch_parse_rejects_bad_input", f"parse_params({{}}) raised {type(exc).__name__} ({exc}); it must return None")
+    if off is not None:
+        fail(patch, "patch_parse_rejects_bad_input", "parse_params({}) must return None (not opted in)")
+    for key in sorted(patch.keys):
+        refused = 0
+        for junk in JUNK:
+            try:
+                patch.parse_params({key: junk})
+            except ValueError as exc:
+                if not any(k in str(exc) for k in patch.keys):
+                    fail(patch, "patch_parse_rejects_bad_input", f"the error for {key}={junk!r} names no key: {exc}", params={key: junk})
+                refused += 1
+            except Exception as exc:  # noqa: BLE001 - any other exception would reach the engine
+                fail(patch, "patch_parse_rejects_bad_input", f"{key}={junk!r} raised {type(exc).__name__} ({exc}), not ValueError",
+                     params={key: junk})
+        if not refused:
+            fail(patch, "patch_parse_rejects_bad_input", f"{key} accepted every junk value ({len(JUNK)} tried)")
+
+
+def check_patch_examples_parse(patch: type) -> None:
+    """Every example turns the patch on, the same way twice (parsing is pure); every neutral set parses; every
+    key an example or neutral set uses is the patch's own."""
+    for flat in patch_examples(patch):
+        a, b = patch.parse_params(flat), patch.parse_params(dict(flat))
+        if a is None:
+            fail(patch, "patch_examples_parse", "a conformance parameter set does not turn the patch on", params=flat)
+        if a != b:
+            fail(patch, "patch_examples_parse", f"parsing the same parameters twice gave {a!r} and {b!r}", params=flat)
+    for flat in [*patch_examples(patch), *patch.neutral_params()]:
+        foreign = sorted(set(flat) - set(patch.keys))
+        if foreign:
+            fail(patch, "patch_examples_parse", f"a parameter set uses keys the patch does not own: {foreign}", params=flat)
+        try:
+            patch.parse_params(flat)
+        except Exception as exc:  # noqa: BLE001
+            fail(patch, "patch_examples_parse", f"a neutral parameter set is refused: {type(exc).__name__} ({exc})", params=flat)
+
+
+def check_patch_in_engine(patch: type, generate: Callable[[list[list[int]], list[dict[str, Any]], int], list[list[int]]],
+                          prompts: list[list[int]], max_new: int = 16, engine: str = "engine") -> None:
+    """In a real engine (``generate(prompts, params, max_new) -> token ids``, greedy): plain requests batched with
+    requests that turn the patch on decode exactly as they do alone (``patch_plain_rows_identical``), and a
+    request at each of the patch's neutral parameter sets decodes exactly as the plain request
+    (``patch_neutral_is_plain``)."""
+    plain = generate(prompts, [{}] * len(prompts), max_new)
+    for flat in patch_examples(patch):
+        mixed = generate(prompts + prompts, [flat] * len(prompts) + [{}] * len(prompts), max_new)
+        for i, (got, want) in enumerate(zip(mixed[len(prompts):], plain)):
+            if list(got) != list(want):
+                fail(patch, "patch_plain_rows_identical", f"{engine}: a plain request batched with opted-in ones decoded "
+                     f"{list(got)[:8]}... instead of {list(want)[:8]}...", row=i, params=flat)
+    for flat in patch.neutral_params():
+        got = generate(prompts, [flat] * len(prompts), max_new)
+        for i, (g, want) in enumerate(zip(got, plain)):
+            if list(g) != list(want):
+                fail(patch, "patch_neutral_is_plain", f"{engine}: at neutral parameters the request decoded {list(g)[:8]}... "
+                     f"instead of the plain {list(want)[:8]}...", row=i, params=flat)
+
+
+PATCH_CHECKS: dict[str, Callable[..., None]] = {"patch_parse_rejects_bad_input": check_patch_parse_rejects_bad_input,
+                                                "patch_examples_parse": check_patch_examples_parse}
+
+
 def check_all(tech: type, info: EngineInfo | None = None, max_examples: int | None = None) -> None:
     info = info or tiny_info()
     for check in CHECKS.values():
@@ -434,7 +522,8 @@ def check_all(tech: type, info: EngineInfo | None = None, max_examples: int | No
             check(tech, info, max_examples)
 
 
-__all__ = ["CHECKS", "INVARIANTS", "ConformanceError", "check_all", "tiny_info"]
+__all__ = ["CHECKS", "INVARIANTS", "PATCH_CHECKS", "PATCH_INVARIANTS", "ConformanceError", "check_all", "check_patch_in_engine",
+           "tiny_info"]
 
 
 def tiny_model_dir() -> Any:
