@@ -57,6 +57,8 @@ def dense_methods(k: int) -> list[str]:
         "trim:2",
         "sample:temperature=0.7,top_p=1.0,label=sample (T=0.7)",
         "trim:2,temperature=0.7,label=trim converge=2 (T=0.7),vs=sample (T=0.7)",
+        # the conclusion the reasoner learned after a cut thinking block ("\n", as a cap closes it), not the default phrase
+        'trim:2,temperature=0.7,tts_trim_conclusion="\\n",label=trim converge=2 (T=0.7) ending as a cap,vs=sample (T=0.7)',
         "sample:temperature=0.6,top_p=0.8,label=sample (T=0.6, top_p=0.8)",
         "moi:label=moi,vs=sample (T=0.6, top_p=0.8)",
     ]
@@ -226,7 +228,9 @@ def main(argv=None) -> int:
         finally:
             srv.close()
         summary = json.loads((out / "summary.json").read_text())
-        parts.append((f"{variant} ({card.get('train_steps')} steps x {card.get('batch')})", summary, prem))
+        from tts_plugins.models.trained import VARIANTS
+
+        parts.append((f"{variant} ({card.get('train_steps')} steps x {card.get('batch') or VARIANTS[variant]['batch']})", summary, prem))
     text = report(parts)
     (args.out / "report.md").write_text(text)
     print(text)
