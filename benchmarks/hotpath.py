@@ -134,7 +134,7 @@ def bench(args) -> list[dict]:
     for batch in args.batch:
         info = EngineInfo(vocab_size=args.vocab, max_slots=batch, device=device, tokenizer=tok, eos_token_ids=(tok.eos_token_id,),
                           pin_memory=device.type == "cuda")
-        for technique, case, setup in [(t, c, f) for t, cs in cases(tok).items() for c, f in cs.items()]:
+        for technique, case, setup in [(t, c, f) for t, cs in cases(tok).items() for c, f in cs.items() if not args.only or t in args.only]:
             state, rows = SlotState(registry, info), RowMap(batch, info)
             setup(state, rows, batch, prompt)
             row_slots = rows.device_view(batch)
@@ -293,13 +293,15 @@ def main(argv=None) -> int:
     p.add_argument("--quick", action="store_true", help="batch 64, fp32, 15 repetitions")
     p.add_argument("--device-only", action="store_true", help="no host row map (the V2 path under speculative decoding)")
     p.add_argument("--json", type=Path)
+    p.add_argument("--only", nargs="+", help="these logits techniques only (think, trim, group, carbon, roe_roster), no patch kernels")
     args = p.parse_args(argv)
     if args.quick:
         args.batch, args.dtype, args.reps = [64], ["fp32"], 15
     torch.manual_seed(0)
     results = bench(args)
-    results += model_patch_kernels(args)
-    results += host_step_cost(args)
+    if not args.only:
+        results += model_patch_kernels(args)
+        results += host_step_cost(args)
     missed = [r for r in results if r.get("meets_target") is False]
     print(f"\n{len(results)} measurements, {len(missed)} missed targets"
           + ("".join(f"\n  MISSED: {r['technique']} {r['case']} batch {r['batch']} {r['dtype']}: target {r['target']}"

@@ -376,8 +376,12 @@ class RoERoster(LogitsTechnique):
             g = groups.size
             # the one softmax: the frontier members' rows, tempered, in float32 (a reused buffer, no allocation)
             scaled = ws.get("scaled", nf, vocab, torch.float32)
-            torch.mul(torch.index_select(logits, 0, idx[:nf], out=ws.get("gathered", nf, vocab, logits.dtype)),
-                      ws.upload("inv_t", self.inv_t_np[slots[:nf]].reshape(-1, 1)), out=scaled)
+            inv_t = self.inv_t_np[slots[:nf]]
+            if np.all(inv_t == 1.0) and logits.dtype == torch.float32:  # untempered (greedy members): one gather
+                torch.index_select(logits, 0, idx[:nf], out=scaled)
+            else:
+                torch.mul(torch.index_select(logits, 0, idx[:nf], out=ws.get("gathered", nf, vocab, logits.dtype)),
+                          ws.upload("inv_t", inv_t.reshape(-1, 1)), out=scaled)
             probs = torch.ops.aten.softmax.int_out(scaled, -1, None, out=ws.get("probs", nf, vocab, torch.float32))
             # each roster's sum of its members' distributions (the mean times K: same argmax, same draw)
             total = ws.get("sum", g, vocab, torch.float32)
