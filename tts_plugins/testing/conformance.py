@@ -155,24 +155,29 @@ def _materialize(params: list[dict[str, Any]], case: dict[str, Any]) -> dict[int
 # --- the invariants ------------------------------------------------------------------
 
 
+def refuses_junk(owner: type, invariant: str) -> None:
+    """Each of ``owner``'s keys, given junk values, raises ``ValueError`` naming a key (at least once), nothing else."""
+    for key in sorted(owner.keys):
+        refused = 0
+        for junk in JUNK:
+            try:
+                owner.parse_params({key: junk})
+            except ValueError as exc:
+                if not any(k in str(exc) for k in owner.keys):
+                    fail(owner, invariant, f"the error for {key}={junk!r} names no key: {exc}", params={key: junk})
+                refused += 1
+            except Exception as exc:  # noqa: BLE001 - any other exception would reach the engine
+                fail(owner, invariant, f"{key}={junk!r} raised {type(exc).__name__} ({exc}), not ValueError", params={key: junk})
+        if not refused:
+            fail(owner, invariant, f"{key} accepted every junk value ({len(JUNK)} tried: None, NaN, huge ints, 5,000 characters, ...)")
+
+
 def check_parse_rejects_bad_input(tech: type, info: EngineInfo | None = None, max_examples: int = 0) -> None:
     """Bad values raise ``ValueError`` naming a key of the technique; nothing else ever escapes; no keys = off."""
     examples(tech)
     if tech.parse_params({}) is not None:
         fail(tech, "parse_rejects_bad_input", "parse_params({}) must return None (not opted in)")
-    for key in sorted(tech.keys):
-        refused = 0
-        for junk in JUNK:
-            try:
-                tech.parse_params({key: junk})
-            except ValueError as exc:
-                if not any(k in str(exc) for k in tech.keys):
-                    fail(tech, "parse_rejects_bad_input", f"the error for {key}={junk!r} names no key: {exc}", params={key: junk})
-                refused += 1
-            except Exception as exc:  # noqa: BLE001 - any other exception would reach the engine
-                fail(tech, "parse_rejects_bad_input", f"{key}={junk!r} raised {type(exc).__name__} ({exc}), not ValueError", params={key: junk})
-        if not refused:
-            fail(tech, "parse_rejects_bad_input", f"{key} accepted every junk value ({len(JUNK)} tried: None, NaN, huge ints, 5,000 characters, ...)")
+    refuses_junk(tech, "parse_rejects_bad_input")
     reg = registry_for(tech)
     try:
         reg.parse({"tts_not_a_key_of_anyone": 1})
@@ -453,20 +458,7 @@ def check_patch_parse_rejects_bad_input(patch: type) -> None:
         fail(patch, "patch_parse_rejects_bad_input", f"parse_params({{}}) raised {type(exc).__name__} ({exc}); it must return None")
     if off is not None:
         fail(patch, "patch_parse_rejects_bad_input", "parse_params({}) must return None (not opted in)")
-    for key in sorted(patch.keys):
-        refused = 0
-        for junk in JUNK:
-            try:
-                patch.parse_params({key: junk})
-            except ValueError as exc:
-                if not any(k in str(exc) for k in patch.keys):
-                    fail(patch, "patch_parse_rejects_bad_input", f"the error for {key}={junk!r} names no key: {exc}", params={key: junk})
-                refused += 1
-            except Exception as exc:  # noqa: BLE001 - any other exception would reach the engine
-                fail(patch, "patch_parse_rejects_bad_input", f"{key}={junk!r} raised {type(exc).__name__} ({exc}), not ValueError",
-                     params={key: junk})
-        if not refused:
-            fail(patch, "patch_parse_rejects_bad_input", f"{key} accepted every junk value ({len(JUNK)} tried)")
+    refuses_junk(patch, "patch_parse_rejects_bad_input")
 
 
 def check_patch_examples_parse(patch: type) -> None:
