@@ -85,7 +85,7 @@ def test_proving_ground_runs_end_to_end(engines, tmp_path):
                         "--only", "dense", "--out", str(out)], capture_output=True, text=True, timeout=1200, cwd=tmp_path)
     assert r.returncode == 0, r.stderr[-3000:] + "\n--- stdout ---\n" + r.stdout[-2000:]
     dense = {x["method"]: x for x in json.loads((out / "dense" / "summary.json").read_text())["methods"]}
-    assert len(dense) == 18
+    assert len(dense) == 19
     for x in dense.values():
         assert x["problems"] == 4 and 0 <= x["ci95"][0] <= x["accuracy"] <= x["ci95"][1] <= 1 and x["tokens_per_problem"] > 0, x
         assert x["method"] == "greedy" or x["vs_baseline"]["problems"] == 4
