@@ -21,14 +21,14 @@ def keyed_patches(engine: str) -> dict[str, type]:
 def run(eng, engine_name: str, name: str) -> None:
     tok = eng.tokenizer
     prompts = [tok.apply_chat_template([{"role": "user", "content": q}], add_generation_prompt=True, tokenize=True, return_dict=False)
-               for q in ("What is 2 + 3?", "What is 17 * 4 - 9?", "Is 91 prime?")]
+               for q in ("What is 2 + 3?", "Is 91 prime?")]
 
     def generate(ps, params, max_new):
         # the ladder sets each sample's temperature, so its requests must sample (a rung of 0 is a greedy sample)
         params = [{**p, "_temperature": 1.0, "_seed": 7} if "tts_temperature_ladder" in p else p for p in params]
         return [o.token_ids for o in eng.generate(ps, params, max_tokens=max_new)]
 
-    check_patch_in_engine(keyed_patches(engine_name)[name], generate, prompts, engine=engine_name)
+    check_patch_in_engine(keyed_patches(engine_name)[name], generate, prompts, max_new=10, engine=engine_name)
 
 
 def test_every_keyed_patch_is_covered(engine_name):
