@@ -9,10 +9,12 @@ than a copy).
 
 from __future__ import annotations
 
+from typing import Any
+
 import numpy as np
 import torch
 
-from tts_plugins.slots import HostMirror
+from tts_plugins.slots import HostMirror, Workspace
 
 
 def putter(logits: torch.Tensor):
@@ -84,18 +86,13 @@ def few_other_rows(buffers: dict[str, torch.Tensor], forced: np.ndarray, device:
     return upload_rows(buffers, others, device, pin_memory)
 
 
-def upload_rows(buffers: dict[str, torch.Tensor], rows: np.ndarray, device: torch.device, pin_memory: bool) -> torch.Tensor:
-    """Row indices known on the host, as a device tensor, through reused (pinned) buffers."""
-    if device.type == "cpu":
-        return torch.from_numpy(rows)
-    n = rows.size
-    host = buffers.get("host")
-    if host is None or host.shape[0] < n:
-        size = max(n, 2 * (0 if host is None else host.shape[0]), 64)
-        buffers["host"] = host = torch.empty(size, dtype=torch.int64, pin_memory=pin_memory)
-        buffers["dev"] = torch.empty(size, dtype=torch.int64, device=device)
-    host[:n].numpy()[:] = rows
-    return buffers["dev"][:n].copy_(host[:n], non_blocking=True)
+def upload_rows(buffers: dict[str, Any], rows: np.ndarray, device: torch.device, pin_memory: bool) -> torch.Tensor:
+    """Row indices known on the host, as a device tensor, through the reused (pinned) staging of a
+    :class:`~tts_plugins.slots.Workspace` kept in ``buffers``."""
+    ws = buffers.get("ws")
+    if ws is None:
+        ws = buffers["ws"] = Workspace(device, pin_memory)
+    return ws.upload("rows", rows.astype(np.int64, copy=False))
 
 
 class ForcedTokens:
