@@ -142,7 +142,7 @@ def _forward_around(orig: Any, model_runner: Any, forward_batch: Any, *args: Any
     st = _state(model_runner)
     try:
         mixed = st.stash.mix(slots, _embed_module(model_runner))
-        index = torch.from_numpy(rows).to(mixed.device, non_blocking=True)
+        index = st.stash.ws.upload("mix_rows", rows)
     except Exception:
         st.fail_safe("mixing the input embeddings")
         return orig(model_runner, forward_batch, *args, **kwargs)
@@ -194,15 +194,20 @@ class SglangMoIPatch(MoIPatchBase):
         planned: MoIPlan | None = getattr(forward_batch, "tts_plugins_moi", None)
         if planned is None or not len(planned.stash_rows):
             return None
-        index = torch.from_numpy(planned.stash_rows).to(logits.device, non_blocking=True)
-        # a copy of the raw rows: the sampler edits logits in place
-        return index, planned.stash_slots, planned.stash_pos, logits.index_select(0, index)
-
-    def after_sample(self, model_runner: Any, token: Any, sampled_ids: torch.Tensor) -> None:
-        index, slots, pos, raw = token
+        # the raw distribution before the sampler (which edits logits in place): top-k only, no copy of the rows
         st = _state(model_runner)
         try:
-            st.stash.stash(slots, raw, sampled_ids.index_select(0, index), pos)
+            index = st.stash.stash_distribution(planned.stash_slots, logits, planned.stash_rows)
+        except Exception:
+            st.fail_safe("reading the logits")
+            return None
+        return index, planned.stash_slots, planned.stash_pos
+
+    def after_sample(self, model_runner: Any, token: Any, sampled_ids: torch.Tensor) -> None:
+        index, slots, pos = token
+        st = _state(model_runner)
+        try:
+            st.stash.stash_sampled(slots, sampled_ids.index_select(0, index), pos)
         except Exception:
             st.fail_safe("stashing the distribution")
 

@@ -36,7 +36,8 @@ from typing import Any
 import numpy as np
 import torch
 
-from tts_plugins.logits_processors.roe import DENSE_ERROR, RoEModel, RoEParams, RoEPatchBase, gumbel, mask_router_logits, roe_seed
+from tts_plugins.logits_processors.roe import DENSE_ERROR, RoEModel, RoEParams, RoEPatchBase, StepNoise, roe_seed
+from tts_plugins.slots import Workspace
 
 log = logging.getLogger("sglang.tts_plugins")
 
@@ -83,8 +84,8 @@ class _Step:
     def __init__(self, model_runner: Any, forward_batch: Any) -> None:
         self.model_runner, self.fb = model_runner, forward_batch
         self.built = False
-        self.tau: torch.Tensor | None = None
-        self.seed: torch.Tensor | None = None
+        self.noise: StepNoise | None = None
+        self.tokens = 0
 
     def build(self) -> None:
         self.built = True
@@ -112,31 +113,37 @@ class _Step:
             return
         seed = np.fromiter((p[1] for p in pairs), dtype=np.int64, count=len(pairs))
         mode = self.fb.forward_mode
-        device = self.fb.positions.device
         if mode.is_decode():
-            per_row = torch.arange(len(reqs), device=device)
+            per_row = np.arange(len(reqs), dtype=np.int64)
         elif mode.is_extend() and not mode.is_target_verify():
-            lens = torch.as_tensor(self.fb.extend_seq_lens_cpu, dtype=torch.int64)
-            per_row = torch.repeat_interleave(torch.arange(len(reqs)), lens).to(device)
+            per_row = np.repeat(np.arange(len(reqs), dtype=np.int64), np.asarray(self.fb.extend_seq_lens_cpu, dtype=np.int64))
         else:
             model.error_once("mode", f"RoE cannot map the rows of a {mode} batch (speculative decoding?); its RoE requests run plain")
             return
-        if per_row.shape[0] != self.fb.positions.shape[0]:
+        t = self.fb.positions.shape[0]
+        if per_row.shape[0] != t:
             model.error_once("rows", "RoE cannot map this batch's token rows to its requests; RoE requests run plain")
             return
-        self.tau = torch.from_numpy(tau).to(device)[per_row]
-        self.seed = torch.from_numpy(seed).to(device)[per_row]
+        ws = _workspace(self.model_runner, self.fb.positions.device)  # pinned staging: no pageable host-to-device copy
+        self.tokens = t
+        self.noise = StepNoise(model, ws.upload("seed", seed[per_row]), self.fb.positions[:t], ws.upload("tau", tau[per_row]))
 
     def mask(self, router_logits: torch.Tensor, top_k: int, layer_id: int | None) -> torch.Tensor | None:
         if not self.built:
             self.build()
-        if self.tau is None:
+        if self.noise is None:
             return None
-        if layer_id is None or router_logits.shape[0] != self.tau.shape[0]:
+        if layer_id is None or router_logits.shape[0] != self.tokens:
             self.model.error_once("layer", "RoE saw router logits it cannot map (no layer id, or padded rows); those rows run plain")
             return None
-        noise = gumbel(self.seed, self.fb.positions[: self.tau.shape[0]], int(layer_id), router_logits.shape[1])
-        return mask_router_logits(router_logits, int(top_k), self.tau[:, self.model.column(layer_id)], noise)
+        return self.noise.mask(router_logits, int(top_k), int(layer_id))
+
+
+def _workspace(model_runner: Any, device: torch.device) -> Workspace:
+    ws = model_runner.__dict__.get("_tts_roe_ws")
+    if ws is None:
+        ws = model_runner.__dict__["_tts_roe_ws"] = Workspace(device, pin_memory=device.type == "cuda")
+    return ws
 
 
 def _forward_around(orig: Any, model_runner: Any, forward_batch: Any, *args: Any, **kwargs: Any) -> Any:

@@ -37,6 +37,7 @@ from tts_plugins import debug
 from tts_plugins.adapters.vllm_plugin import discarded_rows
 from tts_plugins.batch import RowMap, SlotState
 from tts_plugins.manager import Registry, build_registry, default_registry, disabled
+from tts_plugins.slots import Workspace
 from tts_plugins.technique import GREEDY_TEMPERATURE, EngineInfo, SlotRequest
 
 try:  # Model Runner V2's interface (vLLM >= 0.20); absent in older releases
@@ -144,6 +145,7 @@ class TTSLogitsProcessor(*_BASES):  # type: ignore[misc]
         self._active_np = np.zeros(max_rows + 1, dtype=bool)
         self._prompt_len = np.zeros(max_rows + 1, dtype=np.int64)
         self._warned_spec = False
+        self.ws = Workspace(self.info.device, self.info.pin_memory)  # pinned staging of the step's row maps
         if not self.inert:
             debug.register("vllm", self)
 
@@ -228,10 +230,10 @@ class TTSLogitsProcessor(*_BASES):  # type: ignore[misc]
         if not mine.any():
             return
         # Rows are requests here, so slots and positions are known on the host (position = sequence length
-        # - 1); the tokens fed this step, sampled at the previous one, take the one device-to-host copy,
-        # made only while opted-in rows exist.
+        # - 1); the tokens fed this step, sampled at the previous one, take the one device-to-host copy
+        # (into a reused pinned buffer), made only while opted-in rows exist.
         pos = np.asarray(ctx.seq_lens_upper_bound_np) - 1
-        ids = ctx.input_ids.cpu().numpy()
+        ids = self.ws.download("input_ids", ctx.input_ids)
         for r in np.flatnonzero(mine):
             slot, p = int(slots[r]), int(pos[r])
             if p > self._last_pos[slot] and p >= self._prompt_len[slot]:
@@ -271,7 +273,7 @@ class TTSLogitsProcessor(*_BASES):  # type: ignore[misc]
                 host = np.where(discard, self.info.neutral_slot, host)
                 if not (host != self.info.neutral_slot).any():
                     return logits
-                dev = torch.from_numpy(host).to(logits.device)
+                dev = self.ws.upload("rows", host)
             return self.state.apply(logits, dev, host)
         host = np.asarray(ctx.idx_mapping_np, dtype=np.int64)
         if host.shape[0] != logits.shape[0]:

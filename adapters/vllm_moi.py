@@ -50,7 +50,6 @@ import logging
 from typing import Any
 
 import numpy as np
-import torch
 
 from tts_plugins import debug
 from tts_plugins.adapters.vllm_plugin import uses_v2_runner
@@ -152,14 +151,14 @@ def _wrap_sample(original: Any) -> Any:
             rows, slots, pos = st.rows_to_stash(self)
             if not len(rows):
                 return original(self, logits, spec_decode_metadata, *args, **kwargs)
-            index = torch.from_numpy(rows).to(logits.device, non_blocking=True)
-            raw = logits.index_select(0, index)  # a copy: the sampler may edit logits in place
+            # the raw distribution before the sampler (which may edit logits in place): top-k only, no copy of the rows
+            index = st.stash.stash_distribution(slots, logits, rows)
         except Exception:
             st.fail_safe("reading the logits")
             return original(self, logits, spec_decode_metadata, *args, **kwargs)
         out = original(self, logits, spec_decode_metadata, *args, **kwargs)
         try:
-            st.stash.stash(slots, raw, out.sampled_token_ids.index_select(0, index)[:, 0], pos)
+            st.stash.stash_sampled(slots, out.sampled_token_ids.index_select(0, index)[:, 0], pos)
         except Exception:
             st.fail_safe("stashing the distribution")
         return out
@@ -185,7 +184,7 @@ def _wrap_model_forward(original: Any) -> Any:
             model = self.get_model()
             mixed = st.stash.mix(slots, model.embed_input_ids)
             embeds = model.embed_input_ids(input_ids) if inputs_embeds is None else inputs_embeds.clone()
-            index = torch.from_numpy(tokens).to(embeds.device, non_blocking=True)
+            index = st.stash.ws.upload("mix_rows", tokens)
             embeds.index_copy_(0, index, mixed.to(embeds.dtype))
         except Exception:
             st.fail_safe("mixing the input embeddings")

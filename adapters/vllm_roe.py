@@ -9,7 +9,8 @@ Patches (through :mod:`tts_plugins.patching`, version-checked, logged, never twi
   plain.
 * ``MoERunner._apply_quant_method`` (around): the one place every MoE path
   of this vLLM sees the router logits (``[tokens, experts]``). Rows of
-  opted-in requests get :func:`~tts_plugins.logits_processors.roe.mask_router_logits`:
+  opted-in requests get the mask of :func:`~tts_plugins.logits_processors.roe.mask_router_logits`
+  (drawn for every MoE layer at once, :class:`~tts_plugins.logits_processors.roe.StepNoise`):
   only their noisy top-k experts stay selectable, so vLLM's own router
   computes the selection and the weights. Other rows are passed through
   untouched (bit-identical). Token rows map to requests with the runner's
@@ -43,7 +44,8 @@ import numpy as np
 import torch
 
 from tts_plugins.adapters.vllm_plugin import uses_v2_runner
-from tts_plugins.logits_processors.roe import DENSE_ERROR, RoEModel, RoEParams, RoEPatchBase, gumbel, mask_router_logits, roe_seed
+from tts_plugins.logits_processors.roe import DENSE_ERROR, RoEModel, RoEParams, RoEPatchBase, StepNoise, roe_seed
+from tts_plugins.slots import Workspace
 
 log = logging.getLogger("vllm.tts_plugins")
 
@@ -58,12 +60,10 @@ class _RunnerRoE:
     """The RoE requests of one model runner: ``req_id -> (tau, seed)``, and per-row buffers."""
 
     def __init__(self, runner: Any) -> None:
-        n = runner.input_batch.max_num_reqs
         device = runner.positions.device
         self.reqs: dict[str, tuple[list[float], int]] = {}  # req_id -> (one tau per MoE layer, seed)
         self.model = RoEModel(_moe_ordinals(runner), log)
-        self.tau = torch.zeros(n, self.model.width, dtype=torch.float32, device=device)
-        self.seed = torch.zeros(n, dtype=torch.int64, device=device)
+        self.ws = Workspace(device, pin_memory=device.type == "cuda")  # pinned staging of the step's tau and seed
         self.compiled = _compiled(runner)
 
     def admit(self, scheduler_output: Any) -> None:
@@ -116,38 +116,37 @@ class _Step:
     def __init__(self, runner: Any, state: _RunnerRoE, num_tokens: int) -> None:
         self.runner, self.state, self.num_tokens = runner, state, num_tokens
         self.built = False
-        self.any = False
+        self.noise: StepNoise | None = None
 
     def build(self) -> None:
+        """The step's noise (drawn at the first MoE layer that routes): per token row, its request's taus and seed."""
         self.built = True
-        batch = self.runner.input_batch
+        batch, state = self.runner.input_batch, self.state
         num_reqs = batch.num_reqs
-        tau = np.zeros((num_reqs, self.state.tau.shape[1]), dtype=np.float32)
+        tau = np.zeros((num_reqs, state.model.width), dtype=np.float32)
         seed = np.zeros(num_reqs, dtype=np.int64)
         index = batch.req_id_to_index
-        for rid, (t, s) in self.state.reqs.items():  # the opted-in requests only
+        for rid, (t, s) in state.reqs.items():  # the opted-in requests only
             i = index.get(rid)
             if i is not None and i < num_reqs:
                 tau[i], seed[i] = t, s
-        self.any = bool(tau.any())
-        if self.any:
-            self.state.tau[:num_reqs].copy_(torch.from_numpy(tau), non_blocking=True)
-            self.state.seed[:num_reqs].copy_(torch.from_numpy(seed), non_blocking=True)
+        if not tau.any():
+            return
+        rows = self.runner.req_indices.gpu[: self.num_tokens]
+        self.noise = StepNoise(state.model, state.ws.upload("seed", seed)[rows], self.runner.positions[: self.num_tokens],
+                               state.ws.upload("tau", tau)[rows])
 
     def mask(self, layer: Any, router_logits: torch.Tensor) -> torch.Tensor | None:
         if not self.built:
             self.build()
-        if not self.any:
+        if self.noise is None:
             return None
         t = router_logits.shape[0]
         if t != self.num_tokens:  # padded or split rows (data/sequence parallel): not mapped, refuse loudly
             self.state.model.error_once("rows", f"RoE cannot map {t} router rows to the step's {self.num_tokens} tokens "
                                         "(data or sequence parallel?); RoE rows run plain")
             return None
-        rows = self.runner.req_indices.gpu[:t]
-        tau = self.state.tau[rows, self.state.model.column(layer.layer_id)]
-        noise = gumbel(self.state.seed[rows], self.runner.positions[:t], int(layer.layer_id), router_logits.shape[1])
-        return mask_router_logits(router_logits, int(layer.router.top_k), tau, noise)
+        return self.noise.mask(router_logits, int(layer.router.top_k), int(layer.layer_id))
 
 
 def _state(runner: Any) -> _RunnerRoE:

@@ -185,38 +185,56 @@ def record(technique: str, case: str, batch: int, vocab: int, dname: str, am: fl
 
 
 def model_patch_kernels(args) -> list[dict]:
-    """The model patches' per-step kernels: Mixture of Inputs' stash (after sampling: the top-k distribution of
-    every opted-in row; against a copy of the logits, target <= 2x) and RoE's routing mask (per MoE layer: noise and
-    the noisy top-k over the router logits of every token; against the router's own softmax and top-k over the same
-    logits, target <= 2x, Qwen3-MoE's 128 experts, top 8)."""
+    """The model patches' per-step kernels. Mixture of Inputs' stash: before sampling, the top-k distribution of the
+    opted-in rows, read in place (every row: ``active-stash``; a quarter: ``mixed-stash``), then the sampled ids;
+    against a copy of the logits, target <= 2x. RoE's routing mask for one step of a Qwen3-MoE-shaped model (48 MoE
+    layers, 128 experts, top 8): the noise of every layer drawn once, then each layer's mask; against the router's
+    own softmax and top-k over the same logits in every layer, target <= 2x."""
+    import logging
+
     from tts_plugins.logits_processors.moi import MoIParams, MoIStash
-    from tts_plugins.logits_processors.roe import gumbel, mask_router_logits
+    from tts_plugins.logits_processors.roe import RoEModel, StepNoise
 
     device = torch.device(args.device)
     dtypes = {"fp32": torch.float32, "bf16": torch.bfloat16}
     results = []
     for batch in args.batch:
-        stash = MoIStash(batch, device)
-        slots = np.array([stash.admit(i, MoIParams()) for i in range(batch)], dtype=np.int64)
-        positions = np.arange(batch, dtype=np.int64)
         for dname in args.dtype:
             logits = torch.randn(batch, args.vocab, device=device).to(dtypes[dname])
             out = torch.empty_like(logits)
             sampled = torch.randint(0, args.vocab, (batch,), device=device)
-            fn = lambda: stash.stash(slots, logits, sampled, positions)  # noqa: E731
-            copy_t, t = [], []
-            for i in range(args.reps + 3):
-                c, a = timed(lambda: out.copy_(logits), device), timed(fn, device)
-                if i >= 3:
-                    copy_t.append(c)
-                    t.append(a)
-            results.append(record("moi", "active-stash", batch, args.vocab, dname, statistics.median(t), statistics.median(copy_t), t))
-            experts, top = 128, 8
-            router = torch.randn(batch, experts, device=device).to(dtypes[dname])
+            for case, share in (("active-stash", 1), ("mixed-stash", 4)):
+                stash = MoIStash(batch, device)
+                rows = np.arange(0, batch, share, dtype=np.int64)
+                slots = np.array([stash.admit(i, MoIParams()) for i in range(len(rows))], dtype=np.int64)
+
+                def fn(stash=stash, rows=rows, slots=slots, share=share):
+                    index = stash.stash_distribution(slots, logits, None if share == 1 else rows)
+                    stash.stash_sampled(slots, sampled if index is None else sampled.index_select(0, index), rows)
+
+                copy_t, t = [], []
+                for i in range(args.reps + 3):
+                    c, a = timed(lambda: out.copy_(logits), device), timed(fn, device)
+                    if i >= 3:
+                        copy_t.append(c)
+                        t.append(a)
+                results.append(record("moi", case, batch, args.vocab, dname, statistics.median(t), statistics.median(copy_t), t))
+            layers, experts, top = 48, 128, 8
+            routers = [torch.randn(batch, experts, device=device).to(dtypes[dname]) for _ in range(layers)]
+            model = RoEModel({3 * i: i for i in range(layers)}, logging.getLogger("hotpath"))
             seeds, pos = torch.arange(batch, device=device), torch.arange(batch, device=device)
-            tau = torch.full((batch,), 0.5, device=device)
-            mask = lambda: mask_router_logits(router, top, tau, gumbel(seeds, pos, 3, experts))  # noqa: E731
-            plain = lambda: torch.topk(torch.softmax(router, -1, dtype=torch.float32), top, -1)  # noqa: E731
+            tau = torch.full((batch, layers), 0.5, device=device)
+            tau[1::2] = 0.0  # half the tokens are plain requests
+
+            def mask():
+                step = StepNoise(model, seeds, pos, tau)
+                for i, r in enumerate(routers):
+                    step.mask(r, top, 3 * i)
+
+            def plain():
+                for r in routers:
+                    torch.topk(torch.softmax(r, -1, dtype=torch.float32), top, -1)
+
             plain_t, t = [], []
             for i in range(args.reps + 3):
                 p, a = timed(plain, device), timed(mask, device)
@@ -224,7 +242,7 @@ def model_patch_kernels(args) -> list[dict]:
                     plain_t.append(p)
                     t.append(a)
             pm, am = statistics.median(plain_t), statistics.median(t)
-            results.append(record("roe", "mask-all", batch, experts, dname, am, None, t, reference=("router softmax and top-k", pm),
+            results.append(record("roe", "mask-step", batch, experts, dname, am, None, t, reference=("router softmax and top-k", pm),
                                   reference_target=2.0))
     return results
 
@@ -294,12 +312,15 @@ def main(argv=None) -> int:
     p.add_argument("--device-only", action="store_true", help="no host row map (the V2 path under speculative decoding)")
     p.add_argument("--json", type=Path)
     p.add_argument("--only", nargs="+", help="these logits techniques only (think, trim, group, carbon, roe_roster), no patch kernels")
+    p.add_argument("--patches", action="store_true", help="the model patches' kernels only (MoI stash, RoE mask)")
     args = p.parse_args(argv)
     if args.quick:
         args.batch, args.dtype, args.reps = [64], ["fp32"], 15
     torch.manual_seed(0)
-    results = bench(args)
-    if not args.only:
+    results = [] if args.patches else bench(args)
+    if args.patches:
+        results += model_patch_kernels(args)
+    elif not args.only:
         results += model_patch_kernels(args)
         results += host_step_cost(args)
     missed = [r for r in results if r.get("meets_target") is False]

@@ -45,7 +45,7 @@ from tts_plugins.params import get_float, get_int, show
 from tts_plugins.slots import SlotAllocator, Workspace
 from tts_plugins.technique import ModelPatch
 
-__all__ = ["MOI_KEYS", "MOI_MAX_TOPK", "MoIParams", "MoIPatchBase", "MoIRunnerState", "MoIStash", "moi_reference", "topk_distribution"]
+__all__ = ["MOI_KEYS", "MOI_MAX_TOPK", "MoIParams", "MoIPatchBase", "MoIRunnerState", "MoIStash", "moi_reference", "topk_distribution", "topk_rows"]
 
 MOI_KEYS = frozenset({"tts_moi_beta", "tts_moi_topk"})
 MOI_MAX_TOPK = 256
@@ -84,14 +84,59 @@ class MoIParams:
         return cls.parse({k: v for k, v in extra.items() if k in MOI_KEYS})
 
 
-def topk_distribution(logits: torch.Tensor, topk: torch.Tensor, kmax: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+TOPK_GROUP = 64  # columns per group of the two-pass top-k
+
+
+def topk_rows(x: torch.Tensor, k: int, rows: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """``x[rows].topk(k, -1)`` (values, ids) without sorting or copying the whole rows: exact, in two passes.
+
+    Pass one reads each row once for the maxima of its groups of ``TOPK_GROUP`` columns; pass two takes the top-k
+    of the columns of the k groups with the largest maxima. That holds the top-k: a group left out has a maximum
+    no larger than each of k kept groups' maxima, so k kept values are at least any value it holds. Equal values
+    may be told apart differently than ``torch.topk`` does (the values are the same). ``rows``: the rows of ``x``
+    to take (device indices), or None for all; the result is in the order of ``rows``.
+    """
+    n_all, vocab = x.shape
+    n = n_all if rows is None else rows.shape[0]
+    g = TOPK_GROUP
+    if vocab < 8 * g * k or n == 0:  # small rows: the plain top-k is as cheap
+        src = x if rows is None else x.index_select(0, rows)
+        return src.topk(k, dim=-1)
+    # a quarter of the rows or fewer: copying them is cheaper than reading every row for the group maxima
+    if rows is not None and 4 * n <= n_all:
+        x, rows = x.index_select(0, rows), None
+    # group j holds the columns j, j + w, j + 2w, ... (w = vocab // g): the maxima are an elementwise max of g
+    # contiguous slices (vectorized), and the last vocab % g columns are one more, shorter group
+    w = vocab // g
+    gmax = x[:, : w * g].view(x.shape[0], g, w).amax(1)
+    tail = vocab - w * g
+    if tail:
+        gmax = torch.cat([gmax, x[:, w * g :].amax(-1, keepdim=True)], 1)
+    if rows is not None:
+        gmax = gmax.index_select(0, rows)
+    groups = gmax.topk(min(k, gmax.shape[1]), dim=-1).indices  # [n, k]
+    last = groups == w  # the shorter group: its columns are w * g + 0..tail-1
+    step = torch.where(last, 1, w).unsqueeze(-1)
+    first = torch.where(last, w * g, groups).unsqueeze(-1)
+    offs = torch.arange(g, device=x.device)
+    cols = (first + step * offs).view(n, -1)  # [n, k * g]
+    past = (last.unsqueeze(-1) & (offs >= tail)).view(n, -1)  # columns of the shorter group that do not exist
+    safe = cols.clamp_max(vocab - 1)
+    cand = x.gather(1, safe) if rows is None else x[rows.unsqueeze(1), safe]
+    cand = cand.masked_fill(past, float("-inf"))
+    vals, at = cand.topk(k, dim=-1)
+    return vals, safe.gather(1, at)
+
+
+def topk_distribution(logits: torch.Tensor, topk: torch.Tensor, kmax: int,
+                      rows: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Rows' top-k ids, renormalized probabilities (zero past each row's own k) and normalized entropy.
 
-    ``logits[n, V]`` raw scores, ``topk[n]`` each row's k (<= kmax). Returns
-    ``ids[n, kmax]`` (int64), ``probs[n, kmax]`` (float32), ``entropy[n]`` in [0, 1]
+    ``logits[n, V]`` raw scores (or, with ``rows``, those rows of ``logits``), ``topk[n]`` each row's k
+    (<= kmax). Returns ``ids[n, kmax]`` (int64), ``probs[n, kmax]`` (float32), ``entropy[n]`` in [0, 1]
     (0 for k = 1).
     """
-    vals, ids = logits.topk(kmax, dim=-1)  # in the logits' own dtype: no float copy of [n, V]; the k values convert exactly
+    vals, ids = topk_rows(logits, kmax, rows)  # in the logits' own dtype: no float copy of [n, V]; the k values convert exactly
     vals = vals.float()
     keep = torch.arange(kmax, device=logits.device) < topk.unsqueeze(1)
     vals = vals.masked_fill(~keep, float("-inf"))
@@ -171,16 +216,32 @@ class MoIStash:
 
     def stash(self, slots: np.ndarray, logits_rows: torch.Tensor, sampled: torch.Tensor, positions: np.ndarray) -> None:
         """After sampling: keep the top-k of ``logits_rows[n, V]`` and ``sampled[n]`` for ``slots[n]``."""
+        self.stash_distribution(slots, logits_rows)
+        self.stash_sampled(slots, sampled, positions)
+
+    def stash_distribution(self, slots: np.ndarray, logits: torch.Tensor, rows: np.ndarray | None = None) -> torch.Tensor | None:
+        """Before sampling (the sampler may edit the logits in place): keep the top-k of rows ``rows`` of ``logits``
+        (all rows when None) for ``slots``, without copying the rows. Returns the rows as a device index (None when
+        ``rows`` is None), for the sampled ids. Nothing is mixed until :meth:`stash_sampled` sets the positions."""
         if len(slots) == 0:
-            return
-        topk_np = np.minimum(self.topk[slots], logits_rows.shape[-1])
+            return None
+        topk_np = np.minimum(self.topk[slots], logits.shape[-1])
         kmax = int(topk_np.max())
         index = self.ws.upload("stash_slots", slots)
         topk = self.ws.upload("stash_topk", topk_np)
-        ids, probs, ent = topk_distribution(logits_rows, topk, kmax)
+        at = None if rows is None else self.ws.upload("stash_rows", rows)
+        self.pos[slots] = -1  # a stash in progress is not mixed
+        ids, probs, ent = topk_distribution(logits, topk, kmax, at)
         self.ids[index, :kmax] = ids
         self.probs[index, :kmax] = probs
         self.ent[index] = ent
+        return at
+
+    def stash_sampled(self, slots: np.ndarray, sampled: torch.Tensor, positions: np.ndarray) -> None:
+        """After sampling: the sampled ids ``sampled[n]`` of ``slots`` (whose distribution was stashed this step)."""
+        if len(slots) == 0:
+            return
+        index = self.ws.upload("sampled_slots", slots)
         self.sampled[index] = sampled.to(torch.int64)
         self.pos[slots] = positions
 

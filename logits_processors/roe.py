@@ -113,11 +113,19 @@ class RoEModel:
         self.width = max(1, len(ordinal or ()))  # columns of a per-row tau buffer
         self.errors: set[str] = set()
         self.log = logger
+        self._ids: dict[torch.device, torch.Tensor] = {}
 
     def error_once(self, key: str, message: str) -> None:
         if key not in self.errors:
             self.errors.add(key)
             self.log.error("tts_plugins: %s", message)
+
+    def layer_ids(self, device: torch.device) -> torch.Tensor:
+        """The MoE layers' ids in column order, on ``device`` (made once)."""
+        ids = self._ids.get(device)
+        if ids is None:
+            ids = self._ids[device] = torch.tensor(sorted(self.ordinal or (), key=(self.ordinal or {}).get), dtype=torch.int64, device=device)
+        return ids
 
     def column(self, layer_id: int) -> int:
         """The tau column of MoE layer ``layer_id``."""
@@ -185,9 +193,53 @@ def mask_router_logits(router_logits: torch.Tensor, k: int, tau: torch.Tensor, n
     renormalization) picks exactly the noisy choice and weighs it from the clean logits; rows with ``tau == 0`` are
     returned unchanged (bit-identical). With a softmax router that does not renormalize its top-k, the weights come
     out renormalized among the chosen experts (the masked ones leave the normalizer); our choice, documented.
+    The noisy scores are float32 whatever the router's dtype (``R + tau * G``: bf16 would tie experts). This is the
+    reference of the engines' fast path, :class:`StepNoise`.
     """
     noisy = (tau > 0).unsqueeze(1)
-    scores = torch.where(noisy, router_logits + tau.unsqueeze(1).to(router_logits.dtype) * noise.to(router_logits.dtype), router_logits)
+    scores = torch.where(noisy, router_logits.float() + tau.unsqueeze(1).float() * noise.float(), router_logits.float())
     ids = torch.topk(scores, k, dim=-1).indices  # the experts noisy_topk picks (the weights come from the engine's routing)
     keep = torch.zeros_like(router_logits, dtype=torch.bool).scatter_(1, ids, True) | ~noisy
     return torch.where(keep, router_logits, torch.finfo(router_logits.dtype).min / 2)
+
+
+STEP_NOISE_BUDGET = 1 << 22  # noise draws of one forward computed at once (every MoE layer): 16 MiB of float32
+
+
+class StepNoise:
+    """The routing noise of one forward pass, drawn once for every MoE layer (the per-layer cost is then four
+    kernels: add, top-k, compare, fill), and the mask of :func:`mask_router_logits` from it.
+
+    ``seed[T]``, ``position[T]``: each token row's noise seed and position; ``tau[T, width]``: its tau per MoE
+    layer column (:meth:`RoEModel.column`). The noise is kept pre-scaled, ``tau * G`` in float32, and ``+inf`` where
+    tau is 0, so those rows' scores are ``+inf`` everywhere and nothing of theirs is masked: the mask is
+    ``R.masked_fill(scores < kth score, min)``. It equals :func:`mask_router_logits` but where float32 scores
+    tie at the k-th place (then both keep a valid top-k). A step whose draws for every layer exceed
+    ``STEP_NOISE_BUDGET`` (a long prefill) draws each layer's noise when that layer routes.
+    """
+
+    def __init__(self, model: RoEModel, seed: torch.Tensor, position: torch.Tensor, tau: torch.Tensor) -> None:
+        self.model, self.seed, self.position, self.tau = model, seed, position, tau
+        self.noise: torch.Tensor | None = None  # [L, T, E], layers in column order
+        self.layers = sorted(model.ordinal, key=model.ordinal.get) if model.ordinal else None
+
+    def _scaled(self, g: torch.Tensor, tau: torch.Tensor) -> torch.Tensor:
+        return torch.where(tau > 0, tau * g.float(), torch.inf)
+
+    def layer_noise(self, layer_id: int, experts: int) -> torch.Tensor:
+        """``[T, E]`` float32: ``tau * G`` of MoE layer ``layer_id``, ``+inf`` where its tau is 0."""
+        col = self.model.column(layer_id)
+        t = self.seed.shape[0]
+        if self.noise is None and self.layers is not None and len(self.layers) * t * experts <= STEP_NOISE_BUDGET:
+            ids = self.model.layer_ids(self.seed.device)
+            g = gumbel(self.seed, self.position, ids, experts)  # [L, T, E]
+            self.noise = self._scaled(g, self.tau.t()[: len(self.layers)].unsqueeze(-1))
+        if self.noise is not None and self.noise.shape[-1] == experts:
+            return self.noise[col]
+        return self._scaled(gumbel(self.seed, self.position, int(layer_id), experts), self.tau[:, col].unsqueeze(-1))
+
+    def mask(self, router_logits: torch.Tensor, k: int, layer_id: int) -> torch.Tensor:
+        """``router_logits [T, E]`` with every expert outside a noisy row's noisy top-k at a large negative logit."""
+        scores = router_logits.float() + self.layer_noise(layer_id, router_logits.shape[1])
+        kth = scores.topk(k, dim=-1).values[:, -1:]
+        return router_logits.masked_fill(scores < kth, torch.finfo(router_logits.dtype).min / 2)

@@ -160,6 +160,7 @@ def think_kernel(
     do_gate: bool,
     force_rows: torch.Tensor | None = None,
     keep_rows: torch.Tensor | None = None,
+    gate_rows: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Apply forcing and gating in place; see the module docstring.
 
@@ -172,7 +173,9 @@ def think_kernel(
     (an empty row is all padding of token 0 and blocks nothing).
     ``force_rows``: the rows to force, when the caller knows them without a
     device sync; then only those rows are written. Otherwise every row is
-    masked by ``force_tok[row_slots] >= 0``.
+    masked by ``force_tok[row_slots] >= 0``. ``gate_rows``: likewise, the rows
+    whose gate may be closed (the others are not read: the row maximum a greedy
+    splice needs is the one full read of a row); None: every row.
 
     Single-element writes go through a flat ``index_put_`` (``scatter_`` on a
     CPU bf16 tensor rewrites the whole tensor: ~16x slower than a copy).
@@ -180,24 +183,29 @@ def think_kernel(
     neg_inf = float("-inf")
     put = putter(logits)
     if do_gate:
-        g = gate[row_slots]
+        slots = row_slots if gate_rows is None else row_slots[gate_rows]
+
+        def read(cols: torch.Tensor) -> torch.Tensor:
+            return logits.gather(1, cols) if gate_rows is None else logits[gate_rows[:, None], cols]
+
+        g = gate[slots]
         gi = g.clamp(min=0)
         ids = block_ids[gi]
         members = block_mass[gi]
         # a gate row with no members (an end string nothing completes, no EOS) blocks nothing
         gated = (g >= 0) & members[:, 0]
-        vals = logits.gather(1, ids)
+        vals = read(ids)
         in_set = vals.masked_fill(~(members & gated[:, None]), neg_inf)
         mass = torch.logsumexp(in_set, dim=1, keepdim=True)
-        top = logits.amax(dim=1, keepdim=True)
+        top = (logits if gate_rows is None else logits.index_select(0, gate_rows)).amax(dim=1, keepdim=True)
         hit = in_set.amax(dim=1, keepdim=True) >= top  # a blocked token was the argmax
-        put(ids, vals.masked_fill(gated[:, None], neg_inf))
-        w = wait_tok[row_slots]
+        put(ids, vals.masked_fill(gated[:, None], neg_inf), rows=gate_rows)
+        w = wait_tok[slots]
         redirect = (gated & (w >= 0))[:, None]
         wi = w.clamp(min=0)[:, None]
-        cur = logits.gather(1, wi)
-        spliced = torch.where(greedy[row_slots][:, None] > 0, torch.where(hit, top + 1.0, cur), torch.logaddexp(cur, mass))
-        put(wi, torch.where(redirect, spliced, cur))
+        cur = read(wi)
+        spliced = torch.where(greedy[slots][:, None] > 0, torch.where(hit, top + 1.0, cur), torch.logaddexp(cur, mass))
+        put(wi, torch.where(redirect, spliced, cur), rows=gate_rows)
     if do_force:
         force_kernel(logits, row_slots, force_tok, force_rows, put, keep_rows)
     return logits
@@ -290,6 +298,7 @@ class ThinkSteering(LogitsTechnique):
         self.rows: dict[int, _Row] = {}
         self._row_buffers: dict[str, torch.Tensor] = {}
         self._keep_buffers: dict[str, torch.Tensor] = {}
+        self._gate_buffers: dict[str, torch.Tensor] = {}
 
     # --- host side --------------------------------------------------------
 
@@ -410,10 +419,11 @@ class ThinkSteering(LogitsTechnique):
         do_force, do_gate = self._counts[FORCE] > 0, self._counts[GATE] > 0
         if not (do_force or do_gate):
             return logits
-        force_rows = keep_rows = None
+        force_rows = keep_rows = gate_rows = None
         if host_slots is not None:  # the adapter knows the rows: touch only those that need it
             modes = self._mode[host_slots]
-            do_gate = bool((modes == GATE).any())
+            gates = np.flatnonzero(modes == GATE)
+            do_gate = gates.size > 0
             rows = np.flatnonzero(modes == FORCE)
             do_force = rows.size > 0
             if not (do_force or do_gate):
@@ -421,6 +431,8 @@ class ThinkSteering(LogitsTechnique):
             if do_force:
                 force_rows = upload_rows(self._row_buffers, rows, logits.device, self.info.pin_memory)
                 keep_rows = few_other_rows(self._keep_buffers, modes == FORCE, logits.device, self.info.pin_memory)
+            if do_gate and gates.size < modes.size:
+                gate_rows = upload_rows(self._gate_buffers, gates, logits.device, self.info.pin_memory)
         dev = self._state.device_view()
         return think_kernel(
             logits,
@@ -435,4 +447,5 @@ class ThinkSteering(LogitsTechnique):
             do_gate=do_gate,
             force_rows=force_rows,
             keep_rows=keep_rows,
+            gate_rows=gate_rows,
         )

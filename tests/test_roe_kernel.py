@@ -103,3 +103,47 @@ def test_masked_logits_make_the_engines_own_router_choose_the_noisy_experts_with
     assert torch.equal(got_ids.sort(-1).values, want_ids.sort(-1).values)
     order = want_ids.argsort(-1)
     assert torch.allclose(got_w.gather(1, got_ids.argsort(-1)), want_w.gather(1, order), atol=1e-5)
+
+
+@settings(deadline=None)
+@given(st.integers(1, 8), st.sampled_from([4, 16, 128]), st.integers(0, 2**31), st.data())
+def test_one_draw_for_every_layer_masks_as_the_per_layer_reference(t, experts, seed, data):
+    """:class:`StepNoise` (every MoE layer's noise in one pass, pre-scaled; or per layer past its budget) masks
+    exactly as :func:`mask_router_logits` with each layer's own draws: rows whose tau is 0 (in that layer) are
+    returned as they are, the others keep their noisy top-k."""
+    import logging
+
+    from tts_plugins.logits_processors import roe
+    from tts_plugins.logits_processors.roe import RoEModel, StepNoise
+
+    layers = data.draw(st.lists(st.integers(0, 60), min_size=1, max_size=4, unique=True))
+    k = data.draw(st.integers(1, min(8, experts)))
+    dtype = data.draw(st.sampled_from([torch.float32, torch.bfloat16]))
+    gen = torch.Generator().manual_seed(seed)
+    ordinal = data.draw(st.sampled_from([{layer: i for i, layer in enumerate(layers)}, None]))
+    model = RoEModel(ordinal, logging.getLogger("test"))
+    tau = torch.tensor(data.draw(st.lists(st.lists(st.sampled_from([0.0, 0.05, 0.5, 3.0]), min_size=model.width, max_size=model.width),
+                                          min_size=t, max_size=t)))
+    seeds = torch.randint(0, 2**40, (t,), generator=gen)
+    pos = torch.randint(0, 5000, (t,), generator=gen)
+    budget = data.draw(st.sampled_from([0, roe.STEP_NOISE_BUDGET]))
+    old, roe.STEP_NOISE_BUDGET = roe.STEP_NOISE_BUDGET, budget
+    try:
+        step = StepNoise(model, seeds, pos, tau)
+        for layer in layers:
+            r = torch.randn(t, experts, generator=gen).to(dtype)
+            col = model.column(layer)
+            want = mask_router_logits(r, k, tau[:, col], gumbel(seeds, pos, layer, experts))
+            got = step.mask(r, k, layer)
+            assert torch.equal(got, want)
+            assert torch.equal(got[tau[:, col] == 0], r[tau[:, col] == 0])
+    finally:
+        roe.STEP_NOISE_BUDGET = old
+
+
+@given(st.lists(st.integers(0, 100), min_size=1, max_size=5), st.integers(0, 2**31), st.integers(1, 40))
+def test_noise_for_many_layers_is_each_layers_noise(layers, seed, n):
+    seeds, pos = torch.tensor([seed, seed + 1]), torch.tensor([3, 9])
+    many = uniform(seeds, pos, torch.tensor(layers), n)
+    for i, layer in enumerate(layers):
+        assert torch.equal(many[i], uniform(seeds, pos, layer, n))

@@ -127,7 +127,7 @@ def test_bf16_rows_work():
 
 @given(batches(), st.booleans())
 def test_host_known_rows_path_equals_device_path(batch, contiguous):
-    """With the forced rows known on the host only those rows are written; the result is the same."""
+    """With the forced (and gated) rows known on the host only those rows are written (and read); the result is the same."""
     logits, row_slots, force, gate, wait, greedy, members = batch
     want = run_kernel(*batch)
     ids, mass = tables(members)
@@ -139,9 +139,12 @@ def test_host_known_rows_path_equals_device_path(batch, contiguous):
 
     rows = torch.tensor([r for r, s in enumerate(row_slots) if force[s] >= 0], dtype=torch.int64)
     others = torch.tensor([r for r, s in enumerate(row_slots) if force[s] < 0], dtype=torch.int64)
+    gates = torch.tensor([r for r, s in enumerate(row_slots) if gate[s] >= 0], dtype=torch.int64)
     for keep in (None, others if 0 < others.numel() < len(row_slots) else None):  # both ways of writing the rows
-        got = think_kernel(
-            fresh(), torch.tensor(row_slots, dtype=torch.int64), torch.tensor(force), torch.tensor(gate), torch.tensor(wait),
-            torch.tensor(greedy), ids, mass, do_force=rows.numel() > 0, do_gate=True, force_rows=rows, keep_rows=keep,
-        )
-        assert torch.equal(got, want)
+        for gate_rows in (None, gates):  # the gated rows known on the host: only those are read
+            got = think_kernel(
+                fresh(), torch.tensor(row_slots, dtype=torch.int64), torch.tensor(force), torch.tensor(gate), torch.tensor(wait),
+                torch.tensor(greedy), ids, mass, do_force=rows.numel() > 0, do_gate=gates.numel() > 0 or gate_rows is None,
+                force_rows=rows, keep_rows=keep, gate_rows=gate_rows,
+            )
+            assert torch.equal(got, want)

@@ -48,13 +48,20 @@ def _mixed_columns(n: int, device: torch.device) -> torch.Tensor:
     return cols
 
 
-def uniform(seed: torch.Tensor, position: torch.Tensor, layer: int, n: int) -> torch.Tensor:
-    """``[T, n]`` float64 uniforms in (0, 1), a pure function of (seed, position, layer, column)."""
-    key = splitmix64(splitmix64(splitmix64(seed.to(torch.int64)) ^ position.to(torch.int64)) ^ int(layer))
-    bits = splitmix64(key.unsqueeze(1) ^ _mixed_columns(n, seed.device).unsqueeze(0))
+def uniform(seed: torch.Tensor, position: torch.Tensor, layer: int | torch.Tensor, n: int) -> torch.Tensor:
+    """``[T, n]`` float64 uniforms in (0, 1), a pure function of (seed, position, layer, column).
+
+    ``layer`` an int, or an int64 tensor ``[L]`` of layers: then ``[L, T, n]``, row ``l`` the same draws as
+    ``uniform(seed, position, layer[l], n)`` (one pass for every layer of a step)."""
+    row = splitmix64(splitmix64(seed.to(torch.int64)) ^ position.to(torch.int64))
+    if isinstance(layer, torch.Tensor):
+        key = splitmix64(row.unsqueeze(0) ^ layer.to(torch.int64).unsqueeze(1))  # [L, T]
+    else:
+        key = splitmix64(row ^ int(layer))
+    bits = splitmix64(key.unsqueeze(-1) ^ _mixed_columns(n, seed.device))
     return (_shr(bits, 11).to(torch.float64) + 0.5) * (1.0 / (1 << 53))
 
 
-def gumbel(seed: torch.Tensor, position: torch.Tensor, layer: int, n: int) -> torch.Tensor:
-    """``[T, n]`` Gumbel(0, 1) draws, reproducible from (seed, position, layer)."""
+def gumbel(seed: torch.Tensor, position: torch.Tensor, layer: int | torch.Tensor, n: int) -> torch.Tensor:
+    """``[T, n]`` (or ``[L, T, n]`` for a tensor of layers) Gumbel(0, 1) draws, reproducible from (seed, position, layer)."""
     return -torch.log(-torch.log(uniform(seed, position, layer, n)))

@@ -147,6 +147,20 @@ class Workspace:
             self.grown += 1
         return buf[:rows]
 
+    def download(self, name: str, tensor: torch.Tensor) -> np.ndarray:
+        """``tensor`` (1-D) on the host, through a reused (pinned, where the engine allows it) buffer: the copy
+        waits for the device, so use it only where the host must read device values; the array is valid until
+        the next download of ``name``. On a CPU engine it is the tensor's own memory, no copy."""
+        if tensor.device.type == "cpu":
+            return tensor.numpy()
+        n = tensor.shape[0]
+        buf = self._bufs.get("download:" + name)
+        if buf is None or buf.shape[0] < n or buf.dtype != tensor.dtype:
+            buf = self._bufs["download:" + name] = torch.empty(max(2 * n, 16), dtype=tensor.dtype, pin_memory=self.pin)
+            self.grown += 1
+        buf[:n].copy_(tensor)
+        return buf[:n].numpy()
+
     def upload(self, name: str, array: np.ndarray) -> torch.Tensor:
         """``array`` on the device. Two host buffers per name take turns, so a scheduler that prepares the next
         step while the device still runs this one (overlap, async scheduling) never rewrites a buffer whose copy
