@@ -223,8 +223,10 @@ class StepNoise:
         self.noise: torch.Tensor | None = None  # [L, T, E], layers in column order
         self.layers = sorted(model.ordinal, key=model.ordinal.get) if model.ordinal else None
 
-    def _scaled(self, g: torch.Tensor, tau: torch.Tensor) -> torch.Tensor:
-        return torch.where(tau > 0, tau * g.float(), torch.inf)
+    @staticmethod
+    def _scaled(g: torch.Tensor, tau: torch.Tensor) -> torch.Tensor:
+        """``tau * g``, ``+inf`` where tau is 0, in place in the fresh float32 draws ``g``."""
+        return g.mul_(tau).masked_fill_(tau <= 0, torch.inf)
 
     def layer_noise(self, layer_id: int, experts: int) -> torch.Tensor:
         """``[T, E]`` float32: ``tau * G`` of MoE layer ``layer_id``, ``+inf`` where its tau is 0."""
