@@ -38,7 +38,7 @@ import numpy as np
 import torch
 
 from tts_plugins.params import get_float, show
-from tts_plugins.slots import HostMirror
+from tts_plugins.slots import HostMirror, Workspace
 from tts_plugins.technique import EngineInfo, LogitsTechnique
 
 # --- parameters (parsed at admission, torch-free) --------------------------------
@@ -108,6 +108,7 @@ class CarbonCalibration(LogitsTechnique):
         self._vals = HostMirror((n, CARBON_MAX_BIAS), torch.float32, **mirror)  # bias values (0 past k[slot])
         self._k = np.zeros(n, dtype=np.int64)  # bias entries per slot
         self.active: set[int] = set()
+        self.ws = Workspace(info.device, info.pin_memory)  # the tempered rows of a step (pinned staging, a reused buffer)
 
     def set_slot(self, slot: int, params: CarbonParams | None, request: Any) -> None:
         if params is not None:
@@ -147,7 +148,16 @@ class CarbonCalibration(LogitsTechnique):
                 logits.view(-1).index_put_((cols.reshape(-1),), add.reshape(-1), accumulate=True)
             else:
                 logits.scatter_add_(1, ids[row_slots, :k], add)
-        return logits.div_(t[row_slots].to(logits.dtype))
+        if host_slots is None:
+            return logits.div_(t[row_slots].to(logits.dtype))
+        tempered = np.flatnonzero(self._t.np[host_slots, 0] != 1.0)  # dividing by 1 changes nothing: skip those rows
+        if tempered.size == logits.shape[0]:
+            return logits.div_(t[row_slots].to(logits.dtype))
+        if tempered.size:
+            rows = self.ws.upload("tempered", tempered)
+            part = torch.index_select(logits, 0, rows, out=self.ws.get("part", tempered.size, logits.shape[1], logits.dtype))
+            logits.index_copy_(0, rows, part.div_(t[row_slots[rows]].to(logits.dtype)))
+        return logits
 
     def reference_row(self, z: torch.Tensor, slot: int) -> torch.Tensor:
         z = z.clone()

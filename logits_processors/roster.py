@@ -98,6 +98,7 @@ import torch
 
 from tts_plugins.noise import uniform
 from tts_plugins.params import get_bool, get_int, get_number_list, get_text, show
+from tts_plugins.reduce import argmax_rows
 from tts_plugins.services import SampleEdit
 from tts_plugins.slots import SlotAllocator, Workspace
 from tts_plugins.technique import GREEDY_TEMPERATURE, EngineInfo, LogitsTechnique, ModelPatch, SlotRequest
@@ -374,26 +375,49 @@ class RoERoster(LogitsTechnique):
             groups, counts = groups[rank], counts[rank]
             inverse = np.argsort(rank)[inverse.reshape(-1)]
             g = groups.size
-            # the one softmax: the frontier members' rows, tempered, in float32 (a reused buffer, no allocation)
-            scaled = ws.get("scaled", nf, vocab, torch.float32)
             inv_t = self.inv_t_np[slots[:nf]]
-            if np.all(inv_t == 1.0) and logits.dtype == torch.float32:  # untempered (greedy members): one gather
-                torch.index_select(logits, 0, idx[:nf], out=scaled)
-            else:
-                torch.mul(torch.index_select(logits, 0, idx[:nf], out=ws.get("gathered", nf, vocab, logits.dtype)),
-                          ws.upload("inv_t", inv_t.reshape(-1, 1)), out=scaled)
-            probs = torch.ops.aten.softmax.int_out(scaled, -1, None, out=ws.get("probs", nf, vocab, torch.float32))
-            # each roster's sum of its members' distributions (the mean times K: same argmax, same draw)
+            tempered = np.flatnonzero(inv_t != 1.0)
             total = ws.get("sum", g, vocab, torch.float32)
             member_roster = ws.upload("member_roster", inverse)
             k = int(counts[0])
-            if np.all(counts == k):  # every roster complete at the frontier (the usual case): one reduction
-                torch.sum(probs.view(g, k, vocab), 1, out=total)
+            # every row of the batch a frontier member: the softmax runs in place in the logits (every row is
+            # overwritten below), with no gathered copy; the rosters' sums then add the rows where they are
+            direct = nf == logits.shape[0] and logits.dtype == torch.float32 and logits.is_contiguous()
+            if direct:
+                if tempered.size:
+                    by_row = np.ones(nf, dtype=np.float32)
+                    by_row[rows[:nf]] = inv_t
+                    logits.mul_(ws.upload("inv_t", by_row.reshape(-1, 1)))
+                roster_of_row = np.empty(nf, dtype=np.int64)
+                roster_of_row[rows[:nf]] = inverse
+                probs = torch.ops.aten.softmax.int_out(logits, -1, None, out=logits)
+                total.zero_().index_add_(0, ws.upload("roster_of_row", roster_of_row), probs)
             else:
-                total.zero_().index_add_(0, member_roster, probs)
+                # the one softmax: the frontier members' rows, tempered, in float32, in place in one reused buffer
+                scaled = ws.get("scaled", nf, vocab, torch.float32)
+                if logits.dtype == torch.float32:
+                    torch.index_select(logits, 0, idx[:nf], out=scaled)
+                else:
+                    scaled.copy_(torch.index_select(logits, 0, idx[:nf], out=ws.get("gathered", nf, vocab, logits.dtype)))
+                if tempered.size:  # the sampling rosters come first, greedy members are untempered: a prefix of the rows
+                    m = int(tempered[-1]) + 1
+                    scaled[:m].mul_(ws.upload("inv_t", inv_t[:m].reshape(-1, 1)))
+                probs = torch.ops.aten.softmax.int_out(scaled, -1, None, out=scaled)
+                # each roster's sum of its members' distributions (the mean times K: same argmax, same draw)
+                if np.all(counts == k):  # every roster complete at the frontier (the usual case): k - 1 vectorized adds
+                    by_member = probs.view(g, k, vocab)
+                    if k == 1:
+                        total.copy_(by_member[:, 0])
+                    else:
+                        torch.add(by_member[:, 0], by_member[:, 1], out=total)
+                        for j in range(2, k):  # over the members of a roster (k <= the roster size), not over requests
+                            total.add_(by_member[:, j])
+                else:
+                    total.zero_().index_add_(0, member_roster, probs)
             choice = ws.get("choice", 1, g, torch.int64)[0]
-            torch.argmax(total, -1, out=choice)
             ns = int((~self.greedy_np[groups]).sum())  # the first ns rosters sample
+            if ns < g:  # the greedy rosters' argmax
+                argmax_rows(total[ns:], out=choice[ns:])
             if ns:  # inverse-CDF draws: one counter-based uniform per roster, keyed by (roster seed, draw number)
                 cdf = torch.cumsum(total[:ns], -1, out=ws.get("cdf", ns, vocab, torch.float32))
                 u = uniform(ws.upload("keys", self.key_np[groups[:ns]]), ws.upload("draws", self.draw_np[groups[:ns]]), _DRAW_STREAM, 1)
@@ -402,7 +426,10 @@ class RoERoster(LogitsTechnique):
                 choice[:ns] = drawn[:, 0]
             tok[:nf] = choice[member_roster]
             self.draw_np[groups] += 1
-        logits.index_fill_(0, idx, float("-inf"))
+        if rows.size == logits.shape[0]:
+            logits.fill_(float("-inf"))
+        else:
+            logits.index_fill_(0, idx, float("-inf"))
         logits[idx, tok] = 0.0
         return logits
 

@@ -190,43 +190,6 @@ def test_greedy_authors_form_agrees_when_the_sample_is_in_the_top_k(z, y, beta):
     torch.testing.assert_close(moi_reference(table, z, y, beta, k), authors, atol=1e-9, rtol=1e-9)
 
 
-# --- the two-pass top-k (the stash's kernel) --------------------------------------
-
-
-@settings(deadline=None, max_examples=60)
-@given(st.integers(1, 9), st.integers(1, 12), st.integers(0, 200), st.integers(0, 2**31), st.data())
-def test_two_pass_topk_is_torch_topk(n, k, extra, seed, data):
-    """Exact: the same values as ``torch.topk`` over the rows asked for (any subset, repeats, order), with the ids
-    of those values, for a vocabulary that is and is not a multiple of the group width (its last, shorter group)."""
-    from tts_plugins.logits_processors.moi import TOPK_GROUP, topk_rows
-
-    vocab = 8 * TOPK_GROUP * k + extra  # large enough for the two passes
-    gen = torch.Generator().manual_seed(seed)
-    x = torch.randn(n, vocab, generator=gen)
-    if data.draw(st.booleans()):  # plant the maximum in the last columns (the shorter group)
-        x[:, -1] = 100.0
-    rows = data.draw(st.none() | st.lists(st.integers(0, n - 1), min_size=1, max_size=2 * n))
-    index = None if rows is None else torch.tensor(rows)
-    want_v, want_i = (x if index is None else x[index]).topk(k, -1)
-    got_v, got_i = topk_rows(x, k, index)
-    assert torch.equal(got_v, want_v)
-    assert torch.equal(got_i, want_i)  # distinct values: the ids are determined
-
-
-@settings(deadline=None, max_examples=30)
-@given(st.integers(1, 6), st.integers(1, 8), st.integers(0, 2**31), st.sampled_from([torch.float32, torch.bfloat16]))
-def test_two_pass_topk_with_ties_returns_the_top_values(n, k, seed, dtype):
-    """Many equal values (small integers, bf16): the values are torch's, and each id holds its value."""
-    from tts_plugins.logits_processors.moi import TOPK_GROUP, topk_rows
-
-    gen = torch.Generator().manual_seed(seed)
-    x = torch.randint(-5, 6, (n, 8 * TOPK_GROUP * k + 37), generator=gen).to(dtype)
-    got_v, got_i = topk_rows(x, k)
-    assert torch.equal(got_v, x.topk(k, -1).values)
-    assert torch.equal(x.gather(1, got_i), got_v)
-    assert all(len(set(r)) == k for r in got_i.tolist())  # k distinct columns
-
-
 def test_stash_before_sampling_reads_the_rows_without_copying_them():
     """The engines stash the distribution of the rows they sample from (before the sampler edits them), and the
     sampled ids after: the same mixture as stashing copied rows."""
