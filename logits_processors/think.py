@@ -61,7 +61,7 @@ import torch
 
 from tts_plugins.forcing import few_other_rows, force_kernel, putter, upload_rows
 from tts_plugins.params import get_bool, get_int, get_text, show
-from tts_plugins.slots import HostMirror
+from tts_plugins.slots import HostMirror, Workspace
 from tts_plugins.technique import EngineInfo, LogitsTechnique, SlotRequest
 from tts_plugins.text import StreamMatcher, cached_token_texts, completion_sets, encode, thinking_state
 
@@ -161,6 +161,7 @@ def think_kernel(
     force_rows: torch.Tensor | None = None,
     keep_rows: torch.Tensor | None = None,
     gate_rows: torch.Tensor | None = None,
+    scratch: Workspace | None = None,
 ) -> torch.Tensor:
     """Apply forcing and gating in place; see the module docstring.
 
@@ -175,7 +176,8 @@ def think_kernel(
     device sync; then only those rows are written. Otherwise every row is
     masked by ``force_tok[row_slots] >= 0``. ``gate_rows``: likewise, the rows
     whose gate may be closed (the others are not read: the row maximum a greedy
-    splice needs is the one full read of a row); None: every row.
+    splice needs is the one full read of a row); None: every row. ``scratch``:
+    where a copy of a few gated rows is kept from step to step.
 
     Single-element writes go through a flat ``index_put_`` (``scatter_`` on a
     CPU bf16 tensor rewrites the whole tensor: ~16x slower than a copy).
@@ -197,7 +199,13 @@ def think_kernel(
         vals = read(ids)
         in_set = vals.masked_fill(~(members & gated[:, None]), neg_inf)
         mass = torch.logsumexp(in_set, dim=1, keepdim=True)
-        top = (logits if gate_rows is None else logits.index_select(0, gate_rows)).amax(dim=1, keepdim=True)
+        if gate_rows is None:
+            top = logits.amax(dim=1, keepdim=True)
+        elif scratch is not None and 4 * gate_rows.shape[0] <= logits.shape[0]:  # few rows: copy them (into a reused buffer)
+            part = scratch.get("gate_rows", gate_rows.shape[0], logits.shape[1], logits.dtype)
+            top = torch.index_select(logits, 0, gate_rows, out=part).amax(dim=1, keepdim=True)
+        else:  # most rows: one read of them all is cheaper than copying those
+            top = logits.amax(dim=1, keepdim=True).index_select(0, gate_rows)
         hit = in_set.amax(dim=1, keepdim=True) >= top  # a blocked token was the argmax
         put(ids, vals.masked_fill(gated[:, None], neg_inf), rows=gate_rows)
         w = wait_tok[slots]
@@ -299,6 +307,7 @@ class ThinkSteering(LogitsTechnique):
         self._row_buffers: dict[str, torch.Tensor] = {}
         self._keep_buffers: dict[str, torch.Tensor] = {}
         self._gate_buffers: dict[str, torch.Tensor] = {}
+        self._scratch = Workspace(info.device, info.pin_memory)  # a copy of a few gated rows, reused
 
     # --- host side --------------------------------------------------------
 
@@ -448,4 +457,5 @@ class ThinkSteering(LogitsTechnique):
             force_rows=force_rows,
             keep_rows=keep_rows,
             gate_rows=gate_rows,
+            scratch=self._scratch,
         )
