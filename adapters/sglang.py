@@ -48,6 +48,10 @@ groups:
   (``max_new_tokens == 0``) samples nothing and is skipped.
 * ``Req.__init__`` (after; scheduler): the cache salt of the patches a
   request turns on, appended to its ``cache_salt``.
+* ``ChatCompletionRequest.to_sampling_params`` (after; front end): a chat
+  request's ``reasoning_effort`` becomes its thinking cap
+  (:mod:`tts_plugins.effort`; a malformed ``TTS_PLUGINS_REASONING_EFFORT``
+  stops the server at start-up).
 """
 
 from __future__ import annotations
@@ -81,6 +85,7 @@ TARGETS = {
     "send_one": "sglang.srt.managers.tokenizer_manager.TokenizerManager._send_one_request",
     "send_batch": "sglang.srt.managers.tokenizer_manager.TokenizerManager._send_batch_request",
     "new_request": "sglang.srt.managers.schedule_batch.Req.__init__",
+    "chat_params": "sglang.srt.entrypoints.openai.protocol.ChatCompletionRequest.to_sampling_params",
 }
 
 
@@ -448,6 +453,7 @@ def register() -> None:
 
     if disabled():
         return
+    startup_checks()
     install_patches(default_registry(), engine="sglang")
     sglang_hooks(
         [
@@ -464,3 +470,28 @@ def register() -> None:
                  tag="core.samples", min_version=SGLANG_MIN_VERSION, max_version=SGLANG_MAX_VERSION)
     sglang_hooks([(TARGETS["new_request"], _new_request_after, "after")], tag="core.cache_salt",
                  min_version=SGLANG_MIN_VERSION, max_version=SGLANG_MAX_VERSION)
+    sglang_hooks([(TARGETS["chat_params"], _chat_params_after, "after")], tag="core.reasoning_effort",
+                 min_version=SGLANG_MIN_VERSION, max_version=SGLANG_MAX_VERSION)
+
+
+def startup_checks() -> None:
+    """Server settings that cannot work stop the server at start-up (SGLang logs and skips a plugin that raises an
+    Exception, which would leave them silently unapplied): a malformed ``TTS_PLUGINS_REASONING_EFFORT``."""
+    from tts_plugins.effort import effort_map
+
+    try:
+        effort_map()
+    except ValueError as exc:
+        log.error("tts_plugins: %s", exc)
+        raise SystemExit(f"tts_plugins: {exc}") from None
+
+
+def _chat_params_after(result: Any, request: Any, *args: Any, **kwargs: Any) -> Any:
+    """A chat request's ``reasoning_effort`` becomes its thinking cap (:mod:`tts_plugins.effort`)."""
+    effort = getattr(request, "reasoning_effort", None)
+    if effort is None or not isinstance(result, dict):
+        return None
+    from tts_plugins.effort import budget_request
+
+    extra = budget_request(effort, result.get("custom_params"))
+    return None if extra is None else {**result, "custom_params": extra}

@@ -17,6 +17,9 @@ provide the services of :mod:`tts_plugins.services` to every technique
   of the model patches (:func:`child_params`).
 * ``Request.from_engine_core_request`` (engine core): the cache salt of the
   patches a request turns on, appended to its own ``cache_salt``.
+* ``ChatCompletionRequest.to_sampling_params`` (front end): a chat request's
+  ``reasoning_effort`` becomes its thinking cap (:mod:`tts_plugins.effort`;
+  a malformed ``TTS_PLUGINS_REASONING_EFFORT`` stops the server at start-up).
 
 It is idempotent: running twice in one process changes nothing. This module
 imports no vLLM until ``register()`` runs.
@@ -43,6 +46,7 @@ CORE_TARGETS = {
     "sample_tokens": "vllm.v1.worker.gpu_model_runner:GPUModelRunner.sample_tokens",
     "add_request": "vllm.v1.engine.output_processor:OutputProcessor.add_request",
     "new_request": "vllm.v1.request:Request.from_engine_core_request",
+    "chat_params": "vllm.entrypoints.openai.chat_completion.protocol:ChatCompletionRequest.to_sampling_params",
 }
 
 _SAMPLING: contextvars.ContextVar[Any] = contextvars.ContextVar("tts_plugins_vllm_sampling", default=None)
@@ -53,8 +57,21 @@ def register() -> None:
     from tts_plugins.patching import Patcher, install_patches
 
     if not disabled():
+        startup_checks()
         install_patches(default_registry(), engine="vllm")
         install_core(Patcher("vllm", owner="core"))
+
+
+def startup_checks() -> None:
+    """Server settings that cannot work stop the server at start-up (vLLM logs and skips a plugin that raises an
+    Exception, which would leave them silently unapplied): a malformed ``TTS_PLUGINS_REASONING_EFFORT``."""
+    from tts_plugins.effort import effort_map
+
+    try:
+        effort_map()
+    except ValueError as exc:
+        log.error("tts_plugins: %s", exc)
+        raise SystemExit(f"tts_plugins: {exc}") from None
 
 
 def install_core(patcher: Any) -> None:
@@ -62,6 +79,7 @@ def install_core(patcher: Any) -> None:
     patcher.replace(CORE_TARGETS["sample_tokens"], _wrap_sample_tokens, min_version=MIN_VERSION, max_version=MAX_VERSION)
     patcher.replace(CORE_TARGETS["add_request"], _wrap_add_request, min_version=MIN_VERSION, max_version=MAX_VERSION)
     patcher.replace(CORE_TARGETS["new_request"], _wrap_from_engine_core_request, min_version=MIN_VERSION, max_version=MAX_VERSION)
+    patcher.replace(CORE_TARGETS["chat_params"], _wrap_chat_params, min_version=MIN_VERSION, max_version=MAX_VERSION)
 
 
 def uses_v2_runner() -> bool:
@@ -164,3 +182,22 @@ def _wrap_from_engine_core_request(original: Any) -> Any:
         return original(request, *args, **kwargs)
 
     return classmethod(from_engine_core_request)
+
+
+# --- reasoning_effort -------------------------------------------------------------------
+
+
+def _wrap_chat_params(original: Any) -> Any:
+    @functools.wraps(original)
+    def to_sampling_params(self: Any, *args: Any, **kwargs: Any) -> Any:
+        params = original(self, *args, **kwargs)
+        effort = getattr(self, "reasoning_effort", None)
+        if effort is not None:
+            from tts_plugins.effort import budget_request
+
+            extra = budget_request(effort, getattr(params, "extra_args", None))
+            if extra is not None:  # a new dict: extra_args is the request's own vllm_xargs
+                params.extra_args = extra
+        return params
+
+    return to_sampling_params

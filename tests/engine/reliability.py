@@ -32,8 +32,11 @@ FIELD = {"vllm": "vllm_xargs", "sglang": "custom_params"}
 QUESTIONS = ["What is 2 + 3?", "What is 17 * 4 - 9?", "What is 120 + 5 * 3?", "Name a prime above 10.", "Is 91 prime?"]
 
 
+EFFORT_MAP = "low=3,medium=5,high=0"  # the shared server's reasoning_effort budgets (test_think_engine)
+
+
 def server_env(debug_prefix: str) -> dict[str, str]:
-    return {"PYTHONPATH": str(FAULTY_DIR), "TTS_PLUGINS_DEBUG_FILE": debug_prefix}
+    return {"PYTHONPATH": str(FAULTY_DIR), "TTS_PLUGINS_DEBUG_FILE": debug_prefix, "TTS_PLUGINS_REASONING_EFFORT": EFFORT_MAP}
 
 
 def oracle():

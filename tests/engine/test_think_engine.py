@@ -197,6 +197,39 @@ def test_http_completions_and_chat(engines, engine_name):
     assert NO_THINK in ((msg.content or "") + (getattr(msg, "reasoning_content", None) or ""))
 
 
+def test_http_reasoning_effort_is_a_thinking_budget(engines, engine_name):
+    """The stock client's ``reasoning_effort`` caps thinking at the server's budget for that level (the shared
+    server runs ``TTS_PLUGINS_REASONING_EFFORT=low=3,medium=5,high=0``): exactly that many thinking tokens, as
+    transformers decodes them, then the conclusion and the end of thinking. ``high`` (0) does not cap, and an
+    explicit ``tts_think_max`` wins over the level."""
+    from transformers import AutoTokenizer
+
+    from reliability import EFFORT_MAP
+
+    srv = engines.shared_server("dense")
+    model = engines.tiny_model("dense")
+    tok = AutoTokenizer.from_pretrained(str(model))
+    client = srv.client()
+    budgets = {k: int(v) for k, v in (e.split("=") for e in EFFORT_MAP.split(","))}
+    ids = chat_ids(tok, QUESTIONS[2])
+    plain = hf_greedy(model, ids, 24)
+
+    def chat(effort, **keys):
+        body = {**extra_body(engine_name, **keys), "skip_special_tokens": False} if keys else {"skip_special_tokens": False}
+        c = client.chat.completions.create(model=srv.model, messages=[{"role": "user", "content": QUESTIONS[2]}], max_tokens=24,
+                                           temperature=0, reasoning_effort=effort, extra_body=body)
+        msg = c.choices[0].message
+        return (getattr(msg, "reasoning_content", None) or "") + (msg.content or "")
+
+    for effort in ("low", "medium"):
+        want = tok.decode(plain[: budgets[effort]] + encode(tok, "\n</think>"), skip_special_tokens=False)
+        assert chat(effort).startswith(want), effort
+    longer = plain[: budgets["medium"] + 6]
+    assert "</think>" not in tok.decode(longer, skip_special_tokens=False)  # so a cut would show
+    assert chat("high").startswith(tok.decode(longer, skip_special_tokens=False))  # 0: no cap
+    assert chat("low", tts_think_max=1).startswith(tok.decode(plain[:1] + encode(tok, "\n</think>"), skip_special_tokens=False))
+
+
 @pytest.mark.parametrize(
     "params, key",
     [
