@@ -35,7 +35,11 @@ spliced "Wait" tokens included, up to the token that completes the end string;
 the cap's forced conclusion and end string are not counted. When the end string
 is several tokens, its leading pieces count until the last one completes it
 (text, not token ids, decides), so ``tts_think_min=m`` means the end string
-cannot be completed by any of the first ``m`` thinking tokens. Re-entering thinking starts a new count. The cap forces
+cannot be completed by any of the first ``m`` thinking tokens. The budgets are the whole request's: a thinking
+block the model opens again later goes on counting from where the last one stopped, and once the cap has ended
+thinking the tokens that would complete the start string are blocked (no "Wait" takes their place), so a capped
+request thinks at most ``tts_think_max`` tokens in all and its reasoning stays one block (``tts_think_per_block``:
+each block counts from zero, and the model may open another). The cap forces
 ``conclusion + end`` once ``tts_think_max`` thinking tokens exist, so the count
 is exact; then EOS is blocked for the first answer token so a capped request
 never ends with an empty answer.
@@ -76,6 +80,7 @@ THINK_KEYS = frozenset(
         "tts_think_conclusion",
         "tts_no_think",
         "tts_no_think_text",
+        "tts_think_per_block",
     }
 )
 
@@ -90,7 +95,11 @@ class ThinkParams:
 
     ``max_tokens`` caps model tokens inside a thinking block (None: no cap);
     ``min_tokens`` and ``extend`` keep it open (s1 budget forcing);
-    ``no_think`` skips thinking (NoThinking).
+    ``no_think`` skips thinking (NoThinking). The budgets are the whole
+    request's: a thinking block the model opens again later in the same
+    completion goes on counting, and once the cap has ended thinking the start
+    string cannot be produced again; ``per_block`` (``tts_think_per_block``)
+    gives each thinking block its own count and lets the model think again.
     """
 
     max_tokens: int | None = None
@@ -100,12 +109,13 @@ class ThinkParams:
     conclusion: str = DEFAULT_CONCLUSION
     no_think: bool = False
     no_think_text: str = DEFAULT_NO_THINK_TEXT
+    per_block: bool = False
 
     @classmethod
     def parse(cls, flat: Mapping[str, Any]) -> ThinkParams | None:
         """Parse the think keys of ``flat``; ``None`` when the request does not opt in."""
         if not any(k in flat for k in ("tts_think_max", "tts_think_min", "tts_think_extend", "tts_no_think")):
-            for key in ("tts_think_wait", "tts_think_conclusion", "tts_no_think_text"):
+            for key in ("tts_think_wait", "tts_think_conclusion", "tts_no_think_text", "tts_think_per_block"):
                 if key in flat:
                     raise ValueError(
                         f"{key} only takes effect with tts_think_max, tts_think_min, tts_think_extend "
@@ -120,6 +130,7 @@ class ThinkParams:
             conclusion=get_text(flat, "tts_think_conclusion", DEFAULT_CONCLUSION),
             no_think=get_bool(flat, "tts_no_think"),
             no_think_text=get_text(flat, "tts_no_think_text", DEFAULT_NO_THINK_TEXT),
+            per_block=get_bool(flat, "tts_think_per_block"),
         )
         end = os.environ.get("TTS_PLUGINS_THINK_END") or "</think>"
         if end in params.wait:
@@ -254,6 +265,7 @@ class _Row:
     eos_block: bool = False
     gated: bool = False  # published gate state for the step being sampled
     greedy: bool = False
+    spent: bool = False  # the cap ended thinking: the start string is blocked from then on
 
 
 class ThinkSteering(LogitsTechnique):
@@ -285,6 +297,11 @@ class ThinkSteering(LogitsTechnique):
         sets = completion_sets(self.texts, self.end)
         sets = [sorted(set(s) | set(self.eos)) for s in sets] + [sorted(set(self.eos))]
         self.eos_gate = len(sets) - 1
+        # once a request's budget is spent, the tokens that would complete the start string (alone, and with EOS
+        # for the first answer token after the cap)
+        starts = completion_sets(self.texts, self.start) if self.start else []
+        self.start_gate = len(sets)
+        sets += [sorted(set(s)) for s in starts] + [sorted(set(s) | set(self.eos)) for s in starts]
         k = max(1, max(len(s) for s in sets))
         ids = np.zeros((len(sets), k), dtype=np.int64)
         mass = np.zeros((len(sets), k), dtype=bool)
@@ -342,7 +359,9 @@ class ThinkSteering(LogitsTechnique):
         self._publish(slot)
 
     def _enter_thinking(self, row: _Row) -> None:
-        row.thinking, row.count, row.ignored, row.concluding = True, 0, 0, False
+        row.thinking, row.concluding = True, False
+        if row.params.per_block:  # each block its own budget; by default the whole request shares one
+            row.count, row.ignored = 0, 0
         if row.params.no_think:
             row.forced.extend(encode(self.info.tokenizer, row.params.no_think_text + "\n" + self.end))
             row.concluding = True
@@ -372,6 +391,8 @@ class ThinkSteering(LogitsTechnique):
         for event in row.matcher.feed(self.texts[t] if 0 <= t < len(self.texts) else ""):
             if event == "end" and row.thinking:
                 row.eos_block = row.concluding and row.params.max_tokens is not None and not row.params.no_think
+                # the cap ended thinking: the request's budget is spent, it cannot open another block
+                row.spent = row.spent or (row.eos_block and not row.params.per_block)
                 row.thinking, row.concluding, counted = False, False, False
                 row.forced.clear()
             elif event == "start" and not row.thinking:
@@ -401,6 +422,9 @@ class ThinkSteering(LogitsTechnique):
                 force = row.forced[0]
             elif self._gate_closed(row):
                 gate, wait = row.matcher.end_partial(), row.wait_ids[0]
+            elif row.spent and not row.thinking and self.start:
+                j = row.matcher.start_partial()
+                gate = self.start_gate + j + (len(self.start) if row.eos_block else 0)
             elif row.eos_block and not self._empty_eos:
                 gate = self.eos_gate
         new = (force, gate, wait, greedy)

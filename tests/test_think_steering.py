@@ -121,7 +121,10 @@ def test_min_and_cap_together(tok):
 # (tests/test_conformance.py runs it on the built-ins), so they are not repeated here.
 
 
-def test_reentering_thinking_starts_a_new_count(dense_tokenizer):
+@pytest.mark.parametrize("per_block", [False, True])
+def test_a_reopened_thinking_block_counts_against_the_same_budget(dense_tokenizer, per_block):
+    """The model ends thinking by itself after 3 tokens, answers, and thinks again: with the cap of 5 the request
+    has 2 thinking tokens left (``tts_think_per_block``: the second block gets its own 5)."""
     tok = dense_tokenizer
     sim = Sim(tok)
     think_open, think_close = tok.convert_tokens_to_ids("<think>"), tok.convert_tokens_to_ids("</think>")
@@ -141,11 +144,38 @@ def test_reentering_thinking_starts_a_new_count(dense_tokenizer):
             z[fav] = 1e9
         return z
 
-    [out] = sim.run([Request(chat_prompt(tok), {"tts_think_max": 5})], model, 20)
-    text = decode(tok, out)
-    assert text.count("</think>") == 2
+    params = {"tts_think_max": 5, **({"tts_think_per_block": True} if per_block else {})}
+    [out] = sim.run([Request(chat_prompt(tok), params)], model, 20)
+    assert decode(tok, out).count("</think>") == 2
     second = out[out.index(think_open) + 1 :]
-    assert second[5:7] == encode(tok, "\n</think>"), "the second block gets its own count of 5"
+    left = 5 if per_block else 5 - 3
+    assert second[left : left + 2] == encode(tok, "\n</think>")
+
+
+@given(cap=st.integers(0, 6), seed=st.integers(0, 1000), per_block=st.booleans())
+def test_once_the_cap_ended_thinking_the_model_cannot_think_again(dense_tokenizer, cap, seed, per_block):
+    """A model that wants to open ``<think>`` at every step after its thinking: the cap ends thinking, and from then
+    on the start string is blocked, so the completion holds one thinking block and at most ``cap`` thinking
+    tokens; with ``tts_think_per_block`` the model opens another block (and each is capped)."""
+    tok = dense_tokenizer
+    sim = Sim(tok)
+    think_open = tok.convert_tokens_to_ids("<think>")
+    base = random_model(len(tok), seed, banned=banned_enders(tok))
+
+    def model(req, out):
+        z = base(req, out)
+        z[think_open] = 1e9 if "</think>" in decode(tok, out) else -1e9  # inside the first block: think plainly
+        return z
+
+    params = {"tts_think_max": cap, **({"tts_think_per_block": True} if per_block else {})}
+    [out] = sim.run([Request(chat_prompt(tok), params)], model, cap + 12, stop_at_eos=False)
+    text = decode(tok, out)
+    if per_block:
+        assert text.count("<think>") >= 1 and text.count("</think>") >= 2
+    else:
+        assert "<think>" not in text and text.count("</think>") == 1
+        forced = encode(tok, "\n</think>")
+        assert out[cap : cap + len(forced)] == forced  # cap thinking tokens, then the conclusion and the end
 
 
 @given(seed=st.integers(0, 1000))

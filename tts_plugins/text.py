@@ -88,6 +88,9 @@ class StreamMatcher:
     def end_partial(self) -> int:
         return partial_match(self.tail, self.end)
 
+    def start_partial(self) -> int:
+        return partial_match(self.tail, self.start)
+
 
 def thinking_state(text: str, start: str, end: str) -> tuple[bool, str]:
     """Is a prompt that ends with ``text`` inside a thinking block, and the tail to resume matching from."""

@@ -230,6 +230,30 @@ def test_http_reasoning_effort_is_a_thinking_budget(engines, engine_name):
     assert chat("low", tts_think_max=1).startswith(tok.decode(plain[:1] + encode(tok, "\n</think>"), skip_special_tokens=False))
 
 
+@pytest.mark.parametrize("per_block", [False, True], ids=["whole-request", "per-block"])
+def test_http_a_capped_request_cannot_open_thinking_again(engines, engine_name, per_block):
+    """The client pushes ``<think>`` with a logit bias: once the cap of 2 has ended thinking, the request's budget is
+    spent and ``<think>`` cannot be produced again (one thinking block, whatever the bias); with
+    ``tts_think_per_block`` the model opens block after block, each capped at 2."""
+    from transformers import AutoTokenizer
+
+    srv = engines.shared_server("dense")
+    tok = AutoTokenizer.from_pretrained(str(engines.tiny_model("dense")))
+    keys = {"tts_think_max": 2, **({"tts_think_per_block": True} if per_block else {})}
+    r = srv.client().completions.create(
+        model=srv.model, prompt=chat_text(tok, QUESTIONS[1]), max_tokens=16, temperature=0,
+        logit_bias={str(tok.convert_tokens_to_ids("<think>")): 100},
+        extra_body={**extra_body(engine_name, **keys), "skip_special_tokens": False},
+    )
+    text = r.choices[0].text
+    first, _, after = text.partition("</think>")
+    assert first.count("<think>") == 2 and after, text  # the bias rules inside thinking: two <think> tokens, the cap
+    if per_block:
+        assert after.startswith("<think>") and text.count("</think>") >= 2, text
+    else:
+        assert "<think>" not in after and "</think>" not in after, text
+
+
 @pytest.mark.parametrize(
     "params, key",
     [
