@@ -15,7 +15,8 @@ Hooks (all through :mod:`tts_plugins.patching`, registered with SGLang's
 * ``SamplingParams.verify`` (after): parses the ``tts_*`` keys at admission in
   the tokenizer manager, so a bad request fails with ``ValueError`` (HTTP 400
   on the OpenAI endpoints and non-streaming ``/generate``) before it reaches a
-  batch.
+  batch; with ``--speculative-algorithm`` any ``tts_*`` key is refused there
+  (the techniques need one sampled row per request and step).
 * ``Req.__init__`` (after; scheduler): counts the live requests that carry
   ``tts_*`` keys (:class:`OptedIn`; uncounted at release).
 * ``ForwardBatch.init_new`` (around): SGLang's sampler sees no request
@@ -69,7 +70,7 @@ import torch
 from tts_plugins import debug, services
 from tts_plugins.batch import SlotState
 from tts_plugins.manager import default_registry
-from tts_plugins.params import PREFIX, tts_keys
+from tts_plugins.params import PREFIX, refuse_speculative, tts_keys
 from tts_plugins.slots import SlotAllocator, Workspace
 from tts_plugins.technique import GREEDY_TEMPERATURE, EngineInfo, SlotRequest
 
@@ -220,7 +221,20 @@ class SglangTTS:
 
 
 def _verify_after(result: Any, sampling_params: Any, *args: Any, **kwargs: Any) -> None:
-    default_registry().parse(getattr(sampling_params, "custom_params", None), engine="sglang", request=sampling_params)
+    custom = getattr(sampling_params, "custom_params", None)
+    if custom and _speculative():
+        refuse_speculative(custom, "--speculative-algorithm")
+    default_registry().parse(custom, engine="sglang", request=sampling_params)
+
+
+def _speculative() -> bool:
+    """Whether this server runs speculative decoding (SGLang publishes its spec settings to every process)."""
+    try:
+        from sglang.srt.runtime_context import get_spec
+
+        return bool(get_spec().speculative_algorithm)
+    except Exception:  # not published in this process (e.g. a test's bare SamplingParams): nothing to refuse
+        return False
 
 
 @functools.lru_cache(maxsize=1)

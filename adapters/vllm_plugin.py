@@ -17,6 +17,10 @@ provide the services of :mod:`tts_plugins.services` to every technique
   of the model patches (:func:`child_params`).
 * ``Request.from_engine_core_request`` (engine core): the cache salt of the
   patches a request turns on, appended to its own ``cache_salt``.
+* ``SamplingParams._validate_spec_decode`` (front end, at admission): a
+  request with ``tts_*`` keys on a server with ``--speculative-config`` is
+  refused with a 400 naming the keys (vLLM refuses ``logit_bias`` there the
+  same way); without it the keys would be dropped silently.
 * ``ChatCompletionRequest.to_sampling_params`` (front end): a chat request's
   ``reasoning_effort`` becomes its thinking cap (:mod:`tts_plugins.effort`;
   a malformed ``TTS_PLUGINS_REASONING_EFFORT`` stops the server at start-up).
@@ -47,6 +51,7 @@ CORE_TARGETS = {
     "add_request": "vllm.v1.engine.output_processor:OutputProcessor.add_request",
     "new_request": "vllm.v1.request:Request.from_engine_core_request",
     "chat_params": "vllm.entrypoints.openai.chat_completion.protocol:ChatCompletionRequest.to_sampling_params",
+    "spec_decode": "vllm.sampling_params:SamplingParams._validate_spec_decode",
 }
 
 _SAMPLING: contextvars.ContextVar[Any] = contextvars.ContextVar("tts_plugins_vllm_sampling", default=None)
@@ -80,6 +85,7 @@ def install_core(patcher: Any) -> None:
     patcher.replace(CORE_TARGETS["add_request"], _wrap_add_request, min_version=MIN_VERSION, max_version=MAX_VERSION)
     patcher.replace(CORE_TARGETS["new_request"], _wrap_from_engine_core_request, min_version=MIN_VERSION, max_version=MAX_VERSION)
     patcher.replace(CORE_TARGETS["chat_params"], _wrap_chat_params, min_version=MIN_VERSION, max_version=MAX_VERSION)
+    patcher.replace(CORE_TARGETS["spec_decode"], _wrap_validate_spec_decode, min_version=MIN_VERSION, max_version=MAX_VERSION)
 
 
 def uses_v2_runner() -> bool:
@@ -201,3 +207,24 @@ def _wrap_chat_params(original: Any) -> Any:
         return params
 
     return to_sampling_params
+
+
+# --- speculative decoding ---------------------------------------------------------------
+
+
+def _wrap_validate_spec_decode(original: Any) -> Any:
+    @functools.wraps(original)
+    def _validate_spec_decode(self: Any, speculative_config: Any, *args: Any, **kwargs: Any) -> Any:
+        out = original(self, speculative_config, *args, **kwargs)
+        if speculative_config is not None:
+            from vllm.exceptions import VLLMValidationError
+
+            from tts_plugins.params import refuse_speculative
+
+            try:
+                refuse_speculative(getattr(self, "extra_args", None), "--speculative-config")
+            except ValueError as exc:
+                raise VLLMValidationError(str(exc)) from None
+        return out
+
+    return _validate_spec_decode

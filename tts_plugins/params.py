@@ -137,3 +137,15 @@ def get_text_list(flat: Mapping[str, Any], key: str, default: tuple[str, ...], *
         if not isinstance(item, str) or not item or len(item) > 64:
             raise ValueError(f"{key} must be a list of non-empty strings of at most 64 characters, got item {show(item)}")
     return tuple(value)
+
+
+def refuse_speculative(flat: Mapping[str, Any] | None, flag: str) -> None:
+    """ValueError when a request carries ``tts_*`` keys on a server that runs speculative decoding (``flag``: the
+    engine's option). The techniques need one sampled row per request and step; speculative decoding samples draft
+    tokens in extra rows and may reject them, so they cannot work there, and running the request plain would drop
+    what the client asked for without a word."""
+    keys = sorted(tts_keys(flat)) if isinstance(flat, Mapping) else []
+    if keys:
+        raise ValueError(f"{', '.join(keys)}: tts_* parameters cannot be used on a server that runs speculative decoding "
+                         f"({flag}): the techniques need one sampled row per request and step. Send the request to a server "
+                         "without speculative decoding, or without these keys")
