@@ -2,7 +2,12 @@
 
 Keys (see :class:`ThinkParams`): ``tts_think_max``,
 ``tts_think_min``, ``tts_think_extend``, ``tts_think_wait``,
-``tts_think_conclusion``, ``tts_no_think``, ``tts_no_think_text``.
+``tts_think_conclusion``, ``tts_no_think``, ``tts_no_think_text``,
+``tts_think_per_block``, and the graceful landing of the cap:
+``tts_think_warn`` / ``tts_think_warn_at`` (a phrase spliced once a share of
+the cap is reached) and ``tts_think_grace`` (up to N tokens past the cap to
+end the sentence before the conclusion is forced). The warning and the grace
+are our reading of what some serving stacks offer; no paper specifies them.
 
 Mechanism: a per-row host state machine fed with the sampled tokens decides,
 for the next step, one of three row modes, published to ``[max_slots + 1]``
@@ -54,6 +59,7 @@ a forced sequence.
 
 from __future__ import annotations
 
+import math
 import os
 from collections import deque
 from collections.abc import Mapping, Sequence
@@ -64,7 +70,7 @@ import numpy as np
 import torch
 
 from tts_plugins.forcing import few_other_rows, force_kernel, putter, upload_rows
-from tts_plugins.params import get_bool, get_int, get_text, show
+from tts_plugins.params import get_bool, get_float, get_int, get_text, show
 from tts_plugins.slots import HostMirror, Workspace
 from tts_plugins.technique import EngineInfo, LogitsTechnique, SlotRequest
 from tts_plugins.text import StreamMatcher, cached_token_texts, completion_sets, encode, thinking_state
@@ -81,12 +87,19 @@ THINK_KEYS = frozenset(
         "tts_no_think",
         "tts_no_think_text",
         "tts_think_per_block",
+        "tts_think_warn",
+        "tts_think_warn_at",
+        "tts_think_grace",
     }
 )
 
 DEFAULT_WAIT = "Wait"
 DEFAULT_CONCLUSION = "\n"
 DEFAULT_NO_THINK_TEXT = "Okay, I think I have finished thinking."
+DEFAULT_WARN = "\nI should wrap up soon.\n"
+DEFAULT_WARN_AT = 0.8
+MAX_GRACE = 1024
+SENTENCE_ENDS = (".", "!", "?", "\n")
 
 
 @dataclass(frozen=True)
@@ -110,12 +123,16 @@ class ThinkParams:
     no_think: bool = False
     no_think_text: str = DEFAULT_NO_THINK_TEXT
     per_block: bool = False
+    warn: str | None = None  # spliced once when warn_at of the cap is reached (None: no warning)
+    warn_at: float = DEFAULT_WARN_AT
+    grace: int = 0  # tokens past the cap the model may use to end its sentence
 
     @classmethod
     def parse(cls, flat: Mapping[str, Any]) -> ThinkParams | None:
         """Parse the think keys of ``flat``; ``None`` when the request does not opt in."""
         if not any(k in flat for k in ("tts_think_max", "tts_think_min", "tts_think_extend", "tts_no_think")):
-            for key in ("tts_think_wait", "tts_think_conclusion", "tts_no_think_text", "tts_think_per_block"):
+            for key in ("tts_think_wait", "tts_think_conclusion", "tts_no_think_text", "tts_think_per_block", "tts_think_warn",
+                        "tts_think_warn_at", "tts_think_grace"):
                 if key in flat:
                     raise ValueError(
                         f"{key} only takes effect with tts_think_max, tts_think_min, tts_think_extend "
@@ -131,7 +148,15 @@ class ThinkParams:
             no_think=get_bool(flat, "tts_no_think"),
             no_think_text=get_text(flat, "tts_no_think_text", DEFAULT_NO_THINK_TEXT),
             per_block=get_bool(flat, "tts_think_per_block"),
+            warn=_warn_text(flat),
+            warn_at=get_float(flat, "tts_think_warn_at", DEFAULT_WARN_AT, minimum=0.0, maximum=1.0, open_min=True),
+            grace=get_int(flat, "tts_think_grace", 0, maximum=MAX_GRACE),
         )
+        for key in ("tts_think_warn", "tts_think_grace"):
+            if key in flat and params.max_tokens is None:
+                raise ValueError(f"{key} needs tts_think_max (it acts relative to the cap), got {key}={show(flat[key])} without it")
+        if "tts_think_warn_at" in flat and params.warn is None:
+            raise ValueError(f"tts_think_warn_at needs tts_think_warn, got tts_think_warn_at={show(flat['tts_think_warn_at'])} without it")
         end = os.environ.get("TTS_PLUGINS_THINK_END") or "</think>"
         if end in params.wait:
             raise ValueError(f"tts_think_wait must not contain the end-of-thinking string {end!r}, got {params.wait!r}")
@@ -150,6 +175,16 @@ class ThinkParams:
         if params.max_tokens is None and params.min_tokens == 0 and params.extend == 0 and not params.no_think:
             return None  # e.g. tts_no_think=false alone: valid, and opts out
         return params
+
+
+def _warn_text(flat: Mapping[str, Any]) -> str | None:
+    """``tts_think_warn``: true (the default phrase), false (none) or the phrase itself."""
+    if "tts_think_warn" not in flat:
+        return None
+    value = flat["tts_think_warn"]
+    if isinstance(value, str) and value.lower() not in ("true", "false", "0", "1"):
+        return get_text(flat, "tts_think_warn", DEFAULT_WARN, allow_empty=False)
+    return DEFAULT_WARN if get_bool(flat, "tts_think_warn") else None
 
 
 # --- kernel ---------------------------------------------------------------------
@@ -266,6 +301,8 @@ class _Row:
     gated: bool = False  # published gate state for the step being sampled
     greedy: bool = False
     spent: bool = False  # the cap ended thinking: the start string is blocked from then on
+    warned: bool = False  # the warning was spliced (once per request; per block with per_block)
+    last: str = ""  # the text of the last token (the grace ends at a sentence end)
 
 
 class ThinkSteering(LogitsTechnique):
@@ -279,6 +316,7 @@ class ThinkSteering(LogitsTechnique):
         return [
             {"tts_think_max": 0}, {"tts_think_max": 3, "tts_think_conclusion": " Time to answer.\n"}, {"tts_think_min": 5},
             {"tts_think_min": 2, "tts_think_extend": 1, "tts_think_wait": "Hmm"}, {"tts_no_think": True},
+            {"tts_think_max": 6, "tts_think_warn": True, "tts_think_warn_at": 0.5, "tts_think_grace": 2},
         ]
 
     @classmethod
@@ -361,7 +399,7 @@ class ThinkSteering(LogitsTechnique):
     def _enter_thinking(self, row: _Row) -> None:
         row.thinking, row.concluding = True, False
         if row.params.per_block:  # each block its own budget; by default the whole request shares one
-            row.count, row.ignored = 0, 0
+            row.count, row.ignored, row.warned = 0, 0, False
         if row.params.no_think:
             row.forced.extend(encode(self.info.tokenizer, row.params.no_think_text + "\n" + self.end))
             row.concluding = True
@@ -369,8 +407,16 @@ class ThinkSteering(LogitsTechnique):
             self._check_cap(row)
 
     def _check_cap(self, row: _Row) -> None:
-        cap = row.params.max_tokens
-        if row.thinking and not row.concluding and cap is not None and row.count >= cap:
+        p = row.params
+        cap = p.max_tokens
+        if not row.thinking or row.concluding or cap is None:
+            return
+        if p.warn is not None and not row.warned and not row.forced and cap > 0 and math.ceil(p.warn_at * cap) <= row.count < cap:
+            row.warned = True  # the warning is spliced now (its tokens count as thinking, as s1's "Wait" does)
+            row.forced.extend(encode(self.info.tokenizer, p.warn))
+        if row.count >= cap:
+            if p.grace and row.count < cap + p.grace and not row.last.rstrip(" ").endswith(SENTENCE_ENDS):
+                return  # the grace: the model may end its sentence first
             row.forced.clear()
             row.forced.extend(encode(self.info.tokenizer, row.params.conclusion + self.end))
             row.concluding = True
@@ -388,7 +434,8 @@ class ThinkSteering(LogitsTechnique):
         if row.eos_block and not row.thinking:
             row.eos_block = False
         counted = row.thinking and not row.concluding
-        for event in row.matcher.feed(self.texts[t] if 0 <= t < len(self.texts) else ""):
+        row.last = self.texts[t] if 0 <= t < len(self.texts) else ""
+        for event in row.matcher.feed(row.last):
             if event == "end" and row.thinking:
                 row.eos_block = row.concluding and row.params.max_tokens is not None and not row.params.no_think
                 # the cap ended thinking: the request's budget is spent, it cannot open another block

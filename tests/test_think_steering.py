@@ -205,3 +205,77 @@ def test_readmission_with_history_reproduces_the_state(tok, extend, cut, seed):
         z = sim.state.apply(model(0, out)[None].clone(), sim.rows.device_view(1), sim.rows.host_view(1))
         out.append(int(z[0].argmax()))
     assert out == full[: len(out)]
+
+
+# --- graceful landing: a warning before the cap, a grace to end the sentence ------------------------------------
+
+
+def _sentence_enders(tok):
+    return [i for i in range(len(tok)) if tok.decode([i]).rstrip(" ").endswith((".", "!", "?", "\n"))]
+
+
+@given(cap=st.integers(1, 30), share=st.sampled_from([0.1, 0.5, 0.8, 1.0]), seed=st.integers(0, 1000),
+       phrase=st.sampled_from([True, " Time is short."]))
+def test_the_warning_is_spliced_once_at_its_share_of_the_cap_and_counts(dense_tokenizer, cap, share, seed, phrase):
+    import math
+
+    from tts_plugins.logits_processors.think import DEFAULT_WARN
+
+    tok = dense_tokenizer
+    sim = Sim(tok)
+    model = random_model(len(tok), seed, banned=banned_enders(tok))
+    warn = encode(tok, DEFAULT_WARN if phrase is True else phrase)
+    forced = encode(tok, "\n</think>")
+    params = {"tts_think_max": cap, "tts_think_warn": phrase, "tts_think_warn_at": share}
+    [out] = sim.run([Request(chat_prompt(tok), params)], model, cap + len(forced) + 2)
+    [plain] = sim.run([Request(chat_prompt(tok), {})], model, cap)
+    at = math.ceil(share * cap)
+    if at >= cap:  # no room before the cap: no warning
+        assert out[:cap] == plain[:cap] and out[cap : cap + len(forced)] == forced
+        return
+    assert out[:at] == plain[:at]
+    spliced = warn[: cap - at]  # the cap cuts a warning that runs past it
+    assert out[at : at + len(spliced)] == spliced
+    assert out[cap : cap + len(forced)] == forced, "the warning's tokens count as thinking"
+    assert decode(tok, out).count(decode(tok, warn)) <= 1
+
+
+@given(cap=st.integers(1, 12), grace=st.integers(1, 10), end_after=st.integers(0, 14), seed=st.integers(0, 1000))
+def test_the_grace_lets_the_sentence_end_before_the_conclusion(dense_tokenizer, cap, grace, end_after, seed):
+    """The model ends a sentence only at step ``cap + end_after``: within the grace, the conclusion comes right after
+    it; past the grace, at ``cap + grace``."""
+    tok = dense_tokenizer
+    sim = Sim(tok)
+    enders = _sentence_enders(tok)
+    base = random_model(len(tok), seed, banned=banned_enders(tok) + enders)
+    dot = encode(tok, ".")[0]
+
+    def model(req, out):
+        z = base(req, out)
+        if len(out) == cap + end_after:
+            z[dot] = 1e9
+        return z
+
+    forced = encode(tok, "\n</think>")
+    [out] = sim.run([Request(chat_prompt(tok), {"tts_think_max": cap, "tts_think_grace": grace})], model, cap + grace + len(forced) + 2)
+    stop = cap + end_after + 1 if end_after < grace else cap + grace
+    assert out[stop : stop + len(forced)] == forced
+    assert decode(tok, out[:stop]).count("</think>") == 0
+
+
+@pytest.mark.parametrize(("flat", "needle"), [
+    ({"tts_think_warn": True}, "tts_think_warn only takes effect with tts_think_max"),
+    ({"tts_think_grace": 4, "tts_think_min": 2}, "tts_think_grace needs tts_think_max"),
+    ({"tts_think_max": 8, "tts_think_warn_at": 0.5}, "tts_think_warn_at needs tts_think_warn"),
+    ({"tts_think_max": 8, "tts_think_warn": True, "tts_think_warn_at": 0}, "tts_think_warn_at"),
+    ({"tts_think_max": 8, "tts_think_warn": True, "tts_think_warn_at": 1.5}, "tts_think_warn_at"),
+    ({"tts_think_max": 8, "tts_think_grace": -1}, "tts_think_grace"),
+    ({"tts_think_max": 8, "tts_think_grace": 5000}, "tts_think_grace"),
+    ({"tts_think_max": 8, "tts_think_warn": ""}, "tts_think_warn"),
+    ({"tts_think_max": 8, "tts_think_warn": 3}, "tts_think_warn"),
+])
+def test_warn_and_grace_keys_are_validated(flat, needle):
+    from tts_plugins.logits_processors.think import ThinkParams
+
+    with pytest.raises(ValueError, match=needle):
+        ThinkParams.parse(flat)

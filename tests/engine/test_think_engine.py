@@ -230,6 +230,26 @@ def test_http_reasoning_effort_is_a_thinking_budget(engines, engine_name):
     assert chat("low", tts_think_max=1).startswith(tok.decode(plain[:1] + encode(tok, "\n</think>"), skip_special_tokens=False))
 
 
+def test_http_the_warning_is_spliced_at_its_share_of_the_cap(engines, engine_name):
+    """``tts_think_warn`` at half of a cap of 8: four thinking tokens as transformers decodes them, the phrase,
+    then the cap's conclusion and end once the request has thought 8 tokens in all (the phrase counts)."""
+    from transformers import AutoTokenizer
+
+    srv = engines.shared_server("dense")
+    model = engines.tiny_model("dense")
+    tok = AutoTokenizer.from_pretrained(str(model))
+    phrase = " Hurry up."
+    r = srv.client().completions.create(
+        model=srv.model, prompt=chat_text(tok, QUESTIONS[0]), max_tokens=12, temperature=0,
+        extra_body={**extra_body(engine_name, tts_think_max=8, tts_think_warn=phrase, tts_think_warn_at=0.5), "skip_special_tokens": False},
+    )
+    warn = encode(tok, phrase)[:4]
+    ref = hf_greedy(model, chat_ids(tok, QUESTIONS[0]), 4)
+    text = r.choices[0].text
+    assert text.startswith(tok.decode(ref + warn, skip_special_tokens=False)), text
+    assert len(encode(tok, text.partition("</think>")[0])) >= 8 and "</think>" in text, text
+
+
 @pytest.mark.parametrize("per_block", [False, True], ids=["whole-request", "per-block"])
 def test_http_a_capped_request_cannot_open_thinking_again(engines, engine_name, per_block):
     """The client pushes ``<think>`` with a logit bias: once the cap of 2 has ended thinking, the request's budget is
