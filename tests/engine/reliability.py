@@ -55,7 +55,8 @@ def oracle():
 INT_KEYS = {"tts_think_max": (0, None), "tts_think_min": (0, None), "tts_think_extend": (0, None), "tts_group_stop_after": (1, 100_000),
             "tts_trim_converge": (0, 1000), "tts_trim_max_thoughts": (0, 100_000), "tts_trim_min_tokens": (0, None), "tts_trim_ngram": (0, 1024),
             "tts_trim_repeats": (2, 1000), "tts_moi_topk": (1, 256), "tts_roe_roster_size": (2, 64), "tts_think_grace": (0, 1024)}
-TEXT_KEYS = ["tts_think_warn", "tts_think_wait", "tts_think_conclusion", "tts_no_think_text", "tts_group_stop_text", "tts_trim_conclusion", "tts_group",
+TEXT_KEYS = ["tts_think_warn",
+             "tts_think_wait", "tts_think_conclusion", "tts_no_think_text", "tts_group_stop_text", "tts_trim_conclusion", "tts_group",
              "tts_trim_verifier", "tts_roe_roster"]
 BOOL_KEYS = ["tts_no_think", "tts_trim", "tts_think_per_block"]
 FLOAT_KEYS = {"tts_think_warn_at": (0.0, 1.0), "tts_moi_beta": (0.0, 1e6), "tts_carbon_temperature": (1e-3, 1e3)}
