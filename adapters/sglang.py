@@ -16,7 +16,9 @@ Hooks (all through :mod:`tts_plugins.patching`, registered with SGLang's
   the tokenizer manager, so a bad request fails with ``ValueError`` (HTTP 400
   on the OpenAI endpoints and non-streaming ``/generate``) before it reaches a
   batch; with ``--speculative-algorithm`` any ``tts_*`` key is refused there
-  (the techniques need one sampled row per request and step).
+  (the techniques need one sampled row per request and step), and with a
+  structured output the keys that force text while thinking are refused
+  unless ``--reasoning-parser`` makes the grammar apply after thinking.
 * ``Req.__init__`` (after; scheduler): counts the live requests that carry
   ``tts_*`` keys (:class:`OptedIn`; uncounted at release).
 * ``ForwardBatch.init_new`` (around): SGLang's sampler sees no request
@@ -70,7 +72,7 @@ import torch
 from tts_plugins import debug, services
 from tts_plugins.batch import SlotState
 from tts_plugins.manager import default_registry
-from tts_plugins.params import PREFIX, refuse_speculative, tts_keys
+from tts_plugins.params import PREFIX, refuse_speculative, refuse_structured, tts_keys
 from tts_plugins.slots import SlotAllocator, Workspace
 from tts_plugins.technique import GREEDY_TEMPERATURE, EngineInfo, SlotRequest
 
@@ -224,7 +226,19 @@ def _verify_after(result: Any, sampling_params: Any, *args: Any, **kwargs: Any) 
     custom = getattr(sampling_params, "custom_params", None)
     if custom and _speculative():
         refuse_speculative(custom, "--speculative-algorithm")
+    if custom and any(getattr(sampling_params, f, None) is not None for f in ("json_schema", "regex", "ebnf", "structural_tag")):
+        refuse_structured(custom, _reasoning_parser(), "--reasoning-parser")
     default_registry().parse(custom, engine="sglang", request=sampling_params)
+
+
+def _reasoning_parser() -> bool:
+    """Whether this server's grammars apply after the thinking block (``--reasoning-parser``)."""
+    try:
+        from sglang.srt.runtime_context import get_serving
+
+        return bool(get_serving().reasoning_parser)
+    except Exception:
+        return False
 
 
 def _speculative() -> bool:

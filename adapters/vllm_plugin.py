@@ -21,6 +21,11 @@ provide the services of :mod:`tts_plugins.services` to every technique
   request with ``tts_*`` keys on a server with ``--speculative-config`` is
   refused with a 400 naming the keys (vLLM refuses ``logit_bias`` there the
   same way); without it the keys would be dropped silently.
+* ``SamplingParams._validate_structured_outputs`` (front end, at admission):
+  a request with a structured output and keys that force text while thinking
+  is refused unless ``--reasoning-parser`` makes the grammar apply after the
+  thinking block (else the grammar rejects the forced text and vLLM ends the
+  request with a 500).
 * ``ChatCompletionRequest.to_sampling_params`` (front end): a chat request's
   ``reasoning_effort`` becomes its thinking cap (:mod:`tts_plugins.effort`;
   a malformed ``TTS_PLUGINS_REASONING_EFFORT`` stops the server at start-up).
@@ -52,6 +57,7 @@ CORE_TARGETS = {
     "new_request": "vllm.v1.request:Request.from_engine_core_request",
     "chat_params": "vllm.entrypoints.openai.chat_completion.protocol:ChatCompletionRequest.to_sampling_params",
     "spec_decode": "vllm.sampling_params:SamplingParams._validate_spec_decode",
+    "structured": "vllm.sampling_params:SamplingParams._validate_structured_outputs",
 }
 
 _SAMPLING: contextvars.ContextVar[Any] = contextvars.ContextVar("tts_plugins_vllm_sampling", default=None)
@@ -86,6 +92,7 @@ def install_core(patcher: Any) -> None:
     patcher.replace(CORE_TARGETS["new_request"], _wrap_from_engine_core_request, min_version=MIN_VERSION, max_version=MAX_VERSION)
     patcher.replace(CORE_TARGETS["chat_params"], _wrap_chat_params, min_version=MIN_VERSION, max_version=MAX_VERSION)
     patcher.replace(CORE_TARGETS["spec_decode"], _wrap_validate_spec_decode, min_version=MIN_VERSION, max_version=MAX_VERSION)
+    patcher.replace(CORE_TARGETS["structured"], _wrap_validate_structured, min_version=MIN_VERSION, max_version=MAX_VERSION)
 
 
 def uses_v2_runner() -> bool:
@@ -228,3 +235,25 @@ def _wrap_validate_spec_decode(original: Any) -> Any:
         return out
 
     return _validate_spec_decode
+
+
+# --- structured output ------------------------------------------------------------------
+
+
+def _wrap_validate_structured(original: Any) -> Any:
+    @functools.wraps(original)
+    def _validate_structured_outputs(self: Any, model_config: Any, config: Any, *args: Any, **kwargs: Any) -> Any:
+        out = original(self, model_config, config, *args, **kwargs)
+        if getattr(self, "structured_outputs", None) is not None and getattr(self, "extra_args", None):
+            from vllm.exceptions import VLLMValidationError
+
+            from tts_plugins.params import refuse_structured
+
+            after = bool(getattr(config, "reasoning_parser", "")) and not getattr(config, "enable_in_reasoning", False)
+            try:
+                refuse_structured(self.extra_args, after, "--reasoning-parser")
+            except ValueError as exc:
+                raise VLLMValidationError(str(exc)) from None
+        return out
+
+    return _validate_structured_outputs

@@ -149,3 +149,25 @@ def refuse_speculative(flat: Mapping[str, Any] | None, flag: str) -> None:
         raise ValueError(f"{', '.join(keys)}: tts_* parameters cannot be used on a server that runs speculative decoding "
                          f"({flag}): the techniques need one sampled row per request and step. Send the request to a server "
                          "without speculative decoding, or without these keys")
+
+
+FORCING_PREFIXES = ("tts_think", "tts_no_think", "tts_trim", "tts_group")  # techniques that force text while thinking
+
+
+def refuse_structured(flat: Mapping[str, Any] | None, grammar_after_thinking: bool, flag: str) -> None:
+    """ValueError when a request with a structured output (a JSON schema, regex, choice or grammar) carries
+    ``tts_*`` keys whose forced text the grammar could reject. Think steering, trimming and the group stop force
+    text inside the thinking block only, which is safe when the grammar applies after thinking (``flag``: the
+    engine's reasoning-parser option that arranges it); a group that stops members at EOS (``tts_group_finish:
+    "eos"``) ends samples inside the answer, where the grammar rules, and is refused with any structured output.
+    An engine whose grammar rejects a forced token ends the request with a server error, or masks every token."""
+    keys = tts_keys(flat) if isinstance(flat, Mapping) else {}
+    if keys.get("tts_group_finish") == "eos":
+        raise ValueError('tts_group_finish="eos" cannot be combined with a structured output (response_format, a JSON schema, '
+                         "regex or grammar): the group stop would end samples inside the answer, where the grammar may not "
+                         'allow it; use tts_group_finish="think" (the default) or drop the structured output')
+    forcing = sorted(k for k in keys if k.startswith(FORCING_PREFIXES))
+    if forcing and not grammar_after_thinking:
+        raise ValueError(f"{', '.join(forcing)}: with a structured output (response_format, a JSON schema, regex or grammar) "
+                         f"these need the server's {flag}, so that the grammar applies after the thinking block: they force "
+                         "text inside it, which a grammar applied from the first token would reject")

@@ -1,0 +1,105 @@
+"""What a serving team runs on day one, through the stock openai client against real servers: a reasoning parser
+splits steered thinking from the answer (streaming as non-streaming), a JSON schema after a steered thinking block
+holds, and a configuration that cannot work is refused with a 400 instead of failing mid-generation."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import requests
+
+from tts_plugins.client import extra_body
+from tts_plugins.text import encode
+
+from reference import hf_greedy
+
+pytestmark = pytest.mark.engine
+
+QUESTION = "What is 2 + 3?"
+SCHEMA = {"type": "json_schema", "json_schema": {"name": "verdict", "schema": {"type": "string", "enum": ["yes", "no"]}}}
+STEERED = [
+    {"tts_think_max": 4, "tts_think_conclusion": " Time is up.\n"},
+    {"tts_no_think": True},
+    {"tts_think_max": 6, "tts_think_warn": " Hurry.", "tts_think_warn_at": 0.5},
+]
+
+
+def _body(engine_name, keys):
+    body = extra_body(engine_name, **keys) if keys else {}
+    # the tiny tokenizer marks <think> and </think> special (Qwen3's does not); SGLang's parser reads the text
+    return {**body, "skip_special_tokens": False} if engine_name == "sglang" else body
+
+
+def _chat(srv, engine_name, keys, stream=False, **kwargs):
+    r = srv.client().chat.completions.create(model=srv.model, messages=[{"role": "user", "content": QUESTION}], max_tokens=20,
+                                             temperature=0, stream=stream, extra_body=_body(engine_name, keys), **kwargs)
+    if not stream:
+        m = r.choices[0].message
+        return getattr(m, "reasoning_content", None) or getattr(m, "reasoning", None) or "", m.content or ""
+    reasoning = content = ""
+    for chunk in r:
+        if chunk.choices:
+            d = chunk.choices[0].delta
+            reasoning += getattr(d, "reasoning_content", None) or getattr(d, "reasoning", None) or ""
+            content += d.content or ""
+    return reasoning, content
+
+
+@pytest.fixture(scope="module")
+def parsed(engines):
+    return engines.server("dense", args=("--reasoning-parser", "qwen3"))
+
+
+@pytest.mark.parametrize("keys", STEERED, ids=["cap", "no-think", "warn"])
+def test_reasoning_parser_splits_steered_thinking_and_streaming_agrees(engines, engine_name, parsed, keys):
+    from transformers import AutoTokenizer
+
+    model = engines.tiny_model("dense")
+    tok = AutoTokenizer.from_pretrained(str(model))
+    reasoning, content = _chat(parsed, engine_name, keys)
+    assert (reasoning, content) == _chat(parsed, engine_name, keys, stream=True)
+    assert content and "</think>" not in content and "<think>" not in reasoning + content
+    if "tts_no_think" in keys:
+        assert reasoning.startswith("Okay, I think I have finished thinking.")
+        return
+    ids = tok.apply_chat_template([{"role": "user", "content": QUESTION}], add_generation_prompt=True, tokenize=True, return_dict=False)
+    if "tts_think_warn" in keys:  # half of the cap of 6, then the phrase (cut at the cap), then the conclusion
+        want = tok.decode(hf_greedy(model, ids, 3) + encode(tok, keys["tts_think_warn"])[:3] + encode(tok, "\n"), skip_special_tokens=False)
+    else:
+        want = tok.decode(hf_greedy(model, ids, 4), skip_special_tokens=False) + keys["tts_think_conclusion"]
+    assert reasoning == want
+    if keys.get("tts_think_conclusion", "").strip():
+        assert keys["tts_think_conclusion"].strip() not in content
+
+
+@pytest.mark.parametrize("keys", [{"tts_think_max": 4}, {"tts_no_think": True}], ids=["cap", "no-think"])
+def test_a_json_schema_holds_after_steered_thinking(engine_name, parsed, keys):
+    """With the reasoning parser the grammar applies after the thinking block: the thinking is steered (capped at 4,
+    or skipped) and the content is valid for the schema, sampled or greedy."""
+    for temperature in (0, 1.0):
+        r = parsed.client().chat.completions.create(model=parsed.model, messages=[{"role": "user", "content": QUESTION}], max_tokens=30,
+                                                    temperature=temperature, seed=3, response_format=SCHEMA,
+                                                    extra_body=_body(engine_name, keys))
+        m = r.choices[0].message
+        assert json.loads(m.content) in ("yes", "no") and r.choices[0].finish_reason == "stop"
+        reasoning = getattr(m, "reasoning_content", None) or getattr(m, "reasoning", None) or ""
+        assert reasoning.endswith("\n") and len(reasoning) < 200
+
+
+@pytest.mark.parametrize("keys, needle", [
+    ({"tts_think_max": 4}, "--reasoning-parser"),
+    ({"tts_no_think": True}, "--reasoning-parser"),
+    ({"tts_group": "g", "tts_group_finish": "eos"}, "tts_group_finish="),
+])
+def test_without_a_reasoning_parser_a_json_schema_with_forced_thinking_is_refused(engines, engine_name, keys, needle):
+    """Without the parser the grammar applies from the first token and would reject the forced text (vLLM ended such
+    requests with a 500): a 400 naming the keys instead, and the server serves on."""
+    srv = engines.shared_server("dense")
+    field = {"vllm": "vllm_xargs", "sglang": "custom_params"}[engine_name]
+    body = {"model": srv.model, "messages": [{"role": "user", "content": QUESTION}], "max_tokens": 8, "response_format": SCHEMA, field: keys}
+    r = requests.post(srv.base + "/v1/chat/completions", json=body, timeout=60)
+    assert r.status_code == 400, r.text
+    assert needle in r.text and sorted(keys)[0] in r.text
+    ok = requests.post(srv.base + "/v1/chat/completions", json={**body, field: {}}, timeout=60)
+    assert ok.status_code == 200 and json.loads(ok.json()["choices"][0]["message"]["content"]) in ("yes", "no")
