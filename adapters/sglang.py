@@ -481,7 +481,9 @@ def register() -> None:
 
     if disabled():
         return
-    startup_checks()
+    from tts_plugins.effort import startup_checks
+
+    startup_checks(log)
     install_patches(default_registry(), engine="sglang")
     sglang_hooks(
         [
@@ -500,18 +502,6 @@ def register() -> None:
                  min_version=SGLANG_MIN_VERSION, max_version=SGLANG_MAX_VERSION)
     sglang_hooks([(TARGETS["chat_params"], _chat_params_after, "after")], tag="core.reasoning_effort",
                  min_version=SGLANG_MIN_VERSION, max_version=SGLANG_MAX_VERSION)
-
-
-def startup_checks() -> None:
-    """Server settings that cannot work stop the server at start-up (SGLang logs and skips a plugin that raises an
-    Exception, which would leave them silently unapplied): a malformed ``TTS_PLUGINS_REASONING_EFFORT``."""
-    from tts_plugins.effort import effort_map
-
-    try:
-        effort_map()
-    except ValueError as exc:
-        log.error("tts_plugins: %s", exc)
-        raise SystemExit(f"tts_plugins: {exc}") from None
 
 
 def _chat_params_after(result: Any, request: Any, *args: Any, **kwargs: Any) -> Any:

@@ -68,21 +68,11 @@ def register() -> None:
     from tts_plugins.patching import Patcher, install_patches
 
     if not disabled():
-        startup_checks()
+        from tts_plugins.effort import startup_checks
+
+        startup_checks(log)
         install_patches(default_registry(), engine="vllm")
         install_core(Patcher("vllm", owner="core"))
-
-
-def startup_checks() -> None:
-    """Server settings that cannot work stop the server at start-up (vLLM logs and skips a plugin that raises an
-    Exception, which would leave them silently unapplied): a malformed ``TTS_PLUGINS_REASONING_EFFORT``."""
-    from tts_plugins.effort import effort_map
-
-    try:
-        effort_map()
-    except ValueError as exc:
-        log.error("tts_plugins: %s", exc)
-        raise SystemExit(f"tts_plugins: {exc}") from None
 
 
 def install_core(patcher: Any) -> None:

@@ -20,12 +20,13 @@ anything). Rules:
 
 from __future__ import annotations
 
+import logging
 import os
 import re
 from collections.abc import Mapping
 from typing import Any
 
-__all__ = ["DEFAULT_EFFORT", "ENV", "budget_request", "effort_map", "parse_effort_map"]
+__all__ = ["DEFAULT_EFFORT", "ENV", "budget_request", "effort_map", "parse_effort_map", "startup_checks"]
 
 ENV = "TTS_PLUGINS_REASONING_EFFORT"
 # thinking tokens per level (0: no cap). The OpenAI levels; "xhigh" and "max" (vLLM, SGLang) think as long as they like.
@@ -74,3 +75,14 @@ def budget_request(effort: Any, extra: Mapping[str, Any] | None) -> dict[str, An
     if budget <= 0:
         return None
     return {**(extra or {}), "tts_think_max": budget}
+
+
+def startup_checks(log: logging.Logger) -> None:
+    """Run by each engine's plugin entry point: server settings that cannot work stop the server at start-up. Both
+    engines log and skip a plugin that raises an Exception, which would leave such a setting silently unapplied,
+    so this raises SystemExit: a malformed ``TTS_PLUGINS_REASONING_EFFORT``."""
+    try:
+        effort_map()
+    except ValueError as exc:
+        log.error("tts_plugins: %s", exc)
+        raise SystemExit(f"tts_plugins: {exc}") from None
