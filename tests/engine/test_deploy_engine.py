@@ -48,14 +48,15 @@ def _chat(srv, engine_name, keys, stream=False, **kwargs):
 
 @pytest.fixture(scope="module")
 def parsed(engines):
-    return engines.server("dense", args=("--reasoning-parser", "qwen3"))
+    # the trained reasoner's server with a reasoning parser, shared with tts bench's tests (one engine start)
+    return engines.server("reasoning", args=("--reasoning-parser", "qwen3"))
 
 
 @pytest.mark.parametrize("keys", STEERED, ids=["cap", "no-think", "warn"])
 def test_reasoning_parser_splits_steered_thinking_and_streaming_agrees(engines, engine_name, parsed, keys):
     from transformers import AutoTokenizer
 
-    model = engines.tiny_model("dense")
+    model = engines.tiny_model("reasoning")
     tok = AutoTokenizer.from_pretrained(str(model))
     reasoning, content = _chat(parsed, engine_name, keys)
     assert (reasoning, content) == _chat(parsed, engine_name, keys, stream=True)
