@@ -420,14 +420,21 @@ class SampleCounter:
 _COUNTER = SampleCounter()
 
 
-def sglang_child(tokenized: Any, counter: SampleCounter = _COUNTER, registry: Any = None) -> None:
-    """Give a tokenized request (one child of its request) the merged per-sample edit of the model patches."""
+def sglang_child(tokenized: Any, counter: SampleCounter = _COUNTER, registry: Any = None, num_ranks: int = 1) -> None:
+    """Give a tokenized request (one child of its request) the merged per-sample edit of the model patches and,
+    with ``num_ranks`` > 1 data-parallel ranks, the rank its techniques' placement asks for (unless the client
+    routed it: ``routed_dp_rank``)."""
     params = getattr(tokenized, "sampling_params", None)
     custom = getattr(params, "custom_params", None)
     if not tts_keys(custom) or getattr(params, "max_new_tokens", None) == 0:  # the prefix warm-up samples nothing
         return
     index, parent = counter.index(params)
-    edit = services.sample_edit(registry or default_registry(), "sglang", custom, index, parent)
+    registry = registry or default_registry()
+    if num_ranks > 1 and getattr(tokenized, "routed_dp_rank", None) is None:
+        where = services.placement(registry, custom)
+        if where or (where == "" and parent is not None):  # "": the request's own samples, named by the counter
+            tokenized.routed_dp_rank = services.rank_for(where or f"request:{parent}", num_ranks)
+    edit = services.sample_edit(registry, "sglang", custom, index, parent)
     if edit is None:
         return
     child = copy.copy(params)
@@ -443,21 +450,22 @@ def sglang_child(tokenized: Any, counter: SampleCounter = _COUNTER, registry: An
     tokenized.sampling_params = child
 
 
-def _children_quietly(objs: Any) -> None:
+def _children_quietly(manager: Any, objs: Any) -> None:
+    num_ranks = int(getattr(manager, "elastic_worker_count", 1) or 1)  # SGLang's own count of data-parallel ranks
     for obj in objs:
         try:
-            sglang_child(obj)
+            sglang_child(obj, num_ranks=num_ranks)
         except Exception:  # admission validated the parameters; never fail a request here
             log.exception("tts_plugins: could not apply the per-sample parameters; the sample runs with the request's")
 
 
 def _send_one_around(orig: Any, manager: Any, tokenized: Any, *args: Any, **kwargs: Any) -> Any:
-    _children_quietly((tokenized,))
+    _children_quietly(manager, (tokenized,))
     return orig(manager, tokenized, *args, **kwargs)
 
 
 def _send_batch_around(orig: Any, manager: Any, tokenized: Any, *args: Any, **kwargs: Any) -> Any:
-    _children_quietly(tokenized)
+    _children_quietly(manager, tokenized)
     return orig(manager, tokenized, *args, **kwargs)
 
 

@@ -26,6 +26,13 @@ provide the services of :mod:`tts_plugins.services` to every technique
   is refused unless ``--reasoning-parser`` makes the grammar apply after the
   thinking block (else the grammar rejects the forced text and vLLM ends the
   request with a 500).
+* ``InputProcessor.process_inputs`` (front end, at admission): with
+  ``--data-parallel-size`` > 1, a request whose techniques must share an
+  engine with other requests or with its own samples (a ``tts_group``, a
+  roster: :func:`tts_plugins.services.placement`) gets the data-parallel
+  rank derived from the group's name (or its own id), unless the client
+  pinned one (header ``X-data-parallel-rank``). vLLM's n children copy the
+  parent's rank, and its load balancer honours a set rank.
 * ``ChatCompletionRequest.to_sampling_params`` (front end): a chat request's
   ``reasoning_effort`` becomes its thinking cap (:mod:`tts_plugins.effort`;
   a malformed ``TTS_PLUGINS_REASONING_EFFORT`` stops the server at start-up).
@@ -58,6 +65,7 @@ CORE_TARGETS = {
     "chat_params": "vllm.entrypoints.openai.chat_completion.protocol:ChatCompletionRequest.to_sampling_params",
     "spec_decode": "vllm.sampling_params:SamplingParams._validate_spec_decode",
     "structured": "vllm.sampling_params:SamplingParams._validate_structured_outputs",
+    "placement": "vllm.v1.engine.input_processor:InputProcessor.process_inputs",
 }
 
 _SAMPLING: contextvars.ContextVar[Any] = contextvars.ContextVar("tts_plugins_vllm_sampling", default=None)
@@ -83,6 +91,7 @@ def install_core(patcher: Any) -> None:
     patcher.replace(CORE_TARGETS["chat_params"], _wrap_chat_params, min_version=MIN_VERSION, max_version=MAX_VERSION)
     patcher.replace(CORE_TARGETS["spec_decode"], _wrap_validate_spec_decode, min_version=MIN_VERSION, max_version=MAX_VERSION)
     patcher.replace(CORE_TARGETS["structured"], _wrap_validate_structured, min_version=MIN_VERSION, max_version=MAX_VERSION)
+    patcher.replace(CORE_TARGETS["placement"], _wrap_process_inputs, min_version=MIN_VERSION, max_version=MAX_VERSION)
 
 
 def uses_v2_runner() -> bool:
@@ -247,3 +256,43 @@ def _wrap_validate_structured(original: Any) -> Any:
         return out
 
     return _validate_structured_outputs
+
+
+# --- data-parallel placement ------------------------------------------------------------
+
+
+def data_parallel_ranks(parallel_config: Any) -> int:
+    """How many ranks this front end balances over (vLLM's own count in ``process_inputs``)."""
+    if getattr(parallel_config, "local_engines_only", False):
+        return int(getattr(parallel_config, "data_parallel_size_local", 1) or 1)
+    return int(getattr(parallel_config, "data_parallel_size", 1) or 1)
+
+
+def place(request: Any, num_ranks: int, registry: Any = None) -> int | None:
+    """Give ``request`` (an ``EngineCoreRequest``) the rank its placement asks for; the rank set, or None."""
+    if num_ranks <= 1 or getattr(request, "data_parallel_rank", None) is not None:
+        return None
+    extra = getattr(getattr(request, "sampling_params", None), "extra_args", None)
+    if not extra:
+        return None
+    if registry is None:
+        from tts_plugins.manager import default_registry
+
+        registry = default_registry()
+    where = services.placement(registry, extra)
+    if where is None:
+        return None
+    request.data_parallel_rank = services.rank_for(where or f"request:{request.request_id}", num_ranks)
+    return request.data_parallel_rank
+
+
+def _wrap_process_inputs(original: Any) -> Any:
+    @functools.wraps(original)
+    def process_inputs(self: Any, *args: Any, **kwargs: Any) -> Any:
+        request = original(self, *args, **kwargs)
+        num_ranks = data_parallel_ranks(self.vllm_config.parallel_config)
+        if num_ranks > 1:  # no try: a group that cannot be placed must not run split (the request fails instead)
+            place(request, num_ranks)
+        return request
+
+    return process_inputs

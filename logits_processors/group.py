@@ -100,6 +100,11 @@ class GroupStop(LogitsTechnique):
     cross_request_state = True  # members of a group see each other's finish (for the conformance suite)
 
     @classmethod
+    def placement(cls, params: GroupParams) -> str:
+        """A group's members (and their samples) run in one engine instance: one data-parallel rank."""
+        return f"tts_group:{params.group}"
+
+    @classmethod
     def conformance_params(cls) -> list[dict[str, Any]]:
         """Valid parameter sets covering this technique's modes, for the conformance suite."""
         return [

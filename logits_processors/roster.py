@@ -242,6 +242,12 @@ class RoERoster(LogitsTechnique):
     cross_request_state = True  # a member's row depends on the other members (for the conformance suite)
 
     @classmethod
+    def placement(cls, params: RosterParams) -> str:
+        """A roster's members run in one engine instance: one data-parallel rank (a request's own samples when
+        the roster is not named)."""
+        return "" if params.name is None else f"tts_roe_roster:{params.name}"
+
+    @classmethod
     def conformance_params(cls) -> list[dict[str, Any]]:
         return [{"tts_roe_roster": "a", "tts_roe_roster_size": 2}, {"tts_roe_roster": "b", "tts_roe_roster_size": 3}]
 

@@ -93,3 +93,79 @@ def test_vllm_discarded_rows_are_read_from_the_sampling_runner_only():
     sample_tokens(runner, None)
     assert seen[0].tolist() == [False, True, False]
     assert vllm_plugin.discarded_rows(3) is None, "the mark ends with the step"
+
+
+# --- data-parallel placement -------------------------------------------------------------
+
+
+def test_placement_names_what_must_share_an_engine():
+    reg = builtin_registry()
+    assert services.placement(reg, {"tts_group": "q7"}) == "tts_group:q7"
+    assert services.placement(reg, {"tts_roe_roster": "r", "tts_roe_roster_size": 2}) == "tts_roe_roster:r"
+    assert services.placement(reg, {"tts_roe_roster_size": 4}) == "", "an unnamed roster: the request's own samples"
+    assert services.placement(reg, {"tts_think_max": 4, "tts_temperature_ladder": [0.5, 1.0]}) is None, "per-row techniques"
+    assert services.placement(reg, None) is None and services.placement(reg, {"other": 1}) is None
+    both = {"tts_group": "g", "tts_roe_roster": "r", "tts_roe_roster_size": 2}
+    assert services.placement(reg, both) == "tts_group:g", "two names: the first in sorted order, every time"
+
+
+def test_ranks_are_stable_across_processes_and_cover_every_rank():
+    import subprocess
+    import sys
+
+    names = [f"tts_group:g{i}" for i in range(64)]
+    here = [services.rank_for(n, 4) for n in names]
+    code = "import sys; from tts_plugins.services import rank_for; print([rank_for(n, 4) for n in sys.argv[1:]])"
+    there = subprocess.run([sys.executable, "-c", code, *names], capture_output=True, text=True, check=True,
+                           env={"PYTHONHASHSEED": "12345", "PATH": ""}).stdout
+    assert there.strip() == str(here), "a front end in another process sends a group to the same rank"
+    assert set(here) == {0, 1, 2, 3} and all(services.rank_for(n, 1) == 0 for n in names)
+
+
+def _vllm_request(extra, rank=None, rid="chatcmpl-1"):
+    return types.SimpleNamespace(request_id=rid, data_parallel_rank=rank, sampling_params=types.SimpleNamespace(extra_args=extra))
+
+
+def test_vllm_front_end_places_groups_and_rosters_unless_pinned():
+    reg = builtin_registry()
+    a, b = _vllm_request({"tts_group": "g"}, rid="x"), _vllm_request({"tts_group": "g"}, rid="y")
+    assert vllm_plugin.place(a, 8, reg) == vllm_plugin.place(b, 8, reg) == services.rank_for("tts_group:g", 8)
+    own = _vllm_request({"tts_roe_roster_size": 2}, rid="r-1")
+    assert vllm_plugin.place(own, 8, reg) == services.rank_for("request:r-1", 8), "a request's own samples: by its id"
+    pinned = _vllm_request({"tts_group": "g"}, rank=5)
+    assert vllm_plugin.place(pinned, 8, reg) is None and pinned.data_parallel_rank == 5, "the client's pin wins"
+    plain = _vllm_request({"tts_think_max": 3})
+    assert vllm_plugin.place(plain, 8, reg) is None and plain.data_parallel_rank is None, "load balancing as before"
+    one = _vllm_request({"tts_group": "g"})
+    assert vllm_plugin.place(one, 1, reg) is None and one.data_parallel_rank is None
+
+
+def test_vllm_counts_ranks_as_its_own_front_end_does():
+    cfg = types.SimpleNamespace(data_parallel_size=4, data_parallel_size_local=2, local_engines_only=False)
+    assert vllm_plugin.data_parallel_ranks(cfg) == 4
+    cfg.local_engines_only = True  # external or hybrid load balancing: this front end reaches its local engines only
+    assert vllm_plugin.data_parallel_ranks(cfg) == 2
+
+
+def test_sglang_children_of_a_group_share_a_rank_unless_routed():
+    reg = builtin_registry()
+    counter = SampleCounter()
+    shared = types.SimpleNamespace(n=3, custom_params={"tts_roe_roster_size": 3}, max_new_tokens=8, temperature=1.0, top_k=-1,
+                                   sampling_seed=1)
+    kids = [types.SimpleNamespace(sampling_params=shared, routed_dp_rank=None) for _ in range(3)]
+    for kid in kids:
+        sglang_child(kid, counter, reg, num_ranks=4)
+    assert len({k.routed_dp_rank for k in kids}) == 1 and kids[0].routed_dp_rank is not None
+    named = [types.SimpleNamespace(sampling_params=types.SimpleNamespace(n=1, custom_params={"tts_group": "q"}, max_new_tokens=8),
+                                   routed_dp_rank=None) for _ in range(2)]
+    for req in named:
+        sglang_child(req, counter, reg, num_ranks=4)
+    assert [r.routed_dp_rank for r in named] == [services.rank_for("tts_group:q", 4)] * 2, "separate requests, one group"
+    routed = types.SimpleNamespace(sampling_params=types.SimpleNamespace(n=1, custom_params={"tts_group": "q"}, max_new_tokens=8),
+                                   routed_dp_rank=3)
+    sglang_child(routed, counter, reg, num_ranks=4)
+    assert routed.routed_dp_rank == 3
+    single = types.SimpleNamespace(sampling_params=types.SimpleNamespace(n=1, custom_params={"tts_group": "q"}, max_new_tokens=8),
+                                   routed_dp_rank=None)
+    sglang_child(single, counter, reg)
+    assert single.routed_dp_rank is None, "one rank: nothing to choose"

@@ -25,6 +25,13 @@ registry (:class:`tts_plugins.manager.Registry`) and the optional methods of
   that overrides them (:func:`step_observers`), in the order the patches were
   registered, instead of naming any patch. (vLLM's model runner has a method
   per event, which patches hook directly.)
+* **Placement.** With data parallelism each rank is its own engine, so the
+  members of a group (or of a roster) that land on different ranks never see
+  each other. A technique names what must run together
+  (``LogitsTechnique.placement``); the adapters hook admission once and give
+  such a request a data-parallel rank derived from that name
+  (:func:`placement`, :func:`rank_for`), which the engine's front end then
+  honours for the request and every one of its samples.
 * **Cache salt.** KV computed under a patch that changes the model's output
   for one request must never be reused by another. A patch declares how to
   salt the prefix cache for its parameters (``ModelPatch.cache_salt``); the
@@ -36,6 +43,7 @@ Nothing here imports torch or an engine.
 
 from __future__ import annotations
 
+import hashlib
 import logging
 from collections.abc import Mapping
 from dataclasses import dataclass, field
@@ -45,7 +53,7 @@ from tts_plugins.params import tts_keys
 
 log = logging.getLogger("tts_plugins")
 
-__all__ = ["SampleEdit", "cache_salt", "parsed_request", "sample_edit", "step_observers"]
+__all__ = ["SampleEdit", "cache_salt", "parsed_request", "placement", "rank_for", "sample_edit", "step_observers"]
 
 
 @dataclass(frozen=True)
@@ -124,3 +132,31 @@ def step_observers(registry: Any, engine: str) -> tuple[Any, ...]:
     """The ``engine`` patches that observe the sampling step (override any of its events), in registration order."""
     events = ("on_batch", "before_sample", "after_sample", "on_finished")
     return tuple(p for p in registry.model_patches() if p.engine == engine and any(_own(p, e) for e in events))
+
+
+def placement(registry: Any, flat: Mapping[str, Any] | None) -> str | None:
+    """What a request must share an engine instance with, from its techniques' ``placement``: a name (requests
+    with the same name run together), ``""`` (its own samples together), or None (no constraint). When two
+    techniques name different things, the first name in sorted order wins (documented: a request that is both a
+    group member and a roster member is placed by the group). Raises what the parsers raise."""
+    keys = tts_keys(flat)
+    if not keys:
+        return None
+    parsed = registry.parse(keys)
+    names = []
+    for cls in registry.techniques:
+        if cls.name in parsed:
+            where = cls.placement(parsed[cls.name])
+            if where is not None:
+                names.append(where)
+    if not names:
+        return None
+    named = sorted(n for n in names if n)
+    return named[0] if named else ""
+
+
+def rank_for(name: str, num_ranks: int) -> int:
+    """The data-parallel rank of the requests placed by ``name``: a stable hash (the same in every process and
+    every run, unlike ``hash``), so every front-end process sends a group to one rank."""
+    digest = hashlib.blake2b(name.encode("utf-8", "surrogatepass"), digest_size=8).digest()
+    return int.from_bytes(digest, "big") % max(1, int(num_ranks))

@@ -71,7 +71,7 @@ class LogitsTechnique(ABC):
     owns) and implement ``parse_params``, ``set_slot``, ``num_active`` and
     ``apply``. Optional, each with a default that is correct for a technique
     that needs nothing more: ``argmax_invariant``, ``cross_request_state``,
-    ``on_tokens``, ``check_params``, ``check_request``, ``debug_counts``,
+    ``placement``, ``on_tokens``, ``check_params``, ``check_request``, ``debug_counts``,
     ``conformance_params`` and ``reference_row``. Nothing else is ever looked
     up on a technique: this class is the whole contract.
 
@@ -115,6 +115,19 @@ class LogitsTechnique(ABC):
         non-``None``, on every engine, for checks that need to know what else
         is registered (e.g. ``tts_trim_verifier`` must name a registered
         verifier). Torch-free, no side effects. The default accepts.
+        """
+        return None
+
+    @classmethod
+    def placement(cls, params: Any) -> str | None:
+        """Which requests must run in one engine instance (one data-parallel rank) with this one, for cross-row
+        techniques whose members must see each other.
+
+        ``None`` (the default): none; the request and its samples may run anywhere. ``""``: the request's own
+        samples (a request with ``n`` samples is a group by itself). A non-empty name: every request whose
+        placement is that name, and their samples (a named group). The adapters turn it into the engine's
+        data-parallel rank at admission (:func:`tts_plugins.services.placement`), unless the client pinned one.
+        Torch-free, no side effects.
         """
         return None
 

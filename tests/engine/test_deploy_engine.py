@@ -5,6 +5,8 @@ holds, and a configuration that cannot work is refused with a 400 instead of fai
 from __future__ import annotations
 
 import json
+import re
+import time
 
 import pytest
 import requests
@@ -104,3 +106,87 @@ def test_without_a_reasoning_parser_a_json_schema_with_forced_thinking_is_refuse
     assert needle in r.text and sorted(keys)[0] in r.text
     ok = requests.post(srv.base + "/v1/chat/completions", json={**body, field: {}}, timeout=60)
     assert ok.status_code == 200 and json.loads(ok.json()["choices"][0]["message"]["content"]) in ("yes", "no")
+
+
+# --- data parallel: a group's members run on one rank ---------------------------------------
+
+DP_ARGS = {"vllm": ("--data-parallel-size", "2", "--max-model-len", "2048"), "sglang": ("--dp-size", "2", "--max-total-tokens", "65536")}
+DP_ENV = {"vllm": {"VLLM_CPU_OMP_THREADS_BIND": "0|1"}, "sglang": {"SGLANG_CPU_OMP_THREADS_BIND": "0|1"}}  # a core per rank
+
+
+@pytest.fixture(scope="module")
+def two_ranks(engines, engine_name, tmp_path_factory):
+    counters = str(tmp_path_factory.mktemp("dp") / "counts")  # the engines' live counts (tts_plugins.debug)
+    srv = engines.server("wobbly", args=DP_ARGS[engine_name], env={**DP_ENV[engine_name], "TTS_PLUGINS_DEBUG_FILE": counters})
+    srv.counters = counters
+    return srv
+
+
+def _served_per_rank(srv, engine_name):
+    """How many sequences each data-parallel rank has started: vLLM's finished requests per engine (its Prometheus
+    metrics), SGLang's new sequences per DP rank (its scheduler's prefill log lines)."""
+    counts: dict[str, float] = {}
+    if engine_name == "vllm":
+        for line in requests.get(srv.base + "/metrics", timeout=30).text.splitlines():
+            if line.startswith("vllm:request_success_total{"):
+                engine = line.split('engine="', 1)[1].split('"', 1)[0]
+                counts[engine] = counts.get(engine, 0.0) + float(line.rsplit(" ", 1)[1])
+    else:
+        for rank, seqs in re.findall(r" DP(\d+)\] Prefill batch, #new-seq: (\d+)", srv.log()):
+            counts[rank] = counts.get(rank, 0.0) + float(seqs)
+    return counts
+
+
+def _per_rank(srv, engine_name, run):
+    before = _served_per_rank(srv, engine_name)
+    out = run()
+    time.sleep(0.5)  # the counts of the last step are published after the response
+    after = _served_per_rank(srv, engine_name)
+    return out, sorted(after[r] - before.get(r, 0.0) for r in after)
+
+
+def _token_ids(choice):
+    ids = getattr(choice, "token_ids", None)  # vLLM's return_token_ids
+    return list(ids if ids is not None else choice.model_extra["response_token_ids"])  # SGLang's
+
+
+def _sampled(srv, engine_name, keys, n=6):
+    # unseeded: SGLang gives every sample of a seeded request the same seed, so they would not differ
+    body = {**(extra_body(engine_name, **keys) if keys else {}), "return_token_ids": True}
+    r = srv.client().chat.completions.create(model=srv.model, messages=[{"role": "user", "content": "What is 120 + 5 * 3?"}],
+                                             n=n, max_tokens=64, temperature=1.0, extra_body=body)
+    return [_token_ids(c) for c in r.choices]
+
+
+def test_data_parallel_keeps_the_samples_of_a_group_on_one_rank(engine_name, two_ranks):
+    """n samples of one request with First Finish Search on two data-parallel ranks: the engine spreads plain
+    samples over both ranks, where each half would stop only at its own first finisher (measured on vLLM before the
+    placement: 29 of 60 samples ran past the first to end). A group's samples all run on one rank, and every sample
+    ends within a step of the first."""
+    spent = full = 0
+    for i in range(4):
+        grouped, ranks = _per_rank(two_ranks, engine_name, lambda: _sampled(two_ranks, engine_name, {"tts_group": f"ffs-{i}", "tts_group_finish": "eos"}))
+        lens = [len(ids) for ids in grouped]
+        assert max(ranks) >= 6, f"the six samples ran on both ranks: {ranks}"
+        assert len(lens) == 6 and max(lens) <= min(lens) + 2, f"sample lengths {lens}"
+        free, ranks = _per_rank(two_ranks, engine_name, lambda: _sampled(two_ranks, engine_name, {}))
+        assert max(ranks) < 6, f"fixture: the engine spreads plain samples over both ranks, {ranks}"
+        spent += sum(lens)
+        full += sum(len(ids) for ids in free)
+    assert spent < full
+    print(f"\n[{engine_name}] DP=2 first-finish@6 decode tokens {spent} vs all-6 {full}: ratio {spent / full:.2f}")
+
+
+def test_data_parallel_sends_the_separate_requests_of_a_named_group_to_one_rank(engine_name, two_ranks):
+    """Separate requests of one tts_group all run on one rank (whenever they arrive), where plain requests are
+    spread over both by load: what the group's members need to see each other's finish."""
+    client = two_ranks.client()
+
+    def four(keys):
+        for _ in range(4):
+            client.chat.completions.create(model=two_ranks.model, messages=[{"role": "user", "content": QUESTION}], max_tokens=4,
+                                           temperature=0, extra_body=_body(engine_name, keys))
+
+    assert _per_rank(two_ranks, engine_name, lambda: four({}))[1] == [2.0, 2.0], "fixture: plain requests are spread"
+    assert _per_rank(two_ranks, engine_name, lambda: four({"tts_group": "named"}))[1] == [0.0, 4.0]
+    assert _per_rank(two_ranks, engine_name, lambda: four({"tts_group": "another", "tts_think_max": 2}))[1] == [0.0, 4.0]
