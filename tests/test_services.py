@@ -169,3 +169,24 @@ def test_sglang_children_of_a_group_share_a_rank_unless_routed():
                                    routed_dp_rank=None)
     sglang_child(single, counter, reg)
     assert single.routed_dp_rank is None, "one rank: nothing to choose"
+
+
+def test_vllm_refuses_groups_and_rosters_when_tensor_parallel_ranks_sample_their_own_slots(monkeypatch):
+    reg = builtin_registry()
+    monkeypatch.setattr(vllm_plugin, "uses_v2_runner", lambda: True)
+    sharded = types.SimpleNamespace(tensor_parallel_size=2, enable_batch_sharded_sampling=True)
+    assert vllm_plugin.sharded_sampling(sharded) == 2
+    for extra in ({"tts_group": "g"}, {"tts_roe_roster_size": 2}, {"tts_roe_roster": "r", "tts_roe_roster_size": 2}):
+        try:
+            vllm_plugin.refuse_sharded(extra, 2, reg)
+        except ValueError as exc:
+            assert "--enable-batch-sharded-sampling" in str(exc) and sorted(extra)[0] in str(exc)
+        else:
+            raise AssertionError(f"{extra} must be refused")
+    vllm_plugin.refuse_sharded({"tts_think_max": 4}, 2, reg)  # per-row techniques run on the rank that samples the row
+    for replicated in (types.SimpleNamespace(tensor_parallel_size=2, enable_batch_sharded_sampling=None),
+                       types.SimpleNamespace(tensor_parallel_size=1, enable_batch_sharded_sampling=True),
+                       types.SimpleNamespace(tensor_parallel_size=2)):  # vLLM 0.32 has no such setting
+        assert vllm_plugin.sharded_sampling(replicated) == 1
+    monkeypatch.setattr(vllm_plugin, "uses_v2_runner", lambda: False)
+    assert vllm_plugin.sharded_sampling(sharded) == 1, "the V1 runner samples every row on every rank"

@@ -165,7 +165,8 @@ def test_data_parallel_keeps_the_samples_of_a_group_on_one_rank(engine_name, two
     ends within a step of the first."""
     spent = full = 0
     for i in range(4):
-        grouped, ranks = _per_rank(two_ranks, engine_name, lambda: _sampled(two_ranks, engine_name, {"tts_group": f"ffs-{i}", "tts_group_finish": "eos"}))
+        keys = {"tts_group": f"ffs-{i}", "tts_group_finish": "eos"}
+        grouped, ranks = _per_rank(two_ranks, engine_name, lambda: _sampled(two_ranks, engine_name, keys))
         lens = [len(ids) for ids in grouped]
         assert max(ranks) >= 6, f"the six samples ran on both ranks: {ranks}"
         assert len(lens) == 6 and max(lens) <= min(lens) + 2, f"sample lengths {lens}"
