@@ -131,7 +131,8 @@ def pytest_generate_tests(metafunc):
         modes = [True, False] if engine == "sglang" else [True]
         # the multi-token end string is matched on the host, the same with either scheduler: its tests run with the
         # overlap scheduler only (one engine start less; the dense model's tests cover both schedulers)
-        if 'engines.offline("multi"' in inspect.getsource(metafunc.function):
+        # likewise the wobbly model's group tests: group stop under both schedulers is the dense model's tests' job
+        if any(f'engines.offline("{m}"' in inspect.getsource(metafunc.function) for m in ("multi", "wobbly")):
             modes = [True]
         metafunc.parametrize("overlap", modes, ids=lambda v: "overlap" if v else "no-overlap", scope="session")
 
