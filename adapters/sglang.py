@@ -513,7 +513,12 @@ def register() -> None:
 
 
 def _chat_params_after(result: Any, request: Any, *args: Any, **kwargs: Any) -> Any:
-    """A chat request's ``reasoning_effort`` becomes its thinking cap (:mod:`tts_plugins.effort`)."""
+    """A chat request's ``reasoning_effort`` becomes its thinking cap (:mod:`tts_plugins.effort`); a group stop at
+    EOS with tools is refused (:func:`tts_plugins.params.refuse_tools`)."""
+    if getattr(request, "tools", None) and isinstance(result, dict):
+        from tts_plugins.params import refuse_tools
+
+        refuse_tools(result.get("custom_params"), request.tools, getattr(request, "tool_choice", None))
     effort = getattr(request, "reasoning_effort", None)
     if effort is None or not isinstance(result, dict):
         return None

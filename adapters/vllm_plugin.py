@@ -38,7 +38,8 @@ provide the services of :mod:`tts_plugins.services` to every technique
   request is refused with a 400 there (:func:`refuse_sharded`).
 * ``ChatCompletionRequest.to_sampling_params`` (front end): a chat request's
   ``reasoning_effort`` becomes its thinking cap (:mod:`tts_plugins.effort`;
-  a malformed ``TTS_PLUGINS_REASONING_EFFORT`` stops the server at start-up).
+  a malformed ``TTS_PLUGINS_REASONING_EFFORT`` stops the server at start-up),
+  and a group stop at EOS with tools is refused (:func:`tts_plugins.params.refuse_tools`).
 
 It is idempotent: running twice in one process changes nothing. This module
 imports no vLLM until ``register()`` runs.
@@ -208,6 +209,15 @@ def _wrap_chat_params(original: Any) -> Any:
     @functools.wraps(original)
     def to_sampling_params(self: Any, *args: Any, **kwargs: Any) -> Any:
         params = original(self, *args, **kwargs)
+        if getattr(self, "tools", None) and getattr(params, "extra_args", None):
+            from vllm.exceptions import VLLMValidationError
+
+            from tts_plugins.params import refuse_tools
+
+            try:
+                refuse_tools(params.extra_args, self.tools, getattr(self, "tool_choice", None))
+            except ValueError as exc:
+                raise VLLMValidationError(str(exc)) from None
         effort = getattr(self, "reasoning_effort", None)
         if effort is not None:
             from tts_plugins.effort import budget_request

@@ -170,3 +170,14 @@ def test_roe_tau_layers_is_a_list_of_bounded_taus_one_per_moe_layer():
             RoEParams.parse({"tts_roe_tau_layers": bad})
     with pytest.raises(ValueError, match="not both"):
         RoEParams.parse({"tts_roe_tau": 1.0, "tts_roe_tau_layers": [1.0]})
+
+
+def test_a_group_stop_at_eos_is_refused_with_tools_that_may_be_called():
+    from tts_plugins.params import refuse_tools
+
+    tools = [{"type": "function", "function": {"name": "add"}}]
+    with pytest.raises(ValueError, match='tts_group_finish="eos" cannot be combined with tools'):
+        refuse_tools({"tts_group": "g", "tts_group_finish": "eos"}, tools, "auto")
+    refuse_tools({"tts_group": "g", "tts_group_finish": "eos"}, tools, "none")  # no call can be cut
+    refuse_tools({"tts_group": "g", "tts_group_finish": "eos"}, None, "auto")
+    refuse_tools({"tts_group": "g", "tts_think_max": 4}, tools, "auto")  # stops and caps land in the thinking

@@ -171,3 +171,15 @@ def refuse_structured(flat: Mapping[str, Any] | None, grammar_after_thinking: bo
         raise ValueError(f"{', '.join(forcing)}: with a structured output (response_format, a JSON schema, regex or grammar) "
                          f"these need the server's {flag}, so that the grammar applies after the thinking block: they force "
                          "text inside it, which a grammar applied from the first token would reject")
+
+
+def refuse_tools(flat: Mapping[str, Any] | None, tools: Any, tool_choice: Any) -> None:
+    """ValueError when a request that lets the model call tools carries a group stop at EOS: the stop would end
+    a sample inside its answer, possibly inside a tool call, leaving a broken call (and ``tts_group_stop_text``
+    inside its arguments). Everything else the plugins force lands inside the thinking block, before any call
+    (``tool_choice`` "required" or a named function is a structured output: :func:`refuse_structured`)."""
+    keys = tts_keys(flat) if isinstance(flat, Mapping) else {}
+    if keys.get("tts_group_finish") == "eos" and tools and tool_choice != "none":
+        raise ValueError('tts_group_finish="eos" cannot be combined with tools (tool_choice other than "none"): the group '
+                         "stop would end samples inside the answer, possibly inside a tool call; use "
+                         'tts_group_finish="think" (the default), or tool_choice="none"')

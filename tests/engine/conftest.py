@@ -82,6 +82,13 @@ class EnginePool:
             self.starts.append((f"server-{variant}", self.current.start_seconds))
         return self.current
 
+    def deployed(self):
+        """The trained reasoner's server as a serving team runs it, with a reasoning parser and a tool parser
+        (the deploy and bench tests share it: one engine start)."""
+        args = {"vllm": ("--reasoning-parser", "qwen3", "--enable-auto-tool-choice", "--tool-call-parser", "hermes"),
+                "sglang": ("--reasoning-parser", "qwen3", "--tool-call-parser", "qwen25")}[self.engine]
+        return self.server("reasoning", args=args)
+
     def shared_server(self, variant: str):
         """The one HTTP server per model that the HTTP tests share (an engine start is the suite's main cost).
 
@@ -137,7 +144,7 @@ def pytest_generate_tests(metafunc):
         metafunc.parametrize("overlap", modes, ids=lambda v: "overlap" if v else "no-overlap", scope="session")
 
 
-_ENGINE_CALL = re.compile(r"engines\.(offline|server|shared_server)\((.*?)\)\s*(#.*)?$", re.M)
+_ENGINE_CALL = re.compile(r"engines\.(offline|server|shared_server|deployed)\((.*?)\)\s*(#.*)?$", re.M)
 
 
 def _engine_key(item) -> str:

@@ -28,7 +28,7 @@ def _bench(srv, data, out, *extra):
 
 
 def test_bench_runs_every_method_and_resumes(engines, tmp_path):
-    srv = engines.server("reasoning", args=("--reasoning-parser", "qwen3"))  # as deployed; shared with test_deploy_engine
+    srv = engines.deployed()  # as deployed (reasoning and tool parsers); shared with test_deploy_engine
     data = tmp_path / "data.jsonl"
     problems = [p.to_json(f"p{i}") for i, p in enumerate(arith.held_out(5, steps=None))]
     data.write_text("".join(json.dumps({k: p[k] for k in ("id", "question", "answer", "difficulty")}) + "\n" for p in problems))
@@ -70,7 +70,7 @@ def test_bench_runs_every_method_and_resumes(engines, tmp_path):
 
 
 def test_bench_refuses_a_bad_method_before_sending_anything(engines, tmp_path):
-    srv = engines.server("reasoning", args=("--reasoning-parser", "qwen3"))  # as deployed; shared with test_deploy_engine
+    srv = engines.deployed()  # as deployed (reasoning and tool parsers); shared with test_deploy_engine
     data = tmp_path / "d.jsonl"
     data.write_text('{"question": "Compute 1 + 2.", "answer": 3}\n')
     r = subprocess.run([sys.executable, "-m", "tts_plugins.client.cli", "bench", "--base-url", srv.base, "--data", str(data), "--out",

@@ -50,8 +50,8 @@ def _chat(srv, engine_name, keys, stream=False, **kwargs):
 
 @pytest.fixture(scope="module")
 def parsed(engines):
-    # the trained reasoner's server with a reasoning parser, shared with tts bench's tests (one engine start)
-    return engines.server("reasoning", args=("--reasoning-parser", "qwen3"))
+    # the trained reasoner's server with reasoning and tool parsers, shared with tts bench's tests (one engine start)
+    return engines.deployed()
 
 
 @pytest.mark.parametrize("keys", STEERED, ids=["cap", "no-think", "warn"])
@@ -88,6 +88,37 @@ def test_a_json_schema_holds_after_steered_thinking(engine_name, parsed, keys):
         assert json.loads(m.content) in ("yes", "no") and r.choices[0].finish_reason == "stop"
         reasoning = getattr(m, "reasoning_content", None) or getattr(m, "reasoning", None) or ""
         assert reasoning.endswith("\n") and len(reasoning) < 200
+
+
+TOOLS = [{"type": "function", "function": {
+    "name": "add", "description": "Add two integers.",
+    "parameters": {"type": "object", "properties": {"a": {"type": "integer"}, "b": {"type": "integer"}}, "required": ["a", "b"]}}}]
+
+
+@pytest.mark.parametrize("keys", STEERED[:2], ids=["cap", "no-think"])
+def test_tools_with_auto_choice_keep_the_forced_text_in_the_thinking(engine_name, parsed, keys):
+    """A request that offers tools (tool_choice auto, under the server's tool parser) with steered thinking: no
+    error, the forced text is in the reasoning, and neither the content nor any tool call holds it."""
+    r = parsed.client().chat.completions.create(model=parsed.model, messages=[{"role": "user", "content": QUESTION}], max_tokens=24,
+                                                temperature=0, tools=TOOLS, tool_choice="auto", extra_body=_body(engine_name, keys))
+    m = r.choices[0].message
+    reasoning = getattr(m, "reasoning_content", None) or getattr(m, "reasoning", None) or ""
+    forced = keys.get("tts_think_conclusion", "Okay, I think I have finished thinking.").strip()
+    assert forced in reasoning
+    calls = " ".join(c.function.name + c.function.arguments for c in (m.tool_calls or []))
+    assert forced not in (m.content or "") + calls and "</think>" not in (m.content or "") + calls
+
+
+def test_a_group_stop_at_eos_with_tools_is_refused(engine_name, parsed):
+    """The group stop at EOS would end samples inside the answer, possibly inside a tool call: a 400 naming the key
+    (with tool_choice "none" the tools cannot be called, and the request runs)."""
+    field = {"vllm": "vllm_xargs", "sglang": "custom_params"}[engine_name]
+    body = {"model": parsed.model, "messages": [{"role": "user", "content": QUESTION}], "max_tokens": 8, "tools": TOOLS,
+            "tool_choice": "auto", field: {"tts_group": "tools", "tts_group_finish": "eos"}}
+    r = requests.post(parsed.base + "/v1/chat/completions", json=body, timeout=60)
+    assert r.status_code == 400 and "tts_group_finish" in r.text, r.text
+    ok = requests.post(parsed.base + "/v1/chat/completions", json={**body, "tool_choice": "none"}, timeout=60)
+    assert ok.status_code == 200, ok.text
 
 
 @pytest.mark.parametrize("keys, needle", [
