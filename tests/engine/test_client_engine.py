@@ -215,8 +215,10 @@ def test_cli_ladder_without_agreement_runs_every_wave(served, tmp_path):
         r, lines, summary = tts(srv, tmp_path, "--strategy", "ladder", "--ladder", "0,2", "--waves", "3", "--ladder-mode", mode, out=f"{mode}.jsonl")
         check_common(r, lines, summary, len(PROMPTS))
         for x in lines:
+            # a sample at temperature 2 may still agree with greedy now and then: that problem stops early
+            waves = x["waves"] if x["early_exit"] else 3
             temps = sorted(s["temperature"] for s in x["samples"])
-            assert temps == [0.0] * 3 + [2.0] * 3, (mode, temps)
+            assert temps == [0.0] * waves + [2.0] * waves, (mode, temps)
             if not x["decided"]:
                 assert x["waves"] == 3 and not x["early_exit"]
         assert summary["early_exits"] < len(PROMPTS), "temperature 2 rarely agrees with greedy"
