@@ -320,9 +320,9 @@ def refuse_sharded(extra: Any, shards: int, registry: Any = None) -> None:
         from tts_plugins.manager import default_registry
 
         registry = default_registry()
-    if services.placement(registry, extra) is not None:
-        keys = ", ".join(sorted(k for k in extra if k in ("tts_group", "tts_roe_roster", "tts_roe_roster_size")))
-        raise ValueError(f"{keys} cannot run with --enable-batch-sharded-sampling: Model Runner V2 splits the sampling "
+    keys = services.placement_keys(registry, extra)
+    if keys:
+        raise ValueError(f"{', '.join(keys)} cannot run with --enable-batch-sharded-sampling: Model Runner V2 splits the sampling "
                          f"rows over the {shards} tensor-parallel ranks by slot, so the members of a group or roster "
                          "would not see each other; serve such requests without batch-sharded sampling")
 

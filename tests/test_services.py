@@ -190,3 +190,10 @@ def test_vllm_refuses_groups_and_rosters_when_tensor_parallel_ranks_sample_their
         assert vllm_plugin.sharded_sampling(replicated) == 1
     monkeypatch.setattr(vllm_plugin, "uses_v2_runner", lambda: False)
     assert vllm_plugin.sharded_sampling(sharded) == 1, "the V1 runner samples every row on every rank"
+
+
+def test_placement_keys_are_the_keys_of_the_techniques_that_place():
+    reg = builtin_registry()
+    flat = {"tts_group": "g", "tts_group_stop_after": 2, "tts_think_max": 4, "tts_roe_roster": "r", "tts_roe_roster_size": 2}
+    assert services.placement_keys(reg, flat) == ["tts_group", "tts_group_stop_after", "tts_roe_roster", "tts_roe_roster_size"]
+    assert services.placement_keys(reg, {"tts_think_max": 4}) == [] and services.placement_keys(reg, None) == []

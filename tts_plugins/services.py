@@ -53,7 +53,7 @@ from tts_plugins.params import tts_keys
 
 log = logging.getLogger("tts_plugins")
 
-__all__ = ["SampleEdit", "cache_salt", "parsed_request", "placement", "rank_for", "sample_edit", "step_observers"]
+__all__ = ["SampleEdit", "cache_salt", "parsed_request", "placement", "placement_keys", "rank_for", "sample_edit", "step_observers"]
 
 
 @dataclass(frozen=True)
@@ -134,25 +134,37 @@ def step_observers(registry: Any, engine: str) -> tuple[Any, ...]:
     return tuple(p for p in registry.model_patches() if p.engine == engine and any(_own(p, e) for e in events))
 
 
+def _placements(registry: Any, flat: Mapping[str, Any] | None) -> list[tuple[type, str]]:
+    """``(technique, its placement)`` for each technique of the request that names one."""
+    keys = tts_keys(flat)
+    if not keys:
+        return []
+    parsed = registry.parse(keys)
+    out = []
+    for cls in registry.techniques:
+        if cls.name in parsed:
+            where = cls.placement(parsed[cls.name])
+            if where is not None:
+                out.append((cls, where))
+    return out
+
+
 def placement(registry: Any, flat: Mapping[str, Any] | None) -> str | None:
     """What a request must share an engine instance with, from its techniques' ``placement``: a name (requests
     with the same name run together), ``""`` (its own samples together), or None (no constraint). When two
     techniques name different things, the first name in sorted order wins (documented: a request that is both a
     group member and a roster member is placed by the group). Raises what the parsers raise."""
-    keys = tts_keys(flat)
-    if not keys:
-        return None
-    parsed = registry.parse(keys)
-    names = []
-    for cls in registry.techniques:
-        if cls.name in parsed:
-            where = cls.placement(parsed[cls.name])
-            if where is not None:
-                names.append(where)
+    names = [where for _, where in _placements(registry, flat)]
     if not names:
         return None
     named = sorted(n for n in names if n)
     return named[0] if named else ""
+
+
+def placement_keys(registry: Any, flat: Mapping[str, Any] | None) -> list[str]:
+    """The request's keys that belong to techniques naming a placement (for refusals where it cannot be met)."""
+    owners = {cls for cls, _ in _placements(registry, flat)}
+    return sorted(k for k in tts_keys(flat) if any(k in cls.keys for cls in owners))
 
 
 def rank_for(name: str, num_ranks: int) -> int:

@@ -146,11 +146,8 @@ DP_ENV = {"vllm": {"VLLM_CPU_OMP_THREADS_BIND": "0|1"}, "sglang": {"SGLANG_CPU_O
 
 
 @pytest.fixture(scope="module")
-def two_ranks(engines, engine_name, tmp_path_factory):
-    counters = str(tmp_path_factory.mktemp("dp") / "counts")  # the engines' live counts (tts_plugins.debug)
-    srv = engines.server("wobbly", args=DP_ARGS[engine_name], env={**DP_ENV[engine_name], "TTS_PLUGINS_DEBUG_FILE": counters})
-    srv.counters = counters
-    return srv
+def two_ranks(engines, engine_name):
+    return engines.server("wobbly", args=DP_ARGS[engine_name], env=DP_ENV[engine_name])
 
 
 def _served_per_rank(srv, engine_name):
