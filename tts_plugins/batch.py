@@ -148,6 +148,19 @@ class SlotState:
     def num_active(self) -> int:
         return len(self.active)
 
+    def report(self, slot: int) -> dict[str, Any]:
+        """The reports of ``slot``'s techniques, by name (those that have one); ``{}`` when none has."""
+        out: dict[str, Any] = {}
+        for tech in self.active.get(slot, ()):
+            try:
+                r = tech.report(slot)
+            except Exception:  # a report is never worth a request: log and leave it out
+                log.exception("tts_plugins: technique %r failed to report on a request", tech.name)
+                continue
+            if r is not None:
+                out[tech.name] = r
+        return out
+
     def release_all(self) -> list[int]:
         """Drop every slot's state (after a technique failed: its requests go on without techniques)."""
         slots = list(self.active)

@@ -24,12 +24,14 @@ class BuiltinTechniques:
     @hookimpl
     def tts_register_techniques(self, register: Callable[[type], None]) -> None:
         from tts_plugins.logits_processors.carbon import CarbonCalibration
+        from tts_plugins.logits_processors.conf import ConfStop
         from tts_plugins.logits_processors.group import GroupStop
         from tts_plugins.logits_processors.roster import RoERoster
         from tts_plugins.logits_processors.think import ThinkSteering
         from tts_plugins.logits_processors.trim import ThoughtTrim
 
-        for cls in (ThinkSteering, ThoughtTrim, GroupStop, CarbonCalibration, RoERoster):
+        # ConfStop first: it reads the logits before any technique forces a token
+        for cls in (ConfStop, ThinkSteering, ThoughtTrim, GroupStop, CarbonCalibration, RoERoster):
             register(cls)
 
     @hookimpl

@@ -37,6 +37,10 @@ registry (:class:`tts_plugins.manager.Registry`) and the optional methods of
   salt the prefix cache for its parameters (``ModelPatch.cache_salt``); the
   adapters hook request creation once and combine the salts with
   :func:`cache_salt`.
+* **Reports.** A technique may tell the client something about a request when it ends
+  (``LogitsTechnique.report``: DeepConf's trace confidence). The adapters hook the engine's finish once and
+  put the reports into the response's stop-reason field (:func:`report_json`); the client reads them back with
+  :func:`parse_report`.
 
 Nothing here imports torch or an engine.
 """
@@ -44,6 +48,7 @@ Nothing here imports torch or an engine.
 from __future__ import annotations
 
 import hashlib
+import json
 import logging
 from collections.abc import Mapping
 from dataclasses import dataclass, field
@@ -172,3 +177,24 @@ def rank_for(name: str, num_ranks: int) -> int:
     every run, unlike ``hash``), so every front-end process sends a group to one rank."""
     digest = hashlib.blake2b(name.encode("utf-8", "surrogatepass"), digest_size=8).digest()
     return int.from_bytes(digest, "big") % max(1, int(num_ranks))
+
+
+REPORT_PREFIX = '{"tts":'
+
+
+def report_json(reports: Mapping[str, Any], engine_reason: Any = None) -> str:
+    """A finished request's technique reports (:meth:`LogitsTechnique.report`, by technique name) as the JSON the
+    adapters put into the response's stop-reason field (vLLM ``stop_reason``, SGLang ``matched_stop``): ``{"tts":
+    {name: report}, "engine": <the engine's own stop reason, a stop token id or None>}``."""
+    return json.dumps({"tts": dict(reports), "engine": engine_reason}, separators=(",", ":"))
+
+
+def parse_report(reason: Any) -> dict[str, Any] | None:
+    """The technique reports in a response's stop-reason field (see :func:`report_json`), or ``None``."""
+    if not isinstance(reason, str) or not reason.startswith(REPORT_PREFIX):
+        return None
+    try:
+        data = json.loads(reason)
+    except ValueError:
+        return None
+    return data.get("tts") if isinstance(data, dict) and isinstance(data.get("tts"), dict) else None

@@ -71,7 +71,7 @@ class LogitsTechnique(ABC):
     owns) and implement ``parse_params``, ``set_slot``, ``num_active`` and
     ``apply``. Optional, each with a default that is correct for a technique
     that needs nothing more: ``argmax_invariant``, ``cross_request_state``,
-    ``placement``, ``on_tokens``, ``check_params``, ``check_request``, ``debug_counts``,
+    ``placement``, ``on_tokens``, ``report``, ``check_params``, ``check_request``, ``debug_counts``,
     ``conformance_params`` and ``reference_row``. Nothing else is ever looked
     up on a technique: this class is the whole contract.
 
@@ -185,6 +185,16 @@ class LogitsTechnique(ABC):
         (buffers belong in ``__init__``), or touch rows whose slot is not
         active; returns its input at once when no slot is active.
         """
+
+    def report(self, slot: int) -> dict[str, Any] | None:
+        """What the client learns about ``slot``'s request when it ends (JSON-able), or ``None`` (the default).
+
+        Called on the host of the engine process when the engine finishes the request, before the slot is
+        cleared; must not sync with the device. The adapters put the reports of a request's techniques, by
+        technique name, into its response: ``{"tts": {name: report}}`` as JSON in vLLM's ``stop_reason`` and
+        SGLang's ``matched_stop`` (:func:`tts_plugins.services.report_json`).
+        """
+        return None
 
     def debug_counts(self) -> dict[str, int]:
         """Sizes of live host-side state (``{"members": 2, ...}``); every value is 0 once every request has left.
