@@ -375,10 +375,44 @@ def _sample_around(orig: Any, model_runner: Any, logits_output: Any, forward_bat
     return next_ids
 
 
+_REPORTED: dict[type, type] = {}
+
+
+def with_report(reason: Any, text: str) -> Any:
+    """``reason`` (an SGLang finish reason) reporting ``text`` as its ``matched`` (the OpenAI response's
+    ``matched_stop``), as a subclass of its own class (so SGLang's checks of its kind still hold)."""
+    cls = type(reason)
+    sub = _REPORTED.get(cls)
+    if sub is None:
+        def to_json(self: Any) -> Any:
+            return {**cls.to_json(self), "matched": self.tts_report}
+
+        sub = _REPORTED[cls] = type(f"Reported{cls.__name__}", (cls,), {"to_json": to_json})
+    out = copy.copy(reason)
+    out.__class__ = sub
+    out.tts_report = text
+    return out
+
+
+def _attach_report(st: SglangTTS, req: Any) -> None:
+    slot = st.slot_of.get(req.rid)
+    reason = getattr(req, "finished_reason", None)
+    if slot is None or reason is None or type(reason).__name__ == "FINISH_ABORT":
+        return
+    reports = st.state.report(slot)
+    if reports:
+        engine = getattr(reason, "matched", None)
+        req.finished_reason = with_report(reason, services.report_json(reports, engine if isinstance(engine, int) else None))
+
+
 def _release_after(result: Any, req: Any, *args: Any, **kwargs: Any) -> None:
     if req.finished():
         OPTED_IN.release(req)
         for st in list(_LIVE):
+            try:  # before the slot is cleared: the scheduler streams the finish reason after this
+                _attach_report(st, req)
+            except Exception:  # a report is never worth a request
+                log.exception("tts_plugins: could not attach a finished request's report")
             st.release(req.rid)
         for patch in _observers():
             _observe(patch, "on_finished", req.rid)

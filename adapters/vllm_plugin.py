@@ -72,6 +72,8 @@ CORE_TARGETS = {
     "spec_decode": "vllm.sampling_params:SamplingParams._validate_spec_decode",
     "structured": "vllm.sampling_params:SamplingParams._validate_structured_outputs",
     "placement": "vllm.v1.engine.input_processor:InputProcessor.process_inputs",
+    "finish": "vllm.v1.core.sched.scheduler:Scheduler._update_request_with_output",
+    "step_output": "vllm.v1.core.sched.scheduler:Scheduler.update_from_output",
 }
 
 _SAMPLING: contextvars.ContextVar[Any] = contextvars.ContextVar("tts_plugins_vllm_sampling", default=None)
@@ -98,6 +100,8 @@ def install_core(patcher: Any) -> None:
     patcher.replace(CORE_TARGETS["spec_decode"], _wrap_validate_spec_decode, min_version=MIN_VERSION, max_version=MAX_VERSION)
     patcher.replace(CORE_TARGETS["structured"], _wrap_validate_structured, min_version=MIN_VERSION, max_version=MAX_VERSION)
     patcher.replace(CORE_TARGETS["placement"], _wrap_process_inputs, min_version=MIN_VERSION, max_version=MAX_VERSION)
+    patcher.replace(CORE_TARGETS["finish"], _wrap_update_with_output, min_version=MIN_VERSION, max_version=MAX_VERSION)
+    patcher.replace(CORE_TARGETS["step_output"], _wrap_update_from_output, min_version=MIN_VERSION, max_version=MAX_VERSION)
 
 
 def uses_v2_runner() -> bool:
@@ -130,9 +134,14 @@ def _wrap_sample_tokens(original: Any) -> Any:
     def sample_tokens(self: Any, *args: Any, **kwargs: Any) -> Any:
         token = _SAMPLING.set(self)
         try:
-            return original(self, *args, **kwargs)
+            out = original(self, *args, **kwargs)
         finally:
             _SAMPLING.reset(token)
+        try:
+            return attach_reports(out)
+        except Exception:  # a report is never worth a step
+            log.exception("tts_plugins: could not read the step's reports")
+            return out
 
     return sample_tokens
 
@@ -346,3 +355,86 @@ def _wrap_process_inputs(original: Any) -> Any:
         return request
 
     return process_inputs
+
+
+# --- reports: the worker's numbers ride on the model runner's output to the scheduler ------------------------------
+#
+# A technique's report (LogitsTechnique.report_fields) is read on the host of the worker that runs the logits
+# processors; vLLM's scheduler, which decides that a request has finished, runs in another process (the CPU
+# engine and multi-GPU engines use a multiprocess executor). While a reporting technique is on, the worker puts
+# the report numbers of the step's rows on its ModelRunnerOutput (a numpy array per technique, in the output's
+# row order); the scheduler picks the finishing request's row and sets its stop_reason.
+
+_STEP_OUTPUT: contextvars.ContextVar[Any] = contextvars.ContextVar("tts_plugins_vllm_step_output", default=None)
+
+
+def attach_reports(output: Any) -> Any:
+    """Put the report numbers of this process's processor on ``output`` (a ModelRunnerOutput, or an async one
+    whose ``get_output`` makes it); O(1) when no reporting technique is on."""
+    from tts_plugins.adapters.vllm import TTSLogitsProcessor
+
+    procs = [p for p in list(TTSLogitsProcessor._instances) if not p.inert]
+    req_ids = getattr(output, "req_ids", None)
+    if not procs:
+        return output
+    if req_ids is None and hasattr(output, "get_output"):  # async scheduling: the numbers now, the output later
+        tables = procs[0].report_tables(procs[0].rows.max_slots)
+        if tables:
+            make = output.get_output
+
+            def get_output() -> Any:
+                out = make()
+                out.tts_reports = {k: v[: len(out.req_ids)] for k, v in tables.items()}
+                return out
+
+            output.get_output = get_output
+        return output
+    if req_ids:
+        tables = procs[0].report_tables(len(req_ids))
+        if tables:
+            output.tts_reports = tables
+    return output
+
+
+def _wrap_update_from_output(original: Any) -> Any:
+    def update_from_output(self: Any, scheduler_output: Any, model_runner_output: Any, *args: Any, **kwargs: Any) -> Any:
+        if getattr(model_runner_output, "tts_reports", None) is None:
+            return original(self, scheduler_output, model_runner_output, *args, **kwargs)
+        token = _STEP_OUTPUT.set(model_runner_output)
+        try:
+            return original(self, scheduler_output, model_runner_output, *args, **kwargs)
+        finally:
+            _STEP_OUTPUT.reset(token)
+
+    return update_from_output
+
+
+def _wrap_update_with_output(original: Any) -> Any:
+    """A request that finishes in a step whose output carries reports gets its techniques' reports as its
+    ``stop_reason`` (:func:`tts_plugins.services.report_json`; the engine's own, a stop token id, is kept inside)."""
+
+    def _update_request_with_output(self: Any, request: Any, *args: Any, **kwargs: Any) -> Any:
+        out = original(self, request, *args, **kwargs)
+        if out[1]:
+            step = _STEP_OUTPUT.get()
+            if step is not None:
+                try:
+                    _report(step, request)
+                except Exception:  # a report is never worth a request
+                    log.exception("tts_plugins: could not attach a finished request's report")
+        return out
+
+    return _update_request_with_output
+
+
+def _report(step: Any, request: Any) -> None:
+    from tts_plugins.batch import decode_reports
+    from tts_plugins.manager import default_registry
+    from tts_plugins.services import report_json
+
+    row = step.req_id_to_index.get(request.request_id)
+    if row is None:
+        return
+    reports = decode_reports(default_registry(), step.tts_reports, row)
+    if reports:
+        request.stop_reason = report_json(reports, request.stop_reason)

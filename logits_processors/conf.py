@@ -14,7 +14,7 @@ Per step i of an opted-in request, from the logits the engine is about to sample
   every other logit; a row whose EOS the engine has masked, e.g. under ``min_tokens``, is stopped as soon as EOS
   is allowed). Without a threshold the trace is only measured.
 
-Reported when the trace ends (:meth:`ConfStop.report`; the adapters put it in the response: vLLM's
+Reported when the trace ends (``report_fields``, :meth:`ConfStop.report`; the adapters put it in the response: vLLM's
 ``stop_reason``, SGLang's ``matched_stop``): whether it was stopped, the tokens judged, the lowest group
 confidence over full windows (the paper's "lowest group confidence"; a trace shorter than the window reports
 the mean over its tokens, as the paper's code does) and the mean token confidence.
@@ -153,16 +153,24 @@ class ConfStop(LogitsTechnique):
         for m in (self._thr, self._win, self._k, self._min):
             m.mark_dirty()
 
-    def report(self, slot: int) -> dict[str, Any] | None:
-        """The trace's statistics so far (host copy, no sync; on a GPU it may lag the device by a step)."""
-        if slot not in self.active:
-            return None
-        count, total, lowest, stopped = (float(v) for v in self._stats_host[slot].tolist())
-        if count == 0:
-            return {"stopped": False, "tokens": 0, "lowest": None, "mean": None}
-        wsum_mean = total / count
-        return {"stopped": bool(stopped), "tokens": int(count),
-                "lowest": round(wsum_mean if math.isinf(lowest) else lowest, 6), "mean": round(wsum_mean, 6)}
+    report_fields = ("tokens", "total", "lowest", "stopped")
+
+    def report_values(self, slots: np.ndarray) -> np.ndarray:
+        """The packed statistics of ``slots`` from the host copy (no sync; on a GPU it may lag by a step)."""
+        out = self._stats_host.numpy()[slots]
+        out[self._kmax[slots] == 0] = np.nan
+        return out
+
+    @classmethod
+    def report(cls, values: Mapping[str, float]) -> dict[str, Any]:
+        """``{"stopped", "tokens", "lowest", "mean"}``: whether the threshold stopped the trace, the tokens judged,
+        the lowest group confidence over full windows (the mean of all when the trace is shorter than the window)
+        and the mean token confidence; the confidences are ``None`` when no token was judged."""
+        count, total, lowest = int(values["tokens"]), values["total"], values["lowest"]
+        mean = total / count if count else None
+        low = (mean if math.isinf(lowest) else lowest) if count else None
+        return {"stopped": bool(values["stopped"]), "tokens": count, "lowest": None if low is None else round(low, 6),
+                "mean": None if mean is None else round(mean, 6)}
 
     def debug_counts(self) -> dict[str, int]:
         return {"slots": len(self.active)}

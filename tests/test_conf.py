@@ -25,6 +25,11 @@ def logits(gen: torch.Generator, rows: int, scale: float) -> torch.Tensor:
     return torch.randn(rows, VOCAB, generator=gen) * scale
 
 
+def report(t: ConfStop, slot: int) -> dict:
+    values = t.report_values(np.array([slot]))[0]
+    return ConfStop.report(dict(zip(ConfStop.report_fields, values)))
+
+
 class Reference:
     """One trace, per row, in float64: token confidences, the windowed group confidence, the first stop."""
 
@@ -44,10 +49,13 @@ class Reference:
         return False
 
 
-params_st = st.builds(
-    lambda w, k, thr, m: ConfParams.parse({"tts_conf_window": w, "tts_conf_topk": k, "tts_conf_threshold": thr, **({"tts_conf_min_tokens": m} if m else {})}),
-    st.integers(1, 9), st.integers(1, 25), st.one_of(st.none(), st.floats(1.5, 4.5)), st.one_of(st.none(), st.integers(1, 12)),
-)
+def _params(w: int, k: int, thr: float | None, m: int | None) -> ConfParams:
+    flat = {"tts_conf_window": w, "tts_conf_topk": k, "tts_conf_threshold": thr}
+    return ConfParams.parse({**flat, "tts_conf_min_tokens": m} if m else flat)
+
+
+params_st = st.builds(_params, st.integers(1, 9), st.integers(1, 25), st.one_of(st.none(), st.floats(1.5, 4.5)),
+                      st.one_of(st.none(), st.integers(1, 12)))
 
 
 @settings(max_examples=40, deadline=None)
@@ -74,13 +82,13 @@ def test_windowed_confidence_stop_and_report_equal_a_float64_reference(plans, se
                 if stop:
                     assert int(out[row].argmax()) == EOS
         ref, _ = live[slot]
-        got, want = t.report(slot), trace_statistics(ref.confs, p.window)
+        got, want = report(t, slot), trace_statistics(ref.confs, p.window)
         assert got["tokens"] == len(ref.confs) and got["stopped"] == (ref.stopped_at is not None)
         assert math.isclose(got["lowest"], want["lowest"], rel_tol=1e-5, abs_tol=1e-5)
         assert math.isclose(got["mean"], want["mean"], rel_tol=1e-5, abs_tol=1e-5)
     for slot in list(live):
         t.set_slot(slot, None, SlotRequest())
-    assert t.num_active == 0 and t.report(0) is None
+    assert t.num_active == 0 and np.isnan(t.report_values(np.arange(SLOTS + 1))).all()
 
 
 @settings(max_examples=25, deadline=None)
@@ -109,7 +117,7 @@ def test_a_masked_eos_delays_the_stop_until_allowed():
     z[0, EOS] = 0.0
     out = t.apply(z.clone(), torch.from_numpy(host), host)
     assert int(out[0].argmax()) == EOS
-    assert t.report(0)["stopped"] and t.report(0)["tokens"] == 1  # the step after the stop is not judged
+    assert report(t, 0)["stopped"] and report(t, 0)["tokens"] == 1  # the step after the stop is not judged
 
 
 def test_bf16_rows_measure_and_stop_like_float32():
@@ -127,8 +135,8 @@ def test_bf16_rows_measure_and_stop_like_float32():
     assert int(a[0].argmax()) == EOS == int(b[0].argmax())
     assert torch.equal(a[1], z[1].float()) and torch.equal(b[1:], z[1:])
     for slot in (2, 4):
-        assert t32.report(slot)["stopped"] == t16.report(slot)["stopped"] == (slot == 2)
-        assert math.isclose(t32.report(slot)["mean"], t16.report(slot)["mean"], rel_tol=1e-3)
+        assert report(t32, slot)["stopped"] == report(t16, slot)["stopped"] == (slot == 2)
+        assert math.isclose(report(t32, slot)["mean"], report(t16, slot)["mean"], rel_tol=1e-3)
 
 
 @pytest.mark.parametrize("flat, key", [

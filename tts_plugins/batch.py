@@ -148,18 +148,23 @@ class SlotState:
     def num_active(self) -> int:
         return len(self.active)
 
-    def report(self, slot: int) -> dict[str, Any]:
-        """The reports of ``slot``'s techniques, by name (those that have one); ``{}`` when none has."""
-        out: dict[str, Any] = {}
-        for tech in self.active.get(slot, ()):
+    def reporting(self) -> list[LogitsTechnique]:
+        """The techniques that report on requests and are on for one now (an O(techniques) host check)."""
+        return [t for t in self.techniques if t.report_fields and t.num_active and self._users.get(t.name)]
+
+    def report_tables(self, slots: np.ndarray) -> dict[str, np.ndarray]:
+        """``{name: report_values(slots)}`` of the reporting techniques that are on (see :meth:`reporting`)."""
+        out: dict[str, np.ndarray] = {}
+        for tech in self.reporting():
             try:
-                r = tech.report(slot)
+                out[tech.name] = np.asarray(tech.report_values(slots), dtype=np.float64)
             except Exception:  # a report is never worth a request: log and leave it out
-                log.exception("tts_plugins: technique %r failed to report on a request", tech.name)
-                continue
-            if r is not None:
-                out[tech.name] = r
+                log.exception("tts_plugins: technique %r failed to report", tech.name)
         return out
+
+    def report(self, slot: int) -> dict[str, Any]:
+        """The reports of ``slot``'s request, by technique name (those that have one); ``{}`` when none has."""
+        return decode_reports(self.registry, self.report_tables(np.asarray([slot], dtype=np.int64)), 0)
 
     def release_all(self) -> list[int]:
         """Drop every slot's state (after a technique failed: its requests go on without techniques)."""
@@ -181,6 +186,25 @@ class SlotState:
             counts.update({f"{tech.name}.{k}": v for k, v in tech.debug_counts().items()})
         counts.update({f"{name}.failures": n for name, n in self.failures.items()})
         return counts
+
+
+def decode_reports(registry: Registry, tables: Mapping[str, np.ndarray], row: int) -> dict[str, Any]:
+    """Row ``row`` of :meth:`SlotState.report_tables`, as the client sees it: ``{name: technique.report(...)}``
+    for the techniques with numbers in that row. Needs only the registry (vLLM calls it in its scheduler)."""
+    out: dict[str, Any] = {}
+    by_name = {t.name: t for t in registry.techniques}
+    for name, table in tables.items():
+        tech = by_name.get(name)
+        if tech is None or row >= len(table) or np.isnan(table[row]).all():
+            continue
+        try:
+            r = tech.report(dict(zip(tech.report_fields, (float(v) for v in table[row]))))
+        except Exception:
+            log.exception("tts_plugins: technique %r failed to report", name)
+            continue
+        if r is not None:
+            out[name] = r
+    return out
 
 
 class RowMap:

@@ -71,7 +71,7 @@ class LogitsTechnique(ABC):
     owns) and implement ``parse_params``, ``set_slot``, ``num_active`` and
     ``apply``. Optional, each with a default that is correct for a technique
     that needs nothing more: ``argmax_invariant``, ``cross_request_state``,
-    ``placement``, ``on_tokens``, ``report``, ``check_params``, ``check_request``, ``debug_counts``,
+    ``placement``, ``on_tokens``, ``report_fields`` (with ``report_values`` and ``report``), ``check_params``, ``check_request``, ``debug_counts``,
     ``conformance_params`` and ``reference_row``. Nothing else is ever looked
     up on a technique: this class is the whole contract.
 
@@ -186,15 +186,25 @@ class LogitsTechnique(ABC):
         active; returns its input at once when no slot is active.
         """
 
-    def report(self, slot: int) -> dict[str, Any] | None:
-        """What the client learns about ``slot``'s request when it ends (JSON-able), or ``None`` (the default).
+    report_fields: ClassVar[tuple[str, ...]] = ()
+    """The numbers this technique reports on each request when it ends (empty: no report). See ``report_values``."""
 
-        Called on the host of the engine process when the engine finishes the request, before the slot is
-        cleared; must not sync with the device. The adapters put the reports of a request's techniques, by
-        technique name, into its response: ``{"tts": {name: report}}`` as JSON in vLLM's ``stop_reason`` and
-        SGLang's ``matched_stop`` (:func:`tts_plugins.services.report_json`).
-        """
-        return None
+    def report_values(self, slots: np.ndarray) -> np.ndarray:
+        """The report numbers of ``slots`` (host ``int64`` array): a float64 ``[len(slots), len(report_fields)]``
+        array, NaN in the rows of slots this technique is not on for. Host only, vectorized, no sync with the
+        device (a copy lagging the device by a step is acceptable). Called by the adapters while requests that
+        use a reporting technique are in the batch, at most once a step (vLLM sends the numbers of the step's
+        rows to its scheduler, which runs in another process), and when a request ends (SGLang)."""
+        raise NotImplementedError(f"{type(self).__name__} declares report_fields but no report_values")
+
+    @classmethod
+    def report(cls, values: Mapping[str, float]) -> dict[str, Any] | None:
+        """What the client sees of one request's report (JSON-able), from its numbers by ``report_fields`` name;
+        ``None``: nothing. Runs wherever the engine finishes requests (vLLM: the scheduler's process, without an
+        instance). The adapters put the reports of a request's techniques, by technique name, into its response:
+        ``{"tts": {name: report}, ...}`` as JSON in vLLM's ``stop_reason`` and SGLang's ``matched_stop``
+        (:func:`tts_plugins.services.report_json`). The default: the numbers as they are."""
+        return dict(values)
 
     def debug_counts(self) -> dict[str, int]:
         """Sizes of live host-side state (``{"members": 2, ...}``); every value is 0 once every request has left.

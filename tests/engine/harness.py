@@ -30,6 +30,7 @@ class Output:
     text: str
     finish_reason: str | None = None
     logprobs: list[float] | None = None  # of each generated token, when asked for (``logprobs=True``)
+    stop_reason: Any = None  # vLLM's stop_reason, SGLang's finish_reason["matched"] (technique reports ride here)
 
 
 def free_port() -> int:
@@ -70,7 +71,7 @@ class VllmOffline:
                 return None
             return [float(step[t].logprob) for step, t in zip(c.logprobs, c.token_ids)]
 
-        return [Output(list(c.token_ids), c.text, c.finish_reason, logprobs(c)) for o in outs for c in o.outputs]
+        return [Output(list(c.token_ids), c.text, c.finish_reason, logprobs(c), c.stop_reason) for o in outs for c in o.outputs]
 
     def close(self) -> None:
         with contextlib.suppress(Exception):

@@ -68,7 +68,8 @@ class SglangOffline:
         outs = outs if isinstance(outs, list) else [outs]
         return [
             Output(list(o["output_ids"]), o["text"], (o["meta_info"].get("finish_reason") or {}).get("type"),
-                   [float(t[0]) for t in o["meta_info"]["output_token_logprobs"]] if extra else None)
+                   [float(t[0]) for t in o["meta_info"]["output_token_logprobs"]] if extra else None,
+                   (o["meta_info"].get("finish_reason") or {}).get("matched"))
             for o in outs
         ]
 
