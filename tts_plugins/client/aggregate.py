@@ -200,9 +200,37 @@ def multi_temperature_vote(answers_by_temperature: Mapping[float, Sequence[str |
     return Vote(cross.answer, cross.votes, float(len(answers_by_temperature)), decided)
 
 
+def percentile(values: Sequence[float], q: float) -> float:
+    """The ``q``-th percentile (0-100) with linear interpolation between order statistics (numpy's default)."""
+    if not values:
+        raise ValueError("percentile of no values")
+    xs = sorted(float(v) for v in values)
+    pos = (len(xs) - 1) * min(max(q, 0.0), 100.0) / 100.0
+    lo = int(math.floor(pos))
+    hi = min(lo + 1, len(xs) - 1)
+    return xs[lo] + (xs[hi] - xs[lo]) * (pos - lo)
+
+
+def confidence_vote(answers: Sequence[str | None], confidences: Sequence[float], keep: float | None = None) -> Vote:
+    """DeepConf's offline vote: keep the traces whose confidence is in the top ``keep`` share (0.1: DeepConf's
+    eta = 10%, the traces at or above the 90th percentile; 0.9: eta = 90%; None: all), then a majority weighted by
+    confidence (each trace's lowest group confidence, or any trace confidence >= 0). Traces without an answer
+    never vote; ``total`` is the kept traces' weight. Ties go to the smallest answer."""
+    if len(answers) != len(confidences):
+        raise ValueError(f"answers and confidences must have the same length, got {len(answers)} and {len(confidences)}")
+    if keep is not None and not 0 < keep <= 1:
+        raise ValueError(f"keep must be in (0, 1], got {keep!r}")
+    weights = [float(c) for c in confidences]
+    if keep is not None and weights:
+        bar = percentile(weights, 100.0 * (1.0 - keep))
+        weights = [w if w >= bar else 0.0 for w in weights]
+    return _weighted(answers, [max(0.0, w) for w in weights])
+
+
 BUILTIN: dict[str, Callable[..., Vote]] = {
     "majority": majority, "short_m_at_k": short_m_at_k, "inverse_entropy": inverse_entropy_vote,
     "best_of_n": best_of_n, "weighted_best_of_n": weighted_best_of_n, "best_of_majority": best_of_majority,
+    "confidence_vote": confidence_vote,
 }
 
 

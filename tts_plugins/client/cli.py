@@ -136,6 +136,12 @@ def parser() -> argparse.ArgumentParser:
     r.add_argument("--n1", type=int, default=None, help="carbon: explore samples (default n // 2)")
     r.add_argument("--keep", type=int, default=None, help="carbon: explore samples the fit keeps (default ceil(n1 / 2))")
     r.add_argument("--l2", type=float, default=1e-2, help="carbon: L2 penalty on the bias")
+    r.add_argument("--deepconf", choices=["low", "high"], default="low",
+                   help="deepconf: low keeps the top 10%% of the warmup's confidence (threshold at its 90th percentile), high the top 90%%")
+    r.add_argument("--warmup", type=int, default=16, help="deepconf: warmup traces (the threshold's sample); -n is the budget")
+    r.add_argument("--tau", type=float, default=0.95, help="deepconf: stop drawing once the weighted vote's consensus reaches this")
+    r.add_argument("--window", type=int, default=2048, help="deepconf: the group confidence's window (tokens)")
+    r.add_argument("--conf-topk", type=int, default=20, help="deepconf: top-k log-probs of a token's confidence")
     r.add_argument("--top-logprobs", type=int, default=20)
     r.add_argument("--concurrency", type=int, default=8, help="requests in flight at once")
     r.add_argument("--summary", type=Path, default=None, help="also write the summary as JSON here")
@@ -150,7 +156,8 @@ def parser() -> argparse.ArgumentParser:
 def options(a: argparse.Namespace) -> Options:
     o = Options(strategy=a.strategy, n=a.samples, temperature=a.temperature, max_tokens=a.max_tokens, max_n=a.max_n, seed=a.seed, vote=a.vote,
                 m=a.m, reward=a.reward, top_logprobs=a.top_logprobs, params=a.params, ladder=tuple(a.ladder), waves=a.waves, min_waves=a.min_waves,
-                ahead=a.ahead, ladder_mode=a.ladder_mode, tau_intra=a.tau_intra, tau_cross=a.tau_cross, n1=a.n1, keep=a.keep, l2=a.l2)
+                ahead=a.ahead, ladder_mode=a.ladder_mode, tau_intra=a.tau_intra, tau_cross=a.tau_cross, n1=a.n1, keep=a.keep, l2=a.l2,
+                deepconf=a.deepconf, warmup=a.warmup, tau=a.tau, window=a.window, conf_topk=a.conf_topk)
     o.check()
     bad = [k for k in o.params if not str(k).startswith("tts_")]
     if bad:

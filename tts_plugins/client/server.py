@@ -32,6 +32,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from tts_plugins.params import PREFIX
+from tts_plugins.services import parse_report
 
 FIELD = {"vllm": "vllm_xargs", "sglang": "custom_params"}
 
@@ -137,6 +138,7 @@ class Sample:
     token_ids: list[int] | None = None
     token_logprobs: list[float] | None = None  # the chosen token's raw log-prob per position
     top: list[dict[int, float]] | None = None  # each position's top ids -> raw log-probs
+    reports: dict[str, Any] | None = None  # the engine techniques' reports on this sample (e.g. "conf": DeepConf's)
 
     def record(self) -> dict[str, Any]:
         """What the output JSONL keeps of a sample (log-probabilities are summarized, not stored)."""
@@ -148,6 +150,8 @@ class Sample:
             out["reward"] = self.reward
         if self.token_logprobs:
             out["mean_logprob"] = sum(self.token_logprobs) / len(self.token_logprobs)
+        if self.reports:
+            out["reports"] = self.reports
         return out
 
 
@@ -334,8 +338,11 @@ class Server:
         if self.engine == "sglang" and not tokens:
             tokens = int(tokens_meta or 0)
         full = text if reasoning is None else f"{reasoning}</think>{text}"
+        # the techniques' reports ride in the stop-reason field: vLLM's stop_reason, SGLang's matched_stop
+        reports = parse_report(choice.get("stop_reason")) or parse_report(choice.get("matched_stop"))
         return Sample(text=text, reasoning=reasoning, answer=self.answer(full), tokens=int(tokens), finish_reason=choice.get("finish_reason"),
-                      temperature=temperature, phase=phase, token_ids=list(ids) if ids is not None else None, token_logprobs=lps, top=top)
+                      temperature=temperature, phase=phase, token_ids=list(ids) if ids is not None else None, token_logprobs=lps, top=top,
+                      reports=reports)
 
 
 _END_MARKERS = ("<|im_end|>", "<|endoftext|>", "<|eot_id|>", "</s>", "<|end|>", "<|return|>")

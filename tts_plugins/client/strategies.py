@@ -35,6 +35,16 @@ over a JSONL file.
   ``confidence``, the exponentiated mean token log-prob); ``vote`` may be
   ``weighted_best_of_n`` or ``best_of_majority`` instead.
 
+* ``deepconf``: DeepConf online ("Deep Think with Confidence", arXiv 2508.15260). A warmup of ``warmup`` traces
+  (16) runs to the end with the engine measuring each trace's confidence (``tts_conf_window``,
+  ``tts_conf_topk``); the stopping threshold is the 90th percentile of their lowest group confidences for
+  ``deepconf="low"`` (keep the top 10%) or the 10th for ``"high"`` (top 90%). Then waves of at most ``max_n``
+  traces are sent with ``tts_conf_threshold`` (the engine stops a trace as soon as its windowed confidence falls
+  below), until the confidence-weighted vote's consensus reaches ``tau`` (0.95) or ``n`` traces (the budget,
+  warmup included) were drawn. The vote: every trace that was not stopped, whose lowest group confidence is at
+  least the threshold and that has an answer, weighted by its lowest group confidence (the paper's code).
+  The paper samples at temperature 0.6, top-p 0.95 (set ``temperature``/``top_p``); its window is 2048 tokens.
+
 Rewards: ``agreement``, ``confidence``, any reward registered through the
 ``tts_register_aggregators`` hook, or ``module:function``; the last two are
 called as ``fn(prompt, completion) -> float``.
@@ -52,7 +62,7 @@ from typing import Any
 from tts_plugins.client import aggregate
 from tts_plugins.client.server import Sample, Server, ServerError, load_callable
 
-STRATEGIES = ("self-consistency", "ladder", "carbon", "best-of-n")
+STRATEGIES = ("self-consistency", "ladder", "carbon", "best-of-n", "deepconf")
 DEFAULT_LADDER = tuple(round(0.1 * i, 1) for i in range(13))  # 0.0 .. 1.2, the paper's reproduction default
 
 
@@ -82,6 +92,12 @@ class Options:
     n1: int | None = None  # default n // 2
     keep: int | None = None  # default ceil(n1 / 2)
     l2: float = 1e-2
+    # deepconf
+    deepconf: str = "low"  # "low": threshold at the warmup's 90th percentile (keep the top 10%); "high": the 10th
+    warmup: int = 16
+    tau: float = 0.95
+    window: int = 2048
+    conf_topk: int = 20
 
     def check(self) -> None:
         def need(ok: bool, what: str, value: Any) -> None:
@@ -102,11 +118,17 @@ class Options:
         need(self.ladder_mode in ("engine", "fan-out"), "ladder_mode must be 'engine' or 'fan-out',", self.ladder_mode)
         need(0 < self.tau_intra <= 1 and 0 < self.tau_cross <= 1, "tau_intra and tau_cross must be in (0, 1],", (self.tau_intra, self.tau_cross))
         need(self.l2 >= 0, "l2 must be >= 0,", self.l2)
+        need(self.deepconf in ("low", "high"), "deepconf must be 'low' or 'high',", self.deepconf)
+        need(isinstance(self.window, int) and self.window >= 1, "window must be an int >= 1,", self.window)
+        need(isinstance(self.conf_topk, int) and 1 <= self.conf_topk <= 64, "conf_topk must be in 1..64,", self.conf_topk)
+        need(0 < self.tau <= 1, "tau must be in (0, 1],", self.tau)
+        if self.strategy == "deepconf":
+            need(isinstance(self.warmup, int) and 1 <= self.warmup <= self.n, "deepconf needs 1 <= warmup <= n (the budget),", (self.warmup, self.n))
         if self.strategy == "carbon":
             n1 = self.carbon_n1
             need(1 <= n1 < self.n, "carbon needs 1 <= n1 < n,", (n1, self.n))
             need(1 <= self.carbon_keep <= n1, "keep must be in 1..n1,", self.keep)
-        if self.strategy in ("self-consistency", "best-of-n") and self.temperature == 0 and self.n > 1:
+        if self.strategy in ("self-consistency", "best-of-n", "deepconf") and self.temperature == 0 and self.n > 1:
             raise ValueError(f"n > 1 samples need temperature > 0 (the engines refuse greedy parallel sampling), got n={self.n}")
 
     @property
@@ -309,7 +331,44 @@ async def carbon(run: _Run, aggregators: Mapping[str, Any], rewards: Mapping[str
     return _result(run, _vote(o, samples, "best_of_n", aggregators), samples, calibration=info)
 
 
-RUNNERS = {"self-consistency": self_consistency, "ladder": ladder, "carbon": carbon, "best-of-n": best_of_n}
+def _conf(s: Sample) -> dict[str, Any]:
+    report = (s.reports or {}).get("conf")
+    if not report or report.get("lowest") is None and s.tokens:
+        raise ServerError("the server returned no confidence report (tts_conf_*): it needs tts-plugins with DeepConf, "
+                          "and on vLLM the V1 model runner (VLLM_USE_V2_MODEL_RUNNER=0 on GPUs)", 502)
+    return report
+
+
+async def deepconf(run: _Run, aggregators: Mapping[str, Any], rewards: Mapping[str, Any]) -> dict[str, Any]:
+    o = run.o
+    keys = {"tts_conf_window": o.window, "tts_conf_topk": o.conf_topk}
+    samples = await run.draw(o.warmup, temperature=o.temperature, phase="warmup", params=keys)
+    lows = [_conf(s)["lowest"] or 0.0 for s in samples]
+    threshold = aggregate.percentile(lows, 90.0 if o.deepconf == "low" else 10.0)
+
+    def voters() -> tuple[list[str | None], list[float]]:
+        answers, weights = [], []
+        for s in samples:
+            r = _conf(s)
+            if not r["stopped"] and (r["lowest"] or 0.0) >= threshold and s.answer is not None:
+                answers.append(s.answer)
+                weights.append(float(r["lowest"]))
+        return answers, weights
+
+    vote = aggregate.confidence_vote(*voters())
+    waves = 0
+    while len(samples) < o.n and not (vote.total > 0 and vote.votes >= o.tau * vote.total):
+        size = min(o.max_n, o.n - len(samples))
+        samples += await run.draw(size, temperature=o.temperature, phase="online", params={**keys, "tts_conf_threshold": threshold})
+        waves += 1
+        vote = aggregate.confidence_vote(*voters())
+    stopped = sum(bool(_conf(s)["stopped"]) for s in samples)
+    consensus = vote.votes / vote.total if vote.total else 0.0
+    return _result(run, vote, samples, threshold=threshold, variant=o.deepconf, warmup=o.warmup, online_waves=waves, stopped=stopped,
+                   consensus=consensus, voters=len(voters()[0]))
+
+
+RUNNERS = {"self-consistency": self_consistency, "ladder": ladder, "carbon": carbon, "best-of-n": best_of_n, "deepconf": deepconf}
 
 
 async def run_problem(server: Server, problem: Mapping[str, Any], o: Options, aggregators: Mapping[str, Any] | None = None,
