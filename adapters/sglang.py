@@ -399,7 +399,8 @@ def _attach_report(st: SglangTTS, req: Any) -> None:
     reason = getattr(req, "finished_reason", None)
     if slot is None or reason is None or type(reason).__name__ == "FINISH_ABORT":
         return
-    reports = st.state.report(slot)
+    # with the overlap scheduler the next step may already have judged this request: report as of its last token
+    reports = st.state.report(slot, len(req.output_ids))
     if reports:
         engine = getattr(reason, "matched", None)
         req.finished_reason = with_report(reason, services.report_json(reports, engine if isinstance(engine, int) else None))

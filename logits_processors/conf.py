@@ -119,8 +119,10 @@ class ConfStop(LogitsTechnique):
         self._wsum = torch.zeros(n, dtype=torch.float64, device=dev)  # the window's running sum
         self._stats = torch.zeros(n, 4, dtype=torch.float64, device=dev)  # count, total, lowest, stopped
         self._stats[:, _LOWEST] = math.inf
+        self._prev = self._stats.clone()  # the statistics before each slot's latest step
         on_cpu = dev.type == "cpu"
         self._stats_host = self._stats if on_cpu else torch.zeros(n, 4, dtype=torch.float64, pin_memory=info.pin_memory)
+        self._prev_host = self._prev if on_cpu else torch.zeros(n, 4, dtype=torch.float64, pin_memory=info.pin_memory)
         self.active: set[int] = set()
         self.ws = Workspace(dev, info.pin_memory)
 
@@ -141,9 +143,9 @@ class ConfStop(LogitsTechnique):
         # a new or cleared slot starts from nothing (device writes, enqueued in order before the next apply)
         self._ring[slot] = 0.0
         self._wsum[slot] = 0.0
-        self._stats[slot] = torch.tensor([0.0, 0.0, math.inf, 0.0], dtype=torch.float64)
-        if self._stats_host is not self._stats:
-            self._stats_host[slot] = torch.tensor([0.0, 0.0, math.inf, 0.0], dtype=torch.float64)
+        fresh = torch.tensor([0.0, 0.0, math.inf, 0.0], dtype=torch.float64)
+        for t in {id(x): x for x in (self._stats, self._prev, self._stats_host, self._prev_host)}.values():
+            t[slot] = fresh
         thr, win, k, low = self._thr.np, self._win.np, self._k.np, self._min.np
         thr[slot], win[slot], k[slot], low[slot], self._kmax[slot] = -np.inf, 1, 1, 1, 0
         if params is not None:
@@ -155,9 +157,14 @@ class ConfStop(LogitsTechnique):
 
     report_fields = ("tokens", "total", "lowest", "stopped")
 
-    def report_values(self, slots: np.ndarray) -> np.ndarray:
-        """The packed statistics of ``slots`` from the host copy (no sync; on a GPU it may lag by a step)."""
+    def report_values(self, slots: np.ndarray, tokens: np.ndarray | None = None) -> np.ndarray:
+        """The packed statistics of ``slots`` from the host copy (no sync; on a GPU it may lag by a step); with
+        ``tokens``, a slot judged one step more than its request produced reports the step before."""
         out = self._stats_host.numpy()[slots]
+        if tokens is not None:
+            past = out[:, _COUNT] > np.asarray(tokens)
+            if past.any():
+                out[past] = self._prev_host.numpy()[slots[past]]
         out[self._kmax[slots] == 0] = np.nan
         return out
 
@@ -196,6 +203,7 @@ class ConfStop(LogitsTechnique):
         self._step(logits, rows, slots, kmax)
         if self._stats_host is not self._stats:
             self._stats_host.copy_(self._stats, non_blocking=True)
+            self._prev_host.copy_(self._prev, non_blocking=True)
         return logits
 
     def _step(self, logits: torch.Tensor, rows: torch.Tensor | None, slots: torch.Tensor, kmax: int) -> None:
@@ -231,6 +239,7 @@ class ConfStop(LogitsTechnique):
         fell = live & (count1 >= self._min.device_view()[slots]) & (group < self._thr.device_view()[slots].double())
         deliver = fell | ~live  # stopped now, or before while the engine masked EOS: this step's token is EOS
         new = torch.stack([count1.double(), stats[:, _TOTAL] + torch.where(live, c64, 0.0), lowest, deliver.double()], 1)
+        self._prev[slots] = torch.where(live.unsqueeze(1), stats, self._prev[slots])  # a stopped slot's step changes nothing
         self._stats[slots] = new
         if self.eos is None:
             return

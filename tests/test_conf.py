@@ -160,3 +160,21 @@ def test_report_round_trip():
     reason = report_json({"conf": {"stopped": True, "tokens": 5, "lowest": 1.5, "mean": 2.0}}, 151645)
     assert parse_report(reason) == {"conf": {"stopped": True, "tokens": 5, "lowest": 1.5, "mean": 2.0}}
     assert parse_report(None) is None and parse_report("</answer>") is None and parse_report(7) is None
+
+
+def test_a_step_past_the_end_is_not_reported():
+    """An overlapping scheduler judges one more step before it knows the request ended: the report, given the
+    request's token count, is the one of its last token."""
+    t, gen = tech(), torch.Generator().manual_seed(3)
+    p = ConfParams.parse({"tts_conf_window": 2, "tts_conf_topk": 4})
+    t.set_slot(1, p, SlotRequest())
+    host, confs = np.array([1]), []
+    for _ in range(4):
+        z = logits(gen, 1, 2.0)
+        confs.append(float(token_confidence(z, 4)[0]))
+        t.apply(z, torch.from_numpy(host), host)
+    values = t.report_values(np.array([1]), np.array([3]))[0]
+    got = ConfStop.report(dict(zip(ConfStop.report_fields, values)))
+    want = trace_statistics(confs[:3], 2)
+    assert got["tokens"] == 3 and math.isclose(got["lowest"], want["lowest"], rel_tol=1e-6)
+    assert math.isclose(got["mean"], want["mean"], rel_tol=1e-6) and report(t, 1)["tokens"] == 4

@@ -152,19 +152,21 @@ class SlotState:
         """The techniques that report on requests and are on for one now (an O(techniques) host check)."""
         return [t for t in self.techniques if t.report_fields and t.num_active and self._users.get(t.name)]
 
-    def report_tables(self, slots: np.ndarray) -> dict[str, np.ndarray]:
-        """``{name: report_values(slots)}`` of the reporting techniques that are on (see :meth:`reporting`)."""
+    def report_tables(self, slots: np.ndarray, tokens: np.ndarray | None = None) -> dict[str, np.ndarray]:
+        """``{name: report_values(slots, tokens)}`` of the reporting techniques that are on (see :meth:`reporting`)."""
         out: dict[str, np.ndarray] = {}
         for tech in self.reporting():
             try:
-                out[tech.name] = np.asarray(tech.report_values(slots), dtype=np.float64)
+                out[tech.name] = np.asarray(tech.report_values(slots, tokens), dtype=np.float64)
             except Exception:  # a report is never worth a request: log and leave it out
                 log.exception("tts_plugins: technique %r failed to report", tech.name)
         return out
 
-    def report(self, slot: int) -> dict[str, Any]:
-        """The reports of ``slot``'s request, by technique name (those that have one); ``{}`` when none has."""
-        return decode_reports(self.registry, self.report_tables(np.asarray([slot], dtype=np.int64)), 0)
+    def report(self, slot: int, tokens: int | None = None) -> dict[str, Any]:
+        """The reports of ``slot``'s request (which produced ``tokens`` tokens, when known), by technique name (those
+        that have one); ``{}`` when none has."""
+        count = None if tokens is None else np.asarray([tokens], dtype=np.int64)
+        return decode_reports(self.registry, self.report_tables(np.asarray([slot], dtype=np.int64), count), 0)
 
     def release_all(self) -> list[int]:
         """Drop every slot's state (after a technique failed: its requests go on without techniques)."""

@@ -189,12 +189,16 @@ class LogitsTechnique(ABC):
     report_fields: ClassVar[tuple[str, ...]] = ()
     """The numbers this technique reports on each request when it ends (empty: no report). See ``report_values``."""
 
-    def report_values(self, slots: np.ndarray) -> np.ndarray:
+    def report_values(self, slots: np.ndarray, tokens: np.ndarray | None = None) -> np.ndarray:
         """The report numbers of ``slots`` (host ``int64`` array): a float64 ``[len(slots), len(report_fields)]``
         array, NaN in the rows of slots this technique is not on for. Host only, vectorized, no sync with the
         device (a copy lagging the device by a step is acceptable). Called by the adapters while requests that
         use a reporting technique are in the batch, at most once a step (vLLM sends the numbers of the step's
-        rows to its scheduler, which runs in another process), and when a request ends (SGLang)."""
+        rows to its scheduler, which runs in another process), and when a request ends (SGLang).
+
+        ``tokens``: when given, how many tokens each request had produced when it ended. An overlapping
+        scheduler (SGLang's) runs one more step for a request before it knows that the request has ended; a
+        technique that counts its steps reports as of ``tokens`` (it keeps the numbers of the step before)."""
         raise NotImplementedError(f"{type(self).__name__} declares report_fields but no report_values")
 
     @classmethod

@@ -61,6 +61,7 @@ class SglangOffline:
                 sp["sampling_seed"] = seed
             if sampling.get("n", 1) > 1:
                 sp["n"] = sampling["n"]
+            sp.update(sampling.get("extra", {}))  # engine sampling parameters, as named by both engines (stop_token_ids)
             sps.append(sp)
         ids = [p if isinstance(p, list) else self.tokenizer.encode(p, add_special_tokens=False) for p in prompts]
         extra = {"return_logprob": True} if sampling.get("logprobs") else {}
