@@ -113,3 +113,10 @@ def test_deepconf_refuses_a_server_without_reports():
 def test_bad_deepconf_options_are_refused(kw, fragment):
     with pytest.raises(ValueError, match=fragment):
         Options(strategy="deepconf", **kw).check()
+
+
+def test_without_adaptive_sampling_the_whole_budget_is_drawn():
+    warm = [("7" if c >= 9 else "3", float(c)) for c in range(1, 11)]
+    srv = Scripted(warm + [("7", 12.0)] * 20)
+    res = run(srv, n=18, warmup=10, deepconf="low", adaptive=False)
+    assert res["n_samples"] == 18 and res["online_waves"] == 2 and res["answer"] == "7"

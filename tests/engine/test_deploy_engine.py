@@ -219,3 +219,87 @@ def test_data_parallel_sends_the_separate_requests_of_a_named_group_to_one_rank(
     assert _per_rank(two_ranks, engine_name, lambda: four({}))[1] == [2.0, 2.0], "fixture: plain requests are spread"
     assert _per_rank(two_ranks, engine_name, lambda: four({"tts_group": "named"}))[1] == [0.0, 4.0]
     assert _per_rank(two_ranks, engine_name, lambda: four({"tts_group": "another", "tts_think_max": 2}))[1] == [0.0, 4.0]
+
+
+# --- DeepConf online over HTTP: the stock client sees the stop and the report; the strategy runs end to end ---------
+
+
+def _report(engine_name, choice):
+    from tts_plugins.services import parse_report
+
+    extra = choice.model_extra or {}
+    reports = parse_report(extra.get("stop_reason" if engine_name == "vllm" else "matched_stop"))
+    assert reports and "conf" in reports, f"no report in {extra!r}"
+    return reports["conf"]
+
+
+def test_deepconf_stop_and_report_reach_the_stock_client(engines, engine_name, parsed):
+    client = parsed.client()
+    msgs = [{"role": "user", "content": QUESTION}]
+    # a threshold above every confidence: each sample is stopped at its first judged step (the window's 2nd token)
+    r = client.chat.completions.create(model=parsed.model, messages=msgs, max_tokens=30, temperature=1.0, n=3,
+                                       extra_body=extra_body(engine_name, tts_conf_window=2, tts_conf_threshold=1000.0))
+    assert r.usage.completion_tokens == 6
+    for c in r.choices:
+        assert c.finish_reason == "stop" and _report(engine_name, c) == {**_report(engine_name, c), "stopped": True, "tokens": 2}
+    # measured only: the sample runs as it would, and reports every token it produced
+    plain = client.chat.completions.create(model=parsed.model, messages=msgs, max_tokens=30, temperature=0)
+    r = client.chat.completions.create(model=parsed.model, messages=msgs, max_tokens=30, temperature=0,
+                                       extra_body=extra_body(engine_name, tts_conf_window=8))
+    rep = _report(engine_name, r.choices[0])
+    assert r.choices[0].message.content == plain.choices[0].message.content and not rep["stopped"]
+    assert rep["tokens"] == r.usage.completion_tokens and 0 < rep["lowest"] <= rep["mean"] + 1e-9 or rep["tokens"] < 8
+    # streaming: the last chunk carries it
+    last = None
+    for chunk in client.chat.completions.create(model=parsed.model, messages=msgs, max_tokens=30, temperature=0, stream=True,
+                                                extra_body=extra_body(engine_name, tts_conf_window=8)):
+        if chunk.choices and chunk.choices[0].finish_reason:
+            last = chunk.choices[0]
+    assert last is not None and _report(engine_name, last) == rep
+
+
+@pytest.mark.parametrize("keys, key", [({"tts_conf_window": 0}, "tts_conf_window"), ({"tts_conf_threshold": "low"}, "tts_conf_threshold"),
+                                       ({"tts_conf_topk": 100}, "tts_conf_topk")])
+def test_deepconf_bad_values_get_a_400_naming_the_key(engines, engine_name, parsed, keys, key):
+    r = requests.post(f"{parsed.base}/v1/chat/completions", timeout=60,
+                      json={"model": parsed.model, "messages": [{"role": "user", "content": QUESTION}], "max_tokens": 4,
+                            **extra_body(engine_name, **keys)})
+    assert r.status_code == 400 and key in r.text, r.text[:500]
+    assert parsed.alive()
+
+
+def test_deepconf_strategy_runs_end_to_end(engines, engine_name, parsed, tmp_path):
+    """``tts run --strategy deepconf`` on the trained reasoner: the warmup sets the threshold, the online traces
+    are stopped by the engine exactly when their windowed confidence falls below it, the vote is the weighted one."""
+    import subprocess
+    import sys
+
+    from tts_plugins.client.aggregate import confidence_vote
+    from tts_plugins.models import arith
+
+    problems = [{"id": f"p{i}", "prompt": p.question, "answer": p.answer} for i, p in enumerate(arith.held_out(3, steps=None))]
+    data = tmp_path / "problems.jsonl"
+    data.write_text("".join(json.dumps(p) + "\n" for p in problems))
+    out = tmp_path / "out.jsonl"
+    window = 8
+    r = subprocess.run([sys.executable, "-m", "tts_plugins.client.cli", "run", str(data), "-o", str(out), "--url", parsed.base,
+                        "--strategy", "deepconf", "-n", "12", "--warmup", "4", "--max-n", "4", "--window", str(window), "--no-adaptive",
+                        "--temperature", "0.6", "--max-tokens", "200", "--quiet", "--extract", "tts_plugins.models.arith:extract_answer"],
+                       capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0, r.stderr[-3000:]
+    results = [json.loads(line) for line in out.read_text().splitlines()]
+    assert len(results) == 3
+    online = 0
+    for x in results:
+        warm = [s for s in x["samples"] if s["phase"] == "warmup"]
+        assert len(warm) == 4 and all(not s["reports"]["conf"]["stopped"] for s in warm)
+        for s in x["samples"]:
+            rep = s["reports"]["conf"]
+            assert rep["tokens"] == s["tokens"]
+            if s["phase"] == "online" and rep["tokens"] >= window and abs(rep["lowest"] - x["threshold"]) > 1e-4:
+                online += 1
+                assert rep["stopped"] == (rep["lowest"] < x["threshold"]), (rep, x["threshold"])
+        voters = [(s["answer"], s["reports"]["conf"]["lowest"]) for s in x["samples"]
+                  if not s["reports"]["conf"]["stopped"] and s["reports"]["conf"]["lowest"] >= x["threshold"] and s["answer"] is not None]
+        assert x["answer"] == confidence_vote([a for a, _ in voters], [c for _, c in voters]).answer
+    assert online > 0

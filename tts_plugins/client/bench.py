@@ -92,6 +92,11 @@ METHODS: dict[str, MethodInfo] = {m.name: m for m in (
                "reward": "agreement"}, "n",
                source="arXiv 2510.15674 (reported): N1 = N/2 explore; the paper scores with a process reward model; the default "
                       "'agreement' reward with Best-of-N over all N is majority@N by construction: give reward=module:function"),
+    MethodInfo("deepconf", "DeepConf online: warmup traces set a confidence threshold, further traces are stopped in the engine "
+               "below it, confidence-weighted vote, no more traces once it agrees", {"n": 32, "temperature": 0.6, "top_p": 0.95, "warmup": 16,
+               "variant": "low", "window": 2048, "conf_topk": 20, "tau": 0.95, "adaptive": True}, "n",
+               source="arXiv 2508.15260 and facebookresearch/deepconf: T=0.6, top_p=0.95, 16 warmup traces, window 2048, top-20, "
+                      "tau 0.95, low = 90th percentile; the budget n=32 is ours (the paper: 256 or 512)"),
     MethodInfo("ladder", "temperature ladder with the two-stage multi-temperature vote and early exit",
                {"waves": 1, "tau_intra": 0.8, "tau_cross": 1.0}, "waves",
                source="arXiv 2510.02611 (reported): rungs 0.0..1.2 step 0.1 (13 samples a wave), tau_intra 0.8, tau_cross 1.0"),
@@ -206,7 +211,7 @@ def _check(spec: str, name: str, s: Mapping[str, Any]) -> None:
     def is_int(v: Any) -> bool:
         return isinstance(v, int) and not isinstance(v, bool)
 
-    for key in ("n", "k", "m", "budget", "waves", "converge", "min_tokens", "max_tokens"):
+    for key in ("n", "k", "m", "budget", "waves", "converge", "min_tokens", "max_tokens", "warmup", "window", "conf_topk"):
         if key in s:
             need(is_int(s[key]) and s[key] >= (0 if key in ("budget", "min_tokens", "converge") else 1),
                  f"{key} must be an int >= {0 if key in ('budget', 'min_tokens', 'converge') else 1}, got {s[key]!r}")
@@ -225,8 +230,13 @@ def _check(spec: str, name: str, s: Mapping[str, Any]) -> None:
         need(isinstance(s["top_p"], (int, float)) and 0 < s["top_p"] <= 1, f"top_p must be in (0, 1], got {s['top_p']!r}")
     if name == "short-m":
         need(s["m"] <= s["k"], f"m must be <= k, got m={s['m']}, k={s['k']}")
-    if name in ("majority", "inverse-entropy", "best-of-n", "carbon", "short-m", "moi", "no-think", "sample") and s.get("k", s.get("n", 1)) > 1:
+    sampled = ("majority", "inverse-entropy", "best-of-n", "carbon", "short-m", "moi", "no-think", "sample", "deepconf")
+    if name in sampled and s.get("k", s.get("n", 1)) > 1:
         need(s.get("temperature", 0) > 0, "more than one sample needs temperature > 0")
+    if name == "deepconf":
+        need(s["variant"] in ("low", "high"), f"variant must be low or high, got {s['variant']!r}")
+        need(s["warmup"] <= s["n"], f"warmup must be <= n (the budget), got warmup={s['warmup']}, n={s['n']}")
+        need(0 < s["tau"] <= 1, f"tau must be in (0, 1], got {s['tau']!r}")
     if name == "carbon":
         need(s["n"] >= 2, f"carbon needs n >= 2 (explore and exploit), got {s['n']}")
     if name == "roster":
@@ -240,12 +250,13 @@ def _default_label(m: Method) -> str:
     base = {"majority": f"majority@{s.get('n')}", "inverse-entropy": f"inverse-entropy@{s.get('n')}", "best-of-n": f"best-of-{s.get('n')}",
             "short-m": f"short-{s.get('m')}@{s.get('k')}", "carbon": f"carbon@{s.get('n')}", "think-max": f"think-max {pos}",
             "think-min": f"think-min {pos}", "roster": f"roster of {s.get('k')} tau={s.get('tau')}", "roe": f"roe tau={s.get('tau')}",
-            "ladder": f"ladder x{s.get('waves')}", "trim": f"trim converge={s.get('converge')}"}.get(m.name)
+            "ladder": f"ladder x{s.get('waves')}", "trim": f"trim converge={s.get('converge')}",
+            "deepconf": f"deepconf-{s.get('variant')}@{s.get('n')}"}.get(m.name)
     if base is None:
         base = m.name + (f"@{s['n']}" if s.get("n", 1) > 1 else "")
         changed = [c for c in changed if not c.startswith("n=")]
     else:
-        changed = [c for c in changed if c.split("=")[0] not in ("n", "m", "k", "tau", "waves", "converge")]
+        changed = [c for c in changed if c.split("=")[0] not in ("n", "m", "k", "tau", "waves", "converge", "variant")]
     extra = changed + [f"{k}={json.dumps(v) if not isinstance(v, str) else v}" for k, v in m.params.items()]
     return base + (f" ({', '.join(extra)})" if extra else "")
 
@@ -357,6 +368,9 @@ async def run_one(server: Server, m: Method, p: Mapping[str, Any], *, seed: int,
             params.update(tts_group=_group_name(nonce, m.label, p["id"]), tts_group_stop_after=s["m"])
         elif name == "carbon":
             o.update(strategy="carbon", reward=s["reward"])
+        elif name == "deepconf":
+            o.update(strategy="deepconf", warmup=s["warmup"], deepconf=s["variant"], window=s["window"], conf_topk=s["conf_topk"],
+                     tau=float(s["tau"]), adaptive=bool(s["adaptive"]))
         elif name == "ladder":
             # one wave at a time: a wave cancelled by an early exit would have spent tokens no record counts
             o.update(strategy="ladder", waves=s["waves"], min_waves=1, ahead=1, tau_intra=float(s["tau_intra"]),
@@ -371,6 +385,9 @@ async def run_one(server: Server, m: Method, p: Mapping[str, Any], *, seed: int,
             extra["calibration"] = {k: r["calibration"][k] for k in ("temperature", "bias_tokens")}
         if "early_exit" in r:
             extra["early_exit"] = r["early_exit"]
+        if "threshold" in r:  # deepconf
+            extra["deepconf"] = {k: r[k] for k in ("threshold", "stopped", "online_waves", "voters", "consensus")}
+            extra["early_exit"] = r["n_samples"] < int(s["n"])
     right = [x.answer is not None and same(str(x.answer), str(p["answer"])) for x in samples]
     opened = prompt_opens_thinking(samples)
     if save_samples:

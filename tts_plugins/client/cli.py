@@ -140,6 +140,7 @@ def parser() -> argparse.ArgumentParser:
                    help="deepconf: low keeps the top 10%% of the warmup's confidence (threshold at its 90th percentile), high the top 90%%")
     r.add_argument("--warmup", type=int, default=16, help="deepconf: warmup traces (the threshold's sample); -n is the budget")
     r.add_argument("--tau", type=float, default=0.95, help="deepconf: stop drawing once the weighted vote's consensus reaches this")
+    r.add_argument("--no-adaptive", action="store_true", help="deepconf: draw the whole budget (no stop at consensus)")
     r.add_argument("--window", type=int, default=2048, help="deepconf: the group confidence's window (tokens)")
     r.add_argument("--conf-topk", type=int, default=20, help="deepconf: top-k log-probs of a token's confidence")
     r.add_argument("--top-logprobs", type=int, default=20)
@@ -157,7 +158,7 @@ def options(a: argparse.Namespace) -> Options:
     o = Options(strategy=a.strategy, n=a.samples, temperature=a.temperature, max_tokens=a.max_tokens, max_n=a.max_n, seed=a.seed, vote=a.vote,
                 m=a.m, reward=a.reward, top_logprobs=a.top_logprobs, params=a.params, ladder=tuple(a.ladder), waves=a.waves, min_waves=a.min_waves,
                 ahead=a.ahead, ladder_mode=a.ladder_mode, tau_intra=a.tau_intra, tau_cross=a.tau_cross, n1=a.n1, keep=a.keep, l2=a.l2,
-                deepconf=a.deepconf, warmup=a.warmup, tau=a.tau, window=a.window, conf_topk=a.conf_topk)
+                deepconf=a.deepconf, warmup=a.warmup, tau=a.tau, adaptive=not a.no_adaptive, window=a.window, conf_topk=a.conf_topk)
     o.check()
     bad = [k for k in o.params if not str(k).startswith("tts_")]
     if bad:

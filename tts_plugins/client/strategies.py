@@ -40,8 +40,9 @@ over a JSONL file.
   ``tts_conf_topk``); the stopping threshold is the 90th percentile of their lowest group confidences for
   ``deepconf="low"`` (keep the top 10%) or the 10th for ``"high"`` (top 90%). Then waves of at most ``max_n``
   traces are sent with ``tts_conf_threshold`` (the engine stops a trace as soon as its windowed confidence falls
-  below), until the confidence-weighted vote's consensus reaches ``tau`` (0.95) or ``n`` traces (the budget,
-  warmup included) were drawn. The vote: every trace that was not stopped, whose lowest group confidence is at
+  below), until the confidence-weighted vote's consensus reaches ``tau`` (0.95; the paper's adaptive sampling) or
+  ``n`` traces (the budget, warmup included) were drawn (``adaptive=False``: the whole budget, as the paper's
+  released online script does). The vote: every trace that was not stopped, whose lowest group confidence is at
   least the threshold and that has an answer, weighted by its lowest group confidence (the paper's code).
   The paper samples at temperature 0.6, top-p 0.95 (set ``temperature``/``top_p``); its window is 2048 tokens.
 
@@ -96,6 +97,7 @@ class Options:
     deepconf: str = "low"  # "low": threshold at the warmup's 90th percentile (keep the top 10%); "high": the 10th
     warmup: int = 16
     tau: float = 0.95
+    adaptive: bool = True  # False: draw the whole budget (as the paper's released online script does)
     window: int = 2048
     conf_topk: int = 20
 
@@ -357,7 +359,7 @@ async def deepconf(run: _Run, aggregators: Mapping[str, Any], rewards: Mapping[s
 
     vote = aggregate.confidence_vote(*voters())
     waves = 0
-    while len(samples) < o.n and not (vote.total > 0 and vote.votes >= o.tau * vote.total):
+    while len(samples) < o.n and not (o.adaptive and vote.total > 0 and vote.votes >= o.tau * vote.total):
         size = min(o.max_n, o.n - len(samples))
         samples += await run.draw(size, temperature=o.temperature, phase="online", params={**keys, "tts_conf_threshold": threshold})
         waves += 1
