@@ -8,8 +8,10 @@ the same tensor. Reported: median microseconds, spread, and the ratio.
 Cases: ``unused`` (no row opted in; target <= 0.01x copy), ``active`` (every
 row opted in and acted on this step; target <= 2x copy), ``mixed`` (a quarter
 of the rows; target <= 2x copy). A technique whose work is a reduction (the
-RoE roster: one softmax over its member rows, one sum per roster) is measured
-against that softmax over the same rows instead (target <= 1.5x). The model
+RoE roster: one softmax over its member rows, one sum per roster; DeepConf: a
+top-20 and a log-sum-exp of its rows) is measured against the one reduction it
+needs over the same rows instead (the roster: that softmax; DeepConf: one
+top-20, the issue's unit; target <= 1.5x). The model
 patches' kernels have their own floors: Mixture of Inputs' stash against a
 copy of the logits (<= 2x), RoE's routing mask against the router's own
 softmax and top-k (<= 2x). Each target is in the JSON next to its figure.
@@ -104,7 +106,16 @@ def cases(tok):
                 admit(state, rows, r, flat if share and r % share == 0 else {}, prompt)
         return setup
 
+    def conf(share):  # DeepConf: every row measured and judged against a threshold (none falls below: no stop)
+        def setup(state, rows, batch, prompt):
+            flat = {"tts_conf_threshold": 0.0, "tts_conf_window": 2048, "tts_conf_topk": 20}
+            for r in range(batch):
+                admit(state, rows, r, flat if share and r % share == 0 else {}, prompt)
+        return setup
+
     return {
+        # DeepConf's step is a top-20 and a log-sum-exp of its rows: its target is a ratio to one top-20 of those rows
+        "conf": {"unused": conf(0), "reduce-all": conf(1), "reduce-mixed": conf(4)},
         # a roster's step is one softmax of its member rows and a sum per roster: its target is a ratio to that softmax
         "roe_roster": {"unused": roster(0), "reduce-all": roster(1), "reduce-mixed": roster(4)},
         "carbon": {"unused": carbon(0), "active": carbon(1), "mixed": carbon(4)},
@@ -148,8 +159,20 @@ def bench(args) -> list[dict]:
                     state.apply(logits, row_slots, host_slots)
                 # a reduction technique (the roster) is measured against the one softmax it needs over the same rows
                 members = [r for r in range(batch) if int(rows.slot_of(r)) != info.neutral_slot] if case.startswith("reduce") else []
-                ref = None
-                if members:
+                ref, ref_name = None, "softmax of the member rows"
+                if members and technique == "conf":
+                    # one top-20 over the rows the kernel reads (gathered first when they are not the whole batch)
+                    ref_name = "top-20 of the member rows"
+                    midx = torch.tensor(members, device=device)
+                    picked = logits if len(members) == batch else torch.empty(len(members), args.vocab, device=device, dtype=logits.dtype)
+                    vals = torch.empty(len(members), 20, device=device, dtype=logits.dtype)
+                    idx = torch.empty(len(members), 20, device=device, dtype=torch.int64)
+
+                    def ref(midx=midx, picked=picked, vals=vals, idx=idx):
+                        if picked is not logits:
+                            torch.index_select(logits, 0, midx, out=picked)
+                        return torch.topk(picked, 20, -1, out=(vals, idx))
+                elif members:
                     midx = torch.tensor(members, device=device)
                     # into reused buffers, as the roster works (a fresh [rows, vocab] per call would time the allocator)
                     picked = torch.empty(len(members), args.vocab, device=device, dtype=logits.dtype)
@@ -166,7 +189,7 @@ def bench(args) -> list[dict]:
                         ref_t.append(timed(ref, device))
                 cm, am = statistics.median(copy_t), statistics.median(apply_t)
                 results.append(record(technique, case, batch, args.vocab, dname, am, cm, apply_t,
-                                      reference=("softmax of the member rows", statistics.median(ref_t)) if ref_t else None))
+                                      reference=(ref_name, statistics.median(ref_t)) if ref_t else None))
     return results
 
 
@@ -317,7 +340,7 @@ def main(argv=None) -> int:
     p.add_argument("--quick", action="store_true", help="batch 64, fp32, 15 repetitions")
     p.add_argument("--device-only", action="store_true", help="no host row map (the V2 path under speculative decoding)")
     p.add_argument("--json", type=Path)
-    p.add_argument("--only", nargs="+", help="these logits techniques only (think, trim, group, carbon, roe_roster), no patch kernels")
+    p.add_argument("--only", nargs="+", help="these logits techniques only (conf, think, trim, group, carbon, roe_roster), no patch kernels")
     p.add_argument("--patches", action="store_true", help="the model patches' kernels only (MoI stash, RoE mask)")
     args = p.parse_args(argv)
     if args.quick:

@@ -28,7 +28,8 @@ Where we differ, and why:
   more token (sampled from the distribution that made the window fall below) than ours.
 
 Hot path: for the opted-in rows only (gathered when they are not the whole batch), one exact two-pass top-k
-(:func:`tts_plugins.reduce.topk_rows`), one log-sum-exp, and ``O(rows)`` updates of per-slot buffers: a ring
+(:func:`tts_plugins.reduce.topk_rows`), one log-sum-exp from its maximum (a subtraction into a reused float32
+buffer, ``exp`` in place, a sum), and ``O(rows)`` updates of per-slot buffers: a ring
 of the last ``w`` confidences (``[slots, w]`` float32, sized on admission to the largest window asked for so
 far), the window's running sum (float64), the lowest group confidence, the total and the count. Nothing is
 read back per step: a packed ``[slots, 4]`` copy of the statistics goes to a host buffer with
@@ -86,7 +87,7 @@ class ConfParams:
 # --- the technique ---------------------------------------------------------------
 
 _COUNT, _TOTAL, _LOWEST, _STOPPED = range(4)  # the packed statistics' columns
-_RAISE = 1e4  # a stopped row's EOS logit: this far above the row's maximum (float32 logits)
+_RAISE = 1e4  # a stopped row's EOS logit: this far above the row's maximum
 
 
 class ConfStop(LogitsTechnique):
@@ -210,16 +211,20 @@ class ConfStop(LogitsTechnique):
         n, vocab = logits.shape
         kmax = min(kmax, vocab)
         r = n if rows is None else rows.shape[0]
-        src = logits if rows is None else torch.index_select(logits, 0, rows, out=self.ws.get("rows", r, vocab, logits.dtype))
+        if logits.dtype == torch.float32:
+            src = logits if rows is None else torch.index_select(logits, 0, rows, out=self.ws.get("rows", r, vocab, logits.dtype))
+        else:  # half precision: the rows in float32 once (CPUs reduce half precision slowly; sums must not accumulate in it)
+            src = self.ws.get("rows32", r, vocab, torch.float32)
+            src.copy_(logits if rows is None else logits.index_select(0, rows))
         top, _ = topk_rows(src, kmax, None, self.ws)
-        if src.dtype == torch.float32:
-            lse = torch.logsumexp(src, -1)
-        else:  # half precision: accumulate in float32
-            lse = torch.logsumexp(self.ws.get("f32", r, vocab, torch.float32).copy_(src), -1)
-        top = top.float()
+        # log-sum-exp from the top-1 (the row's maximum): one subtraction into a reused float32 buffer, exp in
+        # place, one sum (torch.logsumexp is several times slower on CPUs)
+        peak = top[:, :1]
+        e = torch.sub(src, peak, out=self.ws.get("exp", r, vocab, torch.float32)).exp_()
+        lse = peak.squeeze(1) + e.sum(-1).log()
         k = self._k.device_view()[slots]
         take = torch.arange(kmax, device=logits.device).unsqueeze(0) < k.unsqueeze(1)
-        conf = lse.float() - (top * take).sum(-1) / k  # C_i of each row
+        conf = lse - (top * take).sum(-1) / k  # C_i of each row
         # the rolling window, for the rows whose trace is not stopped
         stats = self._stats[slots]
         live = stats[:, _STOPPED] == 0
@@ -246,9 +251,9 @@ class ConfStop(LogitsTechnique):
         dst_rows = rows if rows is not None else torch.arange(n, device=logits.device)
         cur = logits[dst_rows, self.eos]
         allowed = deliver & (cur > float("-inf"))
-        if logits.dtype in (torch.float32, torch.float64):
-            logits[dst_rows, self.eos] = torch.where(allowed, top[:, 0].to(logits.dtype) + _RAISE, cur)
-        else:  # half precision cannot hold a raise above the row: every other token of a stopped row goes
+        if logits.dtype != torch.float16:  # float32, float64 and bfloat16 hold a raise of 1e4 above the row, divided by any temperature
+            logits[dst_rows, self.eos] = torch.where(allowed, (top[:, 0] + _RAISE).to(logits.dtype), cur)
+        else:  # float16 cannot (its maximum is 65504): every other token of a stopped row goes
             sub = logits.index_select(0, dst_rows)
             sub.masked_fill_(allowed.unsqueeze(1), float("-inf"))
             sub[:, self.eos] = torch.where(allowed, 0.0, cur.float()).to(logits.dtype)
