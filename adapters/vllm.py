@@ -286,12 +286,12 @@ class TTSLogitsProcessor(*_BASES):  # type: ignore[misc]
         self._observe_v2(ctx, host)
         return self.state.apply(logits, ctx.expanded_idx_mapping.to(torch.int64), host)
 
-    def report_tables(self, num_rows: int) -> dict[str, np.ndarray] | None:
-        """The report numbers of this step's rows (V1: the persistent batch's first ``num_rows`` rows, the order of
-        the model runner's output), by technique; ``None`` when no reporting technique is on (O(1))."""
+    def report_slots(self, num_rows: int) -> np.ndarray | None:
+        """The slots of this step's rows (V1: the persistent batch's first ``num_rows`` rows, the order of the model
+        runner's output), a copy; ``None`` when no reporting technique is on (O(1) when no request opted in)."""
         if self.inert or self.v2 or not self.state.active or not self.state.reporting():
             return None
-        return self.state.report_tables(self.rows.host_view(num_rows)) or None
+        return self.rows.host_view(num_rows).copy()
 
     def debug_counts(self) -> dict[str, int]:
         """Live per-request state in this processor: all zero (failures aside) once every request has left."""

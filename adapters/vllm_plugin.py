@@ -377,20 +377,26 @@ def attach_reports(output: Any) -> Any:
     req_ids = getattr(output, "req_ids", None)
     if not procs:
         return output
-    if req_ids is None and hasattr(output, "get_output"):  # async scheduling: the numbers now, the output later
-        tables = procs[0].report_tables(procs[0].rows.max_slots)
-        if tables:
+    proc = procs[0]
+    if req_ids is None and hasattr(output, "get_output"):
+        # async scheduling: the rows' slots now, their numbers when the output is made (after its device copy, so
+        # the statistics of this step have reached the host too)
+        slots = proc.report_slots(proc.rows.max_slots)
+        if slots is not None:
             make = output.get_output
 
             def get_output() -> Any:
                 out = make()
-                out.tts_reports = {k: v[: len(out.req_ids)] for k, v in tables.items()}
+                tables = proc.state.report_tables(slots[: len(out.req_ids)])
+                if tables:
+                    out.tts_reports = tables
                 return out
 
             output.get_output = get_output
         return output
     if req_ids:
-        tables = procs[0].report_tables(len(req_ids))
+        slots = proc.report_slots(len(req_ids))
+        tables = proc.state.report_tables(slots) if slots is not None else None
         if tables:
             output.tts_reports = tables
     return output

@@ -39,7 +39,8 @@ class Registers:
 
 def test_builtin_techniques_are_registered():
     reg = build_registry(plugin_manager(load_entry_points=False))
-    assert [t.name for t in reg.techniques] == ["think", "trim", "group", "carbon", "roe_roster"]
+    # conf first: it reads the logits before any technique forces a token
+    assert [t.name for t in reg.techniques] == ["conf", "think", "trim", "group", "carbon", "roe_roster"]
     assert reg.key_owner["tts_think_max"] == "think"
     assert reg.key_owner["tts_roe_roster"] == "roe_roster" and reg.key_owner["tts_roe_tau"] == "roe"
 
