@@ -124,6 +124,7 @@ class ConfStop(LogitsTechnique):
         on_cpu = dev.type == "cpu"
         self._stats_host = self._stats if on_cpu else torch.zeros(n, 4, dtype=torch.float64, pin_memory=info.pin_memory)
         self._prev_host = self._prev if on_cpu else torch.zeros(n, 4, dtype=torch.float64, pin_memory=info.pin_memory)
+        self._iota = torch.arange(max(n, MAX_TOPK), device=dev)  # row and top-k indices, sliced per step
         self.active: set[int] = set()
         self.ws = Workspace(dev, info.pin_memory)
 
@@ -223,7 +224,7 @@ class ConfStop(LogitsTechnique):
         e = torch.sub(src, peak, out=self.ws.get("exp", r, vocab, torch.float32)).exp_()
         lse = peak.squeeze(1) + e.sum(-1).log()
         k = self._k.device_view()[slots]
-        take = torch.arange(kmax, device=logits.device).unsqueeze(0) < k.unsqueeze(1)
+        take = self._iota[:kmax].unsqueeze(0) < k.unsqueeze(1)
         conf = lse - (top * take).sum(-1) / k  # C_i of each row
         # the rolling window, for the rows whose trace is not stopped
         stats = self._stats[slots]
@@ -248,7 +249,7 @@ class ConfStop(LogitsTechnique):
         self._stats[slots] = new
         if self.eos is None:
             return
-        dst_rows = rows if rows is not None else torch.arange(n, device=logits.device)
+        dst_rows = rows if rows is not None else self._iota[:n] if n <= len(self._iota) else torch.arange(n, device=logits.device)
         cur = logits[dst_rows, self.eos]
         allowed = deliver & (cur > float("-inf"))
         if logits.dtype != torch.float16:  # float32, float64 and bfloat16 hold a raise of 1e4 above the row, divided by any temperature
