@@ -27,9 +27,9 @@ Where we differ, and why:
   paper's fork ends the request after the token of that step was sampled, so its stopped traces hold one
   more token (sampled from the distribution that made the window fall below) than ours.
 
-Hot path: for the opted-in rows only (gathered when they are not the whole batch), one exact two-pass top-k
-(:func:`tts_plugins.reduce.topk_rows`), one log-sum-exp from its maximum (a subtraction into a reused float32
-buffer, ``exp`` in place, a sum), and ``O(rows)`` updates of per-slot buffers: a ring
+Hot path: for the opted-in rows only (gathered when they are not the whole batch), one fused ``log_softmax``
+into a reused float32 buffer, one exact two-pass top-k of it (:func:`tts_plugins.reduce.topk_rows`), and
+``O(rows)`` updates of per-slot buffers: a ring
 of the last ``w`` confidences (``[slots, w]`` float32, sized on admission to the largest window asked for so
 far), the window's running sum (float64), the lowest group confidence, the total and the count. Nothing is
 read back per step: a packed ``[slots, 4]`` copy of the statistics goes to a host buffer with
@@ -217,15 +217,13 @@ class ConfStop(LogitsTechnique):
         else:  # half precision: the rows in float32 once (CPUs reduce half precision slowly; sums must not accumulate in it)
             src = self.ws.get("rows32", r, vocab, torch.float32)
             src.copy_(logits if rows is None else logits.index_select(0, rows))
-        top, _ = topk_rows(src, kmax, None, self.ws)
-        # log-sum-exp from the top-1 (the row's maximum): one subtraction into a reused float32 buffer, exp in
-        # place, one sum (torch.logsumexp is several times slower on CPUs)
-        peak = top[:, :1]
-        e = torch.sub(src, peak, out=self.ws.get("exp", r, vocab, torch.float32)).exp_()
-        lse = peak.squeeze(1) + e.sum(-1).log()
+        # the log-probabilities in one fused pass into a reused float32 buffer (a log-sum-exp of its own would be
+        # three passes over the rows: torch's log_softmax keeps each row in cache), then their top-k
+        logp = torch.log_softmax(src, -1, out=self.ws.get("logp", r, vocab, torch.float32))
+        top, ids = topk_rows(logp, kmax, None, self.ws)
         k = self._k.device_view()[slots]
         take = self._iota[:kmax].unsqueeze(0) < k.unsqueeze(1)
-        conf = lse - (top * take).sum(-1) / k  # C_i of each row
+        conf = -(top * take).sum(-1) / k  # C_i of each row
         # the rolling window, for the rows whose trace is not stopped
         stats = self._stats[slots]
         live = stats[:, _STOPPED] == 0
@@ -253,7 +251,8 @@ class ConfStop(LogitsTechnique):
         cur = logits[dst_rows, self.eos]
         allowed = deliver & (cur > float("-inf"))
         if logits.dtype != torch.float16:  # float32, float64 and bfloat16 hold a raise of 1e4 above the row, divided by any temperature
-            logits[dst_rows, self.eos] = torch.where(allowed, (top[:, 0] + _RAISE).to(logits.dtype), cur)
+            peak = src.gather(1, ids[:, :1]).squeeze(1)  # the row's maximum logit
+            logits[dst_rows, self.eos] = torch.where(allowed, (peak + _RAISE).to(logits.dtype), cur)
         else:  # float16 cannot (its maximum is 65504): every other token of a stopped row goes
             sub = logits.index_select(0, dst_rows)
             sub.masked_fill_(allowed.unsqueeze(1), float("-inf"))
