@@ -8,7 +8,9 @@
    confidence for right against wrong traces, pooled and within a problem, and the accuracy of the traces at or
    above their problem's 90th / 10th percentile against all traces.
 3. ``tts bench`` with ``majority`` (n traces), ``deepconf`` low and high (budget n, warmup, the window), each
-   paired with majority on the same problems: accuracy and tokens, each with a 95% paired-bootstrap interval.
+   adaptive (no more traces once the weighted vote agrees, the paper's Algorithm 2) and with the whole budget (the
+   paper's released script), each paired with majority on the same problems: accuracy and tokens, each with a 95%
+   paired-bootstrap interval.
 4. ``report.md``.
 
     .venv/vllm/bin/python benchmarks/deepconf.py --out bench-results/deepconf     # about 15 minutes on 2 CPU cores
@@ -112,7 +114,10 @@ def main(argv=None) -> int:
     vote = f"majority@{n}"
     specs = [f"majority:n={n},temperature=0.6,top_p=0.95,label={vote}",
              f"deepconf:{n},warmup={args.warmup},window={w},variant=low,label=deepconf-low@{n},vs={vote}",
-             f"deepconf:{n},warmup={args.warmup},window={w},variant=high,label=deepconf-high@{n},vs={vote}"]
+             f"deepconf:{n},warmup={args.warmup},window={w},variant=high,label=deepconf-high@{n},vs={vote}",
+             # the whole budget, no consensus stop (the paper's released script): the early stop and the filter alone
+             f"deepconf:{n},warmup={args.warmup},window={w},variant=low,adaptive=false,label=deepconf-low@{n} whole budget,vs={vote}",
+             f"deepconf:{n},warmup={args.warmup},window={w},variant=high,adaptive=false,label=deepconf-high@{n} whole budget,vs={vote}"]
     srv = EngineServer("vllm", path, python=sys.executable, args=("--max-num-seqs", "256", "--max-num-batched-tokens", "16384"))
     try:
         prem_file = args.out / "premise.json"

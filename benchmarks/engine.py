@@ -9,7 +9,7 @@ number of tokens) in these configurations:
   the closest to "without the package" one engine process can be.
 * ``unused``: enabled, no request opted in. Target >= 0.98x disabled.
 * one configuration per technique with every request opted in (think cap,
-  think minimum, trim, group, Mixture of Inputs). Target >= 0.90x disabled.
+  think minimum, trim, group, CarBoN, DeepConf's confidence, Mixture of Inputs). Target >= 0.90x disabled.
 
 ``disabled`` needs its own engine process (the switch is read at start), so
 the two engines run one after the other; inside the enabled engine the
@@ -38,8 +38,10 @@ CONFIGS = {
     "trim": {"tts_trim": True},
     "group": {"tts_group": "bench", "tts_group_stop_after": 10**5},
     "carbon": {"tts_carbon_temperature": 0.7, "tts_carbon_bias_ids": list(range(16)), "tts_carbon_bias_values": [0.5] * 16},
+    "conf": {"tts_conf_window": 16},  # DeepConf: measured every step (no threshold, so every trace runs to the end)
     "moi": {"tts_moi_beta": 1.0},  # Mixture of Inputs: a model patch, not a logits technique
-    # every logits technique on every request at once (the think minimum gates, trim watches, the group counts)
+    # the logits techniques of the hot-path targets on every request at once (the think minimum gates, trim watches,
+    # the group counts, CarBoN tempers); DeepConf's per-step log-softmax is measured on its own ("conf")
     "all-logits": {"tts_think_min": 10**6, "tts_trim": True, "tts_group": "bench-all", "tts_group_stop_after": 10**5,
                    "tts_carbon_temperature": 0.7, "tts_carbon_bias_ids": list(range(16)), "tts_carbon_bias_values": [0.5] * 16},
 }
