@@ -114,7 +114,7 @@ def cases(tok):
         return setup
 
     return {
-        # DeepConf's step is a top-20 and a log-sum-exp of its rows: its target is a ratio to one top-20 of those rows
+        # DeepConf's step is a log-softmax of its rows and a top-20 of it: its target is a ratio to one top-20 of those rows
         "conf": {"unused": conf(0), "reduce-all": conf(1), "reduce-mixed": conf(4)},
         # a roster's step is one softmax of its member rows and a sum per roster: its target is a ratio to that softmax
         "roe_roster": {"unused": roster(0), "reduce-all": roster(1), "reduce-mixed": roster(4)},
