@@ -58,16 +58,16 @@ def timed(fn, device: torch.device) -> float:
 def cases(tok):
     """{technique: {case: setup(state, rows, batch, prompt)}}; each setup admits rows so ``apply`` has work."""
 
-    def admit(state, rows, r, flat, prompt):
+    def admit(state, rows, r, flat, prompt, greedy=None):
         parsed = state.registry.parse(flat)
         if parsed:
-            state.admit(rows.take(r), parsed, SlotRequest(prompt, greedy=r % 2 == 0), [])
+            state.admit(rows.take(r), parsed, SlotRequest(prompt, greedy=r % 2 == 0 if greedy is None else greedy), [])
         return rows.slot_of(r)
 
-    def think(flat_of):
+    def think(flat_of, greedy=None):  # greedy: None, half the rows greedy; False, every row sampled
         def setup(state, rows, batch, prompt):
             for r in range(batch):
-                admit(state, rows, r, flat_of(r), prompt)
+                admit(state, rows, r, flat_of(r), prompt, greedy)
         return setup
 
     forced = {"tts_no_think": True}  # forced from step 0
@@ -123,6 +123,7 @@ def cases(tok):
             "unused": think(lambda r: {}),
             "active-force": think(lambda r: forced),
             "active-gate": think(lambda r: gated),
+            "active-gate-sampled": think(lambda r: gated, greedy=False),  # no greedy row: no row maximum is read
             "mixed": think(lambda r: forced if r % 8 == 0 else gated if r % 8 == 4 else {}),
         },
         "trim": {"unused": trim(0), "active": trim(1), "mixed": trim(4)},

@@ -31,8 +31,9 @@ device buffers:
 
 ``apply`` costs nothing when no active slot is in force or gate mode (host
 counters), one in-place pass over ``logits`` when a row is forced, and
-``[R, K]`` gathers (K = size of the completion set, a handful) when gated.
-Not argmax invariant.
+``[R, K]`` gathers (K = size of the completion set, a handful) when gated, plus
+one read of the gated rows for their maxima when one of them is greedy (a
+sampled row's splice needs only its blocked tokens). Not argmax invariant.
 
 Counting (s1): thinking tokens are the output tokens after the start string
 (or from the first output token when the prompt already opened thinking),
@@ -208,6 +209,7 @@ def think_kernel(
     keep_rows: torch.Tensor | None = None,
     gate_rows: torch.Tensor | None = None,
     scratch: Workspace | None = None,
+    greedy_gated: bool = True,
 ) -> torch.Tensor:
     """Apply forcing and gating in place; see the module docstring.
 
@@ -223,7 +225,10 @@ def think_kernel(
     masked by ``force_tok[row_slots] >= 0``. ``gate_rows``: likewise, the rows
     whose gate may be closed (the others are not read: the row maximum a greedy
     splice needs is the one full read of a row); None: every row. ``scratch``:
-    where a copy of a few gated rows is kept from step to step.
+    where a copy of a few gated rows is kept from step to step. ``greedy_gated``:
+    False when the caller knows (on the host) that no gated row is greedy; then the
+    row maxima, which only a greedy splice needs, are not read (sampled rows need
+    only their blocked tokens).
 
     Single-element writes go through a flat ``index_put_`` (``scatter_`` on a
     CPU bf16 tensor rewrites the whole tensor: ~16x slower than a copy).
@@ -245,20 +250,23 @@ def think_kernel(
         vals = read(ids)
         in_set = vals.masked_fill(~(members & gated[:, None]), neg_inf)
         mass = torch.logsumexp(in_set, dim=1, keepdim=True)
-        if gate_rows is None:
+        if not greedy_gated:  # sampled rows only: no row maximum is needed
+            top = None
+        elif gate_rows is None:
             top = logits.amax(dim=1, keepdim=True)
         elif scratch is not None and 4 * gate_rows.shape[0] <= logits.shape[0]:  # few rows: copy them (into a reused buffer)
             part = scratch.get("gate_rows", gate_rows.shape[0], logits.shape[1], logits.dtype)
             top = torch.index_select(logits, 0, gate_rows, out=part).amax(dim=1, keepdim=True)
         else:  # most rows: one read of them all is cheaper than copying those
             top = logits.amax(dim=1, keepdim=True).index_select(0, gate_rows)
-        hit = in_set.amax(dim=1, keepdim=True) >= top  # a blocked token was the argmax
+        hit = None if top is None else in_set.amax(dim=1, keepdim=True) >= top  # a blocked token was the argmax
         put(ids, vals.masked_fill(gated[:, None], neg_inf), rows=gate_rows)
         w = wait_tok[slots]
         redirect = (gated & (w >= 0))[:, None]
         wi = w.clamp(min=0)[:, None]
         cur = read(wi)
-        spliced = torch.where(greedy[slots][:, None] > 0, torch.where(hit, top + 1.0, cur), torch.logaddexp(cur, mass))
+        moved = torch.logaddexp(cur, mass)
+        spliced = moved if top is None else torch.where(greedy[slots][:, None] > 0, torch.where(hit, top + 1.0, cur), moved)
         put(wi, torch.where(redirect, spliced, cur), rows=gate_rows)
     if do_force:
         force_kernel(logits, row_slots, force_tok, force_rows, put, keep_rows)
@@ -513,6 +521,10 @@ class ThinkSteering(LogitsTechnique):
                 keep_rows = few_other_rows(self._keep_buffers, modes == FORCE, logits.device, self.info.pin_memory)
             if do_gate and gates.size < modes.size:
                 gate_rows = upload_rows(self._gate_buffers, gates, logits.device, self.info.pin_memory)
+            # sampled rows (the usual case) need no row maximum: only a greedy gated row reads its whole row
+            greedy_gated = do_gate and bool((self._np[3][host_slots[gates]] > 0).any())
+        else:
+            greedy_gated = True
         dev = self._state.device_view()
         return think_kernel(
             logits,
@@ -529,4 +541,5 @@ class ThinkSteering(LogitsTechnique):
             keep_rows=keep_rows,
             gate_rows=gate_rows,
             scratch=self._scratch,
+            greedy_gated=greedy_gated,
         )

@@ -142,9 +142,11 @@ def test_host_known_rows_path_equals_device_path(batch, contiguous):
     gates = torch.tensor([r for r, s in enumerate(row_slots) if gate[s] >= 0], dtype=torch.int64)
     for keep in (None, others if 0 < others.numel() < len(row_slots) else None):  # both ways of writing the rows
         for gate_rows in (None, gates):  # the gated rows known on the host: only those are read
+            # and whether one of them is greedy: without one, the row maxima are not read
+            greedy_gated = gate_rows is None or any(greedy[row_slots[r]] for r in gates.tolist())
             got = think_kernel(
                 fresh(), torch.tensor(row_slots, dtype=torch.int64), torch.tensor(force), torch.tensor(gate), torch.tensor(wait),
                 torch.tensor(greedy), ids, mass, do_force=rows.numel() > 0, do_gate=gates.numel() > 0 or gate_rows is None,
-                force_rows=rows, keep_rows=keep, gate_rows=gate_rows,
+                force_rows=rows, keep_rows=keep, gate_rows=gate_rows, greedy_gated=greedy_gated,
             )
             assert torch.equal(got, want)
