@@ -2,8 +2,8 @@
 
 Runs the engine offline on the tiny dense model, its vocabulary padded to
 Qwen's 151,936 (``--vocab``), with a batch of requests
-(greedy, fixed length, EOS ignored so every configuration decodes the same
-number of tokens) in these configurations:
+(greedy by default, ``--temperature`` to sample; fixed length, EOS ignored so every configuration decodes the
+same number of tokens) in these configurations:
 
 * ``disabled``: the package installed but switched off (``TTS_PLUGINS_DISABLE=1``);
   the closest to "without the package" one engine process can be.
@@ -53,7 +53,7 @@ def _prompts(tok, n):
     return [tok.apply_chat_template([{"role": "user", "content": q}], add_generation_prompt=True, tokenize=True, return_dict=False) for q in qs]
 
 
-def _vllm_worker(model: str, disabled: bool, configs: list[str], batch: int, tokens: int, reps: int, out_q) -> None:
+def _vllm_worker(model: str, disabled: bool, configs: list[str], batch: int, tokens: int, reps: int, temperature: float, out_q) -> None:
     os.environ["VLLM_CPU_KVCACHE_SPACE"] = os.environ.get("VLLM_CPU_KVCACHE_SPACE", "1")
     if disabled:
         os.environ["TTS_PLUGINS_DISABLE"] = "1"
@@ -65,7 +65,8 @@ def _vllm_worker(model: str, disabled: bool, configs: list[str], batch: int, tok
 
     def run(name):
         params = CONFIGS[name]
-        sps = [SamplingParams(temperature=0, max_tokens=tokens, min_tokens=tokens, ignore_eos=True, extra_args=dict(params) or None) for _ in prompts]
+        sps = [SamplingParams(temperature=temperature, seed=i, max_tokens=tokens, min_tokens=tokens, ignore_eos=True,
+                              extra_args=dict(params) or None) for i in range(len(prompts))]
         t0 = time.perf_counter()
         outs = llm.generate(prompts, sps, use_tqdm=False)
         dt = time.perf_counter() - t0
@@ -80,7 +81,7 @@ def _vllm_worker(model: str, disabled: bool, configs: list[str], batch: int, tok
     llm.llm_engine.engine_core.shutdown()
 
 
-def _sglang_worker(model: str, disabled: bool, configs: list[str], batch: int, tokens: int, reps: int, out_q) -> None:
+def _sglang_worker(model: str, disabled: bool, configs: list[str], batch: int, tokens: int, reps: int, temperature: float, out_q) -> None:
     os.environ["SGLANG_USE_CPU_ENGINE"] = "1"
     if disabled:
         os.environ["TTS_PLUGINS_DISABLE"] = "1"
@@ -97,7 +98,7 @@ def _sglang_worker(model: str, disabled: bool, configs: list[str], batch: int, t
 
     def run(name):
         params = CONFIGS[name]
-        sp = {"temperature": 0, "max_new_tokens": tokens, "min_new_tokens": tokens, "ignore_eos": True}
+        sp = {"temperature": temperature, "max_new_tokens": tokens, "min_new_tokens": tokens, "ignore_eos": True}
         if params:
             sp["custom_params"] = dict(params)
         t0 = time.perf_counter()
@@ -114,11 +115,12 @@ def _sglang_worker(model: str, disabled: bool, configs: list[str], batch: int, t
     eng.shutdown()
 
 
-def measure(engine: str, model: str, disabled: bool, configs: list[str], batch: int, tokens: int, reps: int) -> dict[str, list[float]]:
+def measure(engine: str, model: str, disabled: bool, configs: list[str], batch: int, tokens: int, reps: int,
+            temperature: float = 0.0) -> dict[str, list[float]]:
     ctx = mp.get_context("spawn")
     q = ctx.Queue()
     target = _vllm_worker if engine == "vllm" else _sglang_worker
-    p = ctx.Process(target=target, args=(model, disabled, configs, batch, tokens, reps, q))
+    p = ctx.Process(target=target, args=(model, disabled, configs, batch, tokens, reps, temperature, q))
     p.start()
     times = q.get(timeout=1800)
     p.join(timeout=120)
@@ -132,6 +134,9 @@ def main(argv=None) -> int:
     ap.add_argument("--tokens", type=int, default=64)
     ap.add_argument("--reps", type=int, default=5)
     ap.add_argument("--quick", action="store_true", help="3 repetitions of 32 tokens")
+    ap.add_argument("--temperature", type=float, default=0.0,
+                    help="0: greedy (a greedy row gated by the think minimum reads its whole row for its maximum); "
+                         "the reasoning techniques' papers sample at 0.6")
     ap.add_argument("--json", type=Path)
     ap.add_argument("--vocab", type=int, default=151_936,
                     help="the tiny model's vocabulary (default Qwen's 151,936, so the processors' share of a step is not hidden)")
@@ -146,10 +151,11 @@ def main(argv=None) -> int:
     from tts_plugins.models.tiny import build_tiny_model
 
     model = str(build_tiny_model(Path(tempfile.gettempdir()) / "tts-plugins-tiny" / f"dense-v{args.vocab}", "dense", model_vocab=args.vocab))
-    print(f"[{args.engine}] batch {args.batch}, {args.tokens} tokens a request, {args.reps} repetitions, vocabulary {args.vocab}", flush=True)
-    base = measure(args.engine, model, True, ["unused"], args.batch, args.tokens, args.reps)["unused"]
+    print(f"[{args.engine}] batch {args.batch}, {args.tokens} tokens a request, {args.reps} repetitions, vocabulary {args.vocab}, "
+          f"temperature {args.temperature}", flush=True)
+    base = measure(args.engine, model, True, ["unused"], args.batch, args.tokens, args.reps, args.temperature)["unused"]
     print(f"[{args.engine}] disabled engine done", flush=True)
-    runs = measure(args.engine, model, False, configs, args.batch, args.tokens, args.reps)
+    runs = measure(args.engine, model, False, configs, args.batch, args.tokens, args.reps, args.temperature)
     base_med = statistics.median(base)
     unused_med = statistics.median(runs["unused"])
     results = [{"engine": args.engine, "case": "disabled", "tok_per_s": base_med, "spread": max(base) - min(base), "ratio": 1.0}]
@@ -157,7 +163,7 @@ def main(argv=None) -> int:
         med = statistics.median(vals)
         target = TARGETS.get(name, 0.90)
         results.append({
-            "engine": args.engine, "case": name, "tok_per_s": med, "batch": args.batch, "vocab": args.vocab,
+            "engine": args.engine, "case": name, "tok_per_s": med, "batch": args.batch, "vocab": args.vocab, "temperature": args.temperature,
             "ms_per_step": args.batch / med * 1e3, "spread": max(vals) - min(vals), "ratio": med / base_med,
             # same engine, interleaved: the comparison least exposed to process-to-process noise
             "ratio_to_unused": med / unused_med, "target": target, "meets_target": med / base_med >= target,
