@@ -13,7 +13,7 @@
    paired-bootstrap interval.
 4. ``report.md``.
 
-    .venv/vllm/bin/python benchmarks/deepconf.py --out bench-results/deepconf     # about 15 minutes on 2 CPU cores
+    .venv/vllm/bin/python benchmarks/deepconf.py --out bench-results/deepconf     # about 20 minutes on 2 CPU cores
 
 The paper's window is 2048 tokens on traces of thousands; the reasoner's traces are 40 to 250 tokens, so the
 window here is 16 (about a tenth of a trace), and the budget 32 with 8 warmup traces (the paper: 256 or 512, 16).
