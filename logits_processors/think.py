@@ -72,6 +72,7 @@ import torch
 
 from tts_plugins.forcing import few_other_rows, force_kernel, putter, upload_rows
 from tts_plugins.params import get_bool, get_float, get_int, get_text, show
+from tts_plugins.reduce import row_max
 from tts_plugins.slots import HostMirror, Workspace
 from tts_plugins.technique import EngineInfo, LogitsTechnique, SlotRequest
 from tts_plugins.text import StreamMatcher, cached_token_texts, completion_sets, encode, thinking_state
@@ -253,12 +254,12 @@ def think_kernel(
         if not greedy_gated:  # sampled rows only: no row maximum is needed
             top = None
         elif gate_rows is None:
-            top = logits.amax(dim=1, keepdim=True)
+            top = row_max(logits)
         elif scratch is not None and 4 * gate_rows.shape[0] <= logits.shape[0]:  # few rows: copy them (into a reused buffer)
             part = scratch.get("gate_rows", gate_rows.shape[0], logits.shape[1], logits.dtype)
-            top = torch.index_select(logits, 0, gate_rows, out=part).amax(dim=1, keepdim=True)
+            top = row_max(torch.index_select(logits, 0, gate_rows, out=part))
         else:  # most rows: one read of them all is cheaper than copying those
-            top = logits.amax(dim=1, keepdim=True).index_select(0, gate_rows)
+            top = row_max(logits).index_select(0, gate_rows)
         hit = None if top is None else in_set.amax(dim=1, keepdim=True) >= top  # a blocked token was the argmax
         put(ids, vals.masked_fill(gated[:, None], neg_inf), rows=gate_rows)
         w = wait_tok[slots]

@@ -6,7 +6,7 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from tts_plugins.reduce import GROUP, argmax_rows, topk_rows
+from tts_plugins.reduce import GROUP, argmax_rows, row_max, topk_rows
 
 
 @settings(deadline=None, max_examples=60)
@@ -39,6 +39,49 @@ def test_two_pass_topk_with_ties_returns_the_top_values(n, k, seed, dtype):
     assert all(len(set(r)) == k for r in got_i.tolist())  # k distinct columns
 
 
+
+
+HALF = [torch.bfloat16, torch.float16]
+SIGNS = ["both", "negative", "positive", "zeros", "inf"]
+
+
+def half_rows(n: int, vocab: int, seed: int, dtype: torch.dtype, signs: str, scale: float) -> torch.Tensor:
+    """Rows in half precision whose maxima the sign-and-magnitude reading must get right: mixed signs, every value
+    negative (the integer minimum is the maximum), every value positive, signed zeros, infinities."""
+    gen = torch.Generator().manual_seed(seed)
+    x = torch.randn(n, vocab, generator=gen) * scale
+    if signs == "negative":
+        x = -x.abs() - 1e-3
+    elif signs == "positive":
+        x = x.abs()
+    elif signs == "zeros":  # -0.0 beside +0.0 and negatives: the maximum is a zero
+        x = torch.where(torch.rand(n, vocab, generator=gen) < 0.5, -0.0, -x.abs())
+        x[:, ::7] = 0.0
+    elif signs == "inf":
+        x[:, ::5] = float("-inf")
+        x[0] = float("-inf")
+        x[-1, 3] = float("inf")
+    return x.to(dtype)
+
+
+@settings(deadline=None, max_examples=60)
+@given(st.integers(1, 7), st.integers(1, 8), st.integers(0, 150), st.integers(0, 2**31), st.sampled_from(HALF),
+       st.sampled_from(SIGNS), st.sampled_from([1e-3, 1.0, 50.0]), st.data())
+def test_half_precision_topk_and_row_max_are_torch_s(n, k, extra, seed, dtype, signs, scale, data):
+    """bf16 and fp16 on a CPU reduce their bits as integers: the top-k values (any rows, any signs, signed zeros,
+    infinities, all-negative rows and groups) are torch's, each id holds its value, and the row maxima are
+    ``amax``'s bit for bit."""
+    vocab = 8 * GROUP * k + extra
+    x = half_rows(n, vocab, seed, dtype, signs, scale)
+    rows = data.draw(st.none() | st.lists(st.integers(0, n - 1), min_size=1, max_size=2 * n))
+    index = None if rows is None else torch.tensor(rows)
+    src = x if index is None else x[index]
+    got_v, got_i = topk_rows(x, k, index)
+    assert torch.equal(got_v, src.topk(k, -1).values)
+    assert torch.equal(src.gather(1, got_i), got_v)
+    got_m, want_m = row_max(x), x.amax(-1, keepdim=True)
+    assert torch.equal(got_m, want_m)
+    assert torch.equal(got_m.view(torch.int16), want_m.view(torch.int16)) or signs == "zeros"  # zeros: +0 == -0
 
 
 @settings(deadline=None, max_examples=60)

@@ -11,31 +11,53 @@ import torch
 
 from tts_plugins.slots import Workspace
 
-__all__ = ["GROUP", "argmax_rows", "topk_rows"]
+__all__ = ["GROUP", "argmax_rows", "row_max", "topk_rows"]
 
 GROUP = 64  # columns per group of the two-pass reductions
 
 
-def _group_maxima(x: torch.Tensor, g: int, scratch: Workspace | None) -> tuple[torch.Tensor, bool]:
-    """The maxima of ``x``'s groups of ``g`` columns (the last ``vocab % g`` columns are not in any), and whether
-    the groups are strided (group j: columns j, j + w, j + 2w, ... with w = vocab // g) rather than contiguous
-    (group j: columns j*g .. j*g + g - 1). float32 reduces contiguous groups fastest; half precision, whose
-    reductions are slow on CPUs, takes the elementwise maximum of the two halves of the columns log2(g) times
-    (into ``scratch``'s reused buffer), which leaves the strided groups."""
+_BITS = {torch.bfloat16: torch.int16, torch.float16: torch.int16}  # half precision and its bits as signed integers
+
+
+def _from_bits(hi: torch.Tensor, lo: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """The floating-point maxima of sets of half-precision values, from the maxima ``hi`` and minima ``lo`` of their
+    bits read as signed integers. The formats are sign and magnitude: every value with a clear sign bit reads as a
+    non-negative integer, in the values' order, above every negative value; negative values read in reverse order
+    (a larger magnitude is a larger integer). So a set's maximum is its integer maximum when that is >= 0 (the set
+    holds a value with a clear sign bit), else its integer minimum (all negative: the smallest magnitude). Exact, bit
+    for bit; a NaN with its sign bit set is passed over where torch's maximum would return it."""
+    return torch.where(hi >= 0, hi, lo).view(dtype)
+
+
+def _half_on_cpu(x: torch.Tensor) -> bool:
+    """Half precision on a CPU, whose reductions over it are slow (of short runs: ~8x a copy) while those over the
+    same bits as 16-bit integers run at memory speed."""
+    return x.device.type == "cpu" and x.dtype in _BITS and x.stride(-1) == 1
+
+
+def row_max(x: torch.Tensor) -> torch.Tensor:
+    """``x.amax(-1, keepdim=True)`` of ``x[n, V]``; on a CPU, half precision reads its bits as integers (two reads
+    of a quarter to a half of a copy's cost each, against one at a copy's cost)."""
+    if not _half_on_cpu(x):
+        return x.amax(-1, keepdim=True)
+    bits = x.view(_BITS[x.dtype])
+    return _from_bits(bits.amax(-1, keepdim=True), bits.amin(-1, keepdim=True), x.dtype)
+
+
+def _group_maxima(x: torch.Tensor, g: int, scratch: Workspace | None) -> torch.Tensor:
+    """The maxima ``[n, w]`` of ``x``'s contiguous groups of ``g`` columns (group j: columns j*g .. j*g + g - 1;
+    w = vocab // g, the last ``vocab % g`` columns are not in any). Half precision on a CPU reduces its bits as
+    integers (:func:`_from_bits`), into ``scratch``'s reused buffers."""
     n, vocab = x.shape
     w = vocab // g
-    if x.dtype == torch.float32 or g & (g - 1):
-        return x[:, : w * g].view(n, w, g).amax(-1), False
-    size = n * w * g // 2
-    flat = scratch.get("topk_halves", 1, size + size // 2, x.dtype)[0] if scratch is not None else x.new_empty(size + size // 2)
-    bufs = (flat[:size], flat[size:])  # ping-pong: each level writes a contiguous [n, width] (no copy behind an out= view)
-    cur, width, turn = x, w * g, 0
-    while width > w:
-        width //= 2
-        out = bufs[turn][: n * width].view(n, width)
-        torch.maximum(cur[:, :width], cur[:, width : 2 * width], out=out)
-        cur, turn = out, 1 - turn
-    return cur, True
+    if not _half_on_cpu(x):
+        return x[:, : w * g].view(n, w, g).amax(-1)
+    bits = x.view(_BITS[x.dtype])[:, : w * g].view(n, w, g)
+    if scratch is None:
+        return _from_bits(bits.amax(-1), bits.amin(-1), x.dtype)
+    hi = torch.amax(bits, -1, out=scratch.get("group_hi", n, w, bits.dtype))
+    lo = torch.amin(bits, -1, out=scratch.get("group_lo", n, w, bits.dtype))
+    return _from_bits(hi, lo, x.dtype)
 
 
 def topk_rows(x: torch.Tensor, k: int, rows: torch.Tensor | None = None, scratch: Workspace | None = None) -> tuple[torch.Tensor, torch.Tensor]:
@@ -59,7 +81,7 @@ def topk_rows(x: torch.Tensor, k: int, rows: torch.Tensor | None = None, scratch
         out = scratch.get("topk_rows", n, vocab, x.dtype) if scratch is not None else None
         x, rows = torch.index_select(x, 0, rows, out=out) if out is not None else x.index_select(0, rows), None
     w = vocab // g
-    gmax, strided = _group_maxima(x, g, scratch)
+    gmax = _group_maxima(x, g, scratch)
     tail = vocab - w * g
     if tail:  # the last vocab % g columns: one more, shorter group (index w)
         gmax = torch.cat([gmax, x[:, w * g :].amax(-1, keepdim=True)], 1)
@@ -68,11 +90,7 @@ def topk_rows(x: torch.Tensor, k: int, rows: torch.Tensor | None = None, scratch
     groups = gmax.topk(min(k, gmax.shape[1]), dim=-1).indices  # [n, k]
     offs = torch.arange(g, device=x.device)
     last = groups == w
-    if strided:
-        first = torch.where(last, w * g, groups).unsqueeze(-1)
-        cols = first + torch.where(last, 1, w).unsqueeze(-1) * offs
-    else:
-        cols = (groups * g).unsqueeze(-1) + offs
+    cols = (groups * g).unsqueeze(-1) + offs
     cols = cols.view(n, -1)  # [n, k * g]
     past = (last.unsqueeze(-1) & (offs >= tail)).view(n, -1)  # columns of the shorter group that do not exist
     safe = cols.clamp_max(vocab - 1)
