@@ -92,7 +92,7 @@ def _sglang_worker(model: str, disabled: bool, configs: list[str], batch: int, t
     from transformers import AutoTokenizer
 
     eng = sgl.Engine(model_path=model, device="cpu", attention_backend="torch_native", dtype="float32", random_seed=0,
-                     mem_fraction_static=0.5, max_running_requests=batch)
+                     mem_fraction_static=0.5, max_running_requests=batch, max_total_tokens=131072)
     tok = AutoTokenizer.from_pretrained(model)
     prompts = _prompts(tok, batch)
 

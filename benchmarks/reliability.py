@@ -59,7 +59,7 @@ def main(argv=None) -> int:
 
         base = sglang_env()
         env = {**base, **env, "PYTHONPATH": f"{env['PYTHONPATH']}{os.pathsep}{base['PYTHONPATH']}"}
-        extra_args = ("--mem-fraction-static", "0.5", "--max-running-requests", "16")
+        extra_args = ("--mem-fraction-static", "0.5", "--max-running-requests", "16", "--max-total-tokens", "131072")
     srv = Server(args.engine, model, args=extra_args, env=env)
     out: dict = {"engine": args.engine, "server_start_s": srv.start_seconds}
     try:

@@ -69,7 +69,7 @@ def _sglang_worker(model: str, tokens: int, reps: int, out_q) -> None:
     from transformers import AutoTokenizer
 
     eng = sgl.Engine(model_path=model, device="cpu", attention_backend="torch_native", dtype="float32", random_seed=0,
-                     mem_fraction_static=0.5, max_running_requests=8)
+                     mem_fraction_static=0.5, max_running_requests=8, max_total_tokens=131072)
     ids = AutoTokenizer.from_pretrained(model).encode(PROMPT)
     counter = iter(range(10**9))
 

@@ -82,6 +82,11 @@ class VllmOffline:
         gc.collect()
 
 
+# SGLang sizes its KV pool from --mem-fraction-static of the host's memory: gigabytes of float32 pages on a CPU,
+# written at start-up (about half of each start). The tiny models' tests need a few thousand tokens at once.
+SGLANG_KV_TOKENS = 131072
+
+
 class Server:
     """An engine's OpenAI-compatible HTTP server in a subprocess, on 127.0.0.1."""
 
@@ -97,7 +102,8 @@ class Server:
             full_env = {**os.environ, "VLLM_CPU_KVCACHE_SPACE": "1", **(env or {})}
         else:
             cmd = [python, "-m", "sglang.launch_server", "--model-path", self.model, "--device", "cpu", "--attention-backend", "torch_native",
-                   "--host", "127.0.0.1", "--port", str(self.port), "--dtype", "float32", "--random-seed", "0", *args]
+                   "--host", "127.0.0.1", "--port", str(self.port), "--dtype", "float32", "--random-seed", "0",
+                   "--max-total-tokens", str(SGLANG_KV_TOKENS), *args]
             full_env = {**os.environ, **(env or {})}
         t0 = time.perf_counter()
         self._log = open(self.log_path, "w")

@@ -9,7 +9,7 @@ import time
 from pathlib import Path
 from typing import Any, Sequence
 
-from harness import Output
+from harness import SGLANG_KV_TOKENS, Output
 
 STUBS = Path(__file__).resolve().parent.parent / "stubs"
 CALLS = Path(tempfile.gettempdir()) / f"tts-sgl-kernel-calls-{os.getpid()}"
@@ -44,7 +44,8 @@ class SglangOffline:
         t0 = time.perf_counter()
         self.eng = sgl.Engine(
             model_path=str(model), device="cpu", attention_backend="torch_native", dtype="float32", random_seed=0,
-            disable_overlap_schedule=not overlap, mem_fraction_static=0.5, max_running_requests=16, **kwargs,
+            disable_overlap_schedule=not overlap, mem_fraction_static=0.5, max_running_requests=16,
+            **{"max_total_tokens": SGLANG_KV_TOKENS, **kwargs},
         )
         self.start_seconds = time.perf_counter() - t0
         self.tokenizer = AutoTokenizer.from_pretrained(str(model))

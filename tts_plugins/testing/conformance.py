@@ -550,6 +550,7 @@ class TinyEngine:
 
             cpu = not torch.cuda.is_available()
             self.llm = sgl.Engine(model_path=str(self.model_dir), dtype="float32", random_seed=0, mem_fraction_static=0.5,
+                                  max_total_tokens=131072,  # the pool a test model needs, not half the memory
                                   **({"device": "cpu", "attention_backend": "torch_native"} if cpu else {}))
         else:
             raise ValueError(f"engine must be 'vllm' or 'sglang', got {engine!r}")
