@@ -19,14 +19,15 @@ GROUP = 64  # columns per group of the two-pass reductions
 _BITS = {torch.bfloat16: torch.int16, torch.float16: torch.int16}  # half precision and its bits as signed integers
 
 
-def _from_bits(hi: torch.Tensor, lo: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+def _from_bits(hi: torch.Tensor, lo: torch.Tensor, dtype: torch.dtype, out: torch.Tensor | None = None) -> torch.Tensor:
     """The floating-point maxima of sets of half-precision values, from the maxima ``hi`` and minima ``lo`` of their
     bits read as signed integers. The formats are sign and magnitude: every value with a clear sign bit reads as a
     non-negative integer, in the values' order, above every negative value; negative values read in reverse order
     (a larger magnitude is a larger integer). So a set's maximum is its integer maximum when that is >= 0 (the set
     holds a value with a clear sign bit), else its integer minimum (all negative: the smallest magnitude). Exact, bit
-    for bit; a NaN with its sign bit set is passed over where torch's maximum would return it."""
-    return torch.where(hi >= 0, hi, lo).view(dtype)
+    for bit; a NaN with its sign bit set is passed over where torch's maximum would return it. ``out``: where to
+    write (``lo`` itself may be it)."""
+    return torch.where(hi >= 0, hi, lo, out=out).view(dtype)
 
 
 def _half_on_cpu(x: torch.Tensor) -> bool:
@@ -53,11 +54,9 @@ def _group_maxima(x: torch.Tensor, g: int, scratch: Workspace | None) -> torch.T
     if not _half_on_cpu(x):
         return x[:, : w * g].view(n, w, g).amax(-1)
     bits = x.view(_BITS[x.dtype])[:, : w * g].view(n, w, g)
-    if scratch is None:
-        return _from_bits(bits.amax(-1), bits.amin(-1), x.dtype)
-    hi = torch.amax(bits, -1, out=scratch.get("group_hi", n, w, bits.dtype))
-    lo = torch.amin(bits, -1, out=scratch.get("group_lo", n, w, bits.dtype))
-    return _from_bits(hi, lo, x.dtype)
+    hi = torch.amax(bits, -1, out=scratch.get("group_hi", n, w, bits.dtype) if scratch is not None else None)
+    lo = torch.amin(bits, -1, out=scratch.get("group_lo", n, w, bits.dtype) if scratch is not None else None)
+    return _from_bits(hi, lo, x.dtype, out=lo)
 
 
 def topk_rows(x: torch.Tensor, k: int, rows: torch.Tensor | None = None, scratch: Workspace | None = None) -> tuple[torch.Tensor, torch.Tensor]:
