@@ -30,8 +30,6 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
-from vllm.v1.sample.logits_processor import BatchUpdate, MoveDirectionality
-from vllm.v1.sample.logits_processor import LogitsProcessor as _V1LogitsProcessor
 
 from tts_plugins import debug
 from tts_plugins.adapters.vllm_plugin import discarded_rows
@@ -40,18 +38,43 @@ from tts_plugins.manager import Registry, build_registry, default_registry, disa
 from tts_plugins.slots import Workspace
 from tts_plugins.technique import GREEDY_TEMPERATURE, EngineInfo, SlotRequest
 
-try:  # Model Runner V2's interface (vLLM >= 0.20); absent in older releases
-    from vllm.v1.worker.gpu.sample.logits_processor import LogitsProcessor as _V2LogitsProcessor
-except ImportError:  # pragma: no cover - depends on the installed vLLM
-    _V2LogitsProcessor = None
-
 if TYPE_CHECKING:
     from vllm import SamplingParams
 
 log = logging.getLogger("vllm.tts_plugins")  # under vLLM's logger, so its handlers print it
 
+# Both interfaces are guarded: vLLM loads this module from its entry-point group in every process, and a failed
+# import there stops the engine from starting. vLLM 0.34 removed the V1 interface (Model Runner V1 is gone); a
+# future release may move V2's. What is missing is logged once per process, and the class keeps what is left.
+try:  # Model Runner V1's interface (vLLM <= 0.33)
+    from vllm.v1.sample.logits_processor import BatchUpdate, MoveDirectionality
+    from vllm.v1.sample.logits_processor import LogitsProcessor as _V1LogitsProcessor
+except Exception as exc:  # vLLM >= 0.34, or a broken install
+    BatchUpdate = MoveDirectionality = _V1LogitsProcessor = None  # type: ignore[assignment,misc]
+    _V1_MISSING = f"{type(exc).__name__}: {exc}"
+else:
+    _V1_MISSING = None
+try:  # Model Runner V2's interface (vLLM >= 0.20; the only one from 0.34)
+    from vllm.v1.worker.gpu.sample.logits_processor import LogitsProcessor as _V2LogitsProcessor
+except Exception as exc:  # pragma: no cover - depends on the installed vLLM
+    _V2LogitsProcessor = None
+    _V2_MISSING = f"{type(exc).__name__}: {exc}"
+else:
+    _V2_MISSING = None
+
 _DEBUG = bool(os.environ.get("TTS_PLUGINS_DEBUG"))
-_BASES: tuple[type, ...] = (_V1LogitsProcessor,) + ((_V2LogitsProcessor,) if _V2LogitsProcessor else ())
+_BASES: tuple[type, ...] = tuple(b for b in (_V1LogitsProcessor, _V2LogitsProcessor) if b is not None) or (object,)
+if _V2_MISSING is not None:
+    log.error("tts_plugins: vLLM's Model Runner V2 logits-processor interface is missing (%s)%s", _V2_MISSING,
+              "; only the V1 runner gets techniques" if _V1_MISSING is None else
+              "; no runner of this vLLM can run techniques, so every tts_* key is refused")
+elif _V1_MISSING is not None:
+    log.info("tts_plugins: this vLLM has no Model Runner V1 interface (removed in 0.34); techniques run on Model Runner V2")
+
+
+def interfaces() -> dict[str, str | None]:
+    """Which of vLLM's logits-processor interfaces this process could import: ``{"v1": reason or None, "v2": ...}``."""
+    return {"v1": _V1_MISSING, "v2": _V2_MISSING}
 
 
 def _load_tokenizer(vllm_config: Any) -> Any:
@@ -115,7 +138,11 @@ class TTSLogitsProcessor(*_BASES):  # type: ignore[misc]
     @classmethod
     def validate_params(cls, sampling_params: SamplingParams) -> None:
         if not disabled():
-            default_registry().parse(sampling_params.extra_args, engine="vllm", request=sampling_params)
+            parsed = default_registry().parse(sampling_params.extra_args, engine="vllm", request=sampling_params)
+            if parsed:
+                from tts_plugins.adapters.vllm_plugin import refuse_unsupported
+
+                refuse_unsupported(sampling_params.extra_args, parsed)
 
     def __init__(self, vllm_config: Any, *args: Any) -> None:
         self.vllm_config = vllm_config
@@ -144,6 +171,8 @@ class TTSLogitsProcessor(*_BASES):  # type: ignore[misc]
         self._last_pos = np.full(max_rows + 1, -1, dtype=np.int64)
         self._active_np = np.zeros(max_rows + 1, dtype=bool)
         self._prompt_len = np.zeros(max_rows + 1, dtype=np.int64)
+        # V2 (vLLM >= 0.34): tokens fed at the latest (re)fill, the prompt plus the output so far after a preemption
+        self._prefill_len = getattr(self.req_states, "prefill_len", None) if self.v2 else None
         self._warned_spec = False
         self.ws = Workspace(self.info.device, self.info.pin_memory)  # pinned staging of the step's row maps
         if not self.inert:
@@ -208,21 +237,35 @@ class TTSLogitsProcessor(*_BASES):  # type: ignore[misc]
             self._staged[req_idx] = (parsed, sampling_params)
         return bool(parsed)
 
+    def free_slot(self, slot: int) -> None:
+        """The runner freed ``slot`` (the core's patch on Model Runner V2's ``_remove_request``)."""
+        if self._active_np[slot] or slot in self._staged:
+            self.state.release(slot)
+            self._staged.pop(slot, None)
+            self._active_np[slot] = False
+
     def apply_staged_writes(self) -> None:
         if not self._staged:
             return
-        # Once per admitted opted-in request: read its prompt back from the runner's token buffer.
+        # Once per admitted opted-in request: read its committed tokens back from the runner's token buffer. A
+        # request resumed after a preemption (or re-added by a streaming-input update) comes back with its output
+        # so far in the prefill (prefill_len > prompt_len): every technique's state is rebuilt from those tokens,
+        # as if it had watched them, so a cap, a window or a group's finish does not restart.
         for slot, (parsed, params) in self._staged.items():
             plen = int(self.req_states.prompt_len.np[slot])
-            prompt = self.req_states.all_token_ids.gpu[slot, :plen].tolist()
+            fill = int(self._prefill_len.np[slot]) if self._prefill_len is not None else plen
+            tokens = self.req_states.all_token_ids.gpu[slot, :max(fill, plen)].tolist()
             try:
-                self.state.admit(slot, parsed, _slot_request(prompt, params))
+                self.state.admit(slot, parsed, _slot_request(tokens[:plen], params))
+                if fill > plen:
+                    self.state.feed(slot, tokens[plen:fill])
             except Exception:
                 log.exception("tts_plugins: could not start techniques for a request; it runs plain")
+                self.state.release(slot)
                 continue
             self._active_np[slot] = True
             self._prompt_len[slot] = plen
-            self._last_pos[slot] = plen - 1
+            self._last_pos[slot] = max(fill, plen) - 1
         self._staged.clear()
 
     def _observe_v2(self, ctx: Any, slots: np.ndarray) -> None:
@@ -284,13 +327,22 @@ class TTSLogitsProcessor(*_BASES):  # type: ignore[misc]
                 self._warned_spec = True
             return logits
         self._observe_v2(ctx, host)
+        if self._prefill_len is not None:
+            # a prefill chunk that is not the last samples a token the runner throws away: no technique sees that
+            # row this step (exact without speculative decoding, the only case that reaches here)
+            discard = np.asarray(ctx.seq_lens_upper_bound_np)[: host.shape[0]] < self._prefill_len.np[host]
+            if discard.any():
+                host = np.where(discard, self.info.neutral_slot, host)
+                if not (host != self.info.neutral_slot).any():
+                    return logits
+                return self.state.apply(logits, self.ws.upload("rows", host), host)
         return self.state.apply(logits, ctx.expanded_idx_mapping.to(torch.int64), host)
 
     def report_slots(self, num_rows: int) -> np.ndarray | None:
         """The slots of this step's rows (V1: the persistent batch's first ``num_rows`` rows, the order of the model
         runner's output), a copy; ``None`` when no reporting technique is on (O(1) when no request opted in)."""
         if self.inert or self.v2 or not self.state.active or not self.state.reporting():
-            return None
+            return None  # Model Runner V2: vllm_plugin.attach_reports maps the output's rows through the runner's own map
         return self.rows.host_view(num_rows).copy()
 
     def debug_counts(self) -> dict[str, int]:

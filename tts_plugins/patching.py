@@ -33,7 +33,16 @@ _OWNERS: dict[str, str] = {}
 
 @functools.lru_cache(maxsize=None)
 def engine_version(engine: str) -> str | None:
-    """The installed engine's version (cached: admission asks once per request, and metadata parsing is slow)."""
+    """The running engine's version (cached: admission asks once per request, and metadata parsing is slow).
+
+    The imported package's own ``__version__`` when it is loaded (what actually runs, also when a tree of another
+    release is put first on the path), else the installed distribution's metadata."""
+    import sys
+
+    mod = sys.modules.get(engine)
+    ver = getattr(mod, "__version__", None) if mod is not None else None
+    if isinstance(ver, str) and ver[:1].isdigit():
+        return ver
     for dist in ((engine, f"{engine}-cpu") if engine == "vllm" else (engine,)):
         try:
             return version(dist)

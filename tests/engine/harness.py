@@ -49,7 +49,8 @@ class VllmOffline:
         from vllm import LLM
 
         t0 = time.perf_counter()
-        self.llm = LLM(model=str(model), dtype="float32", enforce_eager=True, max_model_len=1024, max_num_seqs=16, seed=0, **kwargs)
+        self.llm = LLM(**{"model": str(model), "dtype": "float32", "enforce_eager": True, "max_model_len": 1024, "max_num_seqs": 16, "seed": 0,
+                          **kwargs})
         self.start_seconds = time.perf_counter() - t0
         self.tokenizer = self.llm.get_tokenizer()
 
