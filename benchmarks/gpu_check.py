@@ -67,7 +67,7 @@ def vllm_checks(models: Path, results: list) -> None:
     long = list(gen({"tts_think_min": len(plain) + 20}).outputs[0].token_ids)
     first_end = long.index(end) + 1 if end in long else None
     plain_end = plain.index(end) + 1 if end in plain else None
-    _line(results, "think minimum", first_end is None or first_end > len(plain), f"plain ends thinking at {plain_end}, with the minimum at {first_end}")
+    _line(results, "think minimum", first_end is None or first_end > len(plain), f"plain ends at {plain_end}, the minimum at {first_end}")
     outs = gen({"tts_group": "gpu-check", "tts_group_stop_after": 1}, n=8, temperature=0.8, seed=1).outputs
     finished = sum(end in c.token_ids for c in outs)
     _line(results, "group stop (short-1@8)", finished <= 2, f"{finished} of 8 samples closed their thinking, the rest were ended")

@@ -46,7 +46,8 @@ def outside(tmp_path_factory) -> Path:
     installed()  # skips on an editable install
     cwd = tmp_path_factory.mktemp("user")
     where = _run([PY, "-c", "import tts_plugins, json; print(json.dumps(tts_plugins.__file__))"], cwd).strip().splitlines()[-1]
-    assert not Path(json.loads(where)).resolve().is_relative_to(ROOT), f"tts_plugins imported from the clone: {where}"
+    path = Path(json.loads(where)).resolve()
+    assert "site-packages" in path.parts and not path.is_relative_to(ROOT / "tts_plugins"), f"tts_plugins imported from the clone: {where}"
     return cwd
 
 

@@ -272,11 +272,12 @@ def test_front_end_refusals_on_this_vllm():
 
         sp = SamplingParams(temperature=0, extra_args={"tts_think_max": 4}, structured_outputs=StructuredOutputsParams(json={"type": "object"}))
 
-        class Config:
-            reasoning_parser, enable_in_reasoning = "", False
+        import inspect
 
+        # the original returns at once without a structured-outputs config (no reasoning parser): our check then refuses
+        nargs = len(inspect.signature(SamplingParams._validate_structured_outputs.__wrapped__).parameters) - 1
         with pytest.raises(VLLMValidationError, match="tts_think_max"):
-            sp._validate_structured_outputs(None, Config())
+            sp._validate_structured_outputs(*([None] * nargs))
     finally:
         patcher.undo()
 
