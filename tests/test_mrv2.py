@@ -105,7 +105,7 @@ def test_driver_matches_transformers_for_a_plain_request(config, reasoner, token
 def test_a_preemption_in_the_middle_changes_no_token(config, reasoner, tokenizer):
     """Every request is preempted after its 6th token and resumed with its output in the prefill: each technique's
     state is rebuilt from the committed tokens, so a cap, a minimum, a group's finish or a window does not restart."""
-    plain, _ = drive(config, reasoner, tokenizer)
+    plain = drive(config, reasoner, tokenizer)[0]  # (its driver, and so its processor, goes at once)
     names = [name for name, _ in cases()]
     preempted, driver = drive(config, reasoner, tokenizer, preempt_after={name: 6 for name in names})
     differ = [n for n in names if plain[n] != preempted[n]]
@@ -115,7 +115,7 @@ def test_a_preemption_in_the_middle_changes_no_token(config, reasoner, tokenizer
 
 def test_chunked_refill_after_a_preemption(config, reasoner, tokenizer):
     """The resumed prefill runs in chunks of 5: the chunks' rows are thrown away and no technique counts them."""
-    plain, _ = drive(config, reasoner, tokenizer)
+    plain = drive(config, reasoner, tokenizer)[0]  # (its driver, and so its processor, goes at once)
     names = [name for name, p in cases() if "tts_group" not in p]  # a group's members would no longer step together
     out, driver = drive(config, reasoner, tokenizer, preempt_after={name: 8 for name in names}, chunk=5)
     differ = [n for n in names if plain[n] != out[n]]
@@ -133,7 +133,7 @@ def test_same_tokens_as_the_v1_engine(config, reasoner, tokenizer):
     golden = json.loads(GOLDEN.read_text())
     assert golden["cases"] == [[n, p] for n, p in cases()], "the golden ids were written for other cases; rerun the engine suite"
     for kw in ({}, {"preempt_after": {n: 6 for n, _ in cases()}}):
-        out, _ = drive(config, reasoner, tokenizer, **kw)
+        out = drive(config, reasoner, tokenizer, **kw)[0]
         differ = {n: (golden["ids"][n], out[n]) for n, _ in cases() if golden["ids"][n] != out[n]}
         assert not differ, f"MRV2 ({kw or 'no preemption'}) differs from the V1 engine: {differ}"
 

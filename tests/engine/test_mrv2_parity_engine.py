@@ -46,3 +46,4 @@ def test_mrv2_driver_matches_the_v1_engine(engines, engine_name):
         differ = {n: (golden[n], out[n]) for n in golden if golden[n] != out[n]}
         assert not differ, f"the MRV2 driver ({kw or 'no preemption'}) differs from the V1 engine: {differ}"
         mrv2_tests._zero(driver)
+        del driver  # one active processor per engine: the next driver's must not be a duplicate
