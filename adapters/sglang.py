@@ -526,9 +526,43 @@ def register() -> None:
         return
     from tts_plugins.effort import startup_checks
 
-    startup_checks(log)
+    startup_checks(log)  # a malformed TTS_PLUGINS_REASONING_EFFORT is the operator's error: it stops the server on purpose
+    try:
+        _register(install_patches, sglang_hooks, SGLANG_MIN_VERSION, SGLANG_MAX_VERSION)
+    except Exception:  # never take the engine down: what failed is logged, and its keys are refused where possible
+        log.exception("tts_plugins: could not install the SGLang hooks")
+        try:
+            if not sglang_hooked("core"):
+                _refuse_everything(sglang_hooks)
+        except Exception:
+            log.exception("tts_plugins: could not install the refusal either; tts_* keys may do nothing on this server")
+
+
+def _refuse_everything(sglang_hooks: Any) -> None:
+    """The core's hooks are not installed on this SGLang (an untested version, or targets that moved): no tts_* key
+    can act, so every request carrying one is refused at admission (``SamplingParams.verify`` raises ValueError, a
+    400), when that one target still exists; else the one log line says the keys cannot even be refused."""
+    from tts_plugins.patching import engine_version
+
+    ver = engine_version("sglang")
+
+    def verify_refuse(result: Any, sampling_params: Any, *args: Any, **kwargs: Any) -> None:
+        custom = getattr(sampling_params, "custom_params", None) or {}
+        keys = sorted(k for k in custom if str(k).startswith("tts_"))
+        if keys:
+            raise ValueError(f"{keys[0]}={custom[keys[0]]!r} is refused: tts-plugins could not install its hooks on SGLang {ver} "
+                             "(outside the versions it was built against, or its internals moved); see the server log")
+
+    if not sglang_hooks([(TARGETS["verify"], verify_refuse, "after")], tag="core.refuse", min_version="0", max_version="999"):
+        log.error("tts_plugins: SGLang %s: no hook could be installed, not even the refusal; tts_* keys in custom_params do nothing "
+                  "on this server (uninstall tts-plugins or use a tested SGLang)", ver)
+    else:
+        log.warning("tts_plugins: SGLang %s: the core's hooks are left out; every request with a tts_* key gets a 400", ver)
+
+
+def _register(install_patches: Any, sglang_hooks: Any, SGLANG_MIN_VERSION: str, SGLANG_MAX_VERSION: str) -> None:  # noqa: N803
     install_patches(default_registry(), engine="sglang")
-    sglang_hooks(
+    core = sglang_hooks(
         [
             (TARGETS["verify"], _verify_after, "after"),
             (TARGETS["init_new"], _init_new_around, "around"),
@@ -545,6 +579,21 @@ def register() -> None:
                  min_version=SGLANG_MIN_VERSION, max_version=SGLANG_MAX_VERSION)
     sglang_hooks([(TARGETS["chat_params"], _chat_params_after, "after")], tag="core.reasoning_effort",
                  min_version=SGLANG_MIN_VERSION, max_version=SGLANG_MAX_VERSION)
+    if not core and not sglang_hooked("core"):  # not installed (and not because an earlier run in this process did)
+        _refuse_everything(sglang_hooks)
+
+
+def sglang_hooked(tag: str, registry: Any = None) -> bool:
+    """Whether ``tag``'s hooks were registered in this process (by this or an earlier run of ``register``)."""
+    from tts_plugins.patching import _HOOKED, _own_dict
+
+    if registry is None:
+        try:
+            from sglang.srt.plugins.hook_registry import HookRegistry as registry
+        except Exception:
+            return False
+    done = _own_dict(registry).get(_HOOKED)
+    return isinstance(done, set) and tag in done
 
 
 def _chat_params_after(result: Any, request: Any, *args: Any, **kwargs: Any) -> Any:

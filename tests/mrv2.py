@@ -189,7 +189,10 @@ class MRV2Driver:
         return out
 
     def run(self, requests: list[tuple[str, list[int], Any]], *, preempt_after: dict[str, int] | None = None,
-            max_steps: int = 2000) -> dict[str, list[int]]:
+            max_steps: int = 2000, on_step: Any = None) -> dict[str, list[int]]:
+        """Run ``requests`` (id, prompt ids, SamplingParams) to the end; their output ids by id. ``on_step(req_ids,
+        finished)`` is called after each step's sample with the step's rows in batch order (the order of the runner's
+        ``ModelRunnerOutput.req_ids``) and the ids that finished in it, before their slots are freed."""
         from vllm.v1.worker.gpu.sample.logits_processor import LogitsContext
 
         for _, _, params in requests:
@@ -256,6 +259,8 @@ class MRV2Driver:
                     del preempt[r.req_id]
                     to_remove.append(r.req_id)
                     waiting.append(r)  # resumed at the next step: the prompt and its output so far as the prefill
+            if on_step is not None:
+                on_step([r.req_id for r in batch], [r.req_id for r in batch if r.finished])
             running = [r for r in running if r.req_id not in to_remove]
         for rid in to_remove:
             self._remove_request(rid)

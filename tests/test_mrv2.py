@@ -311,3 +311,43 @@ def test_reports_follow_the_output_rows_without_req_id_to_index():
     req = Request()
     vllm_plugin._report(Step(), req)
     assert req.stop_reason is not None and "2" in str(req.stop_reason)
+
+
+def test_deepconf_reports_ride_on_the_v2_runner_output(config, reasoner, tokenizer):
+    """The core's wrapper of MRV2's sample_tokens (attach_reports) puts each row's report numbers on the runner's async
+    output, mapping its req_ids to slots through the runner's own map; the scheduler's side (_report) turns a finished
+    request's row into its stop_reason. Every DeepConf request ends with its report; the one whose threshold no window
+    can reach says it was stopped."""
+    from types import SimpleNamespace
+
+    from tts_plugins.adapters import vllm_plugin
+    from tts_plugins.adapters.vllm import TTSLogitsProcessor
+    from tts_plugins.services import parse_report
+
+    gc.collect()
+    reqs = [(rid, prompt, params) for rid, prompt, params in requests(tokenizer) if rid.startswith("conf-") or rid == "plain"]
+    driver = MRV2Driver(config, reasoner, [TTSLogitsProcessor], max_num_reqs=8, eos=tokenizer.eos_token_id)
+    reports: dict[str, object] = {}
+
+    class AsyncOutput:  # MRV2's AsyncOutput: the ModelRunnerOutput is made by get_output(), after the device copy
+        def __init__(self, req_ids):
+            self.model_runner_output = SimpleNamespace(req_ids=req_ids)
+
+        def get_output(self):
+            return self.model_runner_output
+
+    def on_step(req_ids, finished):
+        out = vllm_plugin.attach_reports(AsyncOutput(req_ids), driver.req_states).get_output()
+        for rid in finished:
+            request = SimpleNamespace(request_id=rid, stop_reason=None)
+            if getattr(out, "tts_reports", None) is not None:
+                vllm_plugin._report(out, request)
+            reports[rid] = parse_report(request.stop_reason)
+
+    driver.run([(rid, prompt, SamplingParams(temperature=0, max_tokens=MAX_TOKENS, extra_args=params or None)) for rid, prompt, params in reqs],
+               on_step=on_step)
+    assert reports["plain"] is None, "a request without DeepConf has no report"
+    for rid in ("conf-0", "conf-1", "conf-2"):
+        assert reports[rid] and "conf" in reports[rid], f"{rid} finished without its report: {reports[rid]}"
+    assert reports["conf-2"]["conf"]["stopped"] is True, reports["conf-2"]
+    _zero(driver)

@@ -80,3 +80,46 @@ def test_the_count_follows_admission_release_and_a_request_dropped_before_it_ran
     CountingReqs.walks = 0
     step([plain, mine])
     assert calls == [] and CountingReqs.walks == 0
+
+
+def test_a_future_sglang_whose_internals_moved_refuses_every_key(monkeypatch, caplog):
+    """An SGLang outside the tested range: register() does not raise, logs what it leaves out, and the one hook it
+    can still install (SamplingParams.verify, at admission) refuses every tts_* key naming the key and the version."""
+    import functools
+    import sys
+    import types
+
+    from tts_plugins import patching
+
+    class Registry:
+        def __init__(self):
+            self.registered = []
+
+        def register(self, target, hook, kind):
+            self.registered.append((target, hook, kind))
+
+    # a stand-in of SGLang 0.9.0 whose only module left in place is the sampling params
+    for name in ("sglang", "sglang.srt", "sglang.srt.sampling"):
+        monkeypatch.setitem(sys.modules, name, types.ModuleType(name))
+    params_mod = types.ModuleType("sglang.srt.sampling.sampling_params")
+    params_mod.SamplingParams = type("SamplingParams", (), {"verify": lambda self: None})
+    monkeypatch.setitem(sys.modules, params_mod.__name__, params_mod)
+    monkeypatch.setattr(patching, "engine_version", lambda engine: "0.9.0")
+    registry = Registry()
+    hooks = functools.partial(patching.sglang_hooks, registry=registry)
+    with caplog.at_level("WARNING"):
+        adapter._register(lambda reg, engine: None, hooks, patching.SGLANG_MIN_VERSION, patching.SGLANG_MAX_VERSION)
+    assert [t for t, _, _ in registry.registered] == [adapter.TARGETS["verify"]], registry.registered
+    assert "every request with a tts_* key gets a 400" in caplog.text
+    _, refuse, _ = registry.registered[0]
+    refuse(None, SimpleNamespace(custom_params={"other": 1}))  # a plain request passes
+    with pytest.raises(ValueError, match=r"tts_think_max=3 is refused: .*SGLang 0\.9\.0"):
+        refuse(None, SimpleNamespace(custom_params={"tts_think_max": 3}))
+
+
+def test_register_never_raises(monkeypatch, caplog):
+    """A failure while installing (here: the patches raise) is logged, never raised into the engine's start-up."""
+    monkeypatch.setattr(adapter, "_register", lambda *a: (_ for _ in ()).throw(RuntimeError("boom")))
+    with caplog.at_level("ERROR"):
+        adapter.register()
+    assert "could not install the SGLang hooks" in caplog.text
