@@ -351,3 +351,27 @@ def test_deepconf_reports_ride_on_the_v2_runner_output(config, reasoner, tokeniz
         assert reports[rid] and "conf" in reports[rid], f"{rid} finished without its report: {reports[rid]}"
     assert reports["conf-2"]["conf"]["stopped"] is True, reports["conf-2"]
     _zero(driver)
+
+
+def test_chat_front_end_patch_on_this_vllm():
+    """ChatCompletionRequest.to_sampling_params, patched on the vLLM under test and called directly: reasoning_effort
+    becomes the thinking cap, and a group stop at EOS with tools is refused naming the key."""
+    from vllm.entrypoints.openai.chat_completion.protocol import ChatCompletionRequest
+    from vllm.exceptions import VLLMValidationError
+
+    from tts_plugins.adapters import vllm_plugin
+    from tts_plugins.patching import Patcher
+
+    patcher = Patcher("vllm", owner="core")
+    vllm_plugin.install_core(patcher)
+    try:
+        tools = [{"type": "function", "function": {"name": "f", "parameters": {"type": "object", "properties": {}}}}]
+        req = ChatCompletionRequest(model="m", messages=[{"role": "user", "content": "hi"}], tools=tools,
+                                    vllm_xargs={"tts_group": "g", "tts_group_finish": "eos"})
+        with pytest.raises(VLLMValidationError, match="tts_group_finish"):
+            req.to_sampling_params(16, {})
+        req = ChatCompletionRequest(model="m", messages=[{"role": "user", "content": "hi"}], reasoning_effort="low")
+        params = req.to_sampling_params(16, {})
+        assert (params.extra_args or {}).get("tts_think_max"), f"reasoning_effort did not become a cap: {params.extra_args}"
+    finally:
+        patcher.undo()
