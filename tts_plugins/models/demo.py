@@ -52,6 +52,9 @@ def main(argv: list[str] | None = None) -> int:
     if args.problems < 1:
         raise SystemExit("--problems must be at least 1")
     os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
+    import logging
+
+    logging.getLogger("math_verify").setLevel(logging.ERROR)  # its per-call timeout notice is not for this screen
     import vllm
     from vllm import LLM, SamplingParams
 
