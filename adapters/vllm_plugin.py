@@ -534,44 +534,32 @@ def attach_reports(output: Any, req_states: Any = None) -> Any:
         # the slots now (the next step may free them), read from the runner's own map; only while a report is on
         index = req_states.req_id_to_index
         slots = np.array([index.get(rid, proc.info.neutral_slot) for rid in (inner.req_ids or ())], dtype=np.int64)
-        if hasattr(output, "get_output"):
-            make = output.get_output
-
-            def get_output_v2() -> Any:
-                out = make()
-                tables = proc.state.report_tables(slots[: len(out.req_ids)])
-                if tables:
-                    out.tts_reports = tables
-                return out
-
-            output.get_output = get_output_v2
-        else:
-            tables = proc.state.report_tables(slots)
-            if tables:
-                output.tts_reports = tables
+    elif req_ids is None and hasattr(output, "get_output"):
+        slots = proc.report_slots(proc.rows.max_slots)  # the V1 persistent batch's rows, in the output's order
+    else:
+        slots = proc.report_slots(len(req_ids)) if req_ids else None
+    if slots is None:
         return output
-    if req_ids is None and hasattr(output, "get_output"):
+    if hasattr(output, "get_output") and getattr(output, "req_ids", None) is None:
         # async scheduling: the rows' slots now, their numbers when the output is made (after its device copy, so
         # the statistics of this step have reached the host too)
-        slots = proc.report_slots(proc.rows.max_slots)
-        if slots is not None:
-            make = output.get_output
+        make = output.get_output
 
-            def get_output() -> Any:
-                out = make()
-                tables = proc.state.report_tables(slots[: len(out.req_ids)])
-                if tables:
-                    out.tts_reports = tables
-                return out
+        def get_output() -> Any:
+            out = make()
+            _put_reports(proc, out, slots[: len(out.req_ids)])
+            return out
 
-            output.get_output = get_output
-        return output
-    if req_ids:
-        slots = proc.report_slots(len(req_ids))
-        tables = proc.state.report_tables(slots) if slots is not None else None
-        if tables:
-            output.tts_reports = tables
+        output.get_output = get_output
+    else:
+        _put_reports(proc, output, slots)
     return output
+
+
+def _put_reports(proc: Any, output: Any, slots: np.ndarray) -> None:
+    tables = proc.state.report_tables(slots)
+    if tables:
+        output.tts_reports = tables
 
 
 def _wrap_update_from_output(original: Any) -> Any:
