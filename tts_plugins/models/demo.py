@@ -1,8 +1,8 @@
 """Demo: the real vLLM engine on the tiny reasoning model trained here, steered per request.
 
 Run ``./dev demo`` (or ``python -m tts_plugins.models.demo`` where vLLM is installed).
-On first use it trains the model (a 4-layer Qwen3, about 5 minutes on
-two CPU cores; cached afterwards, see :mod:`tts_plugins.models.trained`). Then it starts
+On first use it trains the model (a 4-layer Qwen3, about 15 minutes on
+two CPU cores with its evaluation; cached afterwards, see :mod:`tts_plugins.models.trained`). Then it starts
 vLLM on the CPU and shows, on held-out chained arithmetic:
 
 1. one question, one batch, each request steered only by its own keys:
@@ -101,8 +101,9 @@ def main(argv: list[str] | None = None) -> int:
         # short-m@k votes among the samples that finished (an answer); the engine ended the others early
         done = [(arith.extract_answer(c.text), len(c.token_ids)) for c in o_group.outputs if arith.extract_answer(c.text) is not None]
         short = bool(done) and aggregate.short_m_at_k([a for a, _ in done], [t for _, t in done]).answer == str(q.answer)
-        rows.append((maj, short, sum(len(c.token_ids) for c in o_plain.outputs), sum(len(c.token_ids) for c in o_group.outputs),
-                     SAMPLES - len(done)))
+        # ended by the group stop: shorter than the same sample (same seed) without it, and no answer
+        stopped = sum(len(g.token_ids) < len(c.token_ids) and arith.extract_answer(g.text) is None for g, c in zip(o_group.outputs, o_plain.outputs))
+        rows.append((maj, short, sum(len(c.token_ids) for c in o_plain.outputs), sum(len(c.token_ids) for c in o_group.outputs), stopped))
     acc_m, acc_s = sum(r[0] for r in rows) / n, sum(r[1] for r in rows) / n
     tok_m, tok_s = sum(r[2] for r in rows) / n, sum(r[3] for r in rows) / n
     wins, losses = sum(r[1] and not r[0] for r in rows), sum(r[0] and not r[1] for r in rows)
