@@ -263,7 +263,7 @@ class TTSLogitsProcessor(*_BASES):  # type: ignore[misc]
         # Once per admitted opted-in request: read its committed tokens back from the runner's token buffer. A
         # request resumed after a preemption (or re-added by a streaming-input update) comes back with its output
         # so far in the prefill (prefill_len > prompt_len): every technique's state is rebuilt from those tokens,
-        # as if it had watched them, so a cap, a window or a group's finish does not restart.
+        # as if it had watched them, so a cap or a group's finish does not restart (DeepConf's window, made of logits, does).
         for slot, (parsed, params) in self._staged.items():
             plen = int(self.req_states.prompt_len.np[slot])
             fill = int(self._prefill_len.np[slot]) if self._prefill_len is not None else plen

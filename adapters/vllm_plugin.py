@@ -66,9 +66,9 @@ log = logging.getLogger("vllm.tts_plugins")  # under vLLM's logger, so its handl
 # 0.34: the front-end and scheduler targets were read in 0.34's own code and are unchanged where the wrappers touch
 # them; CI installs and undoes them on 0.34's code and calls the patched functions (tests/test_vllm_interfaces.py).
 MIN_VERSION, MAX_VERSION = "0.32", "0.35"
-# Model Runner V1 (its sampling step) was removed in 0.34; Model Runner V2's targets were read in 0.34.
+# Model Runner V1 (its sampling step) was removed in 0.34; Model Runner V2's targets were read in 0.33 and 0.34.
 V1_RUNNER_MAX = "0.34"
-V2_RUNNER_MIN = "0.34"
+V2_RUNNER_MIN = "0.33"  # 0.33: the same targets (read); its GPU default runner is V2
 CORE_TARGETS = {
     "sample_tokens": "vllm.v1.worker.gpu_model_runner:GPUModelRunner.sample_tokens",
     "v2_sample_tokens": "vllm.v1.worker.gpu.model_runner:GPUModelRunner.sample_tokens",
@@ -114,28 +114,55 @@ def _runner_module_present(module: str) -> bool:
         return False
 
 
+# The core's patches by the service they provide, front end and scheduler first (pure-Python modules that import the
+# same in every process, so a failure there is known to the front end that admits requests), the runner's last.
+def _services() -> tuple[tuple[str, str, Any], ...]:
+    return (
+        ("add_request", "per-sample edits", _wrap_add_request),
+        ("new_request", "cache salt", _wrap_from_engine_core_request),
+        ("chat_params", "reasoning_effort and the tool refusal", _wrap_chat_params),
+        ("spec_decode", "speculative-decoding refusal", _wrap_validate_spec_decode),
+        ("structured", "structured-output refusal", _wrap_validate_structured),
+        ("placement", "placement", _wrap_process_inputs),
+        ("finish", "reports", _wrap_update_with_output),
+        ("step_output", "reports", _wrap_update_from_output),
+    )
+
+
+_FAILED: dict[str, str] = {}  # service -> why its patch is not installed in this process
+
+
 def install_core(patcher: Any) -> None:
-    """Install the core's patches (the services every technique may use) through ``patcher``."""
+    """Install the core's patches (the services every technique may use) through ``patcher``. Each is installed on its
+    own: one that fails is logged and its service recorded as left out (:func:`left_out`), the others go on."""
     from tts_plugins.patching import engine_version, version_in_range
 
     ver = engine_version("vllm") or "0"
+    for key, service, wrap in _services():
+        _install_one(patcher, key, service, wrap, MIN_VERSION, MAX_VERSION, record=True)
+    # the runner's: installed where the runner is (a front end that cannot import it records nothing: the worker may)
     if version_in_range(ver, MIN_VERSION, V1_RUNNER_MAX):
-        patcher.replace(CORE_TARGETS["sample_tokens"], _wrap_sample_tokens, min_version=MIN_VERSION, max_version=V1_RUNNER_MAX)
+        _install_one(patcher, "sample_tokens", "reports", _wrap_sample_tokens, MIN_VERSION, V1_RUNNER_MAX)
     if version_in_range(ver, V2_RUNNER_MIN, MAX_VERSION) and _runner_module_present("vllm.v1.worker.gpu.model_runner"):
-        _install_v2_runner(patcher)  # the reports and the slot release, in the worker that runs the processors
-    patcher.replace(CORE_TARGETS["add_request"], _wrap_add_request, min_version=MIN_VERSION, max_version=MAX_VERSION)
-    patcher.replace(CORE_TARGETS["new_request"], _wrap_from_engine_core_request, min_version=MIN_VERSION, max_version=MAX_VERSION)
-    patcher.replace(CORE_TARGETS["chat_params"], _wrap_chat_params, min_version=MIN_VERSION, max_version=MAX_VERSION)
-    patcher.replace(CORE_TARGETS["spec_decode"], _wrap_validate_spec_decode, min_version=MIN_VERSION, max_version=MAX_VERSION)
-    patcher.replace(CORE_TARGETS["structured"], _wrap_validate_structured, min_version=MIN_VERSION, max_version=MAX_VERSION)
-    patcher.replace(CORE_TARGETS["placement"], _wrap_process_inputs, min_version=MIN_VERSION, max_version=MAX_VERSION)
-    patcher.replace(CORE_TARGETS["finish"], _wrap_update_with_output, min_version=MIN_VERSION, max_version=MAX_VERSION)
-    patcher.replace(CORE_TARGETS["step_output"], _wrap_update_from_output, min_version=MIN_VERSION, max_version=MAX_VERSION)
+        _install_one(patcher, "v2_sample_tokens", "reports", _wrap_sample_tokens, V2_RUNNER_MIN, MAX_VERSION)
+        _install_one(patcher, "v2_remove_request", "slot release", _wrap_remove_request, V2_RUNNER_MIN, MAX_VERSION)
+    left_out.cache_clear()
 
 
-def _install_v2_runner(patcher: Any) -> None:
-    patcher.replace(CORE_TARGETS["v2_sample_tokens"], _wrap_sample_tokens, min_version=V2_RUNNER_MIN, max_version=MAX_VERSION)
-    patcher.replace(CORE_TARGETS["v2_remove_request"], _wrap_remove_request, min_version=V2_RUNNER_MIN, max_version=MAX_VERSION)
+def _install_one(patcher: Any, key: str, service: str, wrap: Any, lo: str, hi: str, record: bool = False) -> None:
+    from tts_plugins.patching import engine_version, patch_owner, version_in_range
+
+    target = CORE_TARGETS[key]
+    try:
+        done = patcher.replace(target, wrap, min_version=lo, max_version=hi)
+    except Exception as exc:  # an import that fails otherwise than ImportError, a target of another shape
+        log.error("tts_plugins: could not patch %s (%s: %s); %s left out", target, type(exc).__name__, exc, service)
+        done = False
+    if done or patch_owner(target.replace(":", ".")) == "core":
+        return
+    ver = engine_version("vllm") or "unknown"
+    if record and version_in_range(ver, lo, hi):  # outside the range, left_out() says so already
+        _FAILED.setdefault(service, f"vLLM {ver}: {target} could not be patched (see the server log)")
 
 
 def uses_v2_runner() -> bool:
@@ -185,10 +212,9 @@ def left_out() -> dict[str, str]:
 
     ver = engine_version("vllm")
     if ver is None or version_in_range(ver, MIN_VERSION, MAX_VERSION):
-        return {}
+        return dict(_FAILED)
     why = f"vLLM {ver} is outside the versions [{MIN_VERSION}, {MAX_VERSION}) whose internals tts-plugins was built against"
-    return {name: why for name in ("reports", "per-sample edits", "cache salt", "placement", "speculative-decoding refusal",
-                                   "structured-output refusal", "tool refusal")}
+    return {**{name: why for name, _ in {s[1]: None for s in _services()}.items()}, **_FAILED}
 
 
 def report_left_out() -> None:
@@ -217,15 +243,24 @@ def refuse_unsupported(extra: Any, parsed: dict[str, Any], registry: Any = None)
         from tts_plugins.manager import default_registry
 
         registry = default_registry()
+    from tts_plugins.technique import ModelPatch as ModelPatchBase
+
     for tech in registry.techniques:
-        if tech.name in parsed and getattr(tech, "report_fields", None):
+        if "reports" in gone and tech.name in parsed and getattr(tech, "report_fields", None):
             key = sorted(k for k in extra if k in tech.keys)[0]
-            raise ValueError(f"{key}={extra[key]!r} is refused: its per-request report needs the core's reports, left out because "
+            raise ValueError(f"{key}={extra[key]!r} is refused: its per-request report needs the core's reports, left out: "
                              f"{gone['reports']}")
-    keys = services.placement_keys(registry, extra)
-    if keys:
-        raise ValueError(f"{keys[0]}={extra[keys[0]]!r} is refused: its members must share an engine, and the core's placement "
-                         f"was left out because {gone['placement']}")
+    if "placement" in gone:
+        keys = services.placement_keys(registry, extra)
+        if keys:
+            raise ValueError(f"{keys[0]}={extra[keys[0]]!r} is refused: its members must share an engine, and the core's placement "
+                             f"was left out: {gone['placement']}")
+    if "per-sample edits" in gone:
+        for patch in registry.model_patches():
+            if patch.engine == "vllm" and patch.name in parsed and type(patch).sample_edit is not ModelPatchBase.sample_edit:
+                key = sorted(k for k in extra if k in patch.keys)[0]
+                raise ValueError(f"{key}={extra[key]!r} is refused: it edits each sample in the front end, and that hook was left out: "
+                                 f"{gone['per-sample edits']}")
 
 
 # --- discarded rows ---------------------------------------------------------------
@@ -267,18 +302,20 @@ def _wrap_remove_request(original: Any) -> Any:
         slot = getattr(getattr(self, "req_states", None), "req_id_to_index", {}).get(req_id)
         out = original(self, req_id, *args, **kwargs)
         if slot is not None:
-            slot_freed(int(slot))
+            slot_freed(int(slot), getattr(getattr(self, "sampler", None), "logits_processors", None))
         return out
 
     return _remove_request
 
 
-def slot_freed(slot: int) -> None:
-    """Model Runner V2 freed ``slot``: every active processor of this process drops its state (O(1) when the slot
-    held no opted-in request)."""
+def slot_freed(slot: int, processors: Any = None) -> None:
+    """Model Runner V2 freed ``slot``: the runner's processors (``processors``: its sampler's list; every processor of
+    this process when unknown) drop its state (O(1) when the slot held no opted-in request). Another engine in the same
+    process keeps its own slot of that number."""
     from tts_plugins.adapters.vllm import TTSLogitsProcessor
 
-    for proc in list(TTSLogitsProcessor._instances):
+    procs = [p for p in processors if isinstance(p, TTSLogitsProcessor)] if processors is not None else list(TTSLogitsProcessor._instances)
+    for proc in procs:
         if not proc.inert and proc.v2:
             try:
                 proc.free_slot(slot)

@@ -67,7 +67,8 @@ def vllm_checks(models: Path, results: list) -> None:
     long = list(gen({"tts_think_min": len(plain) + 20}).outputs[0].token_ids)
     first_end = long.index(end) + 1 if end in long else None
     plain_end = plain.index(end) + 1 if end in plain else None
-    _line(results, "think minimum", first_end is None or first_end > len(plain), f"plain ends at {plain_end}, the minimum at {first_end}")
+    _line(results, "think minimum", plain_end is not None and (first_end is None or first_end > len(plain)),
+          f"plain ends at {plain_end}, the minimum at {first_end}")
     outs = gen({"tts_group": "gpu-check", "tts_group_stop_after": 1}, n=8, temperature=0.8, seed=1).outputs
     finished = sum(end in c.token_ids for c in outs)
     _line(results, "group stop (short-1@8)", finished <= 2, f"{finished} of 8 samples closed their thinking, the rest were ended")
@@ -76,12 +77,17 @@ def vllm_checks(models: Path, results: list) -> None:
     stopped = [c for c in outs if len(c.token_ids) <= 6]
     _line(results, "DeepConf stop and report", len(stopped) == 4 and all(r and "conf" in r for r in reports),
           f"{len(stopped)} of 4 stopped by token 6; reports: {json.dumps(reports[0])[:80]}")
+    import vllm
+
+    from tts_plugins.patching import version_in_range
+
     for key, value in (("tts_moi_beta", 1.0), ("tts_roe_tau", 0.3)):
         try:
             gen({key: value}, temperature=0.7)
-            _line(results, f"{key}", True, "admitted and ran (the installed vLLM supports its patch)")
-        except Exception as exc:  # refused at admission, as documented for MRV2 on 0.34
-            _line(results, f"{key}", key in str(exc), f"refused: {str(exc)[:90]}")
+        except ValueError as exc:  # refused at admission, as documented for MRV2 on 0.34
+            _line(results, f"{key} refused", key in str(exc) and vllm.__version__ in str(exc), f"{str(exc)[:90]}")
+        else:
+            _line(results, f"{key} refused", not version_in_range(vllm.__version__, "0.34"), "admitted (it must be refused from 0.34)")
     llm.llm_engine.engine_core.shutdown()
 
 

@@ -154,14 +154,19 @@ class GroupStop(LogitsTechnique):
             group = self.groups.get(params.group)
             if group is None:
                 group = self.groups[params.group] = _Group(stop_after=params.stop_after)
-                # a member resuming into a group that stopped while it was away is stopped again
-                group.stopped = self.stopped_ids.pop(params.group, 0) is None and bool(history)
+                if history:  # a member resuming into a group that stopped while it was away is stopped again
+                    group.stopped = self.stopped_ids.pop(params.group, 0) is None
+                else:  # a new request (or one preempted before its first token) with this id: a new group
+                    self.stopped_ids.pop(params.group, None)
             prompt = self.info.tokenizer.decode(list(request.prompt_ids), skip_special_tokens=False)
             _, tail = thinking_state(prompt, self.info.think_start, self.info.think_end)
             member = _Member(params=params, group=group, matcher=StreamMatcher(self.info.think_start, self.info.think_end, tail))
             self.members[slot] = member
             group.members.add(slot)
-            for t in history:  # a resumed member: did it finish before it left? (the adapter feeds these again next)
+            # a resumed member: did it finish before it left? (the adapter feeds these again next.) The end of its
+            # output that is the start of a stop being forced is not its own text: it cannot finish it
+            forced = self._stop_done(member, history) if group.stopped else 0
+            for t in history[: len(history) - forced]:
                 if self._finishes(member, t):
                     member.finished = True
                     break
@@ -213,9 +218,16 @@ class GroupStop(LogitsTechnique):
     def _stop(self, member: _Member, history: Sequence[int] = ()) -> None:
         """Force the stop text and EOS; a resumed member whose output already ends with the start of them (it was
         stopped when it was preempted) gets the rest."""
-        seq = encode(self.info.tokenizer, member.params.stop_text) + [self.eos[0]]
-        done = next((k for k in range(min(len(seq), len(history)), 0, -1) if list(history[-k:]) == seq[:k]), 0)
-        member.queue.extend(seq[done:])
+        seq = self._stop_seq(member)
+        member.queue.extend(seq[self._stop_done(member, history):])
+
+    def _stop_seq(self, member: _Member) -> list[int]:
+        return encode(self.info.tokenizer, member.params.stop_text) + [self.eos[0]]
+
+    def _stop_done(self, member: _Member, history: Sequence[int]) -> int:
+        """How much of the stop (text and EOS) ``history`` already ends with."""
+        seq = self._stop_seq(member)
+        return next((k for k in range(min(len(seq) - 1, len(history)), 0, -1) if list(history[-k:]) == seq[:k]), 0)
 
     def _publish(self, slot: int) -> None:
         member = self.members.get(slot)

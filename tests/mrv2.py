@@ -34,6 +34,7 @@ from __future__ import annotations
 import random
 from dataclasses import dataclass, field
 from pathlib import Path
+from types import SimpleNamespace
 from typing import Any
 
 import numpy as np
@@ -142,6 +143,7 @@ class MRV2Driver:
         self.req_states = RequestStateCPU(max_num_reqs, max_model_len, vocab)
         lp_state = processor_state(self.req_states)
         self.processors = [cls(vllm_config, lp_state) for cls in processors]
+        self.sampler = SimpleNamespace(logits_processors=self.processors)  # the runner's sampler holds them
         self.needs_processing = np.zeros(max_num_reqs, dtype=bool)
         self.eos = eos
         self.rng = random.Random(shuffle_seed) if shuffle_seed is not None else None

@@ -151,3 +151,65 @@ def test_members_finishing_in_the_same_step_all_count(dense_tokenizer):
     outs = sim.run(reqs, random_model(len(tok), 4, banned=banned), 20)
     assert all(len(o) == 20 and "</think>" in tok.decode(o) for o in outs[:3]), "three members tied: all finished"
     assert outs[3][-1] == tok.eos_token_id and len(outs[3]) == 5
+
+
+def _tech():
+    from transformers import AutoTokenizer
+
+    from models import tiny_model
+
+    tok = AutoTokenizer.from_pretrained(str(tiny_model("dense")))
+    return GroupStop(EngineInfo(vocab_size=len(tok), max_slots=4, device=torch.device("cpu"), tokenizer=tok, eos_token_ids=(tok.eos_token_id,))), tok
+
+
+def _resume(tech, slot, params, history):
+    """What the adapters do for a request re-added after a preemption: set_slot with its history, then feed it."""
+    tech.set_slot(slot, params, SlotRequest([1], output_ids=tuple(history)))
+    tech.on_tokens(slot, list(history))
+
+
+def test_a_member_preempted_while_being_stopped_resumes_its_stop_where_it_was_cut():
+    tech, tok = _tech()
+    params = GroupParams("g", finish="eos", stop_text=" stop now")
+    tech.set_slot(0, params, SlotRequest([1]))
+    tech.set_slot(1, params, SlotRequest([1]))
+    tech.on_tokens(1, [5, 6])
+    tech.on_tokens(0, [5, tok.eos_token_id])  # slot 0 finishes: slot 1 is stopped
+    seq = list(tech.members[1].queue)
+    assert seq[-1] == tok.eos_token_id and len(seq) >= 2
+    tech.on_tokens(1, seq[:1])  # one forced token delivered, then both leave (0 finished, 1 preempted)
+    tech.set_slot(0, None, SlotRequest())
+    tech.set_slot(1, None, SlotRequest())
+    assert tech.debug_counts() == {"members": 0, "groups": 0}
+    _resume(tech, 2, params, [5, 6, seq[0]])
+    assert list(tech.members[2].queue) == seq[1:], "the resumed member must get the rest of its stop, not run free"
+    tech.set_slot(2, None, SlotRequest())
+    assert tech.debug_counts() == {"members": 0, "groups": 0}
+
+
+def test_a_new_request_reusing_a_stopped_groups_id_starts_a_new_group():
+    tech, tok = _tech()
+    params = GroupParams("g", finish="eos")
+    tech.set_slot(0, params, SlotRequest([1]))
+    tech.set_slot(1, params, SlotRequest([1]))
+    tech.on_tokens(0, [tok.eos_token_id])
+    tech.set_slot(0, None, SlotRequest())
+    tech.set_slot(1, None, SlotRequest())  # the stopped group empties
+    tech.set_slot(2, params, SlotRequest([1]))  # a new request (no output yet) with that id
+    assert not tech.members[2].queue and not tech.members[2].group.stopped
+    tech.set_slot(2, None, SlotRequest())
+    _resume(tech, 3, params, [5, 6])  # a later resumption does not inherit the forgotten stop
+    assert not tech.members[3].group.stopped
+
+
+def test_a_resumed_member_counts_its_history_once():
+    tech, tok = _tech()
+    params = GroupParams("g", stop_after=2, finish="eos")
+    tech.set_slot(0, params, SlotRequest([1]))
+    _resume(tech, 1, params, [5, 6, 7])  # joins with history: no finish in it
+    assert tech.members[1].group.finished == 0 and not tech.members[1].finished
+    tech.on_tokens(1, [8])  # new tokens after the history are seen as usual
+    tech.on_tokens(0, [tok.eos_token_id])
+    assert tech.members[0].group.finished == 1 and not tech.members[1].queue
+    tech.on_tokens(1, [tok.eos_token_id])
+    assert tech.members[1].group.finished == 2

@@ -106,7 +106,7 @@ def test_driver_matches_transformers_for_a_plain_request(config, reasoner, token
 
 def test_a_preemption_in_the_middle_changes_no_token(config, reasoner, tokenizer):
     """Every request is preempted after its 6th token and resumed with its output in the prefill: each technique's
-    state is rebuilt from the committed tokens, so a cap, a minimum, a group's finish or a window does not restart."""
+    state is rebuilt from the committed tokens, so a cap, a minimum, a group's finish does not restart (DeepConf's window does: README)."""
     plain = drive(config, reasoner, tokenizer)[0]  # (its driver, and so its processor, goes at once)
     names = [name for name, _ in cases()]
     preempted, driver = drive(config, reasoner, tokenizer, preempt_after={name: 6 for name in names})
@@ -375,3 +375,26 @@ def test_chat_front_end_patch_on_this_vllm():
         assert (params.extra_args or {}).get("tts_think_max"), f"reasoning_effort did not become a cap: {params.extra_args}"
     finally:
         patcher.undo()
+
+
+def test_a_core_patch_that_cannot_install_refuses_the_keys_that_need_it(monkeypatch):
+    """A target that moved in a release inside the range (here the scheduler's finish hook): the other patches still
+    install, the service is recorded as left out, and a reporting technique's key gets a 400 naming why."""
+    from tts_plugins.adapters import vllm_plugin
+    from tts_plugins.adapters.vllm import TTSLogitsProcessor
+    from tts_plugins.patching import Patcher
+
+    monkeypatch.setitem(vllm_plugin.CORE_TARGETS, "finish", "vllm.v1.core.sched.scheduler:Scheduler._gone_in_a_later_release")
+    monkeypatch.setattr(vllm_plugin, "_FAILED", {})
+    patcher = Patcher("vllm", owner="core")
+    try:
+        vllm_plugin.install_core(patcher)
+        assert "reports" in vllm_plugin.left_out()
+        assert any(a.attr == "process_inputs" for a in patcher.applied), "the other patches must still install"
+        with pytest.raises(ValueError, match=r"tts_conf_threshold=5.0 is refused: .*_gone_in_a_later_release"):
+            TTSLogitsProcessor.validate_params(SamplingParams(extra_args={"tts_conf_threshold": 5.0}))
+        TTSLogitsProcessor.validate_params(SamplingParams(extra_args={"tts_think_max": 3}))  # needs nothing left out
+    finally:
+        patcher.undo()
+        monkeypatch.undo()
+        vllm_plugin.left_out.cache_clear()

@@ -306,8 +306,9 @@ patcher = Patcher("vllm", owner="core")
 vllm_plugin.install_core(patcher)
 try:
     done = {f"{a.holder.__module__}:{a.holder.__qualname__}.{a.attr}" for a in patcher.applied}
-    v2 = version_in_range(vllm.__version__, vllm_plugin.V2_RUNNER_MIN)  # the runner targets: V1's up to 0.33, V2's from 0.34
-    want = {t for k, t in vllm_plugin.CORE_TARGETS.items() if k.startswith("v2_") == v2 or k not in ("sample_tokens",) and not k.startswith("v2_")}
+    ver = vllm.__version__  # the runner targets: V1's up to 0.33, V2's from 0.33
+    v1, v2 = version_in_range(ver, None, vllm_plugin.V1_RUNNER_MAX), version_in_range(ver, vllm_plugin.V2_RUNNER_MIN)
+    want = {t for k, t in vllm_plugin.CORE_TARGETS.items() if (v2 if k.startswith("v2_") else v1 if k == "sample_tokens" else True)}
     assert done == want, (sorted(want - done), sorted(done - want))
 finally:
     patcher.undo()
