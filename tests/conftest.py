@@ -17,7 +17,7 @@ settings.register_profile("full", max_examples=500, deadline=None, suppress_heal
 settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "dev"))
 
 # Modules that import an engine are collected only in that engine's environment (./dev test runs both).
-collect_ignore = [] if importlib.util.find_spec("vllm") else ["test_vllm_interfaces.py"]
+collect_ignore = [] if importlib.util.find_spec("vllm") else ["test_vllm_interfaces.py", "test_mrv2.py", "engine/test_mrv2_parity_engine.py"]
 
 
 @pytest.fixture(scope="session")
