@@ -37,39 +37,148 @@ sys.path[:0] = [str(ROOT / "tests"), str(ROOT / "tests" / "engine")]
 PRM = "tts_plugins.models.arith:step_reward"
 
 
-def dense_methods(k: int) -> list[str]:
-    """Every technique once, at its paper's settings (a CPU hour at 500 problems; what was left out and why is in
-    the README)."""
-    vote = f"majority@{k}"
-    return [
-        "greedy",
-        "sample",
-        f"majority:n={k}",
-        f"short-m:m=1,k={k},vs={vote}",
-        f"short-m:m=3,k={k},vs={vote}",
-        f"best-of-n:n={k},reward={PRM},label=best-of-{k} (step checker),vs={vote}",
-        f"carbon:n={k},reward={PRM},label=carbon@{k} (step checker),vs=best-of-{k} (step checker)",
-        f"ladder:1,vs={vote}",
-        "think-max:24",
-        "think-max:48",
-        "think-min:128",
-        "no-think",
-        "trim:2",
-        "sample:temperature=0.7,top_p=1.0,label=sample (T=0.7)",
-        "trim:2,temperature=0.7,label=trim converge=2 (T=0.7),vs=sample (T=0.7)",
-        # the conclusion the reasoner learned after a cut thinking block ("\n", as a cap closes it), not the default phrase
-        'trim:2,temperature=0.7,tts_trim_conclusion="\\n",label=trim converge=2 (T=0.7) ending as a cap,vs=sample (T=0.7)',
-        "sample:temperature=0.6,top_p=0.8,label=sample (T=0.6, top_p=0.8)",
-        "moi:label=moi,vs=sample (T=0.6, top_p=0.8)",
-    ]
+BUDGETS = (16, 32, 64)  # s1's thinking caps: budgets that bind on medium and hard problems
+ANSWER_ALLOWANCE = 12  # tokens after the cap for "</think>", the answer line and the end (the same limit for truncation)
+
+
+def dense_methods(k: int, deepconf_n: int = 32) -> list[str]:
+    """Every technique once, at its paper's settings. ``tts bench`` adds each method's control (the same samples
+    without the technique, at the method's own temperature, top_p and sample count) and majority at equal samples
+    and at equal tokens."""
+    out = ["greedy", "sample", f"majority:n={k}",
+           f"short-m:m=1,k={k}", f"short-m:m=3,k={k}",
+           f"deepconf:{deepconf_n},variant=high", f"deepconf:{deepconf_n},variant=low",
+           f"best-of-n:n={k},reward={PRM},label=best-of-{k} (step checker)",
+           f"carbon:n={k},reward={PRM},label=carbon@{k} (step checker)",
+           "ladder:1",
+           "think-min:128",
+           "trim:2",
+           "trim:2,temperature=0.7,top_p=1.0,label=trim converge=2 (T=0.7)",
+           # the conclusion the reasoner learned after a cut thinking block ("\n", as a cap closes it), not the default phrase
+           'trim:2,temperature=0.7,top_p=1.0,tts_trim_conclusion="\\n",label=trim converge=2 (T=0.7) ending as a cap',
+           "moi",
+           # NoThinking's claim: pass@k against thinking's pass@k at equal tokens (the thinking samples: majority's)
+           f"no-think:n={k},temperature=0.7,top_p=1.0,label=no-think@{k} (T=0.7)"]
+    for b in BUDGETS:  # s1's claim: budget forcing against plain truncation at the same token budget
+        limit = b + ANSWER_ALLOWANCE
+        out += [f"greedy:max_tokens={limit},label=truncate at {limit}",
+                f"think-max:{b},max_tokens={limit},label=think-max {b},vs=truncate at {limit}"]
+    return out
 
 
 def moe_methods(k: int, taus: tuple[float, ...]) -> list[str]:
     out = ["greedy", f"majority:n={k}"]
     out += [f"roe:{t}" for t in taus]
-    out += [f"roster:k={k},tau={t},vs=greedy" for t in taus]
-    out.append(f"roster:k={k},tau={max(taus)},temperature=0.7,label=sampling roster of {k} tau={max(taus)},vs=majority@{k}")
+    out += [f"roster:k={k},tau={t}" for t in taus]
+    out.append(f"roster:k={k},tau={max(taus)},temperature=0.7,label=sampling roster of {k} tau={max(taus)}")
     return out
+
+
+# --- premises where each technique acts, from the bench's own records -------------------------------------------
+
+
+def _wilson_cell(k: int, n: int) -> dict:
+    from tts_plugins.client import stats
+
+    lo, hi = stats.wilson(k, n) if n else (float("nan"), float("nan"))
+    return {"k": k, "n": n, "share": k / n if n else float("nan"), "ci95": [lo, hi]}
+
+
+def record_premises(records: dict, problems: list[dict], labels: dict[str, str]) -> dict:
+    """Premises measured on the samples each technique acts on (``tts bench --save-samples`` records):
+
+    * ``s1_splice``: think-min against its greedy control (the same tokens until the first spliced "Wait"): of
+      the problems where a "Wait" was spliced (the texts differ), the share whose answer changed, and of those the
+      share that changed to the right answer.
+    * ``short_m``: on short-m's control (k samples at its T and top_p): the shortest sample's accuracy against the
+      mean sample's, and the within-question length-correctness correlation.
+    * ``trim``: on greedy, the share that state the same answer twice (converged, then re-verified).
+    * ``cap_binds``: on greedy, the share of problems whose thinking runs past each s1 budget."""
+    from tts_plugins.client.stats import point_biserial
+    from tts_plugins.models import arith
+
+    by_id = {p["id"]: p for p in problems}
+    out: dict = {}
+    tmin, greedy, sm = labels.get("think-min"), labels.get("greedy"), labels.get("short-m control")
+    if tmin and greedy:
+        spliced = changed = right = wrong_from_right = 0
+        for pid in by_id:
+            a, g = records.get((tmin, pid)), records.get((greedy, pid))
+            if not a or not g or not a.get("texts") or not g.get("texts"):
+                continue
+            if a["texts"][0] == g["texts"][0]:
+                continue
+            spliced += 1
+            if str(a["answer"]) != str(g["answer"]):
+                changed += 1
+                right += bool(a["correct"])
+                wrong_from_right += bool(g["correct"]) and not a["correct"]
+        out["s1_splice"] = {"spliced": spliced, "changed": _wilson_cell(changed, spliced), "changed_to_right": _wilson_cell(right, changed),
+                            "right_to_wrong": wrong_from_right}
+    if sm:
+        corrs, shortest, mean = [], [], []
+        for pid in by_id:
+            r = records.get((sm, pid))
+            if not r or not r.get("lengths"):
+                continue
+            lens, ok = r["lengths"], r["right"]
+            c = point_biserial(lens, ok)
+            if c is not None:
+                corrs.append(c)
+            i = min(range(len(lens)), key=lambda j: (lens[j], j))
+            shortest.append(bool(ok[i]))
+            mean.append(sum(ok) / len(ok))
+        out["short_m"] = {"questions_mixed": len(corrs), "length_correct_corr": sum(corrs) / len(corrs) if corrs else float("nan"),
+                          "shortest_right": _wilson_cell(sum(shortest), len(shortest)),
+                          "mean_sample_right": sum(mean) / len(mean) if mean else float("nan")}
+    if greedy:
+        texts = [(by_id[pid], records[(greedy, pid)]) for pid in by_id if (greedy, pid) in records and records[(greedy, pid)].get("texts")]
+        conv = sum(arith.analyze(p["prompt"], r["texts"][0])["converged_early"] for p, r in texts)
+        out["trim"] = {"converged_then_reverified": _wilson_cell(conv, len(texts))}
+        think = [r["thinking_tokens"] for _, r in texts]
+        out["cap_binds"] = {str(b): _wilson_cell(sum(t > b for t in think), len(think)) for b in BUDGETS}
+    return out
+
+
+def nothinking_curve(records: dict, problems: list[dict], nothink: str, thinking: str) -> list[dict]:
+    """NoThinking's claim: pass@k of NoThinking against pass@k of thinking at equal tokens. For each k of thinking,
+    NoThinking gets as many samples as the same tokens buy (at most its n), per problem, both unbiased estimates."""
+    from tts_plugins.client import stats
+
+    rows = []
+    pairs = [(records[(nothink, p["id"])], records[(thinking, p["id"])]) for p in problems
+             if (nothink, p["id"]) in records and (thinking, p["id"]) in records]
+    if not pairs:
+        return rows
+    tok_nt = sum(a["tokens"] / a["samples"] for a, _ in pairs) / len(pairs)
+    tok_th = sum(b["tokens"] / b["samples"] for _, b in pairs) / len(pairs)
+    n = min(min(a["samples"] for a, _ in pairs), min(b["samples"] for _, b in pairs))
+    for k in (1, 2, 4, 8):
+        if k > n:
+            break
+        kn = max(1, min(n, round(k * tok_th / tok_nt)))
+        th = [stats.pass_at_k(b["samples"], b["samples_right"], k) for _, b in pairs]
+        nt = [stats.pass_at_k(a["samples"], a["samples_right"], kn) for a, _ in pairs]
+        d, lo, hi = stats.paired_bootstrap(nt, th, 5000, 0)
+        rows.append({"thinking_k": k, "thinking_tokens": k * tok_th, "thinking_pass": sum(th) / len(th), "nothinking_k": kn,
+                     "nothinking_tokens": kn * tok_nt, "nothinking_pass": sum(nt) / len(nt), "difference": d, "ci95": [lo, hi],
+                     "capped": kn == n and round(k * tok_th / tok_nt) > n})
+    return rows
+
+
+def lowest_group_confidence(top: list[dict], window: int = 16) -> float:
+    """DeepConf's lowest group confidence from per-token top log-probs: token confidence ``-mean(top log-probs)``,
+    averaged over sliding windows of ``window`` tokens (the whole trace when shorter), the lowest window."""
+    c = [-sum(t.values()) / len(t) for t in top if t]
+    if not c:
+        return 0.0
+    w = min(window, len(c))
+    s = sum(c[:w])
+    low = s
+    for i in range(w, len(c)):
+        s += c[i] - c[i - w]
+        low = min(low, s)
+    return low / w
 
 
 async def measure_premises(base: str, problems: list[dict], k: int, seed: int, max_tokens: int, concurrency: int) -> dict[str, Any]:
@@ -78,7 +187,7 @@ async def measure_premises(base: str, problems: list[dict], k: int, seed: int, m
     from tts_plugins.client.stats import point_biserial
     from tts_plugins.models import arith
 
-    rows, entropy, prm_right, prm_wrong = [], {}, [], []
+    rows, entropy, prm_right, prm_wrong, conf_right, conf_wrong = [], {}, [], [], [], []
     async with Server(base, concurrency=concurrency, answer=arith.extract_answer, keep_special_tokens=True) as server:
         async def one(i: int, p: dict) -> None:
             samples = await server.sample(p["prompt"], n=k, temperature=0.7, max_tokens=max_tokens, logprobs=5, seed=seed * 7919 + i)
@@ -88,6 +197,8 @@ async def measure_premises(base: str, problems: list[dict], k: int, seed: int, m
                              "difficulty": p["difficulty"]})
                 entropy.setdefault(p["difficulty"], []).append(aggregate.chain_entropy(s.top or []))
                 (prm_right if s.answer == p["answer"] else prm_wrong).append(arith.step_reward(p["prompt"], text))
+                if s.answer is not None and s.top:  # DeepConf's signal: the lowest sliding-window mean of -mean(top log-probs)
+                    (conf_right if s.answer == p["answer"] else conf_wrong).append(lowest_group_confidence(s.top))
 
         await asyncio.gather(*(one(i, p) for i, p in enumerate(problems)))
     out = arith.premises(rows)
@@ -102,55 +213,96 @@ async def measure_premises(base: str, problems: list[dict], k: int, seed: int, m
     if prm_right and prm_wrong:
         wins = sum((a > b) + 0.5 * (a == b) for a in prm_right for b in prm_wrong)
         out["step_checker_auc"] = wins / (len(prm_right) * len(prm_wrong))
+    if conf_right and conf_wrong:  # DeepConf's premise: answered traces with a low lowest-group confidence are more often wrong
+        out["deepconf_conf_auc"] = sum((a > b) + 0.5 * (a == b) for a in conf_right for b in conf_wrong) / (len(conf_right) * len(conf_wrong))
     # length against correctness pooled over questions too (for reference; the premise is within a question)
     out["length_correct_corr_pooled"] = point_biserial([r["tokens"] for r in rows], [arith.extract_answer(r["text"]) == r["answer"] for r in rows])
     return out
 
 
-def premise_for(name: str, label: str, prem: dict[str, Any]) -> str:
-    """The premise a method relies on, as measured (a short cell)."""
-    f = lambda x: "n/a" if x is None or (isinstance(x, float) and math.isnan(x)) else f"{x:.2f}"
+def _f(x: Any) -> str:
+    return "n/a" if x is None or (isinstance(x, float) and math.isnan(x)) else f"{x:.2f}"
+
+
+def _cell(c: dict | None) -> str:
+    if not c or not c.get("n"):
+        return "n/a"
+    return f"{c['k']}/{c['n']} = {100 * c['share']:.0f}% ({100 * c['ci95'][0]:.0f}, {100 * c['ci95'][1]:.0f})"
+
+
+def premise_for(name: str, label: str, prem: dict[str, Any], rec: dict[str, Any]) -> str:
+    """The premise a method relies on, measured where it acts (a short cell), and whether it held."""
     d = prem.get("by_difficulty", {})
-    if name == "short-m":
-        return (f"length-correct corr within a question {f(prem.get('length_correct_corr'))}; shorter half right {f(prem.get('short_right'))}, "
-                f"longer half {f(prem.get('long_right'))}")
-    if name == "think-min":
-        return (f"slips corrected after Wait {f(prem.get('wait_fix_rate'))}; checks that changed the answer changed it to the right one "
-                f"{f(prem.get('check_fix_rate'))}")
-    if name == "trim":
-        return f"samples that reach the answer and re-verify it {f(prem.get('converged_before_end'))}"
-    if name == "think-max" or name == "no-think":
-        return "tokens per sample by difficulty " + ", ".join(f"{k} {v['tokens_per_sample']:.0f}" for k, v in d.items())
+    if name == "short-m" and "short_m" in rec:
+        s = rec["short_m"]
+        held = s["shortest_right"]["share"] > s["mean_sample_right"]
+        return (f"on its control's samples: the shortest right {_cell(s['shortest_right'])} against a sample's {100 * s['mean_sample_right']:.0f}%; "
+                f"length-correct corr within a question {_f(s['length_correct_corr'])} ({'held' if held else 'failed'})")
+    if name == "think-min" and "s1_splice" in rec:
+        s = rec["s1_splice"]
+        ch = s["changed"]
+        return (f"on its own outputs: Wait spliced on {s['spliced']} problems; answer changed {_cell(ch)}; of those to the right answer "
+                f"{_cell(s['changed_to_right'])}, right to wrong {s['right_to_wrong']}")
+    if name == "trim" and "trim" in rec:
+        return f"on greedy: converged, then re-verified {_cell(rec['trim']['converged_then_reverified'])}"
+    if name == "think-max" and "cap_binds" in rec:
+        budget = label.split()[1] if len(label.split()) > 1 else ""
+        return f"on greedy: thinking runs past {budget} tokens {_cell(rec['cap_binds'].get(budget))}"
+    if name == "deepconf":
+        return f"lowest group confidence ranks a right trace above a wrong one (T=0.7, top-5): AUC {_f(prem.get('deepconf_conf_auc'))}"
     if name in ("carbon", "best-of-n") and "step checker" in label:
-        return f"step checker ranks a right sample above a wrong one: AUC {f(prem.get('step_checker_auc'))}"
-    if name in ("majority", "carbon", "best-of-n", "ladder", "moi", "inverse-entropy", "sample", "roe", "roster"):
+        return f"step checker ranks a right sample above a wrong one: AUC {_f(prem.get('step_checker_auc'))}"
+    if name == "no-think":
+        return "see the NoThinking table (pass@k at equal tokens)"
+    if name in ("majority", "ladder", "moi", "inverse-entropy", "sample", "roe", "roster") and d:
         return "T=0.7 sample accuracy by difficulty " + ", ".join(f"{k} {v['sample_accuracy_T0.7']:.2f}" for k, v in d.items()) + \
                "; token entropy " + ", ".join(f"{v['mean_token_entropy']:.2f}" for v in d.values())
     return ""
 
 
-def report(parts: list[tuple[str, dict, dict]]) -> str:
-    from tts_plugins.client.bench import _pct
+def report(parts: list[tuple[str, dict, dict, dict, list]]) -> str:
+    from tts_plugins.client.bench import _delta, _pct, _ratio
 
-    lines = []
-    for model, summary, prem in parts:
-        lines += [f"### {model}: {summary['problems']} problems, {summary['engine']}", "",
-                  "| method | accuracy % (95% CI) | Δ accuracy, paired 95% CI (vs) | McNemar p | tokens / problem | samples | premise; notes |",
-                  "| --- | ---: | --- | ---: | ---: | ---: | --- |"]
+    lines = ["Accuracy with Wilson 95% intervals. Δ: the difference in points with Newcombe's paired 95% interval, problems won (W) and "
+             "lost (L), and McNemar's exact p Holm-adjusted over every comparison of the model's table. Each method runs against its "
+             "control: the same number of samples at its own temperature and top_p, on the same seeds, without the technique. "
+             "Tokens ×: mean decode tokens against the control's, with a paired bootstrap 95% interval.", ""]
+    for model, summary, prem, rec, curve in parts:
+        lines += [f"### {model}: {summary['problems']} problems, {summary['engine']}, seed {summary.get('seed')}", "",
+                  "| method | accuracy % (95% CI) | Δ vs its control | tokens × control | Δ vs majority, equal samples | "
+                  "Δ vs majority, equal tokens | tokens / problem | premise, measured where the technique acts |",
+                  "| --- | ---: | --- | ---: | --- | --- | ---: | --- |"]
         for r in summary["methods"]:
-            diffs = [x for x in (r.get("vs_baseline"), r.get("vs_equal_budget")) if x]
-            diffs = [x for i, x in enumerate(diffs) if x["against"] not in (y["against"] for y in diffs[:i])]
-            dv = "; ".join(f"{_pct(x['difference'])} ({_pct(x['ci95'][0])}, {_pct(x['ci95'][1])}) vs {x['against']}"
-                           for x in diffs) or "baseline"
-            p = f"{diffs[0]['mcnemar_p']:.2g}" if diffs else ""
-            notes = [premise_for(r["name"], r["method"], prem)]
-            if "carbon_fitted_T_mean" in r:
-                notes.append(f"fitted T {r['carbon_fitted_T_mean']:.2f}, {r['carbon_bias_tokens_mean']:.0f} biased tokens")
-            if "pass_at_k" in r:
-                notes.append(f"pass@{r['pass_at_k']['k']} {_pct(r['pass_at_k']['value'])}")
-            lines.append(f"| {r['method']} | {_pct(r['accuracy'])} ({_pct(r['ci95'][0])}, {_pct(r['ci95'][1])}) | {dv} | {p} | "
-                         f"{r['tokens_per_problem']:.0f} | {r['samples_per_problem']:.3g} | {'; '.join(n for n in notes if n)} |")
+            c = r.get("vs_control")
+            v = r.get("vs_baseline") if r.get("vs_baseline") and (not c or r["vs_baseline"]["against"] != c["against"]) else None
+            cells = [_delta(c, True) if c else ("control" if r.get("equal_budget_for") is None else "")]
+            if v and "truncate" in v["against"]:
+                cells[0] = _delta(c, True) + "<br>" + _delta(v, True)
+            lines.append(f"| {r['method']} | {_pct(r['accuracy'])} ({_pct(r['ci95'][0])}, {_pct(r['ci95'][1])}) | {cells[0]} | {_ratio(c)} | "
+                         f"{_delta(r.get('vs_equal_samples'), True)} | {_delta(r.get('vs_equal_tokens'), True)} | {r['tokens_per_problem']:.0f} | "
+                         f"{premise_for(r['name'], r['method'], prem, rec)} |")
         lines.append("")
+        s1 = [r for r in summary["methods"] if r["name"] == "think-max" and r.get("vs_baseline") and "truncate" in r["vs_baseline"]["against"]]
+        if s1:
+            by = {r["method"]: r for r in summary["methods"]}
+            lines += ["s1's claim, budget forcing against plain truncation at the same token limit (greedy):", "",
+                      "| thinking budget | limit | truncation accuracy % | think-max accuracy % | Δ (95% CI) | thinking runs past the budget |",
+                      "| ---: | ---: | ---: | ---: | --- | --- |"]
+            for r in s1:
+                t = by[r["vs_baseline"]["against"]]
+                budget = r["method"].split()[1]
+                lines.append(f"| {budget} | {r['settings'].get('max_tokens')} | {_pct(t['accuracy'])} | {_pct(r['accuracy'])} | "
+                             f"{_delta(r['vs_baseline'])} | {_cell(rec.get('cap_binds', {}).get(budget))} |")
+            lines.append("")
+        if curve:
+            lines += ["NoThinking's claim, pass@k against thinking's pass@k at equal tokens (T=0.7; unbiased pass@k; paired bootstrap):", "",
+                      "| thinking k | tokens | thinking pass@k % | NoThinking k | tokens | NoThinking pass@k % | Δ (95% CI) |",
+                      "| ---: | ---: | ---: | ---: | ---: | ---: | --- |"]
+            for c in curve:
+                lines.append(f"| {c['thinking_k']} | {c['thinking_tokens']:.0f} | {_pct(c['thinking_pass'])} | {c['nothinking_k']}"
+                             f"{' (all it drew)' if c['capped'] else ''} | {c['nothinking_tokens']:.0f} | {_pct(c['nothinking_pass'])} | "
+                             f"{_pct(c['difference'])} ({_pct(c['ci95'][0])}, {_pct(c['ci95'][1])}) |")
+            lines.append("")
     return "\n".join(lines)
 
 
@@ -162,7 +314,9 @@ def main(argv=None) -> int:
     ap.add_argument("--k", type=int, help="samples for the votes (default 8; --quick: 4)")
     ap.add_argument("--taus", default="0.05,0.1,0.2,0.5", help="RoE taus (single noisy samples and greedy rosters)")
     ap.add_argument("--roster-k", type=int, default=4, help="roster members and the MoE's majority vote")
-    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--seed", type=int, default=0, help="the run's seed (samples derive from it, the problem and the sample's number)")
+    ap.add_argument("--data-seed", type=int, default=-1, help="which problems: -1 is the held-out set; any other seed draws fresh ones")
+    ap.add_argument("--deepconf-n", type=int, default=32, help="DeepConf's budget (warmup 16, the paper's)")
     ap.add_argument("--max-tokens", type=int, default=400)
     ap.add_argument("--concurrency", type=int, default=64)
     ap.add_argument("--only", choices=("dense", "moe"), default=None)
@@ -186,7 +340,8 @@ def main(argv=None) -> int:
 
     args.out.mkdir(parents=True, exist_ok=True)
     data = args.out / "data.jsonl"
-    problems = [p.to_json(f"h{i}") for i, p in enumerate(arith.held_out(args.problems, steps=None))]
+    drawn = arith.problems(args.problems, seed=args.data_seed, steps=None)  # -1: arith.held_out
+    problems = [p.to_json(f"h{i}") for i, p in enumerate(drawn)]
     data.write_text("".join(json.dumps(p) + "\n" for p in problems))
     parts, t0 = [], time.perf_counter()
     for model, variant in (("reasoning", "dense"), ("reasoning-moe", "moe")):
@@ -212,10 +367,11 @@ def main(argv=None) -> int:
                                                     args.concurrency))
                 prem_file.write_text(json.dumps(prem, indent=1))
             print(f"{model} premises: " + json.dumps({k: v for k, v in prem.items() if k != "by_difficulty"}), flush=True)
-            specs = dense_methods(args.k) if variant == "dense" else moe_methods(args.roster_k, taus)
+            specs = dense_methods(args.k, args.deepconf_n) if variant == "dense" else moe_methods(args.roster_k, taus)
             if args.select:
                 specs = [s for s in specs if s == "greedy" or re.search(args.select, s)]
-            argv = ["bench", "--base-url", srv.base, "--data", str(data), "--out", str(out), "--baseline", "greedy", "--equal-budget", "samples",
+            argv = ["bench", "--base-url", srv.base, "--data", str(data), "--out", str(out), "--baseline", "greedy", "--equal-budget", "both",
+                    "--save-samples",
                     "--max-tokens", str(args.max_tokens), "--concurrency", str(args.concurrency), "--seed", str(args.seed), "--extract",
                     "tts_plugins.models.arith:extract_answer"]
             for s in specs:
@@ -230,7 +386,20 @@ def main(argv=None) -> int:
         summary = json.loads((out / "summary.json").read_text())
         from tts_plugins.models.trained import VARIANTS
 
-        parts.append((f"{variant} ({card.get('train_steps')} steps x {card.get('batch') or VARIANTS[variant]['batch']})", summary, prem))
+        records = bench.read_records(out / "records.jsonl")
+        rows = {r["method"]: r for r in summary["methods"]}
+        labels = {"greedy": "greedy" if "greedy" in rows else None}
+        for r in summary["methods"]:
+            if r["name"] == "think-min":
+                labels["think-min"] = r["method"]
+            if r["name"] == "short-m" and r.get("control"):
+                labels.setdefault("short-m control", r["control"])
+        rec = record_premises(records, problems, {k: v for k, v in labels.items() if v})
+        nt = next((r for r in summary["methods"] if r["name"] == "no-think" and r["samples_per_problem"] > 1), None)
+        curve = nothinking_curve(records, problems, nt["method"], nt["control"]) if nt and nt.get("control") else []
+        (out / "premises-where-they-act.json").write_text(json.dumps({"premises": rec, "nothinking": curve}, indent=1))
+        parts.append((f"{variant} ({card.get('train_steps')} steps x {card.get('batch') or VARIANTS[variant]['batch']}; greedy "
+                      f"{card.get('accuracy_T0')} by transformers)", summary, prem, rec, curve))
     text = report(parts)
     (args.out / "report.md").write_text(text)
     print(text)

@@ -23,9 +23,9 @@ Where we differ, and why:
 * The logits are the ones our processors see: in vLLM after its own logit bias, bad-words and min-tokens
   masks, before temperature; in SGLang before its penalties and temperature. The paper's code asks vLLM for
   raw log-probabilities (before any processing). Without those options the two are the same.
-* The stop is decided on the device and delivered in the same step, without a round trip to the host; the
-  paper's fork ends the request after the token of that step was sampled, so its stopped traces hold one
-  more token (sampled from the distribution that made the window fall below) than ours.
+* The stop is decided on the device and delivered in the same step, without a round trip to the host (that
+  step's token is EOS, as the authors' current processor, facebookresearch/deepconf ``deepconf/processors.py``,
+  writes it too).
 
 Hot path: for the opted-in rows only (gathered when they are not the whole batch), one fused ``log_softmax``
 into a reused float32 buffer, one exact two-pass top-k of it (:func:`tts_plugins.reduce.topk_rows`), and

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import hashlib
 import random
+import re
 from pathlib import Path
 
 import pytest
@@ -30,51 +31,135 @@ def test_solution_lines_are_true_and_end_at_the_answer(seed, steps, top):
     assert arith.parse_question(p.question) == p
     text = p.completion()
     assert text.endswith(f"So the answer is {t}.\n</think>\n\nAnswer: {t}") and arith.extract_answer(text) == str(t)
-    cut = p.cut_completion(len(p.steps()[0]) // 2)
-    assert cut.startswith(p.steps()[0][: len(p.steps()[0]) // 2] + "\n</think>") and arith.extract_answer(cut) == str(t)
-    assert arith.extract_answer(p.no_think_completion()) == str(t)
+    assert arith.extract_answer(p.cut_completion(len(p.thinking()))) == str(t)  # a cut at the very end keeps the stated answer
+    cut = p.cut_completion(len(p.steps()[0]))  # after the first step: its total, not the problem's answer
+    assert cut.startswith(p.steps()[0] + "\n</think>") and arith.extract_answer(cut) == str(p.totals()[0])
+    assert arith.extract_answer(p.cut_completion(2)) == str(p.start)  # no whole line yet: the question's first number
 
 
-@given(seed=st.integers(0, 2**32), slip=st.sampled_from([0.0, 0.3, 1.0]), notice=st.sampled_from([0.0, 0.5, 1.0]))
-def test_traces_plant_slips_corrections_and_checks_as_documented(seed, slip, notice):
+class Sealed(arith.Problem):
+    """A problem whose answer cannot be read: what is generated from it never used the answer."""
+
+    @property
+    def answer(self):
+        raise AssertionError("the generator read the answer")
+
+    def totals(self):
+        raise AssertionError("the generator read the running totals")
+
+
+def _sealed(p: arith.Problem) -> Sealed:
+    return Sealed(p.start, p.ops)
+
+
+@given(seed=st.integers(0, 2**32), slip=st.sampled_from([0.0, 0.07, 0.3]))
+def test_no_training_target_reads_the_answer(seed, slip):
+    """No oracle: traces, the answer after a cut and the answer after NoThinking's prefill are computed from the
+    question and the draw alone, so no label after a forced string can carry what the text could not produce."""
+    rng = random.Random(seed)
+    p = _sealed(arith.mixed_problem(rng))
+    tr = arith.trace(p, rng, slip=slip)
+    assert tr.lines and arith.extract_answer(tr.completion()) == str(tr.final)
+    arith.mental_answer(p, rng)
+    for _ in range(5):
+        segments = trained.completion(p, rng)
+        assert arith.extract_answer("".join(t for t, _ in segments)) is not None
+    arith.supported_answer(p, tr.thinking[: rng.randrange(len(tr.thinking))])
+
+
+@given(seed=st.integers(0, 2**32), slip=st.sampled_from([0.0, 0.07, 0.3]), notice=st.sampled_from([0.0, 0.35, 1.0]))
+def test_traces_are_noisy_computations_that_hold_together(seed, slip, notice):
     rng = random.Random(seed)
     p = arith.mixed_problem(rng)
-    tr = arith.trace(p, rng, slip=slip, notice=notice)
+    tr = arith.trace(p, rng, slip=slip, notice=notice, late=0.0 if notice == 1.0 else 0.3)
+    assert len(tr.lines) == len(tr.kinds) == len(tr.values)
     assert 2 <= len(p.ops) <= 12 and p.difficulty == arith.difficulty(len(p.ops))
     assert p.difficulty == ("easy" if len(p.ops) <= 4 else "medium" if len(p.ops) <= 8 else "hard")  # labels match step counts
-    assert len(tr.lines) == len(tr.kinds)
-    t, step = p.start, 0
-    for line, kind in zip(tr.lines, tr.kinds):
+    ops = set(p.ops)
+    written = arith.Chain()
+    chain = written.steps
+    for line, kind, value in zip(tr.lines, tr.kinds, tr.values):
         m = arith.STEP_RE.match(line)
-        if kind in ("step", "slip"):
-            s, x = p.ops[step]
-            a, sign, b, r = int(m.group(2)), m.group(3), int(m.group(4)), int(m.group(5))
-            assert (a, sign, b) == (t, s, x)  # every line continues from the chain's current value
-            right = t + x if s == "+" else t - x
-            assert (r == right) == (kind == "step") and abs(r - right) <= 2
-            t, step = r, step + 1
-        elif kind == "fix":  # a correction really corrects: the same operation, the right value, and the chain goes on from it
-            s, x = p.ops[step - 1]
-            a, b, r = int(m.group(2)), int(m.group(4)), int(m.group(5))
-            assert m.group(1) == "Wait" and b == x and r == (a + x if s == "+" else a - x)
-            t = r
-        elif kind == "doubt":
-            assert m.group(1) == "Hmm" and int(m.group(5)) == t  # a doubt repeats the wrong value
-        elif kind == "so_far":
-            assert line == f"So far {t}."
-        elif kind == "check":  # a check recomputes every running total correctly
-            assert line == "Wait, let me check: " + ", ".join(map(str, p.totals())) + "."
-            t = p.answer
-        elif kind == "stated":
-            assert line == f"So the answer is {t}."
-    assert step == len(p.ops)
-    assert tr.final == t and arith.extract_answer(tr.completion()) == str(tr.final)
-    assert tr.slips == tr.kinds.count("slip") and tr.noticed == tr.kinds.count("fix") and tr.checks == tr.kinds.count("check")
-    assert (tr.final == p.answer) or (tr.slips > tr.noticed and tr.checks == 0)  # only an unnoticed, unchecked slip is wrong
+        if kind in ("step", "slip", "redo", "fix", "doubt"):
+            a, s, b, r = int(m.group(2)), m.group(3), int(m.group(4)), int(m.group(5))
+            right = a + b if s == "+" else a - b
+            assert (s, b) in ops and abs(r - right) <= 2 and r == value  # every number is a computation, off by at most 2
+            assert (r == right) == (kind != "slip") or kind in ("fix", "doubt")
+            assert {"fix": "Wait", "doubt": "Hmm"}.get(kind) == m.group(1)
+            if kind == "fix":
+                written.correct((a, s, b, r))
+            elif kind != "doubt":
+                written.add((a, s, b, r))
+                assert a == (chain[-2][3] if len(chain) > 1 else p.start)  # a step goes on from the chain as it stands
+        elif kind == "check":  # the whole chain again, each total a computation of the one before
+            c = [int(x) for x in line.removeprefix("Wait, let me check: ").rstrip(".").split(", ")]
+            prev = p.start
+            for (s, b), x in zip(p.ops, c):
+                assert abs(x - (prev + b if s == "+" else prev - b)) <= 2
+                prev = x
+            assert len(c) == len(p.ops) and value == c[-1]
+        elif kind in ("so_far", "stated"):
+            assert value == (chain[-1][3] if chain else p.start) and str(value) in line
+    # the chain as corrected is complete, in the question's order, and ends at the last stated answer
+    assert [(s, b) for _, s, b, _ in chain] == list(p.ops) and chain[-1][3] == tr.final
+    assert tr.final == tr.values[len(tr.kinds) - 1 - tr.kinds[::-1].index("stated")]
+    assert tr.slips == tr.kinds.count("slip") and tr.checks == tr.kinds.count("check")
     if slip == 0:
-        assert tr.slips == 0 and tr.first_answer == p.answer
-    a = arith.analyze(p.question, tr.completion())  # the premise counter reads back what was planted
-    assert (a["slips"], a["fixed"], a["answer"]) == (tr.slips, tr.noticed, str(tr.final))
+        assert tr.slips == 0 and tr.first_answer == tr.final == p.answer
+    a = arith.analyze(p.question, tr.completion())  # the premise counter reads back what was written
+    assert (a["slips"], a["answer"]) == (tr.slips, str(tr.final)) and a["fixed"] <= tr.kinds.count("fix")
+
+
+@given(seed=st.integers(0, 2**32), frac=st.floats(0, 1))
+def test_the_answer_after_a_cut_follows_from_the_chain(seed, frac):
+    rng = random.Random(seed)
+    p = arith.mixed_problem(rng)
+    tr = arith.trace(p, rng, slip=0.2)
+    text = tr.thinking
+    k = int(frac * len(text))
+    cut = text[:k]
+    got = arith.supported_answer(p, cut)
+    ends = [i for i in range(len(tr.lines)) if len("\n".join(tr.lines[: i + 1])) <= k]
+    whole = tr.values[ends[-1]] if ends else p.start
+    last = cut.split("\n")[-1]
+    if k == len(text) or not last or len(ends) == cut.count("\n") + 1:
+        assert got == whole  # the cut is at a line's end: the total that line wrote
+    elif arith.STEP_RE.match(last) or arith.TOTAL_RE.match(last):
+        assert got == int(re.findall(r"-?\d+", last)[-1])  # a line cut inside its last number reads as what is written
+    else:
+        assert got == whole
+    assert arith.extract_answer(p.cut_completion(k, text)) == str(got)
+
+
+def test_checks_recompute_with_their_own_slips():
+    """A check's errors are independent of the first pass's, and checks change answers to right and to wrong ones."""
+    rng = random.Random("checks")
+    wrong_given = {True: [0, 0], False: [0, 0]}  # first pass wrong? -> [checks, wrong checks]
+    changed = changed_right = late = 0
+    for _ in range(5000):
+        p = arith.make_problem(rng, 10)  # one length: a longer chain slips more often in both passes
+        tr = arith.trace(p, rng, verify=(0.0, 1.0))
+        first = [i for i, k in enumerate(tr.kinds) if k == "check"][0]
+        c = [int(x) for x in tr.lines[first].removeprefix("Wait, let me check: ").rstrip(".").split(", ")]
+        bucket = wrong_given[tr.first_answer != p.answer]
+        bucket[0] += 1
+        bucket[1] += c != p.totals()
+        stated = [v for k, v in zip(tr.kinds, tr.values) if k == "stated"]
+        changed += sum(a != b for a, b in zip(stated, stated[1:]))
+        changed_right += sum(a != b and b == p.answer for a, b in zip(stated, stated[1:]))
+        late += any(k == "fix" for k in tr.kinds[tr.kinds.index("stated"):first])
+    rate = {w: b / n for w, (n, b) in wrong_given.items()}
+    assert abs(rate[True] - rate[False]) < 0.05, rate  # the check slips as often whether or not the first pass did
+    assert 0.3 < changed_right / changed < 0.95, (changed, changed_right)  # "Wait" repairs often, not always
+    assert late > 0  # some slips are noticed only after the answer was first stated
+
+
+def test_nothinking_answers_are_guesses_not_oracles():
+    rng = random.Random("mental")
+    hard = [arith.make_problem(rng, 12) for _ in range(400)]
+    right = sum(arith.mental_answer(p, rng) == p.answer for p in hard) / len(hard)
+    assert 0.02 < right < 0.2  # (1 - MENTAL_SLIP) ** 12 = 0.07: a twelve-step chain in the head is mostly wrong
+    assert arith.extract_answer(hard[0].no_think_completion(random.Random(1))) is not None
 
 
 def test_step_reward_scores_the_process():

@@ -139,10 +139,82 @@ def test_equal_budget_adds_a_majority_at_each_methods_samples():
             "short-1@6": {"name": "short-m", "samples_per_problem": 6, "tokens_per_problem": 200},
             "think-min 64": {"name": "think-min", "samples_per_problem": 1, "tokens_per_problem": 150}}
     added, mapping = bench._equal_budget(methods, rows, "samples")
-    assert [m.label for m in added] == ["majority@6"] and mapping == {"short-1@6": "majority@6"}
-    rows["majority@6"] = {"name": "majority", "samples_per_problem": 6, "tokens_per_problem": 300}
-    added, mapping = bench._equal_budget(methods + added, rows, "tokens")  # 50 tokens per sample: 200 buys 4 samples, 150 three
-    assert [m.label for m in added] == ["majority@4", "majority@3"] and mapping == {"short-1@6": "majority@4", "think-min 64": "majority@3"}
+    # at short-m's own sampling settings (T=0.7, top_p=0.95), not majority's defaults
+    assert [m.label for m in added] == ["majority@6 (top_p=0.95)"] and mapping == {"short-1@6": "majority@6 (top_p=0.95)"}
+    assert added[0].settings == {"n": 6, "temperature": 0.7, "top_p": 0.95}
+    rows["majority@6 (top_p=0.95)"] = {"name": "majority", "samples_per_problem": 6, "tokens_per_problem": 300}
+    methods += added
+    added, mapping = bench._equal_budget(methods, rows, "tokens")  # 50 tokens per sample: 200 buys 4 samples, 150 three
+    assert [m.label for m in added] == ["majority@4 (top_p=0.95)", "majority@3"]
+    assert mapping == {"short-1@6": "majority@4 (top_p=0.95)", "think-min 64": "majority@3"}  # a greedy method: majority's defaults
+    # the cost per sample comes from the method's own control when there is one
+    added, mapping = bench._equal_budget(methods, rows, "tokens", {"short-1@6": "majority@6 (top_p=0.95)"})
+    assert mapping["short-1@6"] == "majority@4 (top_p=0.95)"  # 300 / 6 = 50 tokens a sample at its own settings
+
+
+@pytest.mark.parametrize("spec, control", [
+    ("short-m:m=1,k=8", "majority:n=8,temperature=0.7,top_p=0.95"),
+    ("deepconf:32,variant=high", "majority:n=32,temperature=0.6,top_p=0.95"),
+    ("think-max:64", "greedy"),
+    ("think-min:64,temperature=0.7,top_p=0.9", "sample:temperature=0.7,top_p=0.9"),
+    ("moi", "sample:temperature=0.6,top_p=0.8"),
+    ("roster:k=4,tau=0.05", "greedy"),
+    ("roster:k=4,tau=0.5,temperature=0.7", "sample:temperature=0.7,top_p=1"),
+    ("no-think:n=8,temperature=0.7,max_tokens=64", "majority:n=8,temperature=0.7,top_p=1,max_tokens=64"),
+    ("majority:n=4,tts_moi_beta=1", "majority:n=4,temperature=0.7,top_p=1"),
+    ("greedy", None), ("sample", None), ("majority:n=8,top_p=0.95", None), ("ladder:1", None),
+])
+def test_every_method_has_a_control_at_its_own_settings(spec, control):
+    assert bench.control_spec(bench.parse_spec(spec)) == control
+
+
+def test_controls_reuse_a_method_that_does_the_same_thing():
+    methods = [bench.parse_spec(s) for s in ("greedy", "think-max:64", "short-m:k=8", "majority:n=8,top_p=0.95,label=sc")]
+    added, mapping = bench.add_controls(methods)
+    assert added == [] and mapping == {"think-max 64": "greedy", "short-1@8": "sc"}
+    added, mapping = bench.add_controls([bench.parse_spec("majority:n=8,tts_moi_beta=1,label=majority@8")])
+    assert [m.label for m in added] == ["majority@8 (control)"] and mapping == {"majority@8": "majority@8 (control)"}
+
+
+class SeededServer:
+    """A stand-in server whose samples are a pure function of the seed and the sampling settings, seeding choice i
+    of a request with ``seed + i`` as vLLM does: what common random numbers rest on."""
+
+    def __init__(self):
+        self.seeds = []
+
+    async def sample(self, prompt, *, n=1, temperature=1.0, max_tokens=256, params=None, seed=None, top_p=None, **kw):
+        from tts_plugins.client.server import Sample
+
+        out = []
+        for i in range(n):
+            self.seeds.append(seed + i)
+            h = hash((seed + i, temperature, top_p)) % 1000
+            out.append(Sample(text=f"Answer: {h % 3}", answer=str(h % 3), tokens=10 + h % 50, finish_reason="stop"))
+        return out
+
+
+def test_common_random_numbers_two_labels_at_the_same_settings_give_equal_records():
+    import asyncio
+
+    p = {"id": "p7", "prompt": "Compute 1 + 2.", "answer": "1"}
+
+    def run(spec, max_n=16):
+        srv = SeededServer()
+        r = asyncio.run(bench.run_one(srv, bench.parse_spec(spec), p, seed=3, max_tokens=64, max_n=max_n, same=lambda x, y: x == y))
+        return {k: v for k, v in r.items() if k not in ("method", "wall_s")}, srv.seeds
+
+    a, seeds_a = run("majority:n=8,label=one")
+    b, seeds_b = run("majority:n=8,label=two")
+    assert a == b and seeds_a == seeds_b  # renaming a row changes nothing
+    c, seeds_c = run("majority:n=8,label=three", max_n=3)  # split into requests of 3, 3, 2: the same samples
+    assert c == a and sorted(seeds_c) == sorted(seeds_a)
+    _, seeds_sm = run("short-m:m=1,k=8,top_p=1.0")  # short-m at majority's settings draws majority's samples
+    assert sorted(seeds_sm) == sorted(seeds_a)
+    srv = SeededServer()  # another problem draws other samples
+    asyncio.run(bench.run_one(srv, bench.parse_spec("majority:n=8"), {**p, "id": "p8"}, seed=3, max_tokens=64, max_n=16,
+                              same=lambda x, y: x == y))
+    assert not set(srv.seeds) & set(seeds_a)
 
 
 def test_data_errors_name_the_line(tmp_path):
@@ -180,3 +252,19 @@ def test_summary_reports_pass_at_k_at_the_fewest_samples():
             ("majority@4", "2"): {**_record("majority@4", "2", False, samples=2), "samples_right": 0}}
     row = bench.summarize([m], problems, recs, baseline=None, resamples=10)["methods"][0]
     assert row["pass_at_k"] == {"k": 2, "value": pytest.approx((stats.pass_at_k(4, 1, 2) + 0.0) / 2)}
+
+
+def test_summary_intervals_hold_when_every_answer_is_right_and_no_pair_disagrees():
+    problems = [{"id": str(i)} for i in range(10)]
+    methods = [bench.parse_spec("greedy"), bench.parse_spec("think-max:64")]
+    recs = {(m.label, str(i)): _record(m.label, str(i), True, tokens=20 if m.name == "greedy" else 10) for m in methods for i in range(10)}
+    s = bench.summarize(methods, problems, recs, baseline="greedy", resamples=200, controls={"think-max 64": "greedy"})
+    rows = {r["method"]: r for r in s["methods"]}
+    lo, hi = rows["greedy"]["ci95"]
+    assert hi == 1.0 and lo == pytest.approx(stats.wilson(10, 10)[0]) and lo < 0.75  # 10/10 is not (1.0, 1.0)
+    c = rows["think-max 64"]["vs_control"]
+    assert c["difference"] == 0 and c["ci95"][0] < 0 < c["ci95"][1] and (c["wins"], c["losses"]) == (0, 0)  # zero discordant pairs
+    assert c["token_ratio"] == pytest.approx(0.5) and c["token_ratio_ci95"] == pytest.approx([0.5, 0.5])
+    assert c["holm_p"] == 1.0 and s["comparisons"] == 1  # the control and the baseline are one comparison
+    table = bench.markdown(s)
+    assert "0W/0L" in table and "0.50 (0.50, 0.50)" in table

@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+import http.server
 import json
+import math
 import subprocess
 import sys
+import threading
 from types import SimpleNamespace
 
 import pytest
@@ -12,11 +15,15 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from tts_plugins.adapters.sglang import SampleCounter, sglang_child
+from tts_plugins.client import aggregate
+from tts_plugins.client.aggregate import Vote
 from tts_plugins.client.cli import InputError, finished_ids, read_problems
-from tts_plugins.client.server import extract_auto, extract_full, extract_last_number, final_part
-from tts_plugins.client.strategies import Options
+from tts_plugins.client.cli import main as cli_main
+from tts_plugins.client.server import Sample, extract_auto, extract_full, extract_last_number, final_part
+from tts_plugins.client.strategies import VOTES, Options, _vote
 from tts_plugins.logits_processors.ladder import LadderParams, LadderPatchBase
 from tts_plugins.manager import build_registry
+from tts_plugins.services import report_json
 
 
 def test_answers_are_read_after_the_thinking_block():
@@ -150,3 +157,129 @@ def test_short_m_votes_among_chains_that_answered():
     vote = _vote(Options(n=5, vote="short_m", m=3), samples, "majority", {})
     assert (vote.answer, vote.votes, vote.total) == ("7", 2.0, 3.0)
     assert _vote(Options(n=5, vote="short_m", m=1), samples, "majority", {}).answer == "9"
+
+
+class _Fake(http.server.BaseHTTPRequestHandler):
+    """An OpenAI-compatible vLLM server: each choice from ``script`` (answer, tokens, mean log-prob, DeepConf lowest or None)."""
+
+    script: list = []
+    bodies: list = []
+
+    def _send(self, code: int, data: dict) -> None:
+        raw = json.dumps(data).encode()
+        self.send_response(code)
+        self.send_header("Content-Type", "application/json")
+        self.send_header("Content-Length", str(len(raw)))
+        self.end_headers()
+        self.wfile.write(raw)
+
+    def do_GET(self):
+        if self.path == "/v1/models":
+            self._send(200, {"data": [{"id": "fake"}]})
+        else:  # no /get_model_info: the client takes it for vLLM
+            self._send(404, {"error": "not found"})
+
+    def do_POST(self):
+        body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
+        _Fake.bodies.append(body)
+        choices = []
+        for i in range(body["n"]):
+            answer, tokens, logprob, lowest = _Fake.script[i % len(_Fake.script)]
+            text = f"Answer: {answer}" if answer else "no idea"
+            c = {"index": i, "message": {"role": "assistant", "content": text}, "finish_reason": "stop", "token_ids": list(range(tokens)),
+                 "stop_reason": None}
+            if body.get("logprobs"):
+                step = {"token": "token_id:1", "logprob": logprob, "top_logprobs": [{"token": "token_id:1", "logprob": logprob}]}
+                c["logprobs"] = {"content": [step] * tokens}
+            if lowest is not None:
+                c["stop_reason"] = report_json({"conf": {"stopped": False, "tokens": tokens, "lowest": lowest, "mean": lowest}})
+            choices.append(c)
+        self._send(200, {"choices": choices})
+
+    def log_message(self, *args):
+        pass
+
+
+@pytest.fixture
+def fake(tmp_path):
+    """``(run, bodies)``: ``run(script, *flags)`` runs ``tts run`` on one problem against the fake server and returns
+    ``(exit status, result or None)``; ``bodies`` are the request bodies it got."""
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), _Fake)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    _Fake.bodies = []
+    problems = tmp_path / "p.jsonl"
+    problems.write_text(json.dumps({"id": "p", "prompt": "q", "answer": "9"}) + "\n")
+
+    def run(script, *flags):
+        _Fake.script = list(script)
+        out = tmp_path / f"o{len(_Fake.bodies)}.jsonl"
+        url = f"http://127.0.0.1:{server.server_address[1]}"
+        status = cli_main(["run", str(problems), "-o", str(out), "--url", url, "--quiet", *flags])
+        lines = out.read_text().splitlines() if out.exists() else []
+        return status, json.loads(lines[0]) if lines else None
+
+    yield run, _Fake.bodies
+    server.shutdown()
+    server.server_close()
+
+
+@pytest.mark.parametrize("strategy", ["self-consistency", "best-of-n"])
+@pytest.mark.parametrize("vote", sorted(set(VOTES) | set(aggregate.BUILTIN)))
+def test_every_built_in_vote_runs_through_tts_run(fake, strategy, vote):
+    run, _ = fake
+    script = [("9", 10, -0.1, None), ("7", 20, -0.2, None), ("9", 30, -0.3, None)]
+    status, r = run(script, "--strategy", strategy, "--vote", vote, "--reward", "agreement", "-n", "3")  # a reward for the *best_of_* votes
+    assert status == 0 and r["answer"] == "9" and r["correct"], r
+
+
+def test_short_m_at_k_gets_the_token_counts(fake):
+    run, _ = fake
+    # 2 against 2: majority's tie goes to the smallest answer ("7"), short-m@k's to the class with the shortest chain ("9")
+    script = [("7", 20, -0.1, None), ("9", 10, -0.1, None), ("7", 30, -0.1, None), ("9", 40, -0.1, None)]
+    assert run(script, "--vote", "majority", "-n", "4")[1]["answer"] == "7"
+    assert run(script, "--vote", "short_m_at_k", "-n", "4")[1]["answer"] == "9"
+
+
+def test_confidence_vote_weighs_deepconf_reports_else_log_prob_confidence(fake):
+    run, bodies = fake
+    # reports: "9" at lowest 5 outweighs two "7" at lowest 1 each
+    status, r = run([("7", 5, -0.1, 1.0), ("9", 5, -0.1, 5.0), ("7", 5, -0.1, 1.0)], "--vote", "confidence_vote", "-n", "3")
+    assert status == 0 and (r["answer"], r["votes"], r["total"]) == ("9", 5.0, 7.0)
+    # no reports: exp(mean log-prob), so one sure "9" (exp(-0.01)) outweighs two unsure "7" (exp(-3) each); log-probs were asked for
+    status, r = run([("7", 5, -3.0, None), ("9", 5, -0.01, None), ("7", 5, -3.0, None)], "--vote", "confidence_vote", "-n", "3")
+    assert status == 0 and r["answer"] == "9" and math.isclose(r["votes"], math.exp(-0.01))
+    assert math.isclose(r["total"], math.exp(-0.01) + 2 * math.exp(-3))
+    assert bodies[-1]["logprobs"] is True
+
+
+def test_unknown_votes_are_refused_and_plugin_aggregators_get_the_answers_only(fake, capsys):
+    run, bodies = fake
+    assert run([("9", 5, -0.1, None)], "--vote", "nope") == (2, None) and not bodies
+    assert "unknown --vote 'nope'" in capsys.readouterr().err
+    samples = [Sample("", answer="7", tokens=3), Sample("", answer=None, tokens=9)]
+    seen = []
+
+    def mine(*args, **kwargs):
+        seen.append((args, kwargs))
+        return Vote("7", 1, 1)
+
+    vote = _vote(Options(n=2, vote="mine"), samples, "majority", {**aggregate.BUILTIN, "mine": mine})
+    assert vote.answer == "7" and seen == [((["7", None],), {})]
+    with pytest.raises(ValueError, match="unknown vote 'nope'.*short_m_at_k.*confidence_vote.*registered aggregator \\(mine\\)"):
+        _vote(Options(n=2, vote="nope"), samples, "majority", {**aggregate.BUILTIN, "mine": aggregate.majority})
+
+
+def test_top_p_reaches_the_request(fake):
+    run, bodies = fake
+    assert run([("9", 5, -0.1, None)], "--top-p", "0.9", "-n", "2")[0] == 0
+    assert bodies and all(b["top_p"] == 0.9 for b in bodies)
+
+
+@pytest.mark.parametrize("value", ["0", "1.5", "nan", "x"])
+def test_bad_top_p_is_refused_naming_the_flag(fake, capsys, value):
+    run, bodies = fake
+    with pytest.raises(SystemExit) as exc:
+        run([("9", 5, -0.1, None)], "--top-p", value)
+    err = capsys.readouterr().err
+    assert exc.value.code == 2 and f"argument --top-p: must be a number in (0, 1], got '{value}'" in err, err
+    assert not bodies

@@ -28,7 +28,8 @@ def test_percentile_is_numpys(values, q):
 def test_confidence_vote_keeps_the_top_share_and_weighs_by_confidence(traces, keep):
     answers, confs = [a for a, _ in traces], [c for _, c in traces]
     vote = aggregate.confidence_vote(answers, confs, keep)
-    bar = -math.inf if keep is None else float(np.percentile(confs, 100 * (1 - keep)))
+    answered = [c for a, c in traces if a is not None]  # the percentile is over the traces that have an answer
+    bar = -math.inf if keep is None or not answered else float(np.percentile(answered, 100 * (1 - keep)))
     weight: dict[str, float] = {}
     for a, c in traces:
         if a is not None and c >= bar:
@@ -39,6 +40,15 @@ def test_confidence_vote_keeps_the_top_share_and_weighs_by_confidence(traces, ke
     best = max(weight.values())
     assert vote.answer == min(a for a, w in weight.items() if w == best)  # ties: the smallest answer
     assert math.isclose(vote.votes, best) and math.isclose(vote.total, sum(weight.values()))
+
+
+def test_unanswered_traces_do_not_set_the_percentile():
+    # answered: "A" at 10, "B" at 5: the top half is "A". Counting the unanswered 20, 30, 40 the median would be 20
+    # and no answered trace would be kept.
+    answers, confs = ["B", None, "A", None, None], [5.0, 20.0, 10.0, 30.0, 40.0]
+    vote = aggregate.confidence_vote(answers, confs, keep=0.5)
+    assert (vote.answer, vote.votes, vote.total) == ("A", 10.0, 10.0)
+    assert aggregate.confidence_vote([None, None], [3.0, 4.0], keep=0.1) == aggregate.Vote(None, 0.0, 0.0)
 
 
 def test_equal_confidences_are_a_majority_vote():
@@ -97,6 +107,15 @@ def test_deepconf_draws_waves_until_consensus_or_budget():
     assert res["stopped"] == 2 and res["answer"] == "7"
     # the stopped traces never vote; the others weigh their lowest group confidence
     assert math.isclose(res["votes"], 5.0 + 1.0 + 4 * 6.0) and math.isclose(res["total"], res["votes"] + 5.0 + 1.0 + 2 * 6.0)
+
+
+def test_deepconf_stopping_bar_is_the_percentile_of_every_warmup_trace():
+    # as the authors' online script sets it: unanswered warmup traces count toward the bar (they never vote)
+    warm = [("7", 1.0), ("3", 2.0), ("7", 3.0), ("7", 4.0), (None, 20.0), (None, 21.0)]
+    srv = Scripted(warm + [("7", 5.0)] * 10)
+    res = run(srv, n=6, warmup=6, deepconf="high")
+    assert math.isclose(res["threshold"], float(np.percentile([1.0, 2.0, 3.0, 4.0, 20.0, 21.0], 10)))
+    assert res["answer"] == "7"
 
 
 def test_deepconf_refuses_a_server_without_reports():

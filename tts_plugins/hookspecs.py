@@ -109,8 +109,10 @@ def tts_register_aggregators(
         ``fn(answers: Sequence[str | None]) -> tts_plugins.client.aggregate.Vote``
         is a pure function of the chains' extracted answers (``None``: the
         chain gave no answer and must not vote), invariant under reordering
-        the chains. The name must be new (built-in aggregators included), else
-        ``ValueError``.
+        the chains. The client calls it with the answers only, nothing else
+        (the built-in votes that need lengths, log-probs, rewards or
+        confidences are routed by the client itself). The name must be new
+        (built-in aggregators included), else ``ValueError``.
     :param register_reward: callback taking a name and ``fn``;
         ``fn(prompt: str, completion: str) -> float`` scores one chain (higher
         is better; finite, else the strategy fails), used by Best-of-N style

@@ -215,14 +215,17 @@ def confidence_vote(answers: Sequence[str | None], confidences: Sequence[float],
     """DeepConf's offline vote: keep the traces whose confidence is in the top ``keep`` share (0.1: DeepConf's
     eta = 10%, the traces at or above the 90th percentile; 0.9: eta = 90%; None: all), then a majority weighted by
     confidence (each trace's lowest group confidence, or any trace confidence >= 0). Traces without an answer
-    never vote; ``total`` is the kept traces' weight. Ties go to the smallest answer."""
+    never vote and do not count towards the percentile either: it is taken over the answered traces only, as the
+    authors' offline analysis filters to traces with an extracted answer first (with no answered trace, nothing
+    votes). ``total`` is the kept traces' weight. Ties go to the smallest answer."""
     if len(answers) != len(confidences):
         raise ValueError(f"answers and confidences must have the same length, got {len(answers)} and {len(confidences)}")
     if keep is not None and not 0 < keep <= 1:
         raise ValueError(f"keep must be in (0, 1], got {keep!r}")
     weights = [float(c) for c in confidences]
-    if keep is not None and weights:
-        bar = percentile(weights, 100.0 * (1.0 - keep))
+    answered = [w for a, w in zip(answers, weights) if _norm(a) is not None]
+    if keep is not None and answered:
+        bar = percentile(answered, 100.0 * (1.0 - keep))
         weights = [w if w >= bar else 0.0 for w in weights]
     return _weighted(answers, [max(0.0, w) for w in weights])
 

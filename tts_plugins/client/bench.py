@@ -17,17 +17,25 @@ with the method's requests (``majority:n=4,tts_moi_beta=1``); ``label=...``
 names the row. Every method runs at its paper's default settings unless a
 setting is given (``tts bench --list`` prints them with their sources).
 
+Every method is paired with its **control**: the same number of samples at the
+method's own temperature and top_p, with no technique (greedy or one sample for
+single-sample techniques, majority for votes; ``--no-controls`` leaves them
+out). Seeds come from ``--seed``, the problem and the sample's number, never
+from the method or its label (common random numbers): a method and its control
+draw the same samples until the technique acts, and renaming a row changes
+nothing. ``--equal-budget samples`` (``tokens``, ``both``) adds, for every method
+that spends more than one sample's worth, a majority vote at the same mean
+number of samples (or tokens) per problem, at the method's own sampling settings.
+
 Output in ``--out``: ``records.jsonl`` (one line per method and problem: answer,
 correct, decode tokens, thinking tokens, samples, wall time; appended as
 problems finish, so running the same command again resumes), ``summary.json``,
-``report.md`` (accuracy with a 95% interval, tokens per problem, and the paired
-difference to ``--baseline`` with a 95% paired-bootstrap interval and McNemar's
-exact p; per difficulty when the data has it) and ``pareto.png`` (accuracy
-against tokens, with intervals; needs matplotlib).
-
-``--equal-budget samples`` (or ``tokens``) adds, for every method that spends
-more than one sample's worth, a majority vote at the same mean number of samples
-(or tokens) per problem, and reports the method against it.
+``report.md`` and ``pareto.png`` (accuracy against tokens, with intervals; needs
+matplotlib). The report gives accuracy with a Wilson interval; each comparison's
+difference with Newcombe's paired interval (right when discordant problems are
+few or none), problems won and lost, McNemar's exact p Holm-adjusted over all
+the comparisons reported, and the ratio of mean tokens with a paired bootstrap
+interval; per difficulty when the data has it.
 """
 
 from __future__ import annotations
@@ -261,6 +269,58 @@ def _default_label(m: Method) -> str:
     return base + (f" ({', '.join(extra)})" if extra else "")
 
 
+def _key(m: Method) -> str:
+    """What a method does, without its label: two methods with the same key draw the same samples and answer alike."""
+    return json.dumps([m.name, m.settings, m.params], sort_keys=True, default=str)
+
+
+def control_spec(m: Method) -> str | None:
+    """The control at the method's own sampling settings and sample count: the same samples (common random numbers)
+    with no technique, voted by majority when there are several. None for a control itself (greedy, sample, majority
+    with no ``tts_*`` key) and for the ladder (its rungs are its sampling settings)."""
+    s, name = m.settings, m.name
+    if (name in ("greedy", "sample", "majority") and not m.params) or name == "ladder":
+        return None
+    t, top_p = float(s.get("temperature", 0.0)), float(s.get("top_p", 1.0))
+    if name == "short-m":
+        n = int(s["k"])
+    elif name == "roster":
+        n = 1  # a greedy roster decodes one sequence; a sampling roster answers with its clean member, sample 0
+    else:
+        n = int(s.get("n", 1))
+    if n > 1:
+        spec = f"majority:n={n},temperature={t:g},top_p={top_p:g}"
+    elif t == 0:
+        spec = "greedy"
+    else:
+        spec = f"sample:temperature={t:g},top_p={top_p:g}"
+    if "max_tokens" in s:
+        spec += f",max_tokens={s['max_tokens']}"
+    return spec
+
+
+def add_controls(methods: Sequence[Method]) -> tuple[list[Method], dict[str, str]]:
+    """Each method's control (:func:`control_spec`), reusing a method already in the run that does the same thing.
+    Returns the controls to add and method label -> control label."""
+    have = {_key(m): m.label for m in methods}
+    labels = {m.label for m in methods}
+    added: list[Method] = []
+    mapping: dict[str, str] = {}
+    for m in methods:
+        spec = control_spec(m)
+        if spec is None:
+            continue
+        c = parse_spec(spec)
+        if _key(c) not in have:
+            if c.label in labels:
+                c.label += " (control)"
+            added.append(c)
+            have[_key(c)] = c.label
+            labels.add(c.label)
+        mapping[m.label] = have[_key(c)]
+    return added, mapping
+
+
 # --- running ----------------------------------------------------------------------------------------------
 
 
@@ -312,24 +372,28 @@ def _group_name(nonce: str, label: str, pid: str) -> str:
     return f"bench-{nonce}-{zlib.crc32(label.encode()):08x}-{zlib.crc32(str(pid).encode()):08x}"
 
 
-def _seed(seed: int, method: str, pid: str) -> int:
-    return (seed * 1_000_003 + zlib.crc32(f"{method}\x00{pid}".encode())) % (2**31 - 1)
+def _seed(seed: int, pid: str) -> int:
+    """A problem's seed: from the run's seed and the problem, never from the method or its label, so every method
+    at the same sampling settings draws the same samples (common random numbers) and renaming a row changes
+    nothing. Sample j of the problem is seeded from this plus j (see ``strategies._seed``)."""
+    return (seed * 1_000_003 + zlib.crc32(str(pid).encode())) % (2**31 - 1)
 
 
 async def run_one(server: Server, m: Method, p: Mapping[str, Any], *, seed: int, max_tokens: int, max_n: int,
                   same: Callable[[str, str], bool], save_samples: bool = False, nonce: str = "0") -> dict[str, Any]:
     """One method on one problem: the record ``records.jsonl`` keeps."""
-    from tts_plugins.client.strategies import Options, run_problem
+    from tts_plugins.client.strategies import Options, run_problem, sample_seed
 
     s, name = m.settings, m.name
     t0 = time.perf_counter()
     mt = int(s.get("max_tokens", max_tokens))
-    rseed = _seed(seed, m.label, str(p["id"]))
+    rseed = _seed(seed, str(p["id"]))
+    first = sample_seed(rseed, str(p["id"]))  # sample 0's seed, as the strategies seed it (common random numbers)
     extra: dict[str, Any] = {}
     if name == "roster" and float(s["temperature"]) > 0:
         # a sampling roster: one request of n = k samples, member 0 clean (the engine's default), the others at tau
         k, tau = s["k"], float(s["tau"])
-        samples = await server.sample(p["prompt"], n=k, temperature=float(s["temperature"]), max_tokens=mt, seed=rseed,
+        samples = await server.sample(p["prompt"], n=k, temperature=float(s["temperature"]), max_tokens=mt, seed=first,
                                       top_p=float(s.get("top_p", 1.0)), params={**m.params, "tts_roe_roster_size": k, "tts_roe_tau": tau})
         answer = samples[0].answer
         extra["members_identical"] = len({tuple(x.token_ids or ()) for x in samples}) == 1
@@ -337,7 +401,7 @@ async def run_one(server: Server, m: Method, p: Mapping[str, Any], *, seed: int,
         k, tau = s["k"], float(s["tau"])
         group = _group_name(nonce, m.label, p["id"])
         members = await asyncio.gather(*(
-            server.sample(p["prompt"], n=1, temperature=float(s["temperature"]), max_tokens=mt, seed=rseed + i,
+            server.sample(p["prompt"], n=1, temperature=float(s["temperature"]), max_tokens=mt, seed=first + i,
                           params={**m.params, "tts_roe_roster": group, "tts_roe_roster_size": k, "tts_roe_tau": 0.0 if i == 0 else tau})
             for i in range(k)))
         samples = [x for ms in members for x in ms]
@@ -472,9 +536,14 @@ async def run_methods(server: Server, methods: Sequence[Method], problems: Seque
 
 
 def summarize(methods: Sequence[Method], problems: Sequence[Mapping[str, Any]], records: Mapping[tuple[str, str], Mapping[str, Any]], *,
-              baseline: str | None, resamples: int = 10_000, seed: int = 0, equal: Mapping[str, str] | None = None) -> dict[str, Any]:
-    """Per method: accuracy and interval, tokens, samples, pass@N, paired difference to the baseline (and to its
-    equal-budget majority), per difficulty. Only problems every compared method finished are paired."""
+              baseline: str | None, resamples: int = 10_000, seed: int = 0, equal: Mapping[str, str] | None = None,
+              equal_tokens: Mapping[str, str] | None = None, controls: Mapping[str, str] | None = None) -> dict[str, Any]:
+    """Per method: accuracy with its Wilson interval, tokens, samples, pass@N, and paired comparisons (to its control
+    at its own sampling settings, to the baseline, to majority at equal samples and at equal tokens), per difficulty.
+
+    A comparison pairs the problems both methods finished: the accuracy difference with Newcombe's paired interval
+    (right when discordant pairs are few or none), wins and losses, McNemar's exact p and its Holm adjustment over
+    every comparison in the summary, and the ratio of mean tokens with a paired bootstrap interval."""
     ids = [str(p["id"]) for p in problems]
     diff_of = {str(p["id"]): p.get("difficulty") for p in problems}
     rows: list[dict[str, Any]] = []
@@ -483,15 +552,16 @@ def summarize(methods: Sequence[Method], problems: Sequence[Mapping[str, Any]], 
         recs = [records[(m.label, i)] for i in ids if (m.label, i) in records]
         if not recs:
             continue
-        correct = [float(r["correct"]) for r in recs]
-        lo, hi = stats.bootstrap_mean(correct, resamples, seed)
+        right = sum(bool(r["correct"]) for r in recs)
+        lo, hi = stats.wilson(right, len(recs))
         row: dict[str, Any] = {
             "method": m.label, "spec": m.spec, "name": m.name, "settings": m.settings, "params": m.params, "source": m.info.source,
-            "problems": len(recs), "accuracy": sum(correct) / len(recs), "ci95": [lo, hi],
+            "problems": len(recs), "accuracy": right / len(recs), "ci95": [lo, hi], "right": right,
             "tokens_per_problem": sum(r["tokens"] for r in recs) / len(recs),
             "thinking_tokens_per_problem": sum(r["thinking_tokens"] for r in recs) / len(recs),
             "samples_per_problem": sum(r["samples"] for r in recs) / len(recs), "wall_s_per_problem": sum(r["wall_s"] for r in recs) / len(recs),
-            "equal_budget_for": sorted(k for k, v in (equal or {}).items() if v == m.label) or None,
+            "equal_budget_for": sorted(k for k, v in {**(equal or {}), **(equal_tokens or {})}.items() if v == m.label) or None,
+            "control": (controls or {}).get(m.label),
         }
         n_min = min(r["samples"] for r in recs)
         if n_min > 1 and m.name != "roster":  # pass@k at the fewest samples any problem got (the unbiased estimate)
@@ -514,44 +584,76 @@ def summarize(methods: Sequence[Method], problems: Sequence[Mapping[str, Any]], 
         common = [i for i in ids if (a_label, i) in records and (b_label, i) in records]
         if not common:
             return None
-        a = [records[(a_label, i)]["correct"] for i in common]
-        b = [records[(b_label, i)]["correct"] for i in common]
-        d, lo, hi = stats.paired_bootstrap([float(x) for x in a], [float(x) for x in b], resamples, seed)
+        a = [bool(records[(a_label, i)]["correct"]) for i in common]
+        b = [bool(records[(b_label, i)]["correct"]) for i in common]
+        d, lo, hi = stats.newcombe_paired(a, b)
         wins, losses = stats.discordant(a, b)
-        ta = sum(records[(a_label, i)]["tokens"] for i in common) / len(common)
-        tb = sum(records[(b_label, i)]["tokens"] for i in common) / len(common)
+        ta = [float(records[(a_label, i)]["tokens"]) for i in common]
+        tb = [float(records[(b_label, i)]["tokens"]) for i in common]
+        ratio, rlo, rhi = stats.ratio_of_means(ta, tb, resamples, seed)
         return {"against": b_label, "problems": len(common), "difference": d, "ci95": [lo, hi], "mcnemar_p": stats.mcnemar(a, b),
-                "wins": wins, "losses": losses, "token_ratio": ta / tb if tb else None}
+                "wins": wins, "losses": losses, "token_ratio": None if math.isnan(ratio) else ratio,
+                "token_ratio_ci95": None if math.isnan(ratio) else [rlo, rhi], "tokens": sum(ta) / len(ta), "against_tokens": sum(tb) / len(tb)}
 
+    family: list[dict[str, Any]] = []
     for row in rows:
-        against = by_label[row["method"]].vs or baseline
-        if against and row["method"] != against and against in by_label:
-            row["vs_baseline"] = paired(row["method"], against)
-        eb = (equal or {}).get(row["method"])
-        if eb and eb != row["method"]:
-            row["vs_equal_budget"] = paired(row["method"], eb)
-    return {"baseline": baseline, "problems": len(problems), "resamples": resamples, "methods": rows}
+        for key, against in (("vs_control", row["control"]), ("vs_baseline", by_label[row["method"]].vs or baseline),
+                             ("vs_equal_samples", (equal or {}).get(row["method"])), ("vs_equal_tokens", (equal_tokens or {}).get(row["method"]))):
+            if against and against != row["method"] and against in by_label:
+                row[key] = paired(row["method"], against)
+                if row[key]:
+                    family.append(row[key])
+        if "vs_equal_samples" in row:
+            row["vs_equal_budget"] = row["vs_equal_samples"]  # the name earlier summaries used
+    # one family: every comparison the summary reports; repeated pairs counted once
+    unique: dict[tuple[str, str], list[dict[str, Any]]] = {}
+    for row in rows:
+        for key in ("vs_control", "vs_baseline", "vs_equal_samples", "vs_equal_tokens"):
+            if row.get(key):
+                unique.setdefault((row["method"], row[key]["against"]), []).append(row[key])
+    adjusted = stats.holm([v[0]["mcnemar_p"] for v in unique.values()])
+    for same, p in zip(unique.values(), adjusted):
+        for v in same:
+            v["holm_p"] = p
+    return {"baseline": baseline, "problems": len(problems), "resamples": resamples, "comparisons": len(unique), "methods": rows}
 
 
 def _pct(x: float) -> str:
     return f"{100 * x:.1f}"
 
 
+def _delta(v: Mapping[str, Any] | None, against: bool = False) -> str:
+    """``+2.0 (-1.5, 5.5) 7W/3L p=0.34`` (Newcombe's interval, wins and losses, Holm-adjusted p)."""
+    if not v:
+        return ""
+    p = v.get("holm_p", v["mcnemar_p"])
+    out = f"{_pct(v['difference'])} ({_pct(v['ci95'][0])}, {_pct(v['ci95'][1])}) {v['wins']}W/{v['losses']}L p={p:.2g}"
+    return out + (f" vs {v['against']}" if against else "")
+
+
+def _ratio(v: Mapping[str, Any] | None) -> str:
+    if not v or v.get("token_ratio") is None:
+        return ""
+    lo, hi = v.get("token_ratio_ci95") or (float("nan"), float("nan"))
+    return f"{v['token_ratio']:.2f} ({lo:.2f}, {hi:.2f})"
+
+
 def markdown(summary: Mapping[str, Any]) -> str:
     base = summary.get("baseline")
-    lines = [f"| method | accuracy % (95% CI) | Δ vs {base or 'baseline'} (paired 95% CI) | McNemar p | tokens / problem | thinking tokens | "
-             "samples | pass@k | Δ vs majority at equal budget |",
-             "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |"]
+    lines = [f"Accuracy with Wilson 95% intervals. Δ: accuracy difference in points with Newcombe's paired 95% interval, problems won and "
+             f"lost, and McNemar's exact p Holm-adjusted over the {summary.get('comparisons', 0)} comparisons below. Tokens ×: the ratio "
+             "of mean decode tokens with a paired bootstrap 95% interval. The control runs at the method's own temperature, top_p and "
+             "sample count, on the same seeds (common random numbers).", "",
+             f"| method | accuracy % (95% CI) | Δ vs its control | tokens × control | Δ vs {base or 'baseline'} | Δ vs majority, equal samples | "
+             "Δ vs majority, equal tokens | tokens / problem | thinking tokens | samples | pass@k |",
+             "| --- | ---: | --- | ---: | --- | --- | --- | ---: | ---: | ---: | ---: |"]
     for r in summary["methods"]:
-        v, e = r.get("vs_baseline"), r.get("vs_equal_budget")
-        dv = f"{_pct(v['difference'])} ({_pct(v['ci95'][0])}, {_pct(v['ci95'][1])})" if v else "(baseline)" if r["method"] == base else ""
-        if v and v["against"] != base:
-            dv += f" vs {v['against']}"
-        pv = f"{v['mcnemar_p']:.3g}" if v else ""
-        de = f"{_pct(e['difference'])} ({_pct(e['ci95'][0])}, {_pct(e['ci95'][1])}) vs {e['against']}" if e else ""
+        c, v = r.get("vs_control"), r.get("vs_baseline")
+        dv = _delta(v, v is not None and v["against"] != base) if v else "(baseline)" if r["method"] == base else ""
         pn = f"{_pct(r['pass_at_k']['value'])} (k={r['pass_at_k']['k']})" if "pass_at_k" in r else ""
-        lines.append(f"| {r['method']} | {_pct(r['accuracy'])} ({_pct(r['ci95'][0])}, {_pct(r['ci95'][1])}) | {dv} | {pv} | "
-                     f"{r['tokens_per_problem']:.0f} | {r['thinking_tokens_per_problem']:.0f} | {r['samples_per_problem']:.3g} | {pn} | {de} |")
+        lines.append(f"| {r['method']} | {_pct(r['accuracy'])} ({_pct(r['ci95'][0])}, {_pct(r['ci95'][1])}) | {_delta(c, True)} | {_ratio(c)} | "
+                     f"{dv} | {_delta(r.get('vs_equal_samples'), True)} | {_delta(r.get('vs_equal_tokens'), True)} | "
+                     f"{r['tokens_per_problem']:.0f} | {r['thinking_tokens_per_problem']:.0f} | {r['samples_per_problem']:.3g} | {pn} |")
     groups = sorted({g for r in summary["methods"] for g in r.get("by_difficulty", {})}, key=_difficulty_order)
     if groups:
         lines += ["", "Accuracy % by difficulty (problems):", "",
@@ -617,8 +719,11 @@ def add_parser(sub: Any) -> argparse.ArgumentParser:
     b.add_argument("--method", action="append", default=[], metavar="SPEC", help="a method SPEC (repeat); see --list")
     b.add_argument("--out", type=Path, help="output folder (records.jsonl, summary.json, report.md, pareto.png); resumes")
     b.add_argument("--baseline", default=None, help="the method label the others are compared with (default: the first method)")
-    b.add_argument("--equal-budget", choices=("off", "samples", "tokens"), default="off",
-                   help="add majority votes at each method's mean samples (or tokens) per problem, and compare")
+    b.add_argument("--equal-budget", choices=("off", "samples", "tokens", "both"), default="off",
+                   help="add majority votes at each method's mean samples (or tokens, or both) per problem, at the method's own "
+                        "temperature and top_p, and compare")
+    b.add_argument("--no-controls", action="store_true",
+                   help="do not add each method's control (the same samples without the technique, at the method's own settings)")
     b.add_argument("--engine", choices=("auto", "vllm", "sglang"), default="auto")
     b.add_argument("--model", default=None, help="model name (default: the first the server lists)")
     b.add_argument("--extract", default="auto", help=f"answer extractor: {', '.join(EXTRACTORS)} or module:function (text) -> str | None")
@@ -644,34 +749,47 @@ def list_methods() -> str:
     return "\n".join(out)
 
 
-def _equal_budget(methods: Sequence[Method], summary_rows: Mapping[str, Mapping[str, Any]], mode: str) -> tuple[list[Method], dict[str, str]]:
+def _equal_budget(methods: Sequence[Method], summary_rows: Mapping[str, Mapping[str, Any]], mode: str,
+                  controls: Mapping[str, str] | None = None) -> tuple[list[Method], dict[str, str]]:
     """For every method spending more than one sample's worth: the majority vote at its mean samples (or tokens) per
-    problem, at majority's default settings. Returns the votes to add (those not run already) and method -> vote label."""
+    problem, at the method's own temperature and top_p (majority's defaults for a greedy method). Tokens buy samples
+    at the cost per sample of the method's control, else of majority or single samples at the same settings, else
+    of all of them. Returns the votes to add (those not run already) and method -> vote label."""
     added: list[Method] = []
     mapping: dict[str, str] = {}
-    have = {m.label: m for m in methods}
-    per_sample = None
-    if mode == "tokens":
-        singles = [r for r in summary_rows.values() if r["name"] in ("majority", "sample") and r["samples_per_problem"] > 0]
-        if singles:
-            per_sample = sum(r["tokens_per_problem"] / r["samples_per_problem"] for r in singles) / len(singles)
+    have = {_key(m): m.label for m in methods}
+    by_label = {m.label: m for m in methods}
+
+    def per_sample(m: Method) -> float | None:
+        c = summary_rows.get((controls or {}).get(m.label, ""))
+        if c and c["samples_per_problem"] > 0:
+            return c["tokens_per_problem"] / c["samples_per_problem"]
+        t, p = m.settings.get("temperature"), m.settings.get("top_p", 1.0)
+        rows = [r for label, r in summary_rows.items() if r["name"] in ("majority", "sample") and r["samples_per_problem"] > 0
+                and label in by_label and (by_label[label].settings.get("temperature"), by_label[label].settings.get("top_p", 1.0)) == (t, p)]
+        rows = rows or [r for r in summary_rows.values() if r["name"] in ("majority", "sample") and r["samples_per_problem"] > 0]
+        return sum(r["tokens_per_problem"] / r["samples_per_problem"] for r in rows) / len(rows) if rows else None
+
     for m in methods:
         r = summary_rows.get(m.label)
         if r is None or m.name == "majority":
             continue
         if mode == "samples":
             k = round(r["samples_per_problem"])
-        elif per_sample:
-            k = round(r["tokens_per_problem"] / per_sample)
         else:
-            continue
+            cost = per_sample(m)
+            if not cost:
+                continue
+            k = round(r["tokens_per_problem"] / cost)
         if k < 2:
             continue
-        vote = parse_spec(f"majority:n={k}")
-        if vote.label not in have:
+        t = float(m.settings.get("temperature", 0.0))
+        spec = f"majority:n={k}" + (f",temperature={t:g},top_p={float(m.settings.get('top_p', 1.0)):g}" if t > 0 else "")
+        vote = parse_spec(spec)
+        if _key(vote) not in have:
             added.append(vote)
-            have[vote.label] = vote
-        mapping[m.label] = vote.label
+            have[_key(vote)] = vote.label
+        mapping[m.label] = have[_key(vote)]
     return added, mapping
 
 
@@ -718,16 +836,23 @@ async def bench(a: argparse.Namespace) -> int:
         nonce = f"{zlib.crc32(f'{time.time_ns()}:{os.getpid()}'.encode()):08x}"
         kw = dict(seed=a.seed, max_tokens=a.max_tokens, max_n=a.max_n, concurrency=a.concurrency, same=same, progress=not a.quiet, done=done,
                   save_samples=a.save_samples, fingerprint=fingerprint, nonce=nonce)
+        controls: dict[str, str] = {}
+        if not a.no_controls:
+            extra, controls = add_controls(methods)
+            methods = methods + extra
         failed = await run_methods(server, methods, problems, a.out, **kw)
         equal: dict[str, str] = {}
-        if a.equal_budget != "off":
+        equal_tokens: dict[str, str] = {}
+        for mode in ("samples", "tokens") if a.equal_budget == "both" else () if a.equal_budget == "off" else (a.equal_budget,):
             first = summarize(methods, problems, done, baseline=baseline, resamples=10, seed=a.seed)
-            extra, equal = _equal_budget(methods, {r["method"]: r for r in first["methods"]}, a.equal_budget)
+            extra, mapping = _equal_budget(methods, {r["method"]: r for r in first["methods"]}, mode, controls)
+            (equal if mode == "samples" else equal_tokens).update(mapping)
             if extra:
                 failed += await run_methods(server, extra, problems, a.out, **kw)
                 methods = methods + extra
         engine, model = server.engine, server.model
-    summary = summarize(methods, problems, done, baseline=baseline, resamples=a.resamples, seed=a.seed, equal=equal)
+    summary = summarize(methods, problems, done, baseline=baseline, resamples=a.resamples, seed=a.seed, equal=equal,
+                        equal_tokens=equal_tokens, controls=controls)
     summary.update(engine=engine, model=model, data=str(a.data), seed=a.seed, max_tokens=a.max_tokens, grader=a.grader, extract=a.extract,
                    seconds=round(time.perf_counter() - t0, 1), failed=failed)
     (a.out / "summary.json").write_text(json.dumps(summary, indent=1) + "\n")

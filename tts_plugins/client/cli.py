@@ -31,7 +31,7 @@ from pathlib import Path
 from typing import Any
 
 from tts_plugins.client.server import EXTRACTORS, Server, ServerError, extractor
-from tts_plugins.client.strategies import DEFAULT_LADDER, STRATEGIES, Options, run_problem
+from tts_plugins.client.strategies import DEFAULT_LADDER, STRATEGIES, VOTES, Options, run_problem
 
 
 class InputError(ValueError):
@@ -93,6 +93,16 @@ def _float_list(text: str) -> list[float]:
         raise argparse.ArgumentTypeError(f"expected comma-separated numbers, got {text!r}") from None
 
 
+def _top_p(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        value = float("nan")
+    if not 0 < value <= 1:  # NaN fails too
+        raise argparse.ArgumentTypeError(f"must be a number in (0, 1], got {text!r}")  # argparse names --top-p before it
+    return value
+
+
 def _params(text: str) -> dict[str, Any]:
     try:
         value = json.loads(text)
@@ -116,11 +126,14 @@ def parser() -> argparse.ArgumentParser:
     r.add_argument("--strategy", choices=STRATEGIES, default="self-consistency")
     r.add_argument("-n", "--samples", type=int, default=8, help="samples per problem (carbon: n1 + n2; ladder: per wave, see --waves)")
     r.add_argument("--temperature", type=float, default=1.0)
+    r.add_argument("--top-p", type=_top_p, default=1.0, help="nucleus sampling's top-p, in (0, 1] (default 1: off)")
     r.add_argument("--max-tokens", type=int, default=256)
     r.add_argument("--max-n", type=int, default=16, help="samples per request")
     r.add_argument("--seed", type=int, default=None)
     r.add_argument("--vote", default=None,
-                   help="majority, inverse_entropy, short_m, best_of_n, weighted_best_of_n, best_of_majority or a registered aggregator")
+                   help=f"{', '.join(VOTES)} or a registered aggregator. short_m_at_k: all samples vote, ties to the shortest; "
+                        "confidence_vote: each sample weighs the DeepConf report's lowest group confidence when the server sends one "
+                        "(--params with tts_conf_* keys), else the exponentiated mean token log-prob (the confidence reward)")
     r.add_argument("--m", type=int, default=1, help="short-m@k's m")
     r.add_argument("--reward", default=None, help="agreement, confidence, a registered reward, or module:function (prompt, completion) -> float")
     r.add_argument("--extract", default="auto", help=f"answer extractor: {', '.join(EXTRACTORS)} or module:function (text) -> str | None")
@@ -158,7 +171,8 @@ def options(a: argparse.Namespace) -> Options:
     o = Options(strategy=a.strategy, n=a.samples, temperature=a.temperature, max_tokens=a.max_tokens, max_n=a.max_n, seed=a.seed, vote=a.vote,
                 m=a.m, reward=a.reward, top_logprobs=a.top_logprobs, params=a.params, ladder=tuple(a.ladder), waves=a.waves, min_waves=a.min_waves,
                 ahead=a.ahead, ladder_mode=a.ladder_mode, tau_intra=a.tau_intra, tau_cross=a.tau_cross, n1=a.n1, keep=a.keep, l2=a.l2,
-                deepconf=a.deepconf, warmup=a.warmup, tau=a.tau, adaptive=not a.no_adaptive, window=a.window, conf_topk=a.conf_topk)
+                deepconf=a.deepconf, warmup=a.warmup, tau=a.tau, adaptive=not a.no_adaptive, window=a.window, conf_topk=a.conf_topk,
+                top_p=a.top_p)
     o.check()
     bad = [k for k in o.params if not str(k).startswith("tts_")]
     if bad:
@@ -205,9 +219,9 @@ async def run(a: argparse.Namespace) -> tuple[Summary, int]:
     from tts_plugins.client.aggregate import registered
 
     aggregators, rewards = registered()
-    if (o.vote and o.vote not in ("majority", "inverse_entropy", "short_m", "best_of_n", "weighted_best_of_n", "best_of_majority")
-            and o.vote not in aggregators):
-        raise InputError(f"unknown --vote {o.vote!r}; registered aggregators: {', '.join(sorted(aggregators))}")
+    if o.vote and o.vote not in VOTES and o.vote not in aggregators:
+        plugins = ", ".join(sorted(set(aggregators) - set(VOTES))) or "none"
+        raise InputError(f"unknown --vote {o.vote!r}; expected {', '.join(VOTES)} or a registered aggregator ({plugins})")
     if o.reward:
         from tts_plugins.client.strategies import reward_fn
 

@@ -6,7 +6,10 @@ over a JSONL file.
 
 * ``self-consistency``: ``n`` samples at one temperature, then a vote
   (majority by default; ``inverse_entropy``, ``short_m`` (short-m@k: the ``m``
-  shortest chains vote, ties to the shortest) or any registered aggregator).
+  shortest chains vote, ties to the shortest), ``short_m_at_k`` (all chains vote,
+  ties to the shortest), ``confidence_vote`` (weighted by each chain's DeepConf
+  lowest group confidence when the server reports one, else its exponentiated
+  mean token log-prob) or any registered aggregator).
 * ``ladder``: "On the Role of Temperature Sampling in Test-Time Scaling": the
   samples are spread over a temperature ladder (default 0.0, 0.1, ..., 1.2) in
   waves of one sample per rung. A wave is one request with
@@ -38,7 +41,8 @@ over a JSONL file.
 * ``deepconf``: DeepConf online ("Deep Think with Confidence", arXiv 2508.15260). A warmup of ``warmup`` traces
   (16) runs to the end with the engine measuring each trace's confidence (``tts_conf_window``,
   ``tts_conf_topk``); the stopping threshold is the 90th percentile of their lowest group confidences for
-  ``deepconf="low"`` (keep the top 10%) or the 10th for ``"high"`` (top 90%). Then waves of at most ``max_n``
+  ``deepconf="low"`` (keep the top 10%) or the 10th for ``"high"`` (top 90%), taken over every warmup trace as
+  the authors' online script takes it (the final vote counts answered traces only). Then waves of at most ``max_n``
   traces are sent with ``tts_conf_threshold`` (the engine stops a trace as soon as its windowed confidence falls
   below), until the confidence-weighted vote's consensus reaches ``tau`` (0.95; the paper's adaptive sampling) or
   ``n`` traces (the budget, warmup included) were drawn (``adaptive=False``: the whole budget, as the paper's
@@ -154,9 +158,7 @@ def reward_fn(spec: str, plugin_rewards: Mapping[str, Callable[..., float]] | No
         return agreement
     if spec == "confidence":
         def confidence(prompt: str, s: Sample, samples: Sequence[Sample]) -> float:
-            if not s.token_logprobs:
-                return 0.0
-            return math.exp(sum(s.token_logprobs) / len(s.token_logprobs))
+            return logprob_confidence(s)
         return confidence
     fn = (plugin_rewards or {}).get(spec) or load_callable(spec, "reward")
 
@@ -168,6 +170,20 @@ def reward_fn(spec: str, plugin_rewards: Mapping[str, Callable[..., float]] | No
     return user
 
 
+def logprob_confidence(s: Sample) -> float:
+    """The exponentiated mean token log-prob of a sample (0 without log-probs)."""
+    if not s.token_logprobs:
+        return 0.0
+    return math.exp(sum(s.token_logprobs) / len(s.token_logprobs))
+
+
+def sample_confidence(s: Sample) -> float:
+    """A sample's weight in ``confidence_vote``: the DeepConf report's lowest group confidence when the server sent
+    one (``tts_conf_*`` keys), else :func:`logprob_confidence`."""
+    lowest = ((s.reports or {}).get("conf") or {}).get("lowest")
+    return float(lowest) if lowest is not None else logprob_confidence(s)
+
+
 def score(reward: Callable[[str, Sample, Sequence[Sample]], float], prompt: str, samples: Sequence[Sample]) -> None:
     for s in samples:
         s.reward = reward(prompt, s, samples)
@@ -176,10 +192,17 @@ def score(reward: Callable[[str, Sample, Sequence[Sample]], float], prompt: str,
 # --- sampling -----------------------------------------------------------------
 
 
-def _seed(o: Options, pid: str, k: int) -> int | None:
-    if o.seed is None:
-        return None
-    return (o.seed * 1_000_003 + zlib.crc32(pid.encode()) + 7919 * k) % (2**31 - 1)
+def sample_seed(seed: int, pid: str, first: int = 0) -> int:
+    """The seed of a problem's sample number ``first`` (see :func:`_seed`)."""
+    return (seed * 1_000_003 + zlib.crc32(pid.encode()) + first) % (2**31 - 1)
+
+
+def _seed(o: Options, pid: str, first: int) -> int | None:
+    """The seed of a request whose first sample is the problem's sample number ``first``. vLLM seeds a request's
+    i-th choice with ``seed + i``, so sample j of a problem is seeded ``base + j`` however the samples are split
+    into requests: two strategies at the same sampling settings draw the same samples (common random numbers)
+    until a technique acts, whatever their names."""
+    return None if o.seed is None else sample_seed(o.seed, pid, first)
 
 
 @dataclass
@@ -188,6 +211,7 @@ class _Run:
     problem: Mapping[str, Any]
     o: Options
     requests: int = 0
+    drawn: int = 0  # samples asked for so far (the next request's first sample number)
 
     @property
     def prompt(self) -> str:
@@ -200,14 +224,20 @@ class _Run:
         calls = []
         for size in sizes:
             self.requests += 1
+            first, self.drawn = self.drawn, self.drawn + size
             calls.append(self.server.sample(self.prompt, n=size, temperature=temperature, max_tokens=self.o.max_tokens,
                                             params={**self.o.params, **(params or {})}, logprobs=logprobs,
-                                            seed=_seed(self.o, str(self.problem["id"]), self.requests), phase=phase, temperatures=temperatures,
+                                            seed=_seed(self.o, str(self.problem["id"]), first), phase=phase, temperatures=temperatures,
                                             top_p=None if temperatures else self.o.top_p))
         return [s for batch in await asyncio.gather(*calls) for s in batch]
 
 
+VOTES = ("majority", "inverse_entropy", "short_m", "short_m_at_k", "best_of_n", "weighted_best_of_n", "best_of_majority", "confidence_vote")
+
+
 def _vote(o: Options, samples: Sequence[Sample], default: str, aggregators: Mapping[str, Callable[..., aggregate.Vote]]) -> aggregate.Vote:
+    """The vote ``o.vote`` (else ``default``) over ``samples``. The built-in votes get what they need (log-probs,
+    lengths, rewards, confidences); a plugin's aggregator is called as ``fn(answers)`` (the hook's contract)."""
     name = o.vote or default
     answers = [s.answer for s in samples]
     if name == "majority":
@@ -225,10 +255,15 @@ def _vote(o: Options, samples: Sequence[Sample], default: str, aggregators: Mapp
         return aggregate.weighted_best_of_n(answers, [max(0.0, r) for r in rewards])
     if name == "best_of_majority":
         return aggregate.best_of_majority(answers, rewards)
-    if name in aggregators:
-        return aggregators[name](answers)
-    raise ValueError(f"unknown vote {name!r}; expected majority, inverse_entropy, short_m, best_of_n, weighted_best_of_n, best_of_majority "
-                     f"or a registered aggregator ({', '.join(sorted(aggregators)) or 'none'})")
+    if name == "short_m_at_k":  # every chain votes, ties to the class holding the shortest chain
+        return aggregate.short_m_at_k(answers, [s.tokens for s in samples])
+    if name == "confidence_vote":  # every chain, weighted by its confidence (no top-share filter)
+        return aggregate.confidence_vote(answers, [sample_confidence(s) for s in samples])
+    plugins = {k: v for k, v in aggregators.items() if k not in aggregate.BUILTIN}
+    if name in plugins:
+        return plugins[name](answers)
+    raise ValueError(f"unknown vote {name!r}; expected {', '.join(VOTES)} or a registered aggregator "
+                     f"({', '.join(sorted(plugins)) or 'none'})")
 
 
 def _result(run: _Run, vote: aggregate.Vote, samples: Sequence[Sample], **extra: Any) -> dict[str, Any]:
@@ -246,7 +281,7 @@ def _result(run: _Run, vote: aggregate.Vote, samples: Sequence[Sample], **extra:
 
 async def self_consistency(run: _Run, aggregators: Mapping[str, Any], rewards: Mapping[str, Any]) -> dict[str, Any]:
     o = run.o
-    logprobs = o.top_logprobs if o.vote == "inverse_entropy" else None
+    logprobs = o.top_logprobs if o.vote == "inverse_entropy" else 1 if o.vote == "confidence_vote" else None
     samples = await run.draw(o.n, temperature=o.temperature, phase="sample", logprobs=logprobs)
     if o.reward:
         score(reward_fn(o.reward, rewards), run.prompt, samples)
@@ -256,7 +291,8 @@ async def self_consistency(run: _Run, aggregators: Mapping[str, Any], rewards: M
 async def best_of_n(run: _Run, aggregators: Mapping[str, Any], rewards: Mapping[str, Any]) -> dict[str, Any]:
     o = run.o
     reward = o.reward or "confidence"
-    samples = await run.draw(o.n, temperature=o.temperature, phase="sample", logprobs=1 if reward == "confidence" else None)
+    logprobs = 1 if reward == "confidence" or o.vote == "confidence_vote" else None
+    samples = await run.draw(o.n, temperature=o.temperature, phase="sample", logprobs=logprobs)
     score(reward_fn(reward, rewards), run.prompt, samples)
     return _result(run, _vote(o, samples, "best_of_n", aggregators), samples)
 
@@ -325,7 +361,8 @@ async def carbon(run: _Run, aggregators: Mapping[str, Any], rewards: Mapping[str
         params = calib.request_params()
     else:  # nothing to fit on (empty completions): exploit uncalibrated
         params = {}
-    exploit = await run.draw(o.n - o.carbon_n1, temperature=1.0 if params else o.temperature, phase="exploit", params=params)
+    exploit = await run.draw(o.n - o.carbon_n1, temperature=1.0 if params else o.temperature, phase="exploit", params=params,
+                             logprobs=1 if o.vote == "confidence_vote" else None)
     samples = explore + exploit
     score(reward, run.prompt, samples)  # rewards over all N (agreement: with the majority of all N)
     info = None if calib is None else {"temperature": calib.temperature, "bias_tokens": len(calib.bias), "nll_before": calib.nll_before,
@@ -346,6 +383,8 @@ async def deepconf(run: _Run, aggregators: Mapping[str, Any], rewards: Mapping[s
     keys = {"tts_conf_window": o.window, "tts_conf_topk": o.conf_topk}
     samples = await run.draw(o.warmup, temperature=o.temperature, phase="warmup", params=keys)
     lows = [_conf(s)["lowest"] or 0.0 for s in samples]
+    # the stopping bar is the percentile over every warmup trace, as the authors' online script sets it (their
+    # offline vote filters to answered traces first, as aggregate.confidence_vote does)
     threshold = aggregate.percentile(lows, 90.0 if o.deepconf == "low" else 10.0)
 
     def voters() -> tuple[list[str | None], list[float]]:

@@ -20,23 +20,36 @@ A worked solution (:func:`trace`) is a thinking block, then the answer::
     Answer: 17
 
 What the traces plant (the phenomena, never a technique's effect; the rates are
-the module's constants, and :func:`premises` measures them on any model's output):
+the module's constants, and :func:`premises` measures them on any model's output).
+Every number a trace writes is computed by :func:`compute`, one noisy step at a
+time; the generator never reads the problem's answer:
 
 * **Mixed difficulty**: 2 to 12 steps (``difficulty``: easy 2-4, medium 5-8,
   hard 9-12); longer chains carry larger running totals.
-* **Slips, corrected after "Wait" or not**: a first-pass step is wrong with
-  probability ``SLIP`` (off by 1 or 2). Half the slips are noticed at once
-  (``Wait, a - b = c`` with the right value, and the chain goes on from it);
-  the rest are doubted without being fixed (``Hmm, ...`` repeats the wrong
-  line, once or twice; now and then a loop of several) and the error carries
-  on. So a chain that went wrong hesitates, and runs longer.
+* **Slips, re-checked after "Wait" or not**: any computation is off by 1 or 2
+  with probability ``SLIP``. A slip is re-checked at once (``NOTICE``), one to
+  three steps later or after the answer was first stated (``NOTICE_LATE``), or
+  never, when it is doubted without being fixed (``Hmm, ...`` repeats the wrong
+  line, once or twice; now and then a loop of several) and carries on. A
+  re-check (``Wait, a - b = c``) is a fresh computation with its own slips; when
+  it disagrees, the step is computed a third time and that value stands; when
+  the value changed, the steps after it are computed again. A right step is
+  re-checked now and then too (``CONFIRM``). So a chain that went wrong hesitates
+  and runs longer, and "Wait" often, not always, repairs it.
 * **Intermediate results**: ``So far N.`` every third step, and ``So the answer is
   N.`` when the chain ends.
 * **Re-verification after the answer** (the overthinking thought trimming
-  targets): 0 to 2 rounds of ``Wait, let me check: t1, t2, ...`` (every running
-  total, recomputed carefully, so a check finds an earlier uncorrected slip)
-  followed by ``So the answer is N.`` (the checked total). Verification is
-  independent of whether the chain went wrong: most checks only confirm.
+  targets, and where s1's "Wait" lands): 0 to 2 rounds of ``Wait, let me check:
+  t1, t2, ...``, the whole chain computed again with its own slips. Where it
+  disagrees with the chain, the first disputed step is computed again and the
+  chain follows that value; then ``So the answer is N.``. Verification is
+  independent of whether the chain went wrong: most checks only confirm, and a
+  check can spoil a right answer.
+
+What training shows after a technique's forced text comes from the text alone:
+after a cut (a cap's ``"\\n</think>"``), the total the partial chain last wrote
+(:func:`supported_answer`); after NoThinking's prefill, an answer worked out
+without writing a step (:func:`mental_answer`, ``MENTAL_SLIP`` per step).
 
 The final answer is the last stated one. Everything is a pure function of its seed.
 """
@@ -55,11 +68,15 @@ DIFFICULTY = (("easy", 2, 4), ("medium", 5, 8), ("hard", 9, 12))
 ANSWER_RE = re.compile(r"Answer:\s*(-?\d+)")
 STEP_RE = re.compile(r"^(?:(Wait|Hmm), )?(-?\d+) ([+-]) (\d+) = (-?\d+)$")
 STATED_RE = re.compile(r"So the answer is (-?\d+)\.")
+TOTAL_RE = re.compile(r"^(?:So far|So the answer is|Wait, let me check:) (?:-?\d+, )*(-?\d+)\.$")
 
 # Trace phenomena (rates in the training traces)
-SLIP = 0.07  # a first-pass step is off by 1 or 2
-NOTICE = 0.5  # a slip is corrected at once after "Wait"
+SLIP = 0.07  # any computation in a trace is off by 1 or 2
+NOTICE = 0.35  # a slip is re-checked at once ("Wait, a - b = c", a fresh computation)
+NOTICE_LATE = 0.15  # a slip is re-checked one to three steps later, or after the answer was first stated
+CONFIRM = 0.03  # a right step is re-checked anyway
 LOOP = 0.15  # an unnoticed slip's doubt becomes a loop (3 to 5 "Hmm" lines)
+MENTAL_SLIP = 0.2  # per step, for the answer worked out without thinking (after NoThinking's prefill)
 VERIFY = (0.45, 0.33, 0.22)  # probability of 0, 1, 2 re-verification rounds after the answer
 SO_FAR_EVERY = 3
 
@@ -112,14 +129,16 @@ class Problem:
         """The assistant's text after the prompt (which already opened ``<think>\\n``) for the clean chain."""
         return f"{self.thinking()}\n</think>\n\nAnswer: {self.answer}"
 
-    def cut_completion(self, chars: int) -> str:
-        """The thinking cut after ``chars`` characters, closed as a thinking cap closes it (``"\\n</think>"``),
-        then the answer: what a model should still do when its thinking is cut short."""
-        return f"{self.thinking()[:chars]}\n</think>\n\nAnswer: {self.answer}"
+    def cut_completion(self, chars: int, thinking: str | None = None) -> str:
+        """The thinking (default: the clean chain) cut after ``chars`` characters, closed as a thinking cap closes
+        it (``"\\n</think>"``), then the answer that text supports (:func:`supported_answer`): the last total it
+        wrote, right or wrong, never the problem's answer."""
+        cut = (self.thinking() if thinking is None else thinking)[:chars]
+        return f"{cut}\n</think>\n\nAnswer: {supported_answer(self, cut)}"
 
-    def no_think_completion(self, text: str = "Okay, I think I have finished thinking.") -> str:
-        """NoThinking's prefill, then the answer."""
-        return f"{text}\n</think>\n\nAnswer: {self.answer}"
+    def no_think_completion(self, rng: random.Random, text: str = "Okay, I think I have finished thinking.") -> str:
+        """NoThinking's prefill, then an answer worked out without writing a step (:func:`mental_answer`)."""
+        return f"{text}\n</think>\n\nAnswer: {mental_answer(self, rng)}"
 
     def to_json(self, pid: str) -> dict:
         """A line of the ``tts bench`` / ``tts run`` input format."""
@@ -143,12 +162,13 @@ class Trace:
 
     problem: Problem
     lines: list[str]
-    slips: int = 0  # first-pass steps that were wrong
-    noticed: int = 0  # slips corrected at once after "Wait"
+    slips: int = 0  # step lines written wrong (first pass, rewritten steps)
+    noticed: int = 0  # slips re-checked after "Wait" (at once or late; the re-check may itself slip)
     checks: int = 0  # re-verification rounds
     first_answer: int = 0  # the answer the first pass stated
     final: int = 0  # the last stated answer
-    kinds: list[str] = field(default_factory=list)  # per line: step, slip, fix, doubt, so_far, stated, check
+    kinds: list[str] = field(default_factory=list)  # per line: step, slip, fix, doubt, so_far, stated, check, redo
+    values: list[int] = field(default_factory=list)  # per line: the total it states (for a check: its last total)
 
     @property
     def thinking(self) -> str:
@@ -163,38 +183,114 @@ def _slipped(r: int, rng: random.Random) -> int:
     return w if w >= 0 else r + 1
 
 
-def trace(p: Problem, rng: random.Random, *, slip: float = SLIP, notice: float = NOTICE, loop: float = LOOP,
-          verify: Sequence[float] = VERIFY) -> Trace:
-    """A worked solution of ``p`` with the planted phenomena (see the module docstring)."""
+def compute(a: int, sign: str, x: int, rng: random.Random, slip: float = SLIP) -> int:
+    """One step, as the traces' writer computes it: right, or with probability ``slip`` off by 1 or 2. Every
+    computation in a trace (first pass, re-checks, recomputations of a disputed step) is an independent call."""
+    r = a + x if sign == "+" else a - x
+    return _slipped(r, rng) if rng.random() < slip else r
+
+
+def mental_answer(p: Problem, rng: random.Random, slip: float = MENTAL_SLIP) -> int:
+    """The answer worked out without writing a step (what follows NoThinking's prefill in training): every step
+    computed in the head, at a higher slip rate. A function of the question and the draw, never of the answer."""
+    t = p.start
+    for s, x in p.ops:
+        t = compute(t, s, x, rng, slip)
+    return t
+
+
+def supported_answer(p: Problem, thinking: str) -> int:
+    """The answer a (possibly cut) thinking text supports: the total on its last whole line (a step's result as
+    written, "So far N.", "So the answer is N.", the last total of a check), or the question's first number when
+    there is none. Read from the text alone, as a model reads it after a cap closes the thinking."""
+    value = p.start
+    for line in thinking.split("\n"):
+        m = STEP_RE.match(line.strip()) or TOTAL_RE.match(line.strip())
+        if m:
+            value = int(m.group(m.lastindex))
+    return value
+
+
+def trace(p: Problem, rng: random.Random, *, slip: float = SLIP, notice: float = NOTICE, late: float = NOTICE_LATE, confirm: float = CONFIRM,
+          loop: float = LOOP, verify: Sequence[float] = VERIFY) -> Trace:
+    """A worked solution of ``p`` with the planted phenomena (see the module docstring).
+
+    Every number in it comes from :func:`compute`: a re-check ("Wait, a - b = c"), a check after the answer
+    ("Wait, let me check: t1, t2, ...") and the recomputation that settles a disagreement each slip on their own.
+    The trace never reads ``p.answer``."""
     lines: list[str] = []
     kinds: list[str] = []
-    t, slips, noticed = p.start, 0, 0
+    values: list[int] = []
+    state = {"slips": 0, "noticed": 0}
 
-    def add(line: str, kind: str) -> None:
+    def add(line: str, kind: str, value: int) -> None:
         lines.append(line)
         kinds.append(kind)
+        values.append(value)
 
+    def step(a: int, s: str, x: int, kind: str = "step") -> int:
+        v = compute(a, s, x, rng, slip)
+        wrong = v != (a + x if s == "+" else a - x)
+        state["slips"] += wrong
+        add(f"{a} {s} {x} = {v}", "slip" if wrong else kind, v)
+        return v
+
+    def recheck(a: int, s: str, x: int, v: int) -> int:
+        """"Wait, a op b = r": a fresh computation; when it disagrees with ``v``, the step is computed once more and
+        that third computation stands (it sides with one of the two, or with neither)."""
+        r = compute(a, s, x, rng, slip)
+        add(f"Wait, {a} {s} {x} = {r}", "fix", r)
+        if r == v:
+            return v
+        r3 = compute(a, s, x, rng, slip)
+        add(f"Wait, {a} {s} {x} = {r3}", "fix", r3)
+        return r3
+
+    totals: list[int] = []  # the chain's running totals as it stands (after corrections)
+
+    def redo(i: int, value: int) -> int:
+        """The steps done so far after step ``i`` computed again, after step ``i``'s value changed to ``value``."""
+        done = len(totals)
+        del totals[i:]
+        totals.append(value)
+        t = value
+        for s, x in p.ops[i + 1:done]:
+            t = step(t, s, x, "redo")
+            totals.append(t)
+        return t
+
+    pending: list[int] | None = None  # a slip to be noticed late: [step index, lines to go]
+    t = p.start
     for i, (s, x) in enumerate(p.ops):
-        r = t + x if s == "+" else t - x
-        if rng.random() < slip:
-            slips += 1
-            w = _slipped(r, rng)
-            add(f"{t} {s} {x} = {w}", "slip")
-            if rng.random() < notice:
-                noticed += 1
-                add(f"Wait, {t} {s} {x} = {r}", "fix")
-                t = r
+        a = t
+        v = step(a, s, x)
+        wrong = kinds[-1] == "slip"
+        if wrong:
+            u = rng.random()
+            if u < notice:
+                state["noticed"] += 1
+                v = recheck(a, s, x, v)
+            elif u < notice + late and pending is None:
+                pending = [i, rng.randint(1, 3)]
             else:
                 for _ in range(rng.randint(3, 5) if rng.random() < loop else rng.randint(1, 2)):
-                    add(f"Hmm, {t} {s} {x} = {w}", "doubt")
-                t = w
-        else:
-            add(f"{t} {s} {x} = {r}", "step")
-            t = r
+                    add(f"Hmm, {a} {s} {x} = {v}", "doubt", v)
+        elif rng.random() < confirm:
+            v = recheck(a, s, x, v)
+        totals.append(v)
+        t = v
+        if pending is not None and i > pending[0]:
+            pending[1] -= 1
+            if pending[1] == 0:
+                t = _late_notice(p, pending[0], totals, recheck, redo, state)
+                pending = None
         if (i + 1) % SO_FAR_EVERY == 0 and i + 1 < len(p.ops):
-            add(f"So far {t}.", "so_far")
-    add(f"So the answer is {t}.", "stated")
+            add(f"So far {t}.", "so_far", t)
+    add(f"So the answer is {t}.", "stated", t)
     first = t
+    if pending is not None:  # noticed only after the answer was stated
+        t = _late_notice(p, pending[0], totals, recheck, redo, state)
+        add(f"So the answer is {t}.", "stated", t)
     u, rounds = rng.random(), 0
     for k, w in enumerate(verify):
         if u < w:
@@ -204,10 +300,44 @@ def trace(p: Problem, rng: random.Random, *, slip: float = SLIP, notice: float =
     else:
         rounds = len(verify) - 1
     for _ in range(rounds):
-        add("Wait, let me check: " + ", ".join(map(str, p.totals())) + ".", "check")
-        t = p.answer
-        add(f"So the answer is {t}.", "stated")
-    return Trace(p, lines, slips=slips, noticed=noticed, checks=rounds, first_answer=first, final=t, kinds=kinds)
+        c, a = [], p.start
+        for s, x in p.ops:
+            a = compute(a, s, x, rng, slip)
+            c.append(a)
+        add("Wait, let me check: " + ", ".join(map(str, c)) + ".", "check", c[-1])
+        j = next((k for k in range(len(c)) if c[k] != totals[k]), None)
+        if j is not None:  # the check disagrees at step j: compute that step once more, and go with what it says
+            prev = p.start if j == 0 else totals[j - 1]
+            s, x = p.ops[j]
+            r3 = compute(prev, s, x, rng, slip)
+            add(f"Wait, {prev} {s} {x} = {r3}", "fix", r3)
+            if r3 == c[j]:  # the check was right here: its chain stands, written out from the disputed step
+                del totals[j:]
+                totals.append(r3)
+                for k in range(j + 1, len(c)):
+                    s2, x2 = p.ops[k]
+                    wrong = c[k] != (c[k - 1] + x2 if s2 == "+" else c[k - 1] - x2)
+                    state["slips"] += wrong
+                    add(f"{c[k - 1]} {s2} {x2} = {c[k]}", "slip" if wrong else "redo", c[k])
+                    totals.append(c[k])
+                t = c[-1]
+            elif r3 != totals[j]:  # a third value: the chain goes on from it
+                t = redo(j, r3)
+        add(f"So the answer is {t}.", "stated", t)
+    return Trace(p, lines, slips=state["slips"], noticed=state["noticed"], checks=rounds, first_answer=first, final=t, kinds=kinds,
+                 values=values)
+
+
+def _late_notice(p: Problem, i: int, totals: list[int], recheck, redo, state: dict) -> int:
+    """A slip at step ``i`` noticed some lines later: the step is re-checked and, when its value changes, the chain
+    is rewritten from there. Returns the chain's new total."""
+    state["noticed"] += 1
+    a = p.start if i == 0 else totals[i - 1]
+    s, x = p.ops[i]
+    v = recheck(a, s, x, totals[i])
+    if v == totals[i]:
+        return totals[-1]
+    return redo(i, v)
 
 
 def make_problem(rng: random.Random, steps: int = DEFAULT_STEPS, max_operand: int = DEFAULT_MAX_OPERAND) -> Problem:
@@ -280,16 +410,17 @@ def step_checker(noise: float = 0.1, seed: int = 0):
         problem = parse_question(prompt)
         if problem is None or extract_answer(completion) is None and not STATED_RE.search(completion):
             return 0.0
-        steps: list[tuple[int, str, int, int]] = []
+        chain = Chain()
         for line in completion.split("</think>")[0].split("\n"):
             mm = STEP_RE.match(line.strip())
             if not mm or mm.group(1) == "Hmm":
                 continue
             step = (int(mm.group(2)), mm.group(3), int(mm.group(4)), int(mm.group(5)))
-            if mm.group(1) == "Wait" and steps:
-                steps[-1] = step  # a correction replaces the line it corrects
+            if mm.group(1) == "Wait":
+                chain.correct(step)
             else:
-                steps.append(step)
+                chain.add(step)
+        steps = chain.steps
         judged, prev = [], problem.start
         for i in range(max(len(steps), len(problem.ops))):
             if i < len(steps) and i < len(problem.ops):
@@ -308,30 +439,59 @@ def step_checker(noise: float = 0.1, seed: int = 0):
 step_reward = step_checker(0.1)
 
 
+class Chain:
+    """The chain a thinking text writes, as corrected: a step line ``a op b = c`` appends; ``Wait, a op b = c``
+    replaces the latest step with the same ``a op b`` (else the last step); a step line that then goes on from the
+    corrected value, with the operation after it, rewrites the steps after it (a redo). Steps are tuples that start
+    ``(a, op, b, c)``."""
+
+    def __init__(self) -> None:
+        self.steps: list[tuple] = []
+        self._corrected: int | None = None
+
+    def correct(self, step: tuple) -> tuple | None:
+        """Apply a "Wait" line; returns the step it replaced (None when there was none: it is appended)."""
+        if not self.steps:
+            self.steps.append(step)
+            return None
+        j = next((k for k in range(len(self.steps) - 1, -1, -1) if self.steps[k][:3] == step[:3]), len(self.steps) - 1)
+        old, self.steps[j] = self.steps[j], step
+        self._corrected = j if j + 1 < len(self.steps) else None
+        return old
+
+    def add(self, step: tuple) -> None:
+        j, self._corrected = self._corrected, None
+        if j is not None and step[0] == self.steps[j][3] and step[1:3] == self.steps[j + 1][1:3]:
+            del self.steps[j + 1:]
+        self.steps.append(step)
+
+
 # --- premises, measured on a model's own output ---------------------------------------------------------
 
 
 def analyze(question: str, text: str) -> dict:
-    """What a completion did: its first-pass slips, how many were corrected after "Wait", the answers it stated
-    (in order), whether a later check changed the stated answer, and the final answer."""
+    """What a completion did: its wrong step lines (slips), how many of them a "Wait" re-check corrected, its
+    doubts, the answers it stated (in order), whether a later check changed the stated answer, and the final
+    answer."""
     nums = [int(x) for x in re.findall(r"\d+", question)]
     signs = re.findall(r"[+-]", question)
     ops = list(zip(signs, nums[1:]))
     thinking = text.split("</think>")[0]
     out = {"slips": 0, "fixed": 0, "doubts": 0, "stated": [], "check_changed": 0, "check_fixed": 0}
-    prev_wrong = False
+    chain = Chain()
     for line in thinking.split("\n"):
         m = STEP_RE.match(line.strip())
         if m:
             tag, a, s, b, r = m.group(1), int(m.group(2)), m.group(3), int(m.group(4)), int(m.group(5))
             right = (a + b if s == "+" else a - b) == r
-            if tag == "Wait":
-                out["fixed"] += prev_wrong and right
-            elif tag == "Hmm":
+            if tag == "Hmm":
                 out["doubts"] += 1
-            elif not right:
-                out["slips"] += 1
-            prev_wrong = not right if tag is None else prev_wrong and not right
+            elif tag == "Wait":
+                old = chain.correct((a, s, b, r, right))
+                out["fixed"] += right and old is not None and not old[4]
+            else:
+                out["slips"] += not right
+                chain.add((a, s, b, r, right))
             continue
         st = STATED_RE.search(line)
         if st:

@@ -13,11 +13,13 @@ The training mix is :mod:`tts_plugins.models.arith`'s mixed-difficulty traces (2
 12 steps) with their planted phenomena: slips corrected after "Wait" or doubted
 and carried on, intermediate results, the answer stated and re-verified. A
 tenth of the solutions are cut short at a random character and closed with
-``"\n</think>"`` as a thinking cap closes them, then answered, and 3% answer
-right after NoThinking's prefill (the forced tokens carry no loss, so the model
-does not learn to cut its own thinking short). So a cap, a minimum or
-NoThinking leads to an answer (a guess, when the thinking was cut), as in a
-real reasoning model, rather than to text the model never saw.
+``"\n</think>"`` as a thinking cap closes them, then answered with the total the
+cut chain last wrote (:func:`arith.supported_answer`), and 3% answer right after
+NoThinking's prefill with an answer worked out without a written step
+(:func:`arith.mental_answer`); the forced tokens carry no loss, so the model does
+not learn to cut its own thinking short. So a cap, a minimum or NoThinking leads
+to an answer, as in a real reasoning model, and no training example follows a
+forced string with an answer the text before it could not produce.
 
 Training runs a fixed budget (``VARIANTS``), long enough that the model has
 converged on easy problems while hard ones stay uncertain; the per-difficulty
@@ -42,7 +44,7 @@ from typing import Any
 
 from tts_plugins.models import arith, tiny
 
-RECIPE = 5
+RECIPE = 6  # 6: no answer after a forced string that the text alone could not produce (arith's testbed)
 SPECIAL = tiny.SPECIAL + tiny.THINK  # the tiny models' special tokens and chat template, so every tool treats them alike
 CHAT_TEMPLATE = tiny.CHAT_TEMPLATE
 # Strings the techniques splice in; the tokenizer learns them as words so they stay short.
@@ -78,10 +80,12 @@ def completion(p: arith.Problem, rng: random.Random) -> list[tuple[str, bool]]:
     u, end = rng.random(), "<|im_end|>"
     t = arith.trace(p, rng)
     if u < CUT:
+        # the answer is what the cut chain supports (its last written total), never the problem's answer
         think = t.thinking[: rng.randrange(len(t.thinking))]
-        return [(think, True), ("\n</think>", False), (f"\n\nAnswer: {p.answer}{end}", True)]
+        return [(think, True), ("\n</think>", False), (f"\n\nAnswer: {arith.supported_answer(p, think)}{end}", True)]
     if u < CUT + NO_THINK:
-        return [("Okay, I think I have finished thinking.\n</think>", False), (f"\n\nAnswer: {p.answer}{end}", True)]
+        # an answer worked out without a written step, with its own slips (arith.mental_answer)
+        return [("Okay, I think I have finished thinking.\n</think>", False), (f"\n\nAnswer: {arith.mental_answer(p, rng)}{end}", True)]
     return [(t.completion() + end, True)]
 
 
