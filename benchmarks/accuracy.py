@@ -58,7 +58,7 @@ def dense_methods(k: int, deepconf_n: int = 32) -> list[str]:
            'trim:2,temperature=0.7,top_p=1.0,tts_trim_conclusion="\\n",label=trim converge=2 (T=0.7) ending as a cap',
            "moi",
            # NoThinking's claim: pass@k against thinking's pass@k at equal tokens (the thinking samples: majority's)
-           f"no-think:n={k},temperature=0.7,top_p=1.0,label=no-think@{k} (T=0.7)"]
+           f"no-think:n={2 * k},temperature=0.7,top_p=1.0,label=no-think@{2 * k} (T=0.7)"]
     for b in BUDGETS:  # s1's claim: budget forcing against plain truncation at the same token budget
         limit = b + ANSWER_ALLOWANCE
         out += [f"greedy:max_tokens={limit},label=truncate at {limit}",
@@ -275,7 +275,7 @@ def report(parts: list[tuple[str, dict, dict, dict, list]]) -> str:
         for r in summary["methods"]:
             c = r.get("vs_control")
             v = r.get("vs_baseline") if r.get("vs_baseline") and (not c or r["vs_baseline"]["against"] != c["against"]) else None
-            cells = [_delta(c, True) if c else ("control" if r.get("equal_budget_for") is None else "")]
+            cells = [_delta(c, True) if c else "control"]
             if v and "truncate" in v["against"]:
                 cells[0] = _delta(c, True) + "<br>" + _delta(v, True)
             lines.append(f"| {r['method']} | {_pct(r['accuracy'])} ({_pct(r['ci95'][0])}, {_pct(r['ci95'][1])}) | {cells[0]} | {_ratio(c)} | "

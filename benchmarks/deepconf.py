@@ -51,22 +51,29 @@ async def measure_premise(base: str, problems: list[dict], k: int, window: int, 
         async def one(i: int, p: dict) -> None:
             samples = await server.sample(p["prompt"], n=k, temperature=0.6, top_p=0.95, max_tokens=max_tokens, seed=seed * 7919 + i,
                                           params={"tts_conf_window": window})
-            per.append([((s.reports or {})["conf"]["lowest"], s.answer == p["answer"], s.tokens) for s in samples])
+            per.append([((s.reports or {})["conf"]["lowest"], s.answer == p["answer"], s.tokens, s.answer is not None) for s in samples])
 
         await asyncio.gather(*(one(i, p) for i, p in enumerate(problems)))
-    right = [c for traces in per for c, ok, _ in traces if ok]
-    wrong = [c for traces in per for c, ok, _ in traces if not ok]
-    within = [a for traces in per if (a := auc([c for c, ok, _ in traces if ok], [c for c, ok, _ in traces if not ok])) is not None]
+    right = [c for traces in per for c, ok, _, _ in traces if ok]
+    wrong = [c for traces in per for c, ok, _, _ in traces if not ok]
+    within = [a for traces in per if (a := auc([c for c, ok, _, _ in traces if ok], [c for c, ok, _, _ in traces if not ok])) is not None]
 
     def top_share(q: float) -> float:
-        kept = [ok for traces in per for c, ok, _ in traces if c >= aggregate.percentile([x for x, _, _ in traces], q)]
-        return sum(kept) / len(kept)
+        # the percentile over a problem's answered traces, as the authors' offline vote filters (an unanswered trace is
+        # wrong here, and counts against the share)
+        kept = []
+        for traces in per:
+            answered = [x for x, _, _, a in traces if a]
+            if answered:
+                bar = aggregate.percentile(answered, q)
+                kept += [ok for c, ok, _, a in traces if a and c >= bar]
+        return sum(kept) / len(kept) if kept else float("nan")
 
-    all_traces = [ok for traces in per for _, ok, _ in traces]
+    all_traces = [ok for traces in per for _, ok, _, _ in traces]
     return {"problems": len(problems), "samples": k, "window": window, "trace_accuracy": sum(all_traces) / len(all_traces),
             "auc_pooled": auc(right, wrong), "auc_within_problem_mean": sum(within) / len(within) if within else None,
             "problems_with_right_and_wrong": len(within), "accuracy_top10pct": top_share(90.0), "accuracy_top90pct": top_share(10.0),
-            "tokens_per_trace": sum(t for traces in per for _, _, t in traces) / len(all_traces)}
+            "tokens_per_trace": sum(t for traces in per for _, _, t, _ in traces) / len(all_traces)}
 
 
 def paired_tokens(records: dict, a: str, b: str, ids: list[str]) -> dict[str, Any]:
@@ -75,10 +82,9 @@ def paired_tokens(records: dict, a: str, b: str, ids: list[str]) -> dict[str, An
     common = [i for i in ids if (a, i) in records and (b, i) in records]
     ta = [float(records[(a, i)]["tokens"]) for i in common]
     tb = [float(records[(b, i)]["tokens"]) for i in common]
-    d, lo, hi = stats.paired_bootstrap(ta, tb)
-    base = sum(tb) / len(tb)
-    return {"against": b, "tokens": sum(ta) / len(ta), "against_tokens": base, "difference": d, "ci95": [lo, hi],
-            "saved": -d / base, "saved_ci95": [-hi / base, -lo / base]}
+    ratio, lo, hi = stats.ratio_of_means(ta, tb)  # the ratio recomputed in every resample, not over a fixed baseline mean
+    return {"against": b, "tokens": sum(ta) / len(ta), "against_tokens": sum(tb) / len(tb), "token_ratio": ratio, "ratio_ci95": [lo, hi],
+            "saved": 1 - ratio, "saved_ci95": [1 - hi, 1 - lo]}
 
 
 def main(argv=None) -> int:
@@ -87,7 +93,7 @@ def main(argv=None) -> int:
     ap.add_argument("--problems", type=int, default=200)
     ap.add_argument("--premise-problems", type=int, default=100)
     ap.add_argument("-n", type=int, default=32, help="traces per problem: majority's n and DeepConf's budget")
-    ap.add_argument("--warmup", type=int, default=8)
+    ap.add_argument("--warmup", type=int, default=16, help="warmup traces (16, the paper's; with 8, DeepConf-low's filter keeps one)")
     ap.add_argument("--window", type=int, default=16)
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--max-tokens", type=int, default=400)

@@ -156,6 +156,7 @@ def test_equal_budget_adds_a_majority_at_each_methods_samples():
     ("short-m:m=1,k=8", "majority:n=8,temperature=0.7,top_p=0.95"),
     ("deepconf:32,variant=high", "majority:n=32,temperature=0.6,top_p=0.95"),
     ("think-max:64", "greedy"),
+    ("think-max:64,max_tokens=76", "greedy:max_tokens=76"),
     ("think-min:64,temperature=0.7,top_p=0.9", "sample:temperature=0.7,top_p=0.9"),
     ("moi", "sample:temperature=0.6,top_p=0.8"),
     ("roster:k=4,tau=0.05", "greedy"),
@@ -172,6 +173,8 @@ def test_controls_reuse_a_method_that_does_the_same_thing():
     methods = [bench.parse_spec(s) for s in ("greedy", "think-max:64", "short-m:k=8", "majority:n=8,top_p=0.95,label=sc")]
     added, mapping = bench.add_controls(methods)
     assert added == [] and mapping == {"think-max 64": "greedy", "short-1@8": "sc"}
+    added, mapping = bench.add_controls([bench.parse_spec("best-of-n:n=4"), bench.parse_spec("majority:n=4")])
+    assert added == [] and mapping == {"best-of-4": "majority@4"}  # top_p=1 and the default 1.0 are one setting
     added, mapping = bench.add_controls([bench.parse_spec("majority:n=8,tts_moi_beta=1,label=majority@8")])
     assert [m.label for m in added] == ["majority@8 (control)"] and mapping == {"majority@8": "majority@8 (control)"}
 

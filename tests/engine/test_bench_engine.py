@@ -16,7 +16,7 @@ pytestmark = pytest.mark.engine
 
 PRM = "tts_plugins.models.arith:step_reward"
 METHODS = ["greedy", "majority:n=3", "short-m:m=1,k=3,vs=majority@3", "think-max:8", f"carbon:n=4,reward={PRM},label=carbon@4,vs=majority@3",
-           "trim:2"]
+           "trim:2", "majority:n=3,label=majority@3 renamed"]
 
 
 def _bench(srv, data, out, *extra):
@@ -39,7 +39,11 @@ def test_bench_runs_every_method_and_resumes(engines, tmp_path):
     summary = json.loads((out / "summary.json").read_text())
     rows = {x["method"]: x for x in summary["methods"]}
     assert summary["engine"] == engines.engine and summary["failed"] == 0
-    assert list(rows) == ["greedy", "majority@3", "short-1@3", "think-max 8", "carbon@4", "trim converge=2", "majority@4"]
+    # each method's control at its own settings was added (or found: think-max and trim at greedy, carbon at majority@4)
+    assert list(rows) == ["greedy", "majority@3", "short-1@3", "think-max 8", "carbon@4", "trim converge=2", "majority@3 renamed",
+                          "majority@3 (top_p=0.95)", "majority@4"]
+    assert rows["short-1@3"]["control"] == "majority@3 (top_p=0.95)" and rows["think-max 8"]["control"] == "greedy"
+    assert rows["short-1@3"]["vs_control"]["against"] == "majority@3 (top_p=0.95)" and "holm_p" in rows["short-1@3"]["vs_control"]
     assert all(x["problems"] == 5 for x in rows.values())
     records = [json.loads(line) for line in (out / "records.jsonl").read_text().splitlines()]
     assert len(records) == 5 * len(rows)
@@ -56,6 +60,11 @@ def test_bench_runs_every_method_and_resumes(engines, tmp_path):
         assert cap["texts"][0].split("</think>")[0].count("\n") <= 3 and cap["tokens"] < g["tokens"] + 8
         assert by[("carbon@4", p["id"])]["samples"] == 4
     assert rows["short-1@3"]["tokens_per_problem"] < rows["majority@3"]["tokens_per_problem"]
+    if engines.engine == "vllm":  # common random numbers: vLLM seeds choice i of a request with seed + i
+        same = sum(by[("majority@3", p["id"])]["texts"] == by[("majority@3 renamed", p["id"])]["texts"] for p in problems)
+        # the group's first finisher is its control's sample of the same number, untouched
+        kept = sum(any(t in by[("majority@3 (top_p=0.95)", p["id"])]["texts"] for t in by[("short-1@3", p["id"])]["texts"]) for p in problems)
+        assert same >= 4 and kept >= 4, (same, kept)  # (a batch's float rounding may, rarely, move one sample)
     assert rows["carbon@4"]["carbon_fitted_T_mean"] > 0 and rows["carbon@4"]["vs_equal_budget"]["against"] == "majority@4"
     v = rows["majority@3"]["vs_baseline"]
     assert v["against"] == "greedy" and v["problems"] == 5 and v["ci95"][0] <= v["difference"] <= v["ci95"][1] and 0 < v["mcnemar_p"] <= 1

@@ -270,8 +270,12 @@ def _default_label(m: Method) -> str:
 
 
 def _key(m: Method) -> str:
-    """What a method does, without its label: two methods with the same key draw the same samples and answer alike."""
-    return json.dumps([m.name, m.settings, m.params], sort_keys=True, default=str)
+    """What a method does, without its label: two methods with the same key draw the same samples and answer alike
+    (``top_p=1`` and ``top_p=1.0`` are one setting)."""
+    def norm(v: Any) -> Any:
+        return float(v) if isinstance(v, int) and not isinstance(v, bool) else v
+
+    return json.dumps([m.name, {k: norm(v) for k, v in m.settings.items()}, m.params], sort_keys=True, default=str)
 
 
 def control_spec(m: Method) -> str | None:
@@ -295,7 +299,7 @@ def control_spec(m: Method) -> str | None:
     else:
         spec = f"sample:temperature={t:g},top_p={top_p:g}"
     if "max_tokens" in s:
-        spec += f",max_tokens={s['max_tokens']}"
+        spec += ("," if ":" in spec else ":") + f"max_tokens={s['max_tokens']}"
     return spec
 
 

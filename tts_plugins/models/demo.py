@@ -59,7 +59,7 @@ def main(argv: list[str] | None = None) -> int:
     from vllm import LLM, SamplingParams
 
     from tts_plugins.client import aggregate
-    from tts_plugins.client.stats import paired_bootstrap
+    from tts_plugins.client.stats import newcombe_paired, ratio_of_means
     from tts_plugins.models import arith
     from tts_plugins.models.trained import build_reasoning_model, prompt_text
 
@@ -111,11 +111,11 @@ def main(argv: list[str] | None = None) -> int:
     print(f"\n2. Self-consistency over {n} held-out problems, {SAMPLES} samples each (T={TEMPERATURE}, top_p={TOP_P}, the same seeds):")
     print(f"   majority@{SAMPLES}                      accuracy {acc_m:6.1%}   {tok_m:7.1f} decode tokens per problem")
     print(f"   short-1@{SAMPLES} (tts_group, in-engine) accuracy {acc_s:6.1%}   {tok_s:7.1f} decode tokens per problem")
-    _, acc_lo, acc_hi = paired_bootstrap([r[1] for r in rows], [r[0] for r in rows])
-    _, tok_lo, tok_hi = paired_bootstrap([r[3] for r in rows], [r[2] for r in rows])
-    print(f"   => the group stop spent {1 - tok_s / tok_m:.0%} fewer tokens ({tok_s - tok_m:+.0f} per problem, 95% paired bootstrap "
-          f"{tok_lo:+.0f} to {tok_hi:+.0f}); accuracy {100 * (acc_s - acc_m):+.1f} points ({100 * acc_lo:+.1f} to {100 * acc_hi:+.1f}; "
-          f"{wins} problems won, {losses} lost)")
+    _, acc_lo, acc_hi = newcombe_paired([bool(r[1]) for r in rows], [bool(r[0]) for r in rows])
+    ratio, tok_lo, tok_hi = ratio_of_means([r[3] for r in rows], [r[2] for r in rows])
+    print(f"   => the group stop spent {1 - ratio:.0%} fewer tokens (x{ratio:.2f} of majority's, 95% paired bootstrap "
+          f"x{tok_lo:.2f} to x{tok_hi:.2f}); accuracy {100 * (acc_s - acc_m):+.1f} points (Newcombe 95% {100 * acc_lo:+.1f} to "
+          f"{100 * acc_hi:+.1f}; {wins} problems won, {losses} lost)")
     print(f"   {sum(r[4] for r in rows) / n:.1f} of {SAMPLES} samples per problem were ended by the engine")
     print(f"   ({seconds:.0f}s for both; one problem's paired numbers are noisy: `tts bench` gives intervals on your own model and data)")
     print("\nNext: the README's request examples for `vllm serve` and SGLang, and `tts bench` to measure a technique on your model.")
