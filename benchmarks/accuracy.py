@@ -1,20 +1,22 @@
-"""The proving ground: every technique measured with ``tts bench`` on the trained tiny reasoners, with the premise
-it relies on measured on the same model and printed beside its effect.
+"""The proving ground: every technique measured with ``tts bench`` on the trained tiny reasoners, against its control,
+with the premise it relies on measured where it acts and printed beside its effect.
 
-1. Builds the trained models (:mod:`tts_plugins.models.trained`, the full recipe; cached) and writes the held-out
-   mixed-difficulty problems (:func:`tts_plugins.models.arith.held_out`, 2 to 12 steps) as ``data.jsonl``.
-2. Per model, starts a vLLM OpenAI server (as a user would) and measures the premises on the model's own samples
-   (``premises.json``): within a question, are shorter chains more often right (short-m@k); how often is a slip
-   corrected after "Wait" and does a check after the answer change it to the right one (s1's minimum); how often
-   is the answer reached before the end and re-verified (TrimR); per-difficulty accuracy and token entropy
-   (voting, the ladder, MoI, RoE); does the step checker rank right samples above wrong ones (CarBoN with a
-   process reward).
-3. Runs ``tts bench`` (:mod:`tts_plugins.client.bench`) with every method at its paper's defaults, paired against
-   greedy (single-sample methods) or majority@8 (votes), with equal-budget majority baselines.
-4. Writes ``report.md``: the bench table with each row's premise beside it.
+1. Builds the trained models (:mod:`tts_plugins.models.trained`, the full recipe; cached) and writes the problems
+   (``--data-seed``: -1 is :func:`tts_plugins.models.arith.held_out`, any other seed fresh ones; 2 to 12 steps).
+2. Per model, starts a vLLM OpenAI server (as a user would) and samples the model (8 samples at T=0.7 with top-5
+   log-probs) for the premises that need no technique: per-difficulty accuracy and entropy, the step checker's and
+   DeepConf's confidence's AUC (``premises.json``).
+3. Runs ``tts bench`` with every method at its paper's settings; the bench pairs each with its control (the same
+   samples at the method's own temperature, top_p and sample count, on the same seeds) and adds majority at equal
+   samples and at equal tokens. s1's cap runs against plain truncation at the same limit, at three budgets that bind;
+   NoThinking draws 16 samples for its pass@k against thinking's at equal tokens.
+4. Measures the premises where each technique acts, from the bench's own records (``premises-where-they-act.json``):
+   s1's spliced "Wait" on think-min's outputs against its greedy control, short-m's on its control's samples,
+   trimming's and the cap's on greedy.
+5. Writes ``report.md`` (and, with ``--readme README.md``, the README's tables): each row's effect beside its premise.
 
-    .venv/vllm/bin/python benchmarks/accuracy.py --out bench-results/testbed            # ~1 hour on 2 CPU cores
-    .venv/vllm/bin/python benchmarks/accuracy.py --quick --models test --out /tmp/smoke # plumbing only
+    .venv/vllm/bin/python benchmarks/accuracy.py --out bench-results/testbed --readme README.md   # ~1 hour on 2 CPU cores
+    .venv/vllm/bin/python benchmarks/accuracy.py --quick --models test --out /tmp/smoke           # plumbing only
 """
 
 from __future__ import annotations
@@ -47,7 +49,8 @@ def dense_methods(k: int, deepconf_n: int = 32) -> list[str]:
     and at equal tokens."""
     out = ["greedy", "sample", f"majority:n={k}",
            f"short-m:m=1,k={k}", f"short-m:m=3,k={k}",
-           f"deepconf:{deepconf_n},variant=high", f"deepconf:{deepconf_n},variant=low",
+           # the window scaled as the paper's 2048 is to its traces: about a tenth of these 40-250-token traces
+           f"deepconf:{deepconf_n},variant=high,window=16", f"deepconf:{deepconf_n},variant=low,window=16",
            f"best-of-n:n={k},reward={PRM},label=best-of-{k} (step checker)",
            f"carbon:n={k},reward={PRM},label=carbon@{k} (step checker)",
            "ladder:1",
@@ -306,6 +309,18 @@ def report(parts: list[tuple[str, dict, dict, dict, list]]) -> str:
     return "\n".join(lines)
 
 
+BEGIN, END = "<!-- testbed report: begin (benchmarks/accuracy.py --readme) -->", "<!-- testbed report: end -->"
+
+
+def into_readme(path: Path, text: str) -> None:
+    """Replace what is between the README's testbed markers with ``text`` (the tables come from report.md, never by hand)."""
+    doc = path.read_text()
+    if BEGIN not in doc or END not in doc:
+        raise SystemExit(f"{path}: no testbed markers ({BEGIN} ... {END})")
+    head, rest = doc.split(BEGIN, 1)
+    path.write_text(head + BEGIN + "\n" + text.rstrip() + "\n" + END + rest.split(END, 1)[1])
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--out", type=Path, default=ROOT / "bench-results" / "testbed")
@@ -322,6 +337,7 @@ def main(argv=None) -> int:
     ap.add_argument("--only", choices=("dense", "moe"), default=None)
     ap.add_argument("--select", metavar="REGEX", help="run only the method SPECs this regular expression finds (and the baseline, greedy)")
     ap.add_argument("--quick", action="store_true", help="5 problems, k=4 (a smoke run of the plumbing)")
+    ap.add_argument("--readme", type=Path, help="also write the report into this README, between its testbed markers")
     ap.add_argument("--models", choices=("full", "test"), default="full",
                     help="full: the trained recipe; test: the test suite's briefly trained models (plumbing: their accuracies mean nothing)")
     args = ap.parse_args(argv)
@@ -402,6 +418,8 @@ def main(argv=None) -> int:
                       f"{card.get('accuracy_T0')} by transformers)", summary, prem, rec, curve))
     text = report(parts)
     (args.out / "report.md").write_text(text)
+    if args.readme:
+        into_readme(args.readme, text)
     print(text)
     print(f"{args.out}/report.md ({time.perf_counter() - t0:.0f} s)")
     return 0
