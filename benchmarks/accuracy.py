@@ -278,7 +278,7 @@ def report(parts: list[tuple[str, dict, dict, dict, list]]) -> str:
         for r in summary["methods"]:
             c = r.get("vs_control")
             v = r.get("vs_baseline") if r.get("vs_baseline") and (not c or r["vs_baseline"]["against"] != c["against"]) else None
-            cells = [_delta(c, True) if c else "control"]
+            cells = [_delta(c, True) if c else "no control (its rungs are its settings)" if r["name"] == "ladder" else "control"]
             if v and "truncate" in v["against"]:
                 cells[0] = _delta(c, True) + "<br>" + _delta(v, True)
             lines.append(f"| {r['method']} | {_pct(r['accuracy'])} ({_pct(r['ci95'][0])}, {_pct(r['ci95'][1])}) | {cells[0]} | {_ratio(c)} | "
