@@ -599,27 +599,23 @@ def summarize(methods: Sequence[Method], problems: Sequence[Mapping[str, Any]], 
                 "wins": wins, "losses": losses, "token_ratio": None if math.isnan(ratio) else ratio,
                 "token_ratio_ci95": None if math.isnan(ratio) else [rlo, rhi], "tokens": sum(ta) / len(ta), "against_tokens": sum(tb) / len(tb)}
 
-    family: list[dict[str, Any]] = []
+    # one family: every comparison the summary reports, each pair computed and counted once (a method's control is
+    # often its baseline and its equal-budget vote too)
+    unique: dict[tuple[str, str], dict[str, Any] | None] = {}
     for row in rows:
         for key, against in (("vs_control", row["control"]), ("vs_baseline", by_label[row["method"]].vs or baseline),
                              ("vs_equal_samples", (equal or {}).get(row["method"])), ("vs_equal_tokens", (equal_tokens or {}).get(row["method"]))):
             if against and against != row["method"] and against in by_label:
-                row[key] = paired(row["method"], against)
-                if row[key]:
-                    family.append(row[key])
+                pair = (row["method"], against)
+                if pair not in unique:
+                    unique[pair] = paired(*pair)
+                row[key] = unique[pair]
         if "vs_equal_samples" in row:
             row["vs_equal_budget"] = row["vs_equal_samples"]  # the name earlier summaries used
-    # one family: every comparison the summary reports; repeated pairs counted once
-    unique: dict[tuple[str, str], list[dict[str, Any]]] = {}
-    for row in rows:
-        for key in ("vs_control", "vs_baseline", "vs_equal_samples", "vs_equal_tokens"):
-            if row.get(key):
-                unique.setdefault((row["method"], row[key]["against"]), []).append(row[key])
-    adjusted = stats.holm([v[0]["mcnemar_p"] for v in unique.values()])
-    for same, p in zip(unique.values(), adjusted):
-        for v in same:
-            v["holm_p"] = p
-    return {"baseline": baseline, "problems": len(problems), "resamples": resamples, "comparisons": len(unique), "methods": rows}
+    found = [v for v in unique.values() if v]
+    for v, p in zip(found, stats.holm([v["mcnemar_p"] for v in found])):
+        v["holm_p"] = p
+    return {"baseline": baseline, "problems": len(problems), "resamples": resamples, "comparisons": len(found), "methods": rows}
 
 
 def _pct(x: float) -> str:
