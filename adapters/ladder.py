@@ -10,12 +10,12 @@ it. These classes only say which engine versions admission accepts the key on.
 from __future__ import annotations
 
 from tts_plugins import patching
-from tts_plugins.adapters import vllm_plugin
+from tts_plugins.adapters import vllm_support
 from tts_plugins.logits_processors.ladder import LadderPatchBase
 
 
 class VllmLadderPatch(LadderPatchBase):
-    engine, label, min_version, max_version = "vllm", "vLLM", vllm_plugin.MIN_VERSION, vllm_plugin.MAX_VERSION
+    engine, label, min_version, max_version = "vllm", "vLLM", vllm_support.MIN_VERSION, vllm_support.MAX_VERSION
 
 
 class SglangLadderPatch(LadderPatchBase):

@@ -35,7 +35,7 @@ import logging
 from typing import Any
 
 from tts_plugins import patching
-from tts_plugins.adapters import vllm_plugin
+from tts_plugins.adapters import vllm_support
 from tts_plugins.logits_processors.roster import RosterGate, RosterPatchBase, renamed, roster_of
 
 log = logging.getLogger("tts_plugins.roster")
@@ -45,7 +45,7 @@ log = logging.getLogger("tts_plugins.roster")
 
 
 class VllmRosterPatch(RosterPatchBase):
-    engine, min_version, max_version = "vllm", vllm_plugin.MIN_VERSION, vllm_plugin.MAX_VERSION
+    engine, min_version, max_version = "vllm", vllm_support.MIN_VERSION, vllm_support.MAX_VERSION
     targets = ("vllm.v1.core.sched.scheduler:Scheduler.add_request", "vllm.v1.core.sched.scheduler:Scheduler.finish_requests")
 
     def install(self, patcher: Any) -> None:

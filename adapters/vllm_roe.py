@@ -43,7 +43,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from tts_plugins.adapters.vllm_plugin import uses_v2_runner
+from tts_plugins.adapters.vllm_support import uses_v2_runner
 from tts_plugins.logits_processors.roe import DENSE_ERROR, RoEModel, RoEParams, RoEPatchBase, StepNoise, roe_seed
 from tts_plugins.slots import Workspace
 

@@ -37,15 +37,26 @@ from typing import Any
 import numpy as np
 import torch
 
-from tts_plugins.params import get_float, show
+from tts_plugins.params import Key, get_float, show
 from tts_plugins.slots import HostMirror, Workspace
 from tts_plugins.technique import EngineInfo, LogitsTechnique
 
 # --- parameters (parsed at admission, torch-free) --------------------------------
 
-CARBON_KEYS = frozenset({"tts_carbon_temperature", "tts_carbon_bias_ids", "tts_carbon_bias_values"})
 CARBON_MAX_BIAS = 256
 MAX_TOKEN_ID = 2**24  # ids are checked against the real vocabulary in the engine (see CarbonCalibration)
+
+CARBON_KEY_SPECS = (
+    Key("tts_carbon_temperature", "number in [0.001, 1000]", 1.0,
+        "CarBoN's calibration temperature T: the request samples from (z + b) / T, before the engine's own "
+        "temperature (the effective scale is 1 / (T * temperature))."),
+    Key("tts_carbon_bias_ids", f"list of at most {CARBON_MAX_BIAS} distinct token ids (ints >= 0)", (),
+        "The token ids of CarBoN's sparse logit shift b (ids outside the model's vocabulary switch it off for the "
+        "request)."),
+    Key("tts_carbon_bias_values", "list of numbers in [-10000, 10000], as long as tts_carbon_bias_ids", (),
+        "The shift b added to each id of tts_carbon_bias_ids."),
+)
+CARBON_KEYS = frozenset(k.name for k in CARBON_KEY_SPECS)
 
 
 @dataclass(frozen=True)
@@ -86,6 +97,7 @@ class CarbonParams:
 class CarbonCalibration(LogitsTechnique):
     name = "carbon"
     keys = CARBON_KEYS
+    key_specs = CARBON_KEY_SPECS
 
     @classmethod
     def conformance_params(cls) -> list[dict[str, Any]]:

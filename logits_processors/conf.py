@@ -47,17 +47,31 @@ from typing import Any
 import numpy as np
 import torch
 
-from tts_plugins.params import get_float, get_int
+from tts_plugins.params import Key, get_float, get_int
 from tts_plugins.reduce import topk_rows
 from tts_plugins.slots import HostMirror, Workspace
 from tts_plugins.technique import EngineInfo, LogitsTechnique
 
 # --- parameters (parsed at admission, torch-free) --------------------------------
 
-CONF_KEYS = frozenset({"tts_conf_threshold", "tts_conf_window", "tts_conf_topk", "tts_conf_min_tokens"})
 MAX_WINDOW = 8192  # the ring is slots x window float32: 8 MiB per 256 slots at the maximum
 MAX_TOPK = 64  # vLLM serves at most 20 log-probs per token by default; the paper uses 20
 MAX_THRESHOLD = 1e4  # a confidence is at most log(vocabulary), about 12 for 151,936 tokens
+
+# Any key turns the measurement on; a stop writes the engine's own EOS, so nothing is forced (Key.forces None).
+CONF_KEY_SPECS = (
+    Key("tts_conf_threshold", f"number in [{-MAX_THRESHOLD:g}, {MAX_THRESHOLD:g}], or null", None,
+        "The paper's s: a trace whose group confidence falls below it is stopped (its next token is EOS); absent or "
+        "null, the confidence is only measured and reported."),
+    Key("tts_conf_window", f"int in [1, {MAX_WINDOW}]", 2048,
+        "w: the group confidence is the mean token confidence over the last w tokens."),
+    Key("tts_conf_topk", f"int in [1, {MAX_TOPK}]", 20,
+        "k: a token's confidence is minus the mean of its k largest log-probabilities."),
+    Key("tts_conf_min_tokens", "int in [1, 10000000]", None,
+        "Judge no trace before this many tokens; absent, the window's length (only full windows are judged, as the "
+        "paper's online mode)."),
+)
+CONF_KEYS = frozenset(k.name for k in CONF_KEY_SPECS)
 
 
 @dataclass(frozen=True)
@@ -93,6 +107,8 @@ _RAISE = 1e4  # a stopped row's EOS logit: this far above the row's maximum
 class ConfStop(LogitsTechnique):
     name = "conf"
     keys = CONF_KEYS
+    key_specs = CONF_KEY_SPECS
+    runs_before = ("*",)  # it measures the model's own logits, before any technique forces a token
 
     @classmethod
     def conformance_params(cls) -> list[dict[str, Any]]:

@@ -36,13 +36,26 @@ import numpy as np
 import torch
 
 from tts_plugins.forcing import ForcedTokens
-from tts_plugins.params import get_choice, get_int, get_text, show
+from tts_plugins.params import Key, get_choice, get_int, get_text, show
 from tts_plugins.technique import EngineInfo, LogitsTechnique, SlotRequest
 from tts_plugins.text import StreamMatcher, cached_token_texts, encode, thinking_state
 
 # --- parameters (parsed at admission, torch-free) --------------------------------
 
-GROUP_KEYS = frozenset({"tts_group", "tts_group_stop_after", "tts_group_finish", "tts_group_stop_text"})
+# Every key forces the stop text inside the thinking block (GroupStop.forcing: tts_group_finish "eos" acts in the answer).
+GROUP_KEY_SPECS = (
+    Key("tts_group", "non-empty string (at most 128 characters)", None,
+        "The group's id: requests with the same id form a group (one request with n > 1 is a group by itself); "
+        "switches the technique on.", forces="thinking"),
+    Key("tts_group_stop_after", "int in [1, 100000]", 1,
+        "m: once m members have finished, every unfinished member ends at once.", forces="thinking"),
+    Key("tts_group_finish", "one of 'think', 'eos'", "think",
+        "What counts as finished: 'think' (closed its thinking, as short-m@k counts) or 'eos' (ended, First Finish "
+        "Search).", forces="thinking"),
+    Key("tts_group_stop_text", "string", "",
+        "Forced before EOS on stopped members, so the client can tell them apart.", forces="thinking"),
+)
+GROUP_KEYS = frozenset(k.name for k in GROUP_KEY_SPECS)
 
 
 @dataclass(frozen=True)
@@ -99,6 +112,16 @@ STOPPED_MEMORY = 4096  # how many emptied stopped groups are remembered for memb
 class GroupStop(LogitsTechnique):
     name = "group"
     keys = GROUP_KEYS
+    key_specs = GROUP_KEY_SPECS
+
+    @classmethod
+    def forcing(cls, params: GroupParams, flat: Mapping[str, Any]) -> dict[str, str]:
+        """Every key forces its stop text inside the thinking block; with ``tts_group_finish: "eos"`` members are
+        ended inside the answer, where a grammar rules and a tool call is written."""
+        out = dict.fromkeys(flat, "thinking")
+        if params.finish == "eos":
+            out["tts_group_finish"] = "answer"
+        return out
     argmax_invariant = False
 
     cross_request_state = True  # members of a group see each other's finish (for the conformance suite)

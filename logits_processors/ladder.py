@@ -34,13 +34,19 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
-from tts_plugins.params import get_number_list
+from tts_plugins.params import Key, get_number_list
 from tts_plugins.services import SampleEdit
 from tts_plugins.technique import GREEDY_TEMPERATURE, ModelPatch
 
-LADDER_KEYS = frozenset({"tts_temperature_ladder"})
 LADDER_MAX_RUNGS = 256
 LADDER_MAX_TEMPERATURE = 2.0  # vLLM's own limit (its engine core refuses more); the same bound for every engine
+
+LADDER_KEY_SPECS = (
+    Key("tts_temperature_ladder", f"list of 1 to {LADDER_MAX_RUNGS} numbers in [0, {LADDER_MAX_TEMPERATURE:g}]", None,
+        "Sample i of a request with n samples runs at temperature ladder[i % len] (0: greedy), replacing the request's "
+        "own temperature; the request itself must sample."),
+)
+LADDER_KEYS = frozenset(k.name for k in LADDER_KEY_SPECS)
 
 
 @dataclass(frozen=True)
@@ -72,6 +78,7 @@ class LadderPatchBase(ModelPatch):
 
     name = "temperature_ladder"
     keys = LADDER_KEYS
+    key_specs = LADDER_KEY_SPECS
     params = LadderParams
     feature, hint = "the temperature ladder", " (send one request per temperature instead)"
 

@@ -41,15 +41,24 @@ from typing import Any
 import numpy as np
 import torch
 
-from tts_plugins.params import get_float, get_int, show
+from tts_plugins.params import Key, get_float, get_int, show
 from tts_plugins.reduce import topk_rows
 from tts_plugins.slots import SlotAllocator, Workspace
 from tts_plugins.technique import ModelPatch
 
-__all__ = ["MOI_KEYS", "MOI_MAX_TOPK", "MoIParams", "MoIPatchBase", "MoIRunnerState", "MoIStash", "moi_reference", "topk_distribution"]
+__all__ = ["MOI_KEYS", "MOI_KEY_SPECS", "MOI_MAX_TOPK", "MoIParams", "MoIPatchBase", "MoIRunnerState", "MoIStash", "moi_reference",
+           "topk_distribution"]
 
-MOI_KEYS = frozenset({"tts_moi_beta", "tts_moi_topk"})
 MOI_MAX_TOPK = 256
+
+MOI_KEY_SPECS = (
+    Key("tts_moi_beta", "number > 0 and <= 1e6", None,
+        "Switches Mixture of Inputs on for the request: the weight of the sampled token against the model's top-k "
+        "distribution in the next input embedding (larger keeps more of the sample; authors: 1.0, range 0.5 to 2)."),
+    Key("tts_moi_topk", f"int in [1, {MOI_MAX_TOPK}]", 20,
+        "The support of the mixed distribution (1: plain decoding). Needs tts_moi_beta."),
+)
+MOI_KEYS = frozenset(k.name for k in MOI_KEY_SPECS)
 
 
 @dataclass(frozen=True)
@@ -307,6 +316,7 @@ class MoIPatchBase(ModelPatch):
 
     name = "moi"
     keys = MOI_KEYS
+    key_specs = MOI_KEY_SPECS
     params = MoIParams
     feature = "Mixture of Inputs"
     CACHE_SALT = "tts_plugins:moi"

@@ -41,12 +41,21 @@ from typing import Any
 import torch
 
 from tts_plugins.noise import gumbel, splitmix64, uniform  # noqa: F401  (the routing noise; re-exported for tests)
-from tts_plugins.params import get_float, get_number_list, show
+from tts_plugins.params import Key, get_float, get_number_list, show
 from tts_plugins.technique import ModelPatch
 
-ROE_KEYS = frozenset({"tts_roe_tau", "tts_roe_tau_layers"})
 ROE_MAX_TAU = 100.0
 ROE_MAX_LAYERS = 1024
+
+ROE_KEY_SPECS = (
+    Key("tts_roe_tau", f"number in [0, {ROE_MAX_TAU:g}]", None,
+        "RoE routing noise for every token of the request, in every MoE layer: experts TopK(R + tau * G, k), G Gumbel "
+        "draws keyed by the request's seed, token position and layer; 0: the model's own routing."),
+    Key("tts_roe_tau_layers", f"list of 1 to {ROE_MAX_LAYERS} numbers in [0, {ROE_MAX_TAU:g}]", None,
+        "Instead of tts_roe_tau: one tau per MoE layer, in model order (the engine checks the length against the "
+        "model; a mismatch runs the request with the model's own routing and logs an error)."),
+)
+ROE_KEYS = frozenset(k.name for k in ROE_KEY_SPECS)
 
 
 @dataclass(frozen=True)
@@ -151,6 +160,7 @@ class RoEPatchBase(ModelPatch):
 
     name = "roe"
     keys = ROE_KEYS
+    key_specs = ROE_KEY_SPECS
     params = RoEParams
     feature = "RoE"
 

@@ -97,7 +97,7 @@ import numpy as np
 import torch
 
 from tts_plugins.noise import uniform
-from tts_plugins.params import get_bool, get_int, get_number_list, get_text, show
+from tts_plugins.params import Key, get_bool, get_int, get_number_list, get_text, show
 from tts_plugins.reduce import argmax_rows
 from tts_plugins.services import SampleEdit
 from tts_plugins.slots import SlotAllocator, Workspace
@@ -108,10 +108,25 @@ log = logging.getLogger("tts_plugins")
 GATE_SEP = "\x1e"  # the schedulers' gate appends SEP + a formation number to a roster's name
 _DRAW_STREAM = 1 << 20  # the noise stream of roster draws (router noise uses the layer numbers)
 
-ROSTER_KEYS = frozenset({"tts_roe_roster", "tts_roe_roster_size", "tts_roe_roster_clean", "tts_roe_roster_taus"})
 ROSTER_MAX_SIZE = 64
 ROSTER_MAX_NAME = 200
 ROSTER_MAX_TAU = 100.0  # RoE's bound on a tau (tts_roe_tau)
+
+ROSTER_KEY_SPECS = (
+    Key("tts_roe_roster", f"non-empty string (at most {ROSTER_MAX_NAME} characters)", None,
+        "The roster's name: the requests that share it (and tts_roe_roster_size) decode one sequence together, from "
+        "the mean of their distributions (absent with n = tts_roe_roster_size: the request's own samples form the "
+        "roster)."),
+    Key("tts_roe_roster_size", f"int in [2, {ROSTER_MAX_SIZE}]", None,
+        "K, the roster's members; required by every roster key. The members are held back until all K have arrived."),
+    Key("tts_roe_roster_clean", "bool", True,
+        "For a request's own samples: sample 0 routes clean (tau 0) and the others keep the request's tts_roe_tau / "
+        "tts_roe_tau_layers; false makes every sample noisy. Refused with tts_roe_roster."),
+    Key("tts_roe_roster_taus", f"list of K numbers in [0, {ROSTER_MAX_TAU:g}]", None,
+        "For a request's own samples: sample i routes with tau taus[i] in every MoE layer, overriding "
+        "tts_roe_roster_clean and tts_roe_tau. Refused with tts_roe_roster and with tts_roe_tau_layers."),
+)
+ROSTER_KEYS = frozenset(k.name for k in ROSTER_KEY_SPECS)
 ROSTER_CHILD_PREFIX = "n:"  # names the engines' front ends give the samples of one request (n = K)
 ROE_PATCH = "roe"  # the name RoE's model patch parses a request's tts_roe_tau / tts_roe_tau_layers under
 
@@ -237,6 +252,7 @@ class _Member:
 class RoERoster(LogitsTechnique):
     name = "roe_roster"
     keys = ROSTER_KEYS
+    key_specs = ROSTER_KEY_SPECS
     argmax_invariant = False
 
     cross_request_state = True  # a member's row depends on the other members (for the conformance suite)

@@ -61,7 +61,6 @@ a forced sequence.
 from __future__ import annotations
 
 import math
-import os
 from collections import deque
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
@@ -70,30 +69,15 @@ from typing import Any
 import numpy as np
 import torch
 
+from tts_plugins import envvars
 from tts_plugins.forcing import few_other_rows, force_kernel, putter, upload_rows
-from tts_plugins.params import get_bool, get_float, get_int, get_text, show
+from tts_plugins.params import Key, get_bool, get_float, get_int, get_text, show
 from tts_plugins.reduce import row_max
 from tts_plugins.slots import HostMirror, Workspace
 from tts_plugins.technique import EngineInfo, LogitsTechnique, SlotRequest
 from tts_plugins.text import StreamMatcher, cached_token_texts, completion_sets, encode, thinking_state
 
 # --- parameters (parsed at admission, torch-free) --------------------------------
-
-THINK_KEYS = frozenset(
-    {
-        "tts_think_max",
-        "tts_think_min",
-        "tts_think_extend",
-        "tts_think_wait",
-        "tts_think_conclusion",
-        "tts_no_think",
-        "tts_no_think_text",
-        "tts_think_per_block",
-        "tts_think_warn",
-        "tts_think_warn_at",
-        "tts_think_grace",
-    }
-)
 
 DEFAULT_WAIT = "Wait"
 DEFAULT_CONCLUSION = "\n"
@@ -102,6 +86,41 @@ DEFAULT_WARN = "\nI should wrap up soon.\n"
 DEFAULT_WARN_AT = 0.8
 MAX_GRACE = 1024
 SENTENCE_ENDS = (".", "!", "?", "\n")
+
+# Every key forces or forbids tokens inside the thinking block only, never in the answer (Key.forces).
+THINK_KEY_SPECS = (
+    Key("tts_think_max", "int >= 0", None,
+        "Cap on the tokens inside the thinking block: at the cap, tts_think_conclusion and the end-of-thinking string "
+        "are forced, and the next token cannot be EOS, so a capped request still answers.", forces="thinking"),
+    Key("tts_think_min", "int >= 0", 0,
+        "Until this many thinking tokens exist, the end-of-thinking string and EOS cannot be produced; where the model "
+        "would end its thinking, tts_think_wait is spliced instead (s1 budget forcing).", forces="thinking"),
+    Key("tts_think_extend", "int in [0, 10000]", 0,
+        "Ignore the model's first N attempts to end thinking, splicing tts_think_wait each time (s1's num_ignore).",
+        forces="thinking"),
+    Key("tts_think_wait", "non-empty string", DEFAULT_WAIT,
+        "The text spliced for tts_think_min and tts_think_extend (must not contain the end-of-thinking string).",
+        forces="thinking"),
+    Key("tts_think_conclusion", "string", DEFAULT_CONCLUSION,
+        "What the cap forces before the end-of-thinking string.", forces="thinking"),
+    Key("tts_no_think", "bool", False,
+        "NoThinking: force tts_no_think_text and the end-of-thinking string at the first step of thinking (with the "
+        "start string first if the prompt did not open a thinking block).", forces="thinking"),
+    Key("tts_no_think_text", "string", DEFAULT_NO_THINK_TEXT,
+        "The NoThinking prefill text (with tts_no_think).", forces="thinking"),
+    Key("tts_think_per_block", "bool", False,
+        "Give each thinking block its own count and let the model think again; by default the budgets are the whole "
+        "request's, and once the cap has ended thinking the start string cannot be produced again.", forces="thinking"),
+    Key("tts_think_warn", "bool or non-empty string", None,
+        f"Splice a phrase once tts_think_warn_at of the cap is reached (true: {DEFAULT_WARN!r}); its tokens count as "
+        "thinking. Needs tts_think_max.", forces="thinking"),
+    Key("tts_think_warn_at", "number in (0, 1]", DEFAULT_WARN_AT,
+        "The share of tts_think_max at which tts_think_warn's phrase is spliced.", forces="thinking"),
+    Key("tts_think_grace", f"int in [0, {MAX_GRACE}]", 0,
+        "At the cap, let the model end its sentence, up to this many tokens past the cap, before the conclusion and the "
+        "end-of-thinking string are forced. Needs tts_think_max.", forces="thinking"),
+)
+THINK_KEYS = frozenset(k.name for k in THINK_KEY_SPECS)
 
 
 @dataclass(frozen=True)
@@ -159,7 +178,7 @@ class ThinkParams:
                 raise ValueError(f"{key} needs tts_think_max (it acts relative to the cap), got {key}={show(flat[key])} without it")
         if "tts_think_warn_at" in flat and params.warn is None:
             raise ValueError(f"tts_think_warn_at needs tts_think_warn, got tts_think_warn_at={show(flat['tts_think_warn_at'])} without it")
-        end = os.environ.get("TTS_PLUGINS_THINK_END") or "</think>"
+        end = envvars.get("TTS_PLUGINS_THINK_END") or "</think>"
         if end in params.wait:
             raise ValueError(f"tts_think_wait must not contain the end-of-thinking string {end!r}, got {params.wait!r}")
         if params.max_tokens is not None and params.min_tokens > params.max_tokens:
@@ -317,6 +336,9 @@ class _Row:
 class ThinkSteering(LogitsTechnique):
     name = "think"
     keys = THINK_KEYS
+    key_specs = THINK_KEY_SPECS
+    effort_key = "tts_think_max"  # reasoning_effort caps the thinking
+    effort_yields_to = frozenset({"tts_think_max", "tts_no_think"})  # a request that chose its own cap, or no thinking
     argmax_invariant = False
 
     @classmethod

@@ -52,28 +52,43 @@ import numpy as np
 import torch
 
 from tts_plugins.forcing import ForcedTokens
-from tts_plugins.params import get_bool, get_int, get_text, get_text_list, show
+from tts_plugins.params import Key, get_bool, get_int, get_text, get_text_list, show
 from tts_plugins.technique import EngineInfo, LogitsTechnique, SlotRequest
 from tts_plugins.text import StreamMatcher, cached_token_texts, encode, thinking_state
 
 # --- parameters (parsed at admission, torch-free) --------------------------------
 
-TRIM_KEYS = frozenset(
-    {
-        "tts_trim",
-        "tts_trim_converge",
-        "tts_trim_max_thoughts",
-        "tts_trim_min_tokens",
-        "tts_trim_ngram",
-        "tts_trim_repeats",
-        "tts_trim_markers",
-        "tts_trim_conclusion",
-        "tts_trim_verifier",
-    }
-)
-
 DEFAULT_MARKERS = ("Wait", "Alternatively", "But", "\n\n")
 DEFAULT_TRIM_CONCLUSION = "\n\nI have checked this enough; time to answer.\n"
+
+# A trim forces its conclusion and the end-of-thinking string inside the thinking block only (Key.forces).
+TRIM_KEY_SPECS = (
+    Key("tts_trim", "bool", False,
+        "true: trim thoughts with every trigger at its default; any other tts_trim_* key also switches trimming on "
+        "(false with another tts_trim_* key is refused).", forces="thinking"),
+    Key("tts_trim_converge", "int 0 or in [2, 1000]", 3,
+        "Overthinking: trim once this many consecutive answered thoughts give the same answer (\\boxed{..}, else "
+        "\"answer is X\"); 0: off.", forces="thinking"),
+    Key("tts_trim_max_thoughts", "int in [0, 100000]", 12,
+        "Underthinking: trim after more thoughts than this, past tts_trim_min_tokens thinking tokens, without "
+        "convergence; 0: off.", forces="thinking"),
+    Key("tts_trim_min_tokens", "int >= 0", 1024,
+        "The thinking tokens the underthinking trigger waits for.", forces="thinking"),
+    Key("tts_trim_ngram", "int 0 or in [2, 1024]", 12,
+        "Repetition loop: the n-gram length (in tokens) whose repeats trigger a trim; 0: off.", forces="thinking"),
+    Key("tts_trim_repeats", "int in [2, 1000]", 3,
+        "Repetition loop: trim once one n-gram of tts_trim_ngram tokens has been seen this many times.",
+        forces="thinking"),
+    Key("tts_trim_markers", "list of 1 to 16 non-empty strings (at most 64 characters each)", DEFAULT_MARKERS,
+        "Reflection markers: where a new thought starts.", forces="thinking"),
+    Key("tts_trim_conclusion", "string", DEFAULT_TRIM_CONCLUSION,
+        "What a trim forces before the end-of-thinking string.", forces="thinking"),
+    Key("tts_trim_verifier", "name of a registered verifier", None,
+        "A registered verifier judges convergence instead of the equal-answer rule (e.g. \"openai\" with "
+        "TTS_PLUGINS_VERIFIER_URL set on the server); it answers asynchronously and never blocks decoding.",
+        forces="thinking"),
+)
+TRIM_KEYS = frozenset(k.name for k in TRIM_KEY_SPECS)
 
 
 @dataclass(frozen=True)
@@ -182,6 +197,7 @@ class _Row:
 class ThoughtTrim(LogitsTechnique):
     name = "trim"
     keys = TRIM_KEYS
+    key_specs = TRIM_KEY_SPECS
     argmax_invariant = False
 
     @classmethod

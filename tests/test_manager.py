@@ -39,7 +39,7 @@ class Registers:
 
 def test_builtin_techniques_are_registered():
     reg = build_registry(plugin_manager(load_entry_points=False))
-    # conf first: it reads the logits before any technique forces a token
+    # conf first: it declares runs_before "*" (it reads the logits before any technique forces a token)
     assert [t.name for t in reg.techniques] == ["conf", "think", "trim", "group", "carbon", "roe_roster"]
     assert reg.key_owner["tts_think_max"] == "think"
     assert reg.key_owner["tts_roe_roster"] == "roe_roster" and reg.key_owner["tts_roe_tau"] == "roe"
@@ -123,3 +123,78 @@ def test_think_strings_come_from_the_tokenizer():
     reg = build_registry(plugin_manager(load_entry_points=False))
     assert reg.think_strings(Tok(["<seed:think>", "</seed:think>"])) == ("<seed:think>", "</seed:think>")
     assert reg.think_strings(Tok(["<|im_end|>"])) == ("<think>", "</think>")
+
+
+# --- what techniques declare, and the core reads -----------------------------------------------------------------
+
+
+def _registry(*classes, builtins=False):
+    return build_registry(plugin_manager(load_entry_points=False, builtin_techniques=builtins, extra_plugins=[Registers(*classes)]))
+
+
+def test_the_order_of_apply_follows_the_declarations_not_the_registration():
+    """ConfStop runs first because it declares runs_before "*" (it reads the logits before anything forces a token),
+    wherever it is registered; runs_after and runs_before between named techniques hold; otherwise registration order."""
+    a, b, c = make_technique("a", {"tts_a"}), make_technique("b", {"tts_b"}), make_technique("c", {"tts_c"})
+    assert [t.name for t in _registry(a, b, c).techniques] == ["a", "b", "c"]
+    a.runs_after = ("c",)
+    assert [t.name for t in _registry(a, b, c).techniques] == ["b", "c", "a"]
+    c.runs_before = ("*",)
+    b.runs_before = ("c",)  # b before c, but c before everything that does not say "*": a cycle
+    with pytest.raises(ValueError, match="cycle"):
+        _registry(a, b, c)
+    b.runs_before = ()
+    assert [t.name for t in _registry(a, b, c).techniques] == ["c", "a", "b"]
+    a.runs_after, b.runs_before = ("not_registered",), ("a",)  # a name not registered is ignored
+    assert [t.name for t in _registry(a, b, c).techniques] == ["c", "b", "a"]
+    conf = next(t for t in default_registry().techniques if t.name == "conf")
+    last = make_technique("forces_first", {"tts_forces_first"})
+    reg = build_registry(plugin_manager(load_entry_points=False, extra_plugins=[Registers(last)]))
+    assert reg.techniques[0] is conf and "*" in conf.runs_before
+
+
+def test_reasoning_effort_sets_the_key_a_technique_declares():
+    from tts_plugins.effort import budget_request
+
+    budget = make_technique("budget", {"tts_budget", "tts_budget_off"})
+    assert _registry(budget).effort is None
+    assert budget_request("low", {"tts_x": 1}, _registry(budget)) is None  # nothing declares a key: effort adds nothing
+    budget.effort_key, budget.effort_yields_to = "tts_budget", frozenset({"tts_budget_off"})
+    reg = _registry(budget)
+    assert reg.effort == ("tts_budget", frozenset({"tts_budget", "tts_budget_off"}))
+    assert budget_request("minimal", {"tts_x": 1}, reg) == {"tts_x": 1, "tts_budget": 256}
+    assert budget_request("minimal", {"tts_budget_off": True}, reg) is None
+    other = make_technique("other_budget", {"tts_other"})
+    other.effort_key = "tts_other"
+    with pytest.raises(ValueError, match="effort_key"):
+        _registry(budget, other)
+    wrong = make_technique("wrong_budget", {"tts_w"})
+    wrong.effort_key = "tts_not_mine"
+    with pytest.raises(ValueError, match="not one of its keys"):
+        _registry(wrong)
+
+
+def test_forcing_comes_from_the_declarations():
+    """The core's refusals read Key.forces (and a technique's own ``forcing`` when it depends on the value)."""
+    from tts_plugins.admission import refuse_structured, refuse_tools
+    from tts_plugins.params import Key
+
+    t = make_technique("forcer", {"tts_f_think", "tts_f_answer", "tts_f_plain"})
+    t.key_specs = (Key("tts_f_think", "int", None, "forces text while thinking", forces="thinking"),
+                   Key("tts_f_answer", "int", None, "forbids tokens in the answer", forces="answer"),
+                   Key("tts_f_plain", "int", None, "reweights only"))
+    reg = _registry(t)
+    assert reg.forcing({"tts_f_think": 1, "tts_f_plain": 2}) == {"tts_f_think": "thinking"}
+    refuse_structured({"tts_f_plain": 1}, False, "--reasoning-parser", reg)
+    refuse_structured({"tts_f_think": 1}, True, "--reasoning-parser", reg)
+    with pytest.raises(ValueError, match="tts_f_think: .* --reasoning-parser"):
+        refuse_structured({"tts_f_think": 1}, False, "--reasoning-parser", reg)
+    with pytest.raises(ValueError, match="tts_f_answer=1 cannot be combined with a structured output"):
+        refuse_structured({"tts_f_answer": 1}, True, "--reasoning-parser", reg)
+    with pytest.raises(ValueError, match='tts_f_answer=1 cannot be combined with tools'):
+        refuse_tools({"tts_f_answer": 1}, [{"type": "function"}], "auto", reg)
+    refuse_tools({"tts_f_answer": 1}, [{"type": "function"}], "none", reg)
+    refuse_tools({"tts_f_think": 1}, [{"type": "function"}], "auto", reg)
+    with pytest.raises(ValueError, match=r'tts_group_finish="eos" cannot be combined with a structured output'):
+        refuse_structured({"tts_group": "g", "tts_group_finish": "eos"}, True, "--reasoning-parser")
+    refuse_structured({"tts_group": "g"}, True, "--reasoning-parser")

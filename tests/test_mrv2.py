@@ -391,7 +391,9 @@ def test_a_core_patch_that_cannot_install_refuses_the_keys_that_need_it(monkeypa
     from tts_plugins.patching import Patcher
 
     monkeypatch.setitem(vllm_plugin.CORE_TARGETS, "finish", "vllm.v1.core.sched.scheduler:Scheduler._gone_in_a_later_release")
-    monkeypatch.setattr(vllm_plugin, "_FAILED", {})
+    from tts_plugins.adapters import vllm_support
+
+    monkeypatch.setattr(vllm_support, "_FAILED", {})
     patcher = Patcher("vllm", owner="core")
     try:
         vllm_plugin.install_core(patcher)

@@ -173,7 +173,7 @@ def test_roe_tau_layers_is_a_list_of_bounded_taus_one_per_moe_layer():
 
 
 def test_a_group_stop_at_eos_is_refused_with_tools_that_may_be_called():
-    from tts_plugins.params import refuse_tools
+    from tts_plugins.admission import refuse_tools
 
     tools = [{"type": "function", "function": {"name": "add"}}]
     with pytest.raises(ValueError, match='tts_group_finish="eos" cannot be combined with tools'):

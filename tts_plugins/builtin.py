@@ -14,8 +14,8 @@ from __future__ import annotations
 from collections.abc import Callable, Mapping
 from typing import Any
 
+from tts_plugins import envvars
 from tts_plugins.hookspecs import hookimpl
-from tts_plugins.manager import env_think_strings
 
 
 class BuiltinTechniques:
@@ -30,7 +30,7 @@ class BuiltinTechniques:
         from tts_plugins.logits_processors.think import ThinkSteering
         from tts_plugins.logits_processors.trim import ThoughtTrim
 
-        # ConfStop first: it reads the logits before any technique forces a token
+        # the order of apply is the registry's, from each technique's declarations (ConfStop declares runs_before "*")
         for cls in (ConfStop, ThinkSteering, ThoughtTrim, GroupStop, CarbonCalibration, RoERoster):
             register(cls)
 
@@ -72,6 +72,11 @@ def tokenizer_pair(tokenizer: Any) -> tuple[str, str] | None:
         if start in added and end in added:
             return start, end
     return None
+
+
+def env_think_strings() -> tuple[str | None, str | None]:
+    """The server-level overrides ``TTS_PLUGINS_THINK_START`` / ``TTS_PLUGINS_THINK_END`` (None: not set)."""
+    return envvars.get("TTS_PLUGINS_THINK_START"), envvars.get("TTS_PLUGINS_THINK_END")
 
 
 @hookimpl(trylast=True)

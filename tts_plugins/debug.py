@@ -18,7 +18,9 @@ import os
 import weakref
 from collections.abc import Callable
 
-PATH = os.environ.get("TTS_PLUGINS_DEBUG_FILE") or None
+from tts_plugins import envvars
+
+PATH = envvars.get("TTS_PLUGINS_DEBUG_FILE") or None
 
 _sources: list[tuple[str, Callable[[], object]]] = []
 _last: str | None = None

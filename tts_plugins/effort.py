@@ -1,10 +1,12 @@
-"""``reasoning_effort`` as a thinking budget: the server's map from effort levels to ``tts_think_max``.
+"""``reasoning_effort`` as a thinking budget: the server's map from effort levels to a technique's budget key.
 
 The stock OpenAI client sends ``reasoning_effort="low" | "medium" | "high"`` (and vLLM and SGLang accept a few more
 levels). Both engines pass it to the chat template only, where most open reasoning models' templates ignore it, so
 on its own it does not limit thinking. With the plugins installed, a chat request that names an effort level gets
 the thinking cap of that level, ``tts_think_max``, as if the client had sent it: the think technique then counts
-the request's thinking tokens and forces the conclusion and the end of thinking at the budget.
+the request's thinking tokens and forces the conclusion and the end of thinking at the budget. The key is the one a
+registered technique declares as its ``effort_key`` (the built-in think technique's is ``tts_think_max``); the core
+names none.
 
 The map is the server's, from the environment variable ``TTS_PLUGINS_REASONING_EFFORT``, read once at start-up:
 comma-separated ``level=tokens`` entries, tokens an integer >= 0, 0 meaning no cap (the level thinks as long as
@@ -12,7 +14,8 @@ the model does). Entries given replace the defaults of their levels; the others 
 the server at start-up with a message naming the entry (a server that silently ignored it would not limit
 anything). Rules:
 
-* An explicit ``tts_think_max`` (or ``tts_no_think``) on the request wins: the effort level adds nothing.
+* An explicit key of the technique's ``effort_yields_to`` on the request (``tts_think_max``, ``tts_no_think``) wins:
+  the effort level adds nothing.
 * A level the map does not hold (``"none"``, a number, a level of one engine only) adds nothing: ``"none"`` is
   already the engines' own switch (both set the template's ``enable_thinking`` to false).
 * Only the chat endpoint carries ``reasoning_effort``; the completions endpoint has no such field.
@@ -21,10 +24,12 @@ anything). Rules:
 from __future__ import annotations
 
 import logging
-import os
 import re
 from collections.abc import Mapping
 from typing import Any
+
+from tts_plugins import envvars
+from tts_plugins.manager import Registry, default_registry
 
 __all__ = ["DEFAULT_EFFORT", "ENV", "budget_request", "effort_map", "parse_effort_map", "startup_checks"]
 
@@ -33,7 +38,6 @@ ENV = "TTS_PLUGINS_REASONING_EFFORT"
 DEFAULT_EFFORT: dict[str, int] = {"minimal": 256, "low": 1024, "medium": 4096, "high": 0, "xhigh": 0, "max": 0}
 MAX_BUDGET = 1 << 30
 _LEVEL = re.compile(r"[A-Za-z][A-Za-z0-9_-]*\Z")
-_CAP_KEYS = ("tts_think_max", "tts_no_think")
 
 
 def parse_effort_map(text: str | None, defaults: Mapping[str, int] = DEFAULT_EFFORT) -> dict[str, int]:
@@ -59,22 +63,29 @@ _CACHE: dict[str, dict[str, int]] = {}
 
 def effort_map() -> dict[str, int]:
     """This process's map (the environment variable over the defaults), parsed once; ValueError when malformed."""
-    text = os.environ.get(ENV, "")
+    text = envvars.get(ENV) or ""
     found = _CACHE.get(text)
     if found is None:
         found = _CACHE[text] = parse_effort_map(text)
     return found
 
 
-def budget_request(effort: Any, extra: Mapping[str, Any] | None) -> dict[str, Any] | None:
-    """The request's flat parameters with the thinking cap of ``effort`` added, as a new dict; None when the effort
-    adds nothing (no effort, a level without a cap, or the request sets its own cap)."""
-    if not isinstance(effort, str) or (extra and any(k in extra for k in _CAP_KEYS)):
+def budget_request(effort: Any, extra: Mapping[str, Any] | None, registry: Registry | None = None) -> dict[str, Any] | None:
+    """The request's flat parameters with the budget of ``effort`` added under the key a registered technique declares
+    (``effort_key``), as a new dict; None when the effort adds nothing (no effort, a level without a cap, no technique
+    declares a key, or the request sends one of the keys the technique yields to)."""
+    if not isinstance(effort, str):
+        return None
+    declared = (registry or default_registry()).effort
+    if declared is None:
+        return None
+    key, yields = declared
+    if extra and any(k in extra for k in yields):
         return None
     budget = effort_map().get(effort.strip().lower(), 0)
     if budget <= 0:
         return None
-    return {**(extra or {}), "tts_think_max": budget}
+    return {**(extra or {}), key: budget}
 
 
 def startup_checks(log: logging.Logger) -> None:

@@ -10,14 +10,13 @@ from __future__ import annotations
 
 import functools
 import logging
-import os
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 import pluggy
 
-from tts_plugins import hookspecs
+from tts_plugins import envvars, hookspecs
 from tts_plugins.params import PREFIX, tts_keys
 
 if TYPE_CHECKING:
@@ -120,6 +119,26 @@ class Registry:
             out[patch.name] = params
         return out
 
+    def forcing(self, extra: Mapping[str, Any] | None) -> dict[str, str]:
+        """``{key: "thinking" | "answer"}`` for the keys of a request that make a technique force or forbid tokens
+        (each technique's ``forcing`` declaration); ValueError for keys that do not parse."""
+        flat = tts_keys(extra)
+        out: dict[str, str] = {}
+        for cls in self.techniques:
+            mine = {k: v for k, v in flat.items() if k in cls.keys}
+            params = cls.parse_params(mine) if mine else None
+            if params is not None:
+                out.update(cls.forcing(params, mine))
+        return out
+
+    @property
+    def effort(self) -> tuple[str, frozenset[str]] | None:
+        """``(key, keys that make an effort level add nothing)`` of the technique that declares ``effort_key``, or None."""
+        for cls in self.techniques:
+            if cls.effort_key:
+                return cls.effort_key, frozenset(cls.effort_yields_to) | {cls.effort_key}
+        return None
+
     def think_strings(self, tokenizer: Any, model_name: str | None = None, engine_hint: Mapping[str, str] | None = None) -> tuple[str, str]:
         result = self.pm.hook.tts_think_strings(tokenizer=tokenizer, model_name=model_name, engine_hint=engine_hint)
         start, end = result
@@ -159,6 +178,13 @@ def build_registry(pm: pluggy.PluginManager | None = None) -> Registry:
             if key in owner:
                 raise ValueError(f"request key {key!r} is claimed by techniques {owner[key]!r} and {name!r}")
             owner[key] = name
+    ordered = _ordered(list(names.values()))
+    effort = [cls.name for cls in ordered if cls.effort_key]
+    if len(effort) > 1:
+        raise ValueError(f"techniques {', '.join(map(repr, effort))} each declare an effort_key: reasoning_effort can set one")
+    for cls in ordered:
+        if cls.effort_key and cls.effort_key not in cls.keys:
+            raise ValueError(f"technique {cls.name!r} effort_key {cls.effort_key!r} is not one of its keys")
     factories: dict[str, Any] = {}
 
     def add_verifier(name: str, factory: Any) -> None:
@@ -198,7 +224,35 @@ def build_registry(pm: pluggy.PluginManager | None = None) -> Registry:
             if key in owner:
                 raise ValueError(f"request key {key!r} is claimed by {owner[key]!r} and model patch {name!r}")
             owner[key] = name
-    return Registry(pm=pm, techniques=tuple(names.values()), key_owner=owner, verifier_factories=factories, patches=tuple(patches))
+    return Registry(pm=pm, techniques=tuple(ordered), key_owner=owner, verifier_factories=factories, patches=tuple(patches))
+
+
+def _ordered(techniques: list[type[LogitsTechnique]]) -> list[type[LogitsTechnique]]:
+    """The techniques in the order their ``apply`` runs: each declaration of ``runs_before`` / ``runs_after`` holds
+    (``"*"`` in ``runs_before``: before every technique that does not itself declare it), else registration order.
+    ValueError on a cycle."""
+    index = {cls.name: i for i, cls in enumerate(techniques)}
+    first = {cls.name for cls in techniques if "*" in cls.runs_before}
+    after: dict[str, set[str]] = {cls.name: set() for cls in techniques}  # name -> the names that must run before it
+    for cls in techniques:
+        for other in cls.runs_before:
+            targets = [n for n in index if n not in first] if other == "*" else [other] if other in index else []
+            for t in targets:
+                if t != cls.name:
+                    after[t].add(cls.name)
+        for other in cls.runs_after:
+            if other in index and other != cls.name:
+                after[cls.name].add(other)
+    out: list[type[LogitsTechnique]] = []
+    done: set[str] = set()
+    while len(out) < len(techniques):
+        ready = [cls for cls in techniques if cls.name not in done and after[cls.name] <= done]
+        if not ready:
+            stuck = sorted(n for n in index if n not in done)
+            raise ValueError(f"techniques {', '.join(map(repr, stuck))} declare runs_before/runs_after in a cycle")
+        out.append(ready[0])
+        done.add(ready[0].name)
+    return out
 
 
 @functools.lru_cache(maxsize=1)
@@ -209,8 +263,4 @@ def default_registry() -> Registry:
 
 def disabled() -> bool:
     """``TTS_PLUGINS_DISABLE=1``: the operator's switch; installed plugins then do nothing in this engine."""
-    return os.environ.get("TTS_PLUGINS_DISABLE", "").lower() in ("1", "true", "yes")
-
-
-def env_think_strings() -> tuple[str | None, str | None]:
-    return os.environ.get("TTS_PLUGINS_THINK_START"), os.environ.get("TTS_PLUGINS_THINK_END")
+    return (envvars.get("TTS_PLUGINS_DISABLE") or "").lower() in ("1", "true", "yes")

@@ -18,11 +18,42 @@ from __future__ import annotations
 
 import math
 from collections.abc import Mapping
+from dataclasses import dataclass
 from typing import Any
 
 PREFIX = "tts_"
 MAX_INT = 2**31 - 1
 MAX_TEXT = 1024
+WHERE = ("thinking", "answer")  # where a key may make its technique force or forbid tokens (Key.forces)
+
+
+@dataclass(frozen=True)
+class Key:
+    """One request key, as a technique or model patch declares it (``key_specs``).
+
+    The request-key reference (the docs, ``tts plugins``) is generated from these declarations, and the core reads
+    ``forces`` to refuse requests whose forced text a structured output or a tool call could break.
+
+    ``name``: the ``tts_*`` key. ``type``: what a value must be, in words (``"int >= 0"``, ``"one of 'think',
+    'eos'"``). ``default``: what the technique uses when the key is absent (``None``: off, or not set). ``doc``: what
+    the key does, in a sentence or two. ``forces``: where setting the key makes the technique force or forbid tokens:
+    ``None`` (nowhere: it only reweights, measures or stops at the engine's own EOS), ``"thinking"`` (only inside the
+    thinking block: allowed with a structured output when the server applies the grammar after thinking, and with
+    tools), ``"answer"`` (inside the answer too: refused with any structured output and with tools). A technique whose
+    answer-side effect depends on the value overrides ``LogitsTechnique.forcing``.
+    """
+
+    name: str
+    type: str
+    default: Any
+    doc: str
+    forces: str | None = None
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.name, str) or not self.name.startswith(PREFIX):
+            raise ValueError(f"Key name must be a str starting with {PREFIX!r}, got {self.name!r}")
+        if self.forces is not None and self.forces not in WHERE:
+            raise ValueError(f"Key {self.name}: forces must be None or one of {WHERE}, got {self.forces!r}")
 
 
 def show(value: Any) -> str:
@@ -149,37 +180,3 @@ def refuse_speculative(flat: Mapping[str, Any] | None, flag: str) -> None:
         raise ValueError(f"{', '.join(keys)}: tts_* parameters cannot be used on a server that runs speculative decoding "
                          f"({flag}): the techniques need one sampled row per request and step. Send the request to a server "
                          "without speculative decoding, or without these keys")
-
-
-FORCING_PREFIXES = ("tts_think", "tts_no_think", "tts_trim", "tts_group")  # techniques that force text while thinking
-
-
-def refuse_structured(flat: Mapping[str, Any] | None, grammar_after_thinking: bool, flag: str) -> None:
-    """ValueError when a request with a structured output (a JSON schema, regex, choice or grammar) carries
-    ``tts_*`` keys whose forced text the grammar could reject. Think steering, trimming and the group stop force
-    text inside the thinking block only, which is safe when the grammar applies after thinking (``flag``: the
-    engine's reasoning-parser option that arranges it); a group that stops members at EOS (``tts_group_finish:
-    "eos"``) ends samples inside the answer, where the grammar rules, and is refused with any structured output.
-    An engine whose grammar rejects a forced token ends the request with a server error, or masks every token."""
-    keys = tts_keys(flat) if isinstance(flat, Mapping) else {}
-    if keys.get("tts_group_finish") == "eos":
-        raise ValueError('tts_group_finish="eos" cannot be combined with a structured output (response_format, a JSON schema, '
-                         "regex or grammar): the group stop would end samples inside the answer, where the grammar may not "
-                         'allow it; use tts_group_finish="think" (the default) or drop the structured output')
-    forcing = sorted(k for k in keys if k.startswith(FORCING_PREFIXES))
-    if forcing and not grammar_after_thinking:
-        raise ValueError(f"{', '.join(forcing)}: with a structured output (response_format, a JSON schema, regex or grammar) "
-                         f"these need the server's {flag}, so that the grammar applies after the thinking block: they force "
-                         "text inside it, which a grammar applied from the first token would reject")
-
-
-def refuse_tools(flat: Mapping[str, Any] | None, tools: Any, tool_choice: Any) -> None:
-    """ValueError when a request that lets the model call tools carries a group stop at EOS: the stop would end
-    a sample inside its answer, possibly inside a tool call, leaving a broken call (and ``tts_group_stop_text``
-    inside its arguments). Everything else the plugins force lands inside the thinking block, before any call
-    (``tool_choice`` "required" or a named function is a structured output: :func:`refuse_structured`)."""
-    keys = tts_keys(flat) if isinstance(flat, Mapping) else {}
-    if keys.get("tts_group_finish") == "eos" and tools and tool_choice != "none":
-        raise ValueError('tts_group_finish="eos" cannot be combined with tools (tool_choice other than "none"): the group '
-                         "stop would end samples inside the answer, possibly inside a tool call; use "
-                         'tts_group_finish="think" (the default), or tool_choice="none"')

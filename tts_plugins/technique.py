@@ -29,6 +29,8 @@ from typing import Any, ClassVar
 import numpy as np
 import torch
 
+from tts_plugins.params import Key
+
 GREEDY_TEMPERATURE = 1e-5
 """A request whose temperature is below this is decoded greedily (vLLM's own threshold; SGLang's is 1e-6).
 
@@ -74,7 +76,9 @@ class LogitsTechnique(ABC):
 
     Required: set ``name`` (unique), ``keys`` (the ``tts_*`` request keys it
     owns) and implement ``parse_params``, ``set_slot``, ``num_active`` and
-    ``apply``. Optional, each with a default that is correct for a technique
+    ``apply``. Declared for the core and the references (each with a default):
+    ``key_specs``, ``forcing``, ``effort_key``, ``effort_yields_to``,
+    ``runs_before``, ``runs_after``. Optional, each with a default that is correct for a technique
     that needs nothing more: ``argmax_invariant``, ``cross_request_state``,
     ``placement``, ``on_tokens``, ``report_fields`` (with ``report_values`` and ``report``), ``check_params``, ``check_request``, ``debug_counts``,
     ``conformance_params`` and ``reference_row``. Nothing else is ever looked
@@ -99,6 +103,26 @@ class LogitsTechnique(ABC):
     The conformance suite's ``slot_lifecycle`` then checks the live count and that released slots are neutral
     again, instead of comparing each live slot with a fresh state built from its own history alone."""
 
+    # --- declarations the core reads (it names no technique) ---
+
+    key_specs: ClassVar[tuple[Key, ...]] = ()
+    """Each key of ``keys`` described (:class:`tts_plugins.params.Key`: type, default, meaning, and where setting it
+    forces or forbids tokens). The request-key reference and ``tts plugins`` are generated from it, and the core's
+    refusals under a structured output or with tools read ``forces``. A key left undeclared forces nothing and is
+    listed without a description."""
+    effort_key: ClassVar[str | None] = None
+    """The key a chat request's ``reasoning_effort`` sets, to the level's budget from the server's map
+    (:mod:`tts_plugins.effort`), or ``None``. At most one registered technique declares one."""
+    effort_yields_to: ClassVar[frozenset[str]] = frozenset()
+    """Keys that, when a request sends any of them, make its effort level add nothing (the request chose for itself;
+    ``effort_key`` always counts)."""
+    runs_before: ClassVar[tuple[str, ...]] = ()
+    """Techniques (by name) whose ``apply`` must run after this one's in a step; ``"*"``: every technique that does not
+    itself declare ``"*"`` (one that reads the raw logits before anything forces a token). Names not registered are
+    ignored. The registry orders techniques by these declarations, else by registration; a cycle is refused."""
+    runs_after: ClassVar[tuple[str, ...]] = ()
+    """Techniques (by name) whose ``apply`` must run before this one's in a step (see ``runs_before``)."""
+
     # --- admission: the API process, torch-free, no side effects ---
 
     @classmethod
@@ -122,6 +146,15 @@ class LogitsTechnique(ABC):
         verifier). Torch-free, no side effects. The default accepts.
         """
         return None
+
+    @classmethod
+    def forcing(cls, params: Any, flat: Mapping[str, Any]) -> dict[str, str]:
+        """``{key: "thinking" | "answer"}``: the keys of this request (``flat``, this technique's keys as sent) that
+        make the technique force or forbid tokens, and where. The core refuses a request whose ``"answer"`` keys meet
+        a structured output or tools, and whose ``"thinking"`` keys meet a grammar applied from the first token.
+        Torch-free, no side effects. The default reads ``key_specs``; override when it depends on the value."""
+        declared = {spec.name: spec.forces for spec in cls.key_specs if spec.forces}
+        return {k: declared[k] for k in flat if k in declared}
 
     @classmethod
     def placement(cls, params: Any) -> str | None:
@@ -268,6 +301,7 @@ class ModelPatch:
     name: ClassVar[str]
     engine: ClassVar[str]  # "vllm" or "sglang"
     keys: ClassVar[frozenset[str]] = frozenset()  # the tts_* request keys this patch owns (empty: always on)
+    key_specs: ClassVar[tuple[Key, ...]] = ()  # each key described (see LogitsTechnique.key_specs)
     min_version: ClassVar[str | None] = None  # inclusive: the engine versions this patch was written against
     max_version: ClassVar[str | None] = None  # exclusive
     params: ClassVar[Any] = None  # the technique's parameter class (``params.parse(flat)``), when requests turn it on

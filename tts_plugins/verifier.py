@@ -10,10 +10,10 @@ Requests run on a small thread pool; ``submit`` never blocks.
 from __future__ import annotations
 
 import json
-import os
 import urllib.request
 from concurrent.futures import Future, ThreadPoolExecutor
 
+from tts_plugins import envvars
 from tts_plugins.hookspecs import hookimpl
 
 PROMPT = (
@@ -47,11 +47,11 @@ class OpenAIVerifier:
 
 
 def _factory() -> OpenAIVerifier | None:
-    url = os.environ.get("TTS_PLUGINS_VERIFIER_URL")
-    return OpenAIVerifier(url, os.environ.get("TTS_PLUGINS_VERIFIER_MODEL")) if url else None
+    url = envvars.get("TTS_PLUGINS_VERIFIER_URL")
+    return OpenAIVerifier(url, envvars.get("TTS_PLUGINS_VERIFIER_MODEL")) if url else None
 
 
 @hookimpl
 def tts_register_verifiers(register) -> None:
-    if os.environ.get("TTS_PLUGINS_VERIFIER_URL"):
+    if envvars.get("TTS_PLUGINS_VERIFIER_URL"):
         register("openai", _factory)

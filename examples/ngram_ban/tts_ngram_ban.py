@@ -8,6 +8,12 @@ it uses only the public contract (``tts_plugins.hookimpl``,
 ``tts_plugins.technique``, ``tts_plugins.params`` validators and the
 ``tts_plugins.slots`` building blocks), so it runs unchanged in vLLM and SGLang.
 
+A ban forbids tokens anywhere in the output, the answer included: under a
+structured output the grammar could be left with no allowed token, and a tool
+call could be broken. The key says so (``forces="answer"`` in ``key_specs``),
+and the core refuses the key with a structured output or with tools; the plugin
+has no code of its own for it.
+
 Host side: per slot, a map from each (n-1)-gram to the tokens that followed it,
 updated as tokens arrive. Device side: a ``[slots + 1, MAX_BANS]`` table of the
 ids banned at the next step, a host mirror uploaded only when it changed;
@@ -23,7 +29,7 @@ import numpy as np
 import torch
 
 from tts_plugins import hookimpl
-from tts_plugins.params import get_int
+from tts_plugins.params import Key, get_int
 from tts_plugins.slots import HostMirror
 from tts_plugins.technique import LogitsTechnique
 
@@ -32,7 +38,12 @@ MAX_BANS = 64  # next tokens banned after one (n-1)-gram; more is truncated (doc
 
 class NgramBan(LogitsTechnique):
     name = "ngram_ban"
-    keys = frozenset({"tts_ngram_ban"})
+    key_specs = (
+        Key("tts_ngram_ban", "int in [2, 16]", None,
+            "n: never sample a token that would complete an n-gram already in the prompt or the output "
+            "(Hugging Face's no_repeat_ngram_size).", forces="answer"),
+    )
+    keys = frozenset(k.name for k in key_specs)
 
     @classmethod
     def parse_params(cls, flat):

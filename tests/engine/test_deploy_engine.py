@@ -121,6 +121,19 @@ def test_a_group_stop_at_eos_with_tools_is_refused(engine_name, parsed):
     assert ok.status_code == 200, ok.text
 
 
+@pytest.mark.parametrize("extra", [{"response_format": SCHEMA}, {"tools": TOOLS, "tool_choice": "auto"}])
+def test_the_core_refuses_the_example_plugin_under_a_grammar_or_with_tools_from_its_declaration(engine_name, parsed, extra):
+    """The example plugin (examples/ngram_ban) declares that tts_ngram_ban forbids tokens inside the answer
+    (``Key.forces = "answer"``) and has no refusal code of its own: the core refuses it with a structured output and
+    with tools, a 400 naming the key, and the same request without the key runs."""
+    field = {"vllm": "vllm_xargs", "sglang": "custom_params"}[engine_name]
+    body = {"model": parsed.model, "messages": [{"role": "user", "content": QUESTION}], "max_tokens": 8, **extra}
+    r = requests.post(parsed.base + "/v1/chat/completions", json={**body, field: {"tts_ngram_ban": 2}}, timeout=60)
+    assert r.status_code == 400 and "tts_ngram_ban=2" in r.text, r.text
+    ok = requests.post(parsed.base + "/v1/chat/completions", json=body, timeout=60)
+    assert ok.status_code == 200, ok.text
+
+
 @pytest.mark.parametrize("keys, needle", [
     ({"tts_think_max": 4}, "--reasoning-parser"),
     ({"tts_no_think": True}, "--reasoning-parser"),

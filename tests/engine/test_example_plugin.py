@@ -50,3 +50,4 @@ def test_example_plugin_matches_transformers_no_repeat_ngram(engines, overlap):
                 assert gram not in earlier, f"generated token {end - len(prompt)} repeated the {n}-gram {gram}"
             banned_something += out.token_ids != hf_no_repeat(model, prompt, 40, None, tok.eos_token_id)
     assert banned_something, "the ban never changed an output: the test would prove nothing"
+

@@ -26,6 +26,8 @@ import tempfile
 import time
 from pathlib import Path
 
+from tts_plugins import envvars
+
 PROBLEMS = 40
 SAMPLES = 8
 TEMPERATURE, TOP_P = 0.7, 0.95  # short-m@k's settings (tts bench's short-m method); majority runs at the same ones
@@ -40,9 +42,9 @@ def _show(text: str, width: int = 96) -> str:
 def parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(prog="python -m tts_plugins.models.demo",
                                  description="The plugins at work in a real vLLM engine on the tiny reasoner.")
-    ap.add_argument("--model", type=Path, default=os.environ.get("TTS_DEMO_MODEL") or None,
+    ap.add_argument("--model", type=Path, default=envvars.get("TTS_DEMO_MODEL") or None,
                     help="a reasoner directory (default: train the full recipe under $TTS_TINY_MODELS or the temp folder)")
-    ap.add_argument("--problems", type=int, default=int(os.environ.get("TTS_DEMO_PROBLEMS", PROBLEMS)),
+    ap.add_argument("--problems", type=int, default=int(envvars.get("TTS_DEMO_PROBLEMS") or PROBLEMS),
                     help="held-out problems (default %(default)s)")
     return ap
 
@@ -65,7 +67,7 @@ def main(argv: list[str] | None = None) -> int:
 
     model = args.model
     if model is None:
-        root = Path(os.environ.get("TTS_TINY_MODELS", Path(tempfile.gettempdir()) / "tts-plugins-tiny"))
+        root = Path(envvars.get("TTS_TINY_MODELS") or Path(tempfile.gettempdir()) / "tts-plugins-tiny")
         model = build_reasoning_model(root / "reasoning", "dense")
     n = args.problems
     t0 = time.perf_counter()

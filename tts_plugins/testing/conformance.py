@@ -519,13 +519,13 @@ __all__ = ["CHECKS", "INVARIANTS", "PATCH_CHECKS", "PATCH_INVARIANTS", "Conforma
 
 
 def tiny_model_dir() -> Any:
-    import os
     import tempfile
     from pathlib import Path
 
+    from tts_plugins import envvars
     from tts_plugins.models.tiny import build_tiny_model
 
-    root = Path(os.environ.get("TTS_TINY_MODELS", Path(tempfile.gettempdir()) / "tts-plugins-tiny"))
+    root = Path(envvars.get("TTS_TINY_MODELS") or Path(tempfile.gettempdir()) / "tts-plugins-tiny")
     return build_tiny_model(root / "dense", "dense")
 
 
