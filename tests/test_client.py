@@ -283,3 +283,54 @@ def test_bad_top_p_is_refused_naming_the_flag(fake, capsys, value):
     err = capsys.readouterr().err
     assert exc.value.code == 2 and f"argument --top-p: must be a number in (0, 1], got '{value}'" in err, err
     assert not bodies
+
+
+@pytest.mark.parametrize("command", [["run", "p.jsonl", "-o", "o.jsonl"], ["bench"]])
+@pytest.mark.parametrize("old, new", [("--url", "--base-url")])
+def test_a_flags_old_and_new_spellings_parse_alike(command, old, new):
+    from tts_plugins.client.cli import parser
+
+    a, b = parser().parse_args([*command, old, "http://h:1"]), parser().parse_args([*command, new, "http://h:1"])
+    assert a.base_url == b.base_url == "http://h:1"
+    assert parser().parse_args(command).base_url is None  # resolved when the command runs: $TTS_SERVER_URL, else the default
+
+
+@pytest.mark.parametrize("command, dest", [(["run", "p.jsonl"], "output"), (["bench"], "out")])
+def test_the_output_flag_has_every_spelling(command, dest):
+    from tts_plugins.client.cli import parser
+
+    values = {str(getattr(parser().parse_args([*command, flag, "x"]), dest)) for flag in ("-o", "--out", "--output")}
+    assert values == {"x"}
+
+
+def test_the_server_url_comes_from_the_flag_then_the_environment(monkeypatch):
+    from tts_plugins.client.runs import DEFAULT_URL, server_url
+
+    monkeypatch.delenv("TTS_SERVER_URL", raising=False)
+    assert server_url(None) == DEFAULT_URL == "http://127.0.0.1:8000"
+    monkeypatch.setenv("TTS_SERVER_URL", "http://env:2")
+    assert server_url(None) == "http://env:2" and server_url("http://flag:3") == "http://flag:3"
+
+
+def test_tts_bench_runs_end_to_end_on_a_fake_server(tmp_path):
+    """The whole ``tts bench`` path without an engine: the methods' registry, controls, equal-budget votes, records and report."""
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), _Fake)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    _Fake.bodies, _Fake.script = [], [("9", 10, -0.1, None), ("7", 20, -0.2, None), ("9", 30, -0.3, None)]
+    data = tmp_path / "d.jsonl"
+    data.write_text("".join(json.dumps({"id": str(i), "question": f"q{i}", "answer": "9"}) + "\n" for i in range(3)))
+    try:
+        url = f"http://127.0.0.1:{server.server_address[1]}"
+        status = cli_main(["bench", "--url", url, "--data", str(data), "-o", str(tmp_path / "b"), "--method", "greedy", "--method", "think-max:8",
+                           "--method", "short-m:m=1,k=3", "--equal-budget", "samples", "--grader", "exact", "--quiet"])
+    finally:
+        server.shutdown()
+        server.server_close()
+    assert status == 0
+    summary = json.loads((tmp_path / "b" / "summary.json").read_text())
+    rows = {r["method"]: r for r in summary["methods"]}
+    assert list(rows) == ["greedy", "think-max 8", "short-1@3", "majority@3 (top_p=0.95)"]  # short-m's control is its equal-samples vote
+    assert rows["think-max 8"]["control"] == "greedy" and rows["short-1@3"]["control"] == "majority@3 (top_p=0.95)"
+    assert rows["short-1@3"]["equal_budget_for"] is None and rows["majority@3 (top_p=0.95)"]["equal_budget_for"] == ["short-1@3"]
+    assert any(b.get("vllm_xargs", {}).get("tts_think_max") == 8 for b in _Fake.bodies)
+    assert "| short-1@3 |" in (tmp_path / "b" / "report.md").read_text()

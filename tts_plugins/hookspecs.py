@@ -29,6 +29,8 @@ import pluggy
 if TYPE_CHECKING:
     from collections.abc import Mapping
 
+    from tts_plugins.client.methods import BenchMethod
+
 PROJECT = "tts_plugins"
 
 hookspec = pluggy.HookspecMarker(PROJECT)
@@ -118,6 +120,31 @@ def tts_register_aggregators(
         is better; finite, else the strategy fails), used by Best-of-N style
         selection. ``completion`` is the chain's reasoning, the end-of-thinking
         string and its answer. The name must be new, else ``ValueError``.
+    """
+
+
+@hookspec
+def tts_register_bench_methods(register: Callable[[BenchMethod], None]) -> None:
+    """Register methods for ``tts bench`` (and anything that names a method by SPEC, ``name[:value][,key=value...]``).
+
+    Called on the client, never in an engine, each time
+    :func:`tts_plugins.client.methods.registered` collects them: once per
+    ``tts bench`` run, and once per process for
+    :func:`~tts_plugins.client.methods.parse_method` without an explicit
+    registry. The built-in methods register through this hook too, ahead of
+    every plugin. Must be idempotent and cheap: build the method objects,
+    send nothing.
+
+    :param register: callback taking one method, an instance of
+        :class:`tts_plugins.client.methods.BenchMethod` (a subclass that
+        implements ``run``, or a
+        :class:`~tts_plugins.client.methods.StrategyMethod`), which declares
+        its name, its settings with their defaults and the source of each,
+        its positional setting, its checks, label, control, ``run`` for one
+        problem and the fields of its summary row. Registering something that
+        is not a ``BenchMethod``, or a different method under a name already
+        registered (the built-ins' included), raises ``ValueError``;
+        registering the same object twice is harmless.
     """
 
 

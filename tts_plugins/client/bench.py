@@ -15,7 +15,8 @@ A method SPEC is a name, an optional positional value after ``:``, and
 ``short-m:m=1,k=8``, ``think-max:512``, ``carbon:n=8``. Any ``tts_*`` key is sent
 with the method's requests (``majority:n=4,tts_moi_beta=1``); ``label=...``
 names the row. Every method runs at its paper's default settings unless a
-setting is given (``tts bench --list`` prints them with their sources).
+setting is given (``tts bench --list`` prints them with their sources). Each method is one object
+(:mod:`tts_plugins.client.methods`); a plugin adds its own through the ``tts_register_bench_methods`` hook.
 
 Every method is paired with its **control**: the same number of samples at the
 method's own temperature and top_p, with no technique (greedy or one sample for
@@ -44,232 +45,26 @@ import argparse
 import asyncio
 import json
 import math
+import os
 import sys
 import time
 import zlib
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from tts_plugins.client import aggregate, stats
+from tts_plugins.client.methods import BUILTIN_METHODS, BenchMethod, MethodSpec, RunContext, default_methods, parse_spec, registered
+from tts_plugins.client.runs import add_base_url, finished_results, gather_all, iter_jsonl, run_guarded, server_url
 from tts_plugins.client.server import EXTRACTORS, Sample, Server, ServerError, extractor, final_part
+from tts_plugins.client.strategies import sample_seed
 
 THINK_START = ("<think>", "<seed:think>", "\u25c1think\u25b7", "<|begin_of_thought|>", "<reasoning>")
 
-# --- methods -----------------------------------------------------------------------------------------------
+# --- controls ---------------------------------------------------------------------------------------------
 
 
-@dataclass(frozen=True)
-class MethodInfo:
-    """A method ``tts bench`` knows: its settings with defaults, the positional setting, and where they come from."""
-
-    name: str
-    help: str
-    defaults: Mapping[str, Any]
-    positional: str | None = None
-    source: str = ""
-
-
-# The papers' decoding settings where they give them; "ours" where they do not (each says which).
-METHODS: dict[str, MethodInfo] = {m.name: m for m in (
-    MethodInfo("greedy", "one greedy sample", {"n": 1, "temperature": 0.0}),
-    MethodInfo("sample", "one sample", {"n": 1, "temperature": 0.6, "top_p": 0.95},
-               source="T=0.6, top_p=0.95: the sampling DeepSeek-R1 and Qwen3 recommend for their thinking mode"),
-    MethodInfo("majority", "self-consistency: n samples, majority vote", {"n": 8, "temperature": 0.7, "top_p": 1.0}, "n",
-               source="Wang et al. 2023 (arXiv 2203.11171): T=0.7 without top-k truncation for GPT-3/PaLM; n=8 is ours (the paper: 40)"),
-    MethodInfo("inverse-entropy", "n samples, vote weighted by 1 / mean token entropy", {"n": 8, "temperature": 0.7, "top_p": 1.0}, "n",
-               source="arXiv 2511.02309; settings are majority's (ours)"),
-    MethodInfo("best-of-n", "n samples, the one with the highest reward", {"n": 8, "temperature": 0.7, "top_p": 1.0, "reward": "confidence"},
-               "n", source="reward 'confidence' (mean token log-prob) is ours; give reward=module:function for a reward model"),
-    MethodInfo("short-m", "short-m@k: k samples in one in-engine group, stopped once m finish; vote among the m",
-               {"m": 1, "k": 8, "temperature": 0.7, "top_p": 0.95}, "k",
-               source="Hassid et al. 2025 (arXiv 2505.17813): T=0.7, top_p=0.95 (k=20 in the paper; 8 is ours)"),
-    MethodInfo("think-max", "thinking cap (s1 budget forcing), greedy", {"n": 1, "temperature": 0.0, "budget": 512}, "budget",
-               source="s1 (arXiv 2501.19393): greedy decoding"),
-    MethodInfo("think-min", "thinking minimum with 'Wait' (s1 budget forcing), greedy", {"n": 1, "temperature": 0.0, "budget": 512}, "budget",
-               source="s1 (arXiv 2501.19393): greedy decoding, 'Wait'"),
-    MethodInfo("no-think", "NoThinking: the thinking block prefilled and closed", {"n": 1, "temperature": 0.0}, "n",
-               source="arXiv 2504.09858; greedy for one sample is ours (the paper reports pass@k of samples)"),
-    MethodInfo("trim", "thought trimming (TrimR-style), in the engine", {"n": 1, "temperature": 0.0, "converge": 3, "min_tokens": 0}, "converge",
-               source="TrimR (arXiv 2505.17155) thresholds are reported, not sourced: converge/min_tokens are our defaults; greedy is ours"),
-    MethodInfo("moi", "Mixture of Inputs (the next input mixes the sampled token and the distribution)",
-               {"n": 1, "temperature": 0.6, "top_p": 0.8, "beta": 1.0}, "n",
-               source="arXiv 2505.14827: T=0.6, top_p=0.8, beta=1; n > 1 votes by majority"),
-    MethodInfo("carbon", "CarBoN: explore, fit T and a bias, exploit; Best-of-N over all", {"n": 8, "temperature": 0.7, "top_p": 1.0,
-               "reward": "agreement"}, "n",
-               source="arXiv 2510.15674 (reported): N1 = N/2 explore; the paper scores with a process reward model; the default "
-                      "'agreement' reward with Best-of-N over all N is majority@N by construction: give reward=module:function"),
-    MethodInfo("deepconf", "DeepConf online: warmup traces set a confidence threshold, further traces are stopped in the engine "
-               "below it, confidence-weighted vote, no more traces once it agrees", {"n": 32, "temperature": 0.6, "top_p": 0.95, "warmup": 16,
-               "variant": "low", "window": 2048, "conf_topk": 20, "tau": 0.95, "adaptive": True}, "n",
-               source="arXiv 2508.15260 and facebookresearch/deepconf: T=0.6, top_p=0.95, 16 warmup traces, window 2048, top-20, "
-                      "tau 0.95, low = 90th percentile; the budget n=32 is ours (the paper: 256 or 512)"),
-    MethodInfo("ladder", "temperature ladder with the two-stage multi-temperature vote and early exit",
-               {"waves": 1, "tau_intra": 0.8, "tau_cross": 1.0}, "waves",
-               source="arXiv 2510.02611 (reported): rungs 0.0..1.2 step 0.1 (13 samples a wave), tau_intra 0.8, tau_cross 1.0"),
-    MethodInfo("roe", "RoE routing noise on every token of one sample (MoE models)", {"n": 1, "temperature": 0.0, "tau": 0.3}, "tau",
-               source="arXiv 2509.17238 (reported): per-layer tau, small; 0.3 is ours"),
-    MethodInfo("roster", "RoE roster: k members (one clean, k-1 noisy) decode one sequence (MoE models); temperature > 0: one "
-               "request of n = k samples", {"k": 4, "temperature": 0.0, "tau": 0.3}, "k",
-               source="arXiv 2509.17238 (reported): one clean member, greedy"),
-)}
-COMMON = ("n", "temperature", "top_p", "max_tokens", "label", "vs")
-UNUSED = {"ladder": ("n", "temperature", "top_p"), "short-m": ("n",), "roster": ("n",)}  # common keys a method has no use for
-
-
-@dataclass
-class Method:
-    """A parsed SPEC: the method, its resolved settings, the ``tts_*`` keys it sends, and its row label."""
-
-    spec: str
-    info: MethodInfo
-    settings: dict[str, Any]
-    params: dict[str, Any] = field(default_factory=dict)
-    label: str = ""
-    vs: str | None = None  # the label this method is compared with (default: the run's baseline)
-
-    @property
-    def name(self) -> str:
-        return self.info.name
-
-
-def _value(text: str) -> Any:
-    low = text.lower()
-    if low in ("true", "false"):
-        return low == "true"
-    try:
-        return int(text)
-    except ValueError:
-        pass
-    try:
-        return float(text)
-    except ValueError:
-        pass
-    if text[:1] in "[{\"":
-        try:
-            return json.loads(text)
-        except json.JSONDecodeError:
-            pass
-    return text
-
-
-def parse_spec(spec: str) -> Method:
-    """``name[:value][,key=value...]`` -> :class:`Method`; a bad spec is a ``ValueError`` naming what is wrong."""
-    if not isinstance(spec, str) or not spec.strip():
-        raise ValueError(f"a method spec must be a non-empty string, got {spec!r}")
-    name, _, rest = spec.strip().partition(":")
-    info = METHODS.get(name)
-    if info is None:
-        raise ValueError(f"unknown method {name!r} in spec {spec!r}; known: {', '.join(METHODS)}")
-    settings, params = dict(info.defaults), {}
-    label = vs = None
-    items = [x for x in _split(rest)] if rest else []
-    for i, item in enumerate(items):
-        key, eq, raw = item.partition("=")
-        key = key.strip()
-        if not eq:
-            if i != 0 or info.positional is None:
-                raise ValueError(f"in spec {spec!r}: {item!r} is not key=value" + (f" (only the first item may be a bare {info.positional})"
-                                                                                  if info.positional else ""))
-            key, raw = info.positional, item
-        value = _value(raw.strip())
-        if key.startswith("tts_"):
-            params[key] = value
-        elif key == "label":
-            label = str(raw.strip())
-        elif key == "vs":
-            vs = str(raw.strip())
-        elif key in info.defaults or (key in COMMON and key not in UNUSED.get(name, ())):
-            settings[key] = value
-        else:
-            raise ValueError(f"in spec {spec!r}: unknown setting {key!r} for {name}; settings: "
-                             f"{', '.join(sorted(set(info.defaults) | set(COMMON) - set(UNUSED.get(name, ()))))}, or any tts_* key")
-    _check(spec, name, settings)
-    m = Method(spec.strip(), info, settings, params, vs=vs)
-    m.label = label or _default_label(m)
-    return m
-
-
-def _split(text: str) -> list[str]:
-    """Comma-separated items; commas inside brackets or quotes stay (``tts_trim_markers=["\\n",","]``)."""
-    out, depth, cur, quote = [], 0, "", False
-    for ch in text:
-        if ch == '"':
-            quote = not quote
-        elif not quote and ch in "[{(":
-            depth += 1
-        elif not quote and ch in "]})":
-            depth -= 1
-        if ch == "," and depth == 0 and not quote:
-            out.append(cur)
-            cur = ""
-        else:
-            cur += ch
-    if cur or out:
-        out.append(cur)
-    return [x for x in (s.strip() for s in out) if x]
-
-
-def _check(spec: str, name: str, s: Mapping[str, Any]) -> None:
-    def need(ok: bool, what: str) -> None:
-        if not ok:
-            raise ValueError(f"in spec {spec!r}: {what}")
-
-    def is_int(v: Any) -> bool:
-        return isinstance(v, int) and not isinstance(v, bool)
-
-    for key in ("n", "k", "m", "budget", "waves", "converge", "min_tokens", "max_tokens", "warmup", "window", "conf_topk"):
-        if key in s:
-            need(is_int(s[key]) and s[key] >= (0 if key in ("budget", "min_tokens", "converge") else 1),
-                 f"{key} must be an int >= {0 if key in ('budget', 'min_tokens', 'converge') else 1}, got {s[key]!r}")
-    for key in ("temperature", "tau", "beta"):
-        if key in s:
-            need(isinstance(s[key], (int, float)) and not isinstance(s[key], bool) and math.isfinite(s[key]) and s[key] >= 0,
-                 f"{key} must be a number >= 0, got {s[key]!r}")
-    if "beta" in s:
-        need(s["beta"] > 0, f"beta must be > 0, got {s['beta']!r}")
-    if "tau" in s:
-        need(s["tau"] <= 100, f"tau must be <= 100, got {s['tau']!r}")
-    for key in ("tau_intra", "tau_cross"):
-        if key in s:
-            need(isinstance(s[key], (int, float)) and 0 < s[key] <= 1, f"{key} must be in (0, 1], got {s[key]!r}")
-    if "top_p" in s:
-        need(isinstance(s["top_p"], (int, float)) and 0 < s["top_p"] <= 1, f"top_p must be in (0, 1], got {s['top_p']!r}")
-    if name == "short-m":
-        need(s["m"] <= s["k"], f"m must be <= k, got m={s['m']}, k={s['k']}")
-    sampled = ("majority", "inverse-entropy", "best-of-n", "carbon", "short-m", "moi", "no-think", "sample", "deepconf")
-    if name in sampled and s.get("k", s.get("n", 1)) > 1:
-        need(s.get("temperature", 0) > 0, "more than one sample needs temperature > 0")
-    if name == "deepconf":
-        need(s["variant"] in ("low", "high"), f"variant must be low or high, got {s['variant']!r}")
-        need(s["warmup"] <= s["n"], f"warmup must be <= n (the budget), got warmup={s['warmup']}, n={s['n']}")
-        need(0 < s["tau"] <= 1, f"tau must be in (0, 1], got {s['tau']!r}")
-    if name == "carbon":
-        need(s["n"] >= 2, f"carbon needs n >= 2 (explore and exploit), got {s['n']}")
-    if name == "roster":
-        need(s["k"] >= 2, f"a roster needs k >= 2 members, got {s['k']}")
-
-
-def _default_label(m: Method) -> str:
-    s, d = m.settings, m.info.defaults
-    changed = [f"{k}={s[k]}" for k in s if k not in (m.info.positional,) and d.get(k) != s[k]]
-    pos = f"{s[m.info.positional]}" if m.info.positional else ""
-    base = {"majority": f"majority@{s.get('n')}", "inverse-entropy": f"inverse-entropy@{s.get('n')}", "best-of-n": f"best-of-{s.get('n')}",
-            "short-m": f"short-{s.get('m')}@{s.get('k')}", "carbon": f"carbon@{s.get('n')}", "think-max": f"think-max {pos}",
-            "think-min": f"think-min {pos}", "roster": f"roster of {s.get('k')} tau={s.get('tau')}", "roe": f"roe tau={s.get('tau')}",
-            "ladder": f"ladder x{s.get('waves')}", "trim": f"trim converge={s.get('converge')}",
-            "deepconf": f"deepconf-{s.get('variant')}@{s.get('n')}"}.get(m.name)
-    if base is None:
-        base = m.name + (f"@{s['n']}" if s.get("n", 1) > 1 else "")
-        changed = [c for c in changed if not c.startswith("n=")]
-    else:
-        changed = [c for c in changed if c.split("=")[0] not in ("n", "m", "k", "tau", "waves", "converge", "variant")]
-    extra = changed + [f"{k}={json.dumps(v) if not isinstance(v, str) else v}" for k, v in m.params.items()]
-    return base + (f" ({', '.join(extra)})" if extra else "")
-
-
-def _key(m: Method) -> str:
+def _key(m: MethodSpec) -> str:
     """What a method does, without its label: two methods with the same key draw the same samples and answer alike
     (``top_p=1`` and ``top_p=1.0`` are one setting)."""
     def norm(v: Any) -> Any:
@@ -278,43 +73,25 @@ def _key(m: Method) -> str:
     return json.dumps([m.name, {k: norm(v) for k, v in m.settings.items()}, m.params], sort_keys=True, default=str)
 
 
-def control_spec(m: Method) -> str | None:
+def control_spec(m: MethodSpec) -> str | None:
     """The control at the method's own sampling settings and sample count: the same samples (common random numbers)
-    with no technique, voted by majority when there are several. None for a control itself (greedy, sample, majority
-    with no ``tts_*`` key) and for the ladder (its rungs are its sampling settings)."""
-    s, name = m.settings, m.name
-    if (name in ("greedy", "sample", "majority") and not m.params) or name == "ladder":
-        return None
-    t, top_p = float(s.get("temperature", 0.0)), float(s.get("top_p", 1.0))
-    if name == "short-m":
-        n = int(s["k"])
-    elif name == "roster":
-        n = 1  # a greedy roster decodes one sequence; a sampling roster answers with its clean member, sample 0
-    else:
-        n = int(s.get("n", 1))
-    if n > 1:
-        spec = f"majority:n={n},temperature={t:g},top_p={top_p:g}"
-    elif t == 0:
-        spec = "greedy"
-    else:
-        spec = f"sample:temperature={t:g},top_p={top_p:g}"
-    if "max_tokens" in s:
-        spec += ("," if ":" in spec else ":") + f"max_tokens={s['max_tokens']}"
-    return spec
+    with no technique, voted by majority when there are several (:meth:`BenchMethod.control`). None for a control
+    itself (greedy, sample, majority with no ``tts_*`` key) and for the ladder (its rungs are its sampling settings)."""
+    return m.method.control(m)
 
 
-def add_controls(methods: Sequence[Method]) -> tuple[list[Method], dict[str, str]]:
+def add_controls(methods: Sequence[MethodSpec]) -> tuple[list[MethodSpec], dict[str, str]]:
     """Each method's control (:func:`control_spec`), reusing a method already in the run that does the same thing.
     Returns the controls to add and method label -> control label."""
     have = {_key(m): m.label for m in methods}
     labels = {m.label for m in methods}
-    added: list[Method] = []
+    added: list[MethodSpec] = []
     mapping: dict[str, str] = {}
     for m in methods:
         spec = control_spec(m)
         if spec is None:
             continue
-        c = parse_spec(spec)
+        c = parse_spec(spec, BUILTIN_METHODS)  # controls are built-in methods
         if _key(c) not in have:
             if c.label in labels:
                 c.label += " (control)"
@@ -329,8 +106,6 @@ def add_controls(methods: Sequence[Method]) -> tuple[list[Method], dict[str, str
 
 
 def read_data(path: Path, limit: int | None = None) -> list[dict[str, Any]]:
-    from tts_plugins.client.cli import iter_jsonl
-
     out, seen = [], set()
     for no, line, p in iter_jsonl(path):
         q = p.get("question", p.get("prompt")) if isinstance(p, dict) else None
@@ -383,79 +158,15 @@ def _seed(seed: int, pid: str) -> int:
     return (seed * 1_000_003 + zlib.crc32(str(pid).encode())) % (2**31 - 1)
 
 
-async def run_one(server: Server, m: Method, p: Mapping[str, Any], *, seed: int, max_tokens: int, max_n: int,
+async def run_one(server: Server, m: MethodSpec, p: Mapping[str, Any], *, seed: int, max_tokens: int, max_n: int,
                   same: Callable[[str, str], bool], save_samples: bool = False, nonce: str = "0") -> dict[str, Any]:
-    """One method on one problem: the record ``records.jsonl`` keeps."""
-    from tts_plugins.client.strategies import Options, run_problem, sample_seed
-
-    s, name = m.settings, m.name
+    """One method on one problem (:meth:`BenchMethod.run`): the record ``records.jsonl`` keeps."""
     t0 = time.perf_counter()
-    mt = int(s.get("max_tokens", max_tokens))
     rseed = _seed(seed, str(p["id"]))
-    first = sample_seed(rseed, str(p["id"]))  # sample 0's seed, as the strategies seed it (common random numbers)
-    extra: dict[str, Any] = {}
-    if name == "roster" and float(s["temperature"]) > 0:
-        # a sampling roster: one request of n = k samples, member 0 clean (the engine's default), the others at tau
-        k, tau = s["k"], float(s["tau"])
-        samples = await server.sample(p["prompt"], n=k, temperature=float(s["temperature"]), max_tokens=mt, seed=first,
-                                      top_p=float(s.get("top_p", 1.0)), params={**m.params, "tts_roe_roster_size": k, "tts_roe_tau": tau})
-        answer = samples[0].answer
-        extra["members_identical"] = len({tuple(x.token_ids or ()) for x in samples}) == 1
-    elif name == "roster":
-        k, tau = s["k"], float(s["tau"])
-        group = _group_name(nonce, m.label, p["id"])
-        members = await asyncio.gather(*(
-            server.sample(p["prompt"], n=1, temperature=float(s["temperature"]), max_tokens=mt, seed=first + i,
-                          params={**m.params, "tts_roe_roster": group, "tts_roe_roster_size": k, "tts_roe_tau": 0.0 if i == 0 else tau})
-            for i in range(k)))
-        samples = [x for ms in members for x in ms]
-        answer = samples[0].answer
-        extra["members_identical"] = len({tuple(x.token_ids or ()) for x in samples}) == 1
-    else:
-        params = dict(m.params)
-        o = dict(n=int(s.get("n", 1)), temperature=float(s.get("temperature", 1.0)), top_p=float(s.get("top_p", 1.0)), max_tokens=mt,
-                 seed=rseed, max_n=max_n)
-        if name == "think-max":
-            params["tts_think_max"] = s["budget"]
-        elif name == "think-min":
-            params["tts_think_min"] = s["budget"]
-        elif name == "no-think":
-            params["tts_no_think"] = True
-        elif name == "trim":
-            params.update(tts_trim=True, tts_trim_converge=s["converge"], tts_trim_min_tokens=s["min_tokens"])
-        elif name == "moi":
-            params["tts_moi_beta"] = float(s["beta"])
-        elif name == "roe":
-            params["tts_roe_tau"] = float(s["tau"])
-        if name == "inverse-entropy":
-            o["vote"] = "inverse_entropy"
-        elif name == "best-of-n":
-            o.update(strategy="best-of-n", reward=s["reward"])
-        elif name == "short-m":
-            o.update(n=s["k"], vote="short_m", m=s["m"])
-            params.update(tts_group=_group_name(nonce, m.label, p["id"]), tts_group_stop_after=s["m"])
-        elif name == "carbon":
-            o.update(strategy="carbon", reward=s["reward"])
-        elif name == "deepconf":
-            o.update(strategy="deepconf", warmup=s["warmup"], deepconf=s["variant"], window=s["window"], conf_topk=s["conf_topk"],
-                     tau=float(s["tau"]), adaptive=bool(s["adaptive"]))
-        elif name == "ladder":
-            # one wave at a time: a wave cancelled by an early exit would have spent tokens no record counts
-            o.update(strategy="ladder", waves=s["waves"], min_waves=1, ahead=1, tau_intra=float(s["tau_intra"]),
-                     tau_cross=float(s["tau_cross"]), n=1)
-        opts = Options(params=params, **o)
-        opts.check()
-        r = await run_problem(server, p, opts)
-        answer = r["answer"]
-        samples = [Sample(text=x.get("text", ""), reasoning=x.get("reasoning"), answer=x.get("answer"), tokens=x["tokens"],
-                          finish_reason=x.get("finish_reason"), temperature=x.get("temperature")) for x in r["samples"]]
-        if r.get("calibration"):
-            extra["calibration"] = {k: r["calibration"][k] for k in ("temperature", "bias_tokens")}
-        if "early_exit" in r:
-            extra["early_exit"] = r["early_exit"]
-        if "threshold" in r:  # deepconf
-            extra["deepconf"] = {k: r[k] for k in ("threshold", "stopped", "online_waves", "voters", "consensus")}
-            extra["early_exit"] = r["n_samples"] < int(s["n"])
+    ctx = RunContext(seed=rseed, first_seed=sample_seed(rseed, str(p["id"])),  # sample 0's seed, as the strategies seed it
+                     max_tokens=int(m.settings.get("max_tokens", max_tokens)), max_n=max_n, group=_group_name(nonce, m.label, p["id"]))
+    outcome = await m.method.run(server, m, p, ctx)
+    answer, samples, extra = outcome.answer, list(outcome.samples), dict(outcome.extra)
     right = [x.answer is not None and same(str(x.answer), str(p["answer"])) for x in samples]
     opened = prompt_opens_thinking(samples)
     if save_samples:
@@ -470,12 +181,10 @@ async def run_one(server: Server, m: Method, p: Mapping[str, Any], *, seed: int,
 def read_records(path: Path) -> dict[tuple[str, str], dict[str, Any]]:
     """Finished records by (method label, problem id); errors are retried and a half-written last line (an
     interrupted run) is skipped."""
-    from tts_plugins.client.cli import finished_results
-
     return {(r["method"], str(r["id"])): r for r in finished_results(path) if "method" in r}
 
 
-async def run_methods(server: Server, methods: Sequence[Method], problems: Sequence[Mapping[str, Any]], out: Path, *, seed: int,
+async def run_methods(server: Server, methods: Sequence[MethodSpec], problems: Sequence[Mapping[str, Any]], out: Path, *, seed: int,
                       max_tokens: int, max_n: int, concurrency: int, same: Callable[[str, str], bool], progress: bool,
                       done: dict[tuple[str, str], dict[str, Any]], save_samples: bool = False, fingerprint: Callable[..., str] | None = None,
                       nonce: str = "0") -> int:
@@ -502,7 +211,7 @@ async def run_methods(server: Server, methods: Sequence[Method], problems: Seque
         if f.tell() and not (out / "records.jsonl").read_bytes().endswith(b"\n"):
             f.write("\n")
 
-        async def one(m: Method, p: Mapping[str, Any]) -> None:
+        async def one(m: MethodSpec, p: Mapping[str, Any]) -> None:
             nonlocal failed
             async with limit:
                 try:
@@ -525,8 +234,6 @@ async def run_methods(server: Server, methods: Sequence[Method], problems: Seque
                 bar.set_postfix_str(m.label[:30])
 
         # method by method (the progress bar moves through the table), problems concurrently within a method
-        from tts_plugins.client.cli import gather_all
-
         try:
             for m in methods:
                 await gather_all(one(m, p) for mm, p in todo if mm is m)
@@ -539,7 +246,7 @@ async def run_methods(server: Server, methods: Sequence[Method], problems: Seque
 # --- statistics and reports --------------------------------------------------------------------------------
 
 
-def summarize(methods: Sequence[Method], problems: Sequence[Mapping[str, Any]], records: Mapping[tuple[str, str], Mapping[str, Any]], *,
+def summarize(methods: Sequence[MethodSpec], problems: Sequence[Mapping[str, Any]], records: Mapping[tuple[str, str], Mapping[str, Any]], *,
               baseline: str | None, resamples: int = 10_000, seed: int = 0, equal: Mapping[str, str] | None = None,
               equal_tokens: Mapping[str, str] | None = None, controls: Mapping[str, str] | None = None) -> dict[str, Any]:
     """Per method: accuracy with its Wilson interval, tokens, samples, pass@N, and paired comparisons (to its control
@@ -559,7 +266,7 @@ def summarize(methods: Sequence[Method], problems: Sequence[Mapping[str, Any]], 
         right = sum(bool(r["correct"]) for r in recs)
         lo, hi = stats.wilson(right, len(recs))
         row: dict[str, Any] = {
-            "method": m.label, "spec": m.spec, "name": m.name, "settings": m.settings, "params": m.params, "source": m.info.source,
+            "method": m.label, "spec": m.spec, "name": m.name, "settings": m.settings, "params": m.params, "source": m.method.source,
             "problems": len(recs), "accuracy": right / len(recs), "ci95": [lo, hi], "right": right,
             "tokens_per_problem": sum(r["tokens"] for r in recs) / len(recs),
             "thinking_tokens_per_problem": sum(r["thinking_tokens"] for r in recs) / len(recs),
@@ -567,14 +274,7 @@ def summarize(methods: Sequence[Method], problems: Sequence[Mapping[str, Any]], 
             "equal_budget_for": sorted(k for k, v in {**(equal or {}), **(equal_tokens or {})}.items() if v == m.label) or None,
             "control": (controls or {}).get(m.label),
         }
-        n_min = min(r["samples"] for r in recs)
-        if n_min > 1 and m.name != "roster":  # pass@k at the fewest samples any problem got (the unbiased estimate)
-            row["pass_at_k"] = {"k": n_min, "value": sum(stats.pass_at_k(r["samples"], r["samples_right"], n_min) for r in recs) / len(recs)}
-            row["mean_sample_accuracy"] = sum(r["samples_right"] / r["samples"] for r in recs) / len(recs)
-        cal = [r["calibration"] for r in recs if r.get("calibration")]
-        if cal:
-            row["carbon_fitted_T_mean"] = sum(c["temperature"] for c in cal) / len(cal)
-            row["carbon_bias_tokens_mean"] = sum(c["bias_tokens"] for c in cal) / len(cal)
+        row.update(m.method.summary(m, recs))  # pass@k, and what the method adds
         if any(r.get("early_exit") for r in recs):
             row["early_exits"] = sum(bool(r.get("early_exit")) for r in recs)
         groups = sorted({diff_of[r["id"]] for r in recs if diff_of.get(r["id"]) is not None}, key=str)
@@ -714,10 +414,11 @@ def plot(summary: Mapping[str, Any], path: Path, title: str) -> bool:
 def add_parser(sub: Any) -> argparse.ArgumentParser:
     b = sub.add_parser("bench", help="measure methods on your server and data, with paired statistics",
                        description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
-    b.add_argument("--base-url", default=None, help="server base URL (default $TTS_SERVER_URL or http://127.0.0.1:8000)")
+    add_base_url(b)
     b.add_argument("--data", type=Path, help='JSONL: {"question", "answer", "id"?, "difficulty"?} per line')
     b.add_argument("--method", action="append", default=[], metavar="SPEC", help="a method SPEC (repeat); see --list")
-    b.add_argument("--out", type=Path, help="output folder (records.jsonl, summary.json, report.md, pareto.png); resumes")
+    b.add_argument("-o", "--out", "--output", dest="out", type=Path,
+                   help="output folder (records.jsonl, summary.json, report.md, pareto.png); resumes")
     b.add_argument("--baseline", default=None, help="the method label the others are compared with (default: the first method)")
     b.add_argument("--equal-budget", choices=("off", "samples", "tokens", "both"), default="off",
                    help="add majority votes at each method's mean samples (or tokens, or both) per problem, at the method's own "
@@ -741,38 +442,44 @@ def add_parser(sub: Any) -> argparse.ArgumentParser:
     return b
 
 
-def list_methods() -> str:
+def list_methods(methods: Mapping[str, BenchMethod] | None = None) -> str:
+    """Each method (default: every registered one) with its default settings and their source."""
     out = []
-    for m in METHODS.values():
+    for m in (default_methods() if methods is None else methods).values():
         d = ", ".join(f"{k}={v}" for k, v in m.defaults.items())
         out.append(f"{m.name}{f':<{m.positional}>' if m.positional else ''}  {m.help}\n    defaults: {d}\n    source: {m.source or '-'}")
     return "\n".join(out)
 
 
-def _equal_budget(methods: Sequence[Method], summary_rows: Mapping[str, Mapping[str, Any]], mode: str,
-                  controls: Mapping[str, str] | None = None) -> tuple[list[Method], dict[str, str]]:
+def _equal_budget(methods: Sequence[MethodSpec], summary_rows: Mapping[str, Mapping[str, Any]], mode: str,
+                  controls: Mapping[str, str] | None = None) -> tuple[list[MethodSpec], dict[str, str]]:
     """For every method spending more than one sample's worth: the majority vote at its mean samples (or tokens) per
     problem, at the method's own temperature and top_p (majority's defaults for a greedy method). Tokens buy samples
     at the cost per sample of the method's control, else of majority or single samples at the same settings, else
     of all of them. Returns the votes to add (those not run already) and method -> vote label."""
-    added: list[Method] = []
+    added: list[MethodSpec] = []
     mapping: dict[str, str] = {}
     have = {_key(m): m.label for m in methods}
     by_label = {m.label: m for m in methods}
+    kinds = {**BUILTIN_METHODS, **{m.name: m.method for m in methods}}
 
-    def per_sample(m: Method) -> float | None:
+    def prices(r: Mapping[str, Any]) -> bool:  # plain samples (BenchMethod.prices_samples), at least one a problem
+        kind = kinds.get(r["name"])
+        return kind is not None and kind.prices_samples and r["samples_per_problem"] > 0
+
+    def per_sample(m: MethodSpec) -> float | None:
         c = summary_rows.get((controls or {}).get(m.label, ""))
         if c and c["samples_per_problem"] > 0:
             return c["tokens_per_problem"] / c["samples_per_problem"]
         t, p = m.settings.get("temperature"), m.settings.get("top_p", 1.0)
-        rows = [r for label, r in summary_rows.items() if r["name"] in ("majority", "sample") and r["samples_per_problem"] > 0
+        rows = [r for label, r in summary_rows.items() if prices(r)
                 and label in by_label and (by_label[label].settings.get("temperature"), by_label[label].settings.get("top_p", 1.0)) == (t, p)]
-        rows = rows or [r for r in summary_rows.values() if r["name"] in ("majority", "sample") and r["samples_per_problem"] > 0]
+        rows = rows or [r for r in summary_rows.values() if prices(r)]
         return sum(r["tokens_per_problem"] / r["samples_per_problem"] for r in rows) / len(rows) if rows else None
 
     for m in methods:
         r = summary_rows.get(m.label)
-        if r is None or m.name == "majority":
+        if r is None or m.name == "majority":  # the equal-budget vote is a majority: one is its own
             continue
         if mode == "samples":
             k = round(r["samples_per_problem"])
@@ -785,7 +492,7 @@ def _equal_budget(methods: Sequence[Method], summary_rows: Mapping[str, Mapping[
             continue
         t = float(m.settings.get("temperature", 0.0))
         spec = f"majority:n={k}" + (f",temperature={t:g},top_p={float(m.settings.get('top_p', 1.0)):g}" if t > 0 else "")
-        vote = parse_spec(spec)
+        vote = parse_spec(spec, BUILTIN_METHODS)
         if _key(vote) not in have:
             added.append(vote)
             have[_key(vote)] = vote.label
@@ -794,9 +501,8 @@ def _equal_budget(methods: Sequence[Method], summary_rows: Mapping[str, Mapping[
 
 
 async def bench(a: argparse.Namespace) -> int:
-    import os
-
-    methods = [parse_spec(s) for s in a.method]
+    known = registered()
+    methods = [parse_spec(s, known) for s in a.method]
     labels = [m.label for m in methods]
     dup = sorted({x for x in labels if labels.count(x) > 1})
     if dup:
@@ -808,21 +514,18 @@ async def bench(a: argparse.Namespace) -> int:
         if m.vs is not None and m.vs not in labels:
             raise ValueError(f"method {m.label!r}: vs={m.vs!r} is not one of the methods' labels: {', '.join(labels)}")
     for m in methods:
-        if m.name == "roster" and float(m.settings["temperature"]) == 0 and m.settings["k"] > a.concurrency:
-            raise ValueError(f"method {m.label!r}: a greedy roster of {m.settings['k']} sends {m.settings['k']} requests that must all be "
-                             f"in flight together; raise --concurrency to at least {m.settings['k']}")
+        m.method.check_run(m, concurrency=a.concurrency)
     problems = read_data(a.data, a.limit)
     a.out.mkdir(parents=True, exist_ok=True)
     same = aggregate.same_answer if a.grader == "math-verify" else (lambda x, y: x.strip() == y.strip())
     done = read_records(a.out / "records.jsonl")
-    url = a.base_url or os.environ.get("TTS_SERVER_URL", "http://127.0.0.1:8000")
-    server = Server(url, engine=None if a.engine == "auto" else a.engine, model=a.model, concurrency=a.concurrency, timeout=a.timeout,
-                    answer=extractor(a.extract), keep_special_tokens=True, explicit_sampling=True)
+    server = Server(server_url(a.base_url), engine=None if a.engine == "auto" else a.engine, model=a.model, concurrency=a.concurrency,
+                    timeout=a.timeout, answer=extractor(a.extract), keep_special_tokens=True, explicit_sampling=True)
     t0 = time.perf_counter()
     async with server:
         print(f"tts bench: {len(problems)} problems x {len(methods)} methods on {server.engine} ({server.model}) at {server.base_url}",
               file=sys.stderr)
-        def fingerprint(m: Method, p: Mapping[str, Any]) -> str:
+        def fingerprint(m: MethodSpec, p: Mapping[str, Any]) -> str:
             """What a record depends on: a record written under other settings, data or model is not reused."""
             what = [m.spec, m.settings, m.params, a.max_tokens, a.seed, server.model, a.extract, a.grader, p["prompt"], p["answer"]]
             return f"{zlib.crc32(json.dumps(what, sort_keys=True, default=str).encode()):08x}"
@@ -867,16 +570,15 @@ async def bench(a: argparse.Namespace) -> int:
 
 def main(a: argparse.Namespace) -> int:
     if a.list:
-        print(list_methods())
+        print(list_methods(registered()))
         return 0
     missing = [f for f, v in (("--data", a.data), ("--out", a.out), ("--method", a.method)) if not v]
     if missing:
         print(f"tts bench: error: {', '.join(missing)} required", file=sys.stderr)
         return 2
-    from tts_plugins.client.cli import run_guarded
-
     status, failure = run_guarded("tts bench", a.out / "records.jsonl", lambda: bench(a))
     return status if failure is None else failure
 
 
-__all__ = ["METHODS", "Method", "add_parser", "main", "markdown", "parse_spec", "read_records", "summarize"]
+__all__ = ["add_controls", "add_parser", "control_spec", "list_methods", "main", "markdown", "parse_spec", "read_data", "read_records",
+           "run_one", "summarize"]

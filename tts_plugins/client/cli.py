@@ -1,6 +1,6 @@
 """``tts``: run a test-time-scaling strategy over a JSONL of problems against a vLLM or SGLang server.
 
-    tts run problems.jsonl -o results.jsonl --url http://127.0.0.1:8000 --strategy ladder
+    tts run problems.jsonl -o results.jsonl --base-url http://127.0.0.1:8000 --strategy ladder
     tts bench --base-url http://127.0.0.1:8000 --data problems.jsonl --method greedy --method majority:n=8 --out bench/
 
 ``tts bench`` (:mod:`tts_plugins.client.bench`) compares methods with paired statistics.
@@ -23,34 +23,17 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
-import os
 import sys
 import time
-from collections.abc import Awaitable, Callable, Iterable, Iterator, Sequence
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+from tts_plugins.client import bench
+from tts_plugins.client.aggregate import registered
+from tts_plugins.client.runs import InputError, add_base_url, finished_ids, gather_all, iter_jsonl, run_guarded, server_url
 from tts_plugins.client.server import EXTRACTORS, Server, ServerError, extractor
-from tts_plugins.client.strategies import DEFAULT_LADDER, STRATEGIES, VOTES, Options, run_problem
-
-
-class InputError(ValueError):
-    pass
-
-
-def iter_jsonl(path: Path) -> Iterator[tuple[int, str, Any]]:
-    """``(line number, line, value)`` for each non-blank line; unreadable files and bad JSON are :class:`InputError`."""
-    try:
-        lines = path.read_text(encoding="utf-8").splitlines()
-    except OSError as exc:
-        raise InputError(f"cannot read {path}: {exc.strerror}") from None
-    for no, line in enumerate(lines, 1):
-        if not line.strip():
-            continue
-        try:
-            yield no, line, json.loads(line)
-        except json.JSONDecodeError as exc:
-            raise InputError(f"{path}:{no}: not JSON ({exc.msg})") from None
+from tts_plugins.client.strategies import DEFAULT_LADDER, STRATEGIES, VOTES, Options, reward_fn, run_problem
 
 
 def read_problems(path: Path) -> list[dict[str, Any]]:
@@ -66,24 +49,6 @@ def read_problems(path: Path) -> list[dict[str, Any]]:
         seen.add(str(pid))
         problems.append({**p, "id": pid})
     return problems
-
-
-def finished_results(path: Path) -> Iterator[dict[str, Any]]:
-    """The results in an output file so far: lines with an error, or cut short by an interruption, do not count."""
-    if not path.exists():
-        return
-    for line in path.read_text(encoding="utf-8").splitlines():
-        try:
-            r = json.loads(line)
-        except json.JSONDecodeError:
-            continue
-        if isinstance(r, dict) and "id" in r and "error" not in r:
-            yield r
-
-
-def finished_ids(path: Path) -> set[str]:
-    """Ids with a result in the output file."""
-    return {str(r["id"]) for r in finished_results(path)}
 
 
 def _float_list(text: str) -> list[float]:
@@ -118,9 +83,8 @@ def parser() -> argparse.ArgumentParser:
     sub = ap.add_subparsers(dest="command", required=True)
     r = sub.add_parser("run", help="run a strategy over a JSONL of problems")
     r.add_argument("problems", type=Path, help='JSONL: {"id", "prompt", "answer"?} per line')
-    r.add_argument("-o", "--output", type=Path, required=True, help="JSONL results, appended as problems finish (resumes)")
-    r.add_argument("--url", default=os.environ.get("TTS_SERVER_URL", "http://127.0.0.1:8000"),
-                   help="server base URL (default $TTS_SERVER_URL or %(default)s)")
+    r.add_argument("-o", "--output", "--out", dest="output", type=Path, required=True, help="JSONL results, appended as problems finish (resumes)")
+    add_base_url(r)
     r.add_argument("--engine", choices=["auto", "vllm", "sglang"], default="auto")
     r.add_argument("--model", default=None, help="model name (default: the first the server lists)")
     r.add_argument("--strategy", choices=STRATEGIES, default="self-consistency")
@@ -161,9 +125,10 @@ def parser() -> argparse.ArgumentParser:
     r.add_argument("--summary", type=Path, default=None, help="also write the summary as JSON here")
     r.add_argument("--timeout", type=float, default=600.0, help="seconds per request")
     r.add_argument("--quiet", action="store_true", help="no progress bar")
-    from tts_plugins.client import bench
+    from tts_plugins.client import plugins
 
     bench.add_parser(sub)
+    plugins.add_parser(sub)
     return ap
 
 
@@ -216,18 +181,14 @@ async def run(a: argparse.Namespace) -> tuple[Summary, int]:
     todo = [p for p in problems if str(p["id"]) not in done]
     summary = Summary()
     summary.skipped = len(problems) - len(todo)
-    from tts_plugins.client.aggregate import registered
-
     aggregators, rewards = registered()
     if o.vote and o.vote not in VOTES and o.vote not in aggregators:
         plugins = ", ".join(sorted(set(aggregators) - set(VOTES))) or "none"
         raise InputError(f"unknown --vote {o.vote!r}; expected {', '.join(VOTES)} or a registered aggregator ({plugins})")
     if o.reward:
-        from tts_plugins.client.strategies import reward_fn
-
         reward_fn(o.reward, rewards)  # fail before any request if it does not load
-    server = Server(a.url, engine=None if a.engine == "auto" else a.engine, model=a.model, concurrency=a.concurrency, timeout=a.timeout,
-                    answer=extractor(a.extract))
+    server = Server(server_url(a.base_url), engine=None if a.engine == "auto" else a.engine, model=a.model, concurrency=a.concurrency,
+                    timeout=a.timeout, answer=extractor(a.extract))
     bar = None
     if not a.quiet:
         try:
@@ -287,43 +248,17 @@ def report(summary: Summary, a: argparse.Namespace) -> None:
 def main(argv: Sequence[str] | None = None) -> int:
     a = parser().parse_args(argv)
     if a.command == "bench":
-        from tts_plugins.client import bench
-
         return bench.main(a)
+    if a.command == "plugins":
+        from tts_plugins.client import plugins
+
+        return plugins.main(a)
     result, failure = run_guarded("tts", a.output, lambda: run(a))
     if failure is not None:
         return failure
     summary, status = result
     report(summary, a)
     return status
-
-
-async def gather_all(coros: Iterable[Awaitable[Any]]) -> None:
-    """Run ``coros`` concurrently; if one fails (or this is cancelled), cancel the rest and wait for them to end."""
-    tasks = [asyncio.ensure_future(c) for c in coros]
-    try:
-        await asyncio.gather(*tasks)
-    finally:
-        for t in tasks:
-            t.cancel()
-        await asyncio.gather(*tasks, return_exceptions=True)
-
-
-def run_guarded(prog: str, where: Path, coro: Callable[[], Awaitable[Any]]) -> tuple[Any, int | None]:
-    """Run ``coro()``; bad input, an unreachable or refusing server and an interruption are reported on stderr
-    (with where the finished results are) and give the exit status: ``(result, None)`` or ``(None, status)``."""
-    try:
-        return asyncio.run(coro()), None
-    except ValueError as exc:  # InputError included
-        print(f"{prog}: error: {exc}", file=sys.stderr)
-        return None, 2
-    except ServerError as exc:
-        print(f"{prog}: error: {exc}", file=sys.stderr)
-        print(f"{prog}: results finished so far are in {where}; run the same command again to resume", file=sys.stderr)
-        return None, 2
-    except KeyboardInterrupt:
-        print(f"\n{prog}: interrupted; results finished so far are in {where}; run the same command again to resume", file=sys.stderr)
-        return None, 130
 
 
 if __name__ == "__main__":
