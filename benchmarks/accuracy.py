@@ -13,9 +13,10 @@ with the premise it relies on measured where it acts and printed beside its effe
 4. Measures the premises where each technique acts, from the bench's own records (``premises-where-they-act.json``):
    s1's spliced "Wait" on think-min's outputs against its greedy control, short-m's on its control's samples,
    trimming's and the cap's on greedy.
-5. Writes ``report.md`` (and, with ``--readme README.md``, the README's tables): each row's effect beside its premise.
+5. Writes ``report.md`` (and, with ``--docs docs/results/proving-ground.md``, the docs page's tables between its testbed
+   markers; ``--readme`` is the old name of the flag): each row's effect beside its premise.
 
-    .venv/vllm/bin/python benchmarks/accuracy.py --out bench-results/testbed --readme README.md   # ~1 hour on 2 CPU cores
+    .venv/vllm/bin/python benchmarks/accuracy.py --out bench-results/testbed --docs docs/results/proving-ground.md   # ~1 hour, 2 CPUs
     .venv/vllm/bin/python benchmarks/accuracy.py --quick --models test --out /tmp/smoke           # plumbing only
 """
 
@@ -313,7 +314,8 @@ BEGIN, END = "<!-- testbed report: begin (benchmarks/accuracy.py --readme) -->",
 
 
 def into_readme(path: Path, text: str) -> None:
-    """Replace what is between the README's testbed markers with ``text`` (the tables come from report.md, never by hand)."""
+    """Replace what is between the testbed markers of ``path`` (the docs' proving-ground page) with ``text`` (the tables
+    come from report.md, never by hand)."""
     doc = path.read_text()
     if BEGIN not in doc or END not in doc:
         raise SystemExit(f"{path}: no testbed markers ({BEGIN} ... {END})")
@@ -337,7 +339,9 @@ def main(argv=None) -> int:
     ap.add_argument("--only", choices=("dense", "moe"), default=None)
     ap.add_argument("--select", metavar="REGEX", help="run only the method SPECs this regular expression finds (and the baseline, greedy)")
     ap.add_argument("--quick", action="store_true", help="5 problems, k=4 (a smoke run of the plumbing)")
-    ap.add_argument("--readme", type=Path, help="also write the report into this README, between its testbed markers")
+    ap.add_argument("--docs", "--readme", dest="readme", type=Path, metavar="PAGE",
+                    help="also write the report into this page (docs/results/proving-ground.md), between its testbed markers; "
+                         "--readme is the old name")
     ap.add_argument("--models", choices=("full", "test"), default="full",
                     help="full: the trained recipe; test: the test suite's briefly trained models (plumbing: their accuracies mean nothing)")
     args = ap.parse_args(argv)

@@ -1,4 +1,4 @@
-"""Every command the README tells a user to run starts from the installed wheel, not from the source tree.
+"""Every command the README and the docs tell a user to run starts from the installed wheel, not from the source tree.
 
 Each runs in a fresh process whose working directory is outside the clone (so ``import tts_plugins`` can only find
 the installed package), with the venv's own interpreter and console script. ``--help`` imports the command's module
@@ -28,8 +28,9 @@ MODULES = [
     (["-m", "tts_plugins.models.trained", "--help"], "--variant"),
     (["-m", "tts_plugins.client.cli", "--help"], "bench"),
 ]
-TTS = [(["--help"], "bench"), (["run", "--help"], "--strategy"), (["bench", "--help"], "--method"), (["bench", "--list"], "short-m")]
-# the benchmark scripts the README names, run from the clone with the venv's interpreter
+TTS = [(["--help"], "bench"), (["run", "--help"], "--strategy"), (["bench", "--help"], "--method"), (["bench", "--list"], "short-m"),
+       (["plugins"], "tts_think_max"), (["plugins", "--json"], '"model_patches"')]
+# the benchmark scripts the README and the docs name, run from the clone with the venv's interpreter
 SCRIPTS = ["accuracy.py", "carbon_fit.py", "deepconf.py", "efficiency.py", "engine.py", "gpu_check.py", "hotpath.py", "moi.py", "reliability.py",
            "roster.py"]
 
@@ -78,13 +79,15 @@ def test_benchmark_summary_runs_on_an_empty_folder(outside, tmp_path):
 
 
 def test_every_readme_command_is_covered():
-    """A ``python -m`` module or benchmark script that the README tells a user to run, and that this file does not
-    start, fails here: a new documented command gets its smoke test."""
+    """A ``python -m`` module or benchmark script that the README or a docs page (``docs/**/*.md``) tells a user to
+    run, and that this file does not start, fails here: a new documented command gets its smoke test."""
     import re
 
-    text = (ROOT / "README.md").read_text()
+    pages = [ROOT / "README.md", *sorted((ROOT / "docs").rglob("*.md"))]
+    assert len(pages) > 1, "no docs pages found under docs/"
+    text = "\n".join(p.read_text() for p in pages)
     modules = set(re.findall(r"python -m (tts_plugins[\w.]*)", text))
     covered = {a[1] for a, _ in MODULES}
-    assert modules <= covered, f"README commands without a smoke test: {sorted(modules - covered)}"
+    assert modules <= covered, f"documented commands without a smoke test: {sorted(modules - covered)}"
     scripts = set(re.findall(r"benchmarks/(\w+\.py)", text)) - {"summary.py"}
-    assert scripts <= set(SCRIPTS), f"README scripts without a smoke test: {sorted(scripts - set(SCRIPTS))}"
+    assert scripts <= set(SCRIPTS), f"documented scripts without a smoke test: {sorted(scripts - set(SCRIPTS))}"
