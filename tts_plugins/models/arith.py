@@ -68,6 +68,7 @@ DIFFICULTY = (("easy", 2, 4), ("medium", 5, 8), ("hard", 9, 12))
 ANSWER_RE = re.compile(r"Answer:\s*(-?\d+)")
 STEP_RE = re.compile(r"^(?:(Wait|Hmm), )?(-?\d+) ([+-]) (\d+) = (-?\d+)$")
 STATED_RE = re.compile(r"So the answer is (-?\d+)\.")
+CHECK = "Wait, let me check: "
 TOTAL_RE = re.compile(r"^(?:So far|So the answer is|Wait, let me check:) (?:-?\d+, )*(-?\d+)\.$")
 
 # Trace phenomena (rates in the training traces)
@@ -413,6 +414,9 @@ def step_checker(noise: float = 0.1, seed: int = 0):
         chain = Chain()
         for line in completion.split("</think>")[0].split("\n"):
             mm = STEP_RE.match(line.strip())
+            totals = None if mm else check_totals(line.strip())
+            if totals is not None:
+                chain.check(totals)
             if not mm or mm.group(1) == "Hmm":
                 continue
             step = (int(mm.group(2)), mm.group(3), int(mm.group(4)), int(mm.group(5)))
@@ -439,28 +443,53 @@ def step_checker(noise: float = 0.1, seed: int = 0):
 step_reward = step_checker(0.1)
 
 
+def check_totals(line: str) -> list[int] | None:
+    """The totals of a check line (``Wait, let me check: 12, 9, 17.``), or None for any other line."""
+    if not line.startswith(CHECK) or not TOTAL_RE.match(line):
+        return None
+    return [int(x) for x in re.findall(r"-?\d+", line[len(CHECK):])]
+
+
 class Chain:
     """The chain a thinking text writes, as corrected: a step line ``a op b = c`` appends; ``Wait, a op b = c``
-    replaces the latest step with the same ``a op b`` (else the last step); a step line that then goes on from the
-    corrected value, with the operation after it, rewrites the steps after it (a redo). Steps are tuples that start
-    ``(a, op, b, c)``."""
+    replaces a step with the same ``a op b`` (else the last step); a step line that then goes on from the
+    corrected value, with the operation after it, rewrites the steps after it (a redo). Of several steps with the same
+    ``a op b``, the correction replaces the step the line before corrected (a step re-checked twice), else the one a
+    check line just disputed, else the latest whose value it changes.
+    Steps are tuples that start ``(a, op, b, c)``."""
 
     def __init__(self) -> None:
         self.steps: list[tuple] = []
         self._corrected: int | None = None
+        self._disputed: int | None = None
+        self._fixed: int | None = None  # the step the last line corrected, while corrections follow one another
+
+    def check(self, totals: list[int]) -> None:
+        """A check line (``Wait, let me check: t1, t2, ...``): the first step whose total it disputes is the one the
+        next correction of that ``a op b`` means (a chain may hold the same ``a op b`` twice)."""
+        self._fixed = None
+        self._disputed = next((k for k, (t, step) in enumerate(zip(totals, self.steps)) if t != step[3]), None)
 
     def correct(self, step: tuple) -> tuple | None:
         """Apply a "Wait" line; returns the step it replaced (None when there was none: it is appended)."""
         if not self.steps:
             self.steps.append(step)
             return None
-        j = next((k for k in range(len(self.steps) - 1, -1, -1) if self.steps[k][:3] == step[:3]), len(self.steps) - 1)
+        same = [k for k in range(len(self.steps) - 1, -1, -1) if self.steps[k][:3] == step[:3]]
+        disputed, self._disputed = self._disputed, None
+        if self._fixed in same:  # "Wait" after "Wait" on the same a op b: the same step, computed once more
+            j = self._fixed
+        elif disputed in same:  # the step a check just disputed
+            j = disputed
+        else:  # a correction replaces a value it disagrees with: the latest such step, else the latest with the same a op b
+            j = next((k for k in same if self.steps[k][3] != step[3]), same[0] if same else len(self.steps) - 1)
         old, self.steps[j] = self.steps[j], step
         self._corrected = j if j + 1 < len(self.steps) else None
+        self._fixed = j
         return old
 
     def add(self, step: tuple) -> None:
-        j, self._corrected = self._corrected, None
+        j, self._corrected, self._disputed, self._fixed = self._corrected, None, None, None
         if j is not None and step[0] == self.steps[j][3] and step[1:3] == self.steps[j + 1][1:3]:
             del self.steps[j + 1:]
         self.steps.append(step)
@@ -493,6 +522,9 @@ def analyze(question: str, text: str) -> dict:
                 out["slips"] += not right
                 chain.add((a, s, b, r, right))
             continue
+        totals = check_totals(line.strip())
+        if totals is not None:
+            chain.check(totals)
         st = STATED_RE.search(line)
         if st:
             out["stated"].append(st.group(1))
