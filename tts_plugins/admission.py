@@ -47,11 +47,7 @@ def refuse_structured(flat: Mapping[str, Any] | None, grammar_after_thinking: bo
     ``"answer"`` keys always, ``"thinking"`` keys unless the grammar applies after thinking (``flag``: the engine's
     option that arranges it)."""
     keys, where = _forcing(flat, registry)
-    answer = sorted(k for k, w in where.items() if w == "answer")
-    if answer:
-        raise ValueError(f"{_named(keys, answer)} cannot be combined with {STRUCTURED}: "
-                         f"{'this key makes' if len(answer) == 1 else 'these keys make'} a technique force or forbid tokens "
-                         "inside the answer, where the grammar may not allow them; drop the key or the structured output")
+    _refuse_answer(keys, where, STRUCTURED, "where the grammar may not allow them; drop the key or the structured output")
     thinking = sorted(k for k, w in where.items() if w == "thinking")
     if thinking and not grammar_after_thinking:
         raise ValueError(f"{', '.join(thinking)}: with {STRUCTURED} these need the server's {flag}, so that the grammar "
@@ -66,8 +62,13 @@ def refuse_tools(flat: Mapping[str, Any] | None, tools: Any, tool_choice: Any, r
     if not tools or tool_choice == "none":
         return
     keys, where = _forcing(flat, registry)
+    _refuse_answer(keys, where, 'tools (tool_choice other than "none")',
+                   'possibly inside a tool call; drop the key, or use tool_choice="none"')
+
+
+def _refuse_answer(keys: Mapping[str, Any], where: Mapping[str, str], what: str, why: str) -> None:
     answer = sorted(k for k, w in where.items() if w == "answer")
     if answer:
-        raise ValueError(f'{_named(keys, answer)} cannot be combined with tools (tool_choice other than "none"): '
+        raise ValueError(f"{_named(keys, answer)} cannot be combined with {what}: "
                          f"{'this key makes' if len(answer) == 1 else 'these keys make'} a technique force or forbid tokens "
-                         'inside the answer, possibly inside a tool call; drop the key, or use tool_choice="none"')
+                         f"inside the answer, {why}")
