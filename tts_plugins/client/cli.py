@@ -125,10 +125,11 @@ def parser() -> argparse.ArgumentParser:
     r.add_argument("--summary", type=Path, default=None, help="also write the summary as JSON here")
     r.add_argument("--timeout", type=float, default=600.0, help="seconds per request")
     r.add_argument("--quiet", action="store_true", help="no progress bar")
-    from tts_plugins.client import plugins
+    from tts_plugins.client import plugins, serve
 
     bench.add_parser(sub)
     plugins.add_parser(sub)
+    serve.add_parser(sub)
     return ap
 
 
@@ -249,6 +250,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     a = parser().parse_args(argv)
     if a.command == "bench":
         return bench.main(a)
+    if a.command == "serve":
+        from tts_plugins.client import serve
+
+        return serve.main(a)
     if a.command == "plugins":
         from tts_plugins.client import plugins
 
