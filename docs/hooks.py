@@ -2,10 +2,10 @@
 
 A line of a page that is exactly ``<!-- generated: NAME -->`` is replaced, at build time, by the markdown that
 :mod:`tts_plugins.introspect` generates for NAME: ``request-keys`` (every built-in technique's and model patch's
-``key_specs``; installed third-party plugins are left out) or ``env-vars`` (:data:`tts_plugins.envvars.VARIABLES`). ``<!-- generated: request-keys think -->``
-keeps only the named techniques' or model patches' sections (without their headings), for a technique's own page. An
-unknown NAME, an unknown technique, or a package that cannot be imported fails the build: a page must never be
-published without its table.
+``key_specs``; installed third-party plugins are left out) or ``env-vars`` (:data:`tts_plugins.envvars.VARIABLES`).
+``<!-- generated: request-keys think -->`` keeps only the named techniques' or model patches' sections (without
+their headings), for a technique's own page. An unknown NAME, an unknown technique, or a package that cannot be
+imported fails the build: a page must never be published without its table.
 
 Registered under ``hooks:`` in ``mkdocs.yml``. The build imports the installed ``tts_plugins`` (the wheel, or
 ``pip install -e .``), the same package an engine would load.
