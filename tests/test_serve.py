@@ -25,7 +25,7 @@ from starlette.requests import Request  # noqa: E402
 from starlette.responses import JSONResponse, Response, StreamingResponse  # noqa: E402
 from starlette.routing import Route  # noqa: E402
 
-from tts_plugins.client.serve import Config, build_app  # noqa: E402
+from tts_plugins.client.serve import Config, Gateway, build_app  # noqa: E402
 
 MODEL = "fake-model"
 MESSAGES = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Compute 3 + 4."}]
@@ -38,7 +38,8 @@ class Fake:
     """An OpenAI-compatible upstream. Choice ``i`` answers ``answers[i % len(answers)]`` in ``i + 4`` tokens; with
     ``tts_group`` members after the first ``tts_group_stop_after`` end unfinished (as the group stop ends them);
     with ``tts_conf_window`` each choice carries a DeepConf report in ``stop_reason``, and with
-    ``tts_conf_threshold`` odd choices are stopped. ``fail``: HTTP 500; ``hang``: wait until the client goes."""
+    ``tts_conf_threshold`` odd choices are stopped. ``fail``: HTTP 500; ``hang``: wait until the client goes;
+    ``refuse_after``: requests after that many are refused (400, a pretty-printed error body, 0.2 s late)."""
 
     def __init__(self, answers: tuple[str, ...] = ("7", "7", "5")) -> None:
         self.answers = answers
@@ -49,6 +50,7 @@ class Fake:
 
     def reset(self) -> None:
         self.fail = self.hang = self.down = False
+        self.refuse_after: int | None = None
         self.raw: list[bytes] = []
         self.headers: list[dict[str, str]] = []
         self.active = self.closed = 0
@@ -72,6 +74,10 @@ class Fake:
         body = json.loads(raw)
         if self.fail:
             return JSONResponse({"error": {"message": "the fake engine failed", "type": "InternalServerError", "code": 500}}, status_code=500)
+        if self.refuse_after is not None and len(self.raw) > self.refuse_after:
+            await asyncio.sleep(0.2)
+            error = {"error": {"message": "the fake engine refused\nthis request", "type": "BadRequestError", "param": None, "code": 400}}
+            return Response(json.dumps(error, indent=2), status_code=400, media_type="application/json")
         if body.get("model") != MODEL:
             return JSONResponse({"error": {"message": f"The model `{body.get('model')}` does not exist.", "type": "NotFoundError", "code": 404}},
                                 status_code=404)
@@ -191,8 +197,9 @@ def gateway() -> Iterator[Callable[..., str]]:
     """``gateway(*upstreams, **config) -> its URL``; stopped after the test."""
     running: list[Running] = []
 
-    def start(*upstreams: str, **kw: Any) -> str:
-        r = Running(build_app(Config(upstreams=list(upstreams), **kw)))
+    def start(*upstreams: str, transport: Any = None, **kw: Any) -> str:
+        config = Config(upstreams=list(upstreams), **kw)
+        r = Running(build_app(config) if transport is None else Gateway(config, transport=transport).app())
         running.append(r)
         return r.url
 
@@ -203,6 +210,53 @@ def gateway() -> Iterator[Callable[..., str]]:
 
 def client(url: str, key: str = "none", timeout: float = 20.0) -> Any:
     return openai.OpenAI(base_url=url + "/v1", api_key=key, max_retries=0, timeout=timeout)
+
+
+def post(url: str, body: Any, path: str = "/v1/chat/completions", **kw: Any) -> Any:
+    """A raw call: ``body`` as JSON, or bytes as they are (what the openai client would never send)."""
+    content = body if isinstance(body, bytes) else json.dumps(body).encode()
+    return httpx.post(url + path, content=content, headers={"content-type": "application/json", **kw.pop("headers", {})}, timeout=20, **kw)
+
+
+def metric(url: str, line: str) -> bool:
+    return line in httpx.get(url + "/metrics").text
+
+
+def slow_reward(prompt: str, completion: str) -> float:
+    """An operator's reward model that takes a second per sample (allowed with --allow-reward)."""
+    time.sleep(1.0)
+    return float(len(completion))
+
+
+SLOW_REWARD = f"{__name__}:slow_reward"
+
+
+class Scripted:
+    """An upstream behind ``httpx.MockTransport`` (what the wire does, scripted): its POSTs fail in turn with the
+    transport errors of ``script`` (an httpx exception class each), then answer as :class:`Fake` does."""
+
+    URL = "http://scripted-upstream:8000"
+
+    def __init__(self, *script: type[Exception]) -> None:
+        self.script = list(script)
+        self.posts = 0
+        self.fake = Fake()
+        self.transport = httpx.MockTransport(self.handle)
+
+    def handle(self, request: httpx.Request) -> httpx.Response:
+        if request.method == "GET":
+            if request.url.path == "/v1/models":
+                return httpx.Response(200, json={"object": "list", "data": [{"id": MODEL, "object": "model", "created": 0, "owned_by": "fake"}]})
+            return httpx.Response(200 if request.url.path == "/health" else 404)
+        self.posts += 1
+        if self.script:
+            raise self.script.pop(0)("scripted transport failure", request=request)
+        body = json.loads(request.content)
+        choices = [self.fake.choice(i, body, chat=True) for i in range(int(body.get("n") or 1))]
+        usage = {"prompt_tokens": 10, "completion_tokens": sum(len(c["token_ids"]) for c in choices)}
+        data = {"id": "cmpl-scripted", "object": "chat.completion", "created": 1, "model": MODEL, "choices": choices, "usage": usage}
+        # a stream, as the network gives one (a response built from content counts as already read)
+        return httpx.Response(200, headers={"content-type": "application/json"}, stream=httpx.ByteStream(json.dumps(data).encode()))
 
 
 # --- pass-through -----------------------------------------------------------------------------------------
@@ -338,14 +392,16 @@ def test_concurrent_calls_with_mixed_strategies_are_all_answered(fakes, gateway)
 # --- refusals and limits ----------------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("spec, expected", [("majority:n=zero", "n must be an int >= 1"), ("nosuch:3", "unknown method 'nosuch'"),
-                                            ("majority:n=4,bogus=1", "unknown setting 'bogus'")])
-def test_bad_spec_is_a_400_naming_it(fakes, gateway, spec, expected):
+@pytest.mark.parametrize("spec, expected, form", [("majority:n=zero", "n must be an int >= 1", "expected majority[:<n>][,key=value...]"),
+                                                  ("nosuch:3", "unknown method 'nosuch'", "expected METHOD[:<value>][,key=value...]"),
+                                                  ("majority:n=4,bogus=1", "unknown setting 'bogus'", "expected majority[:<n>][,key=value...]"),
+                                                  ("deepconf:8,warmup=9", "warmup must be <= n", "expected deepconf[:<n>][,key=value...]")])
+def test_bad_spec_is_a_400_naming_it_and_what_was_expected(fakes, gateway, spec, expected, form):
     a, _, url_a, _ = fakes
     gw = gateway(url_a)
     with pytest.raises(openai.BadRequestError) as err:
         client(gw).chat.completions.create(model=f"{MODEL}@{spec}", messages=MESSAGES)
-    assert spec in str(err.value) and expected in str(err.value)
+    assert spec in str(err.value) and expected in str(err.value) and form in str(err.value)
     with pytest.raises(openai.BadRequestError) as err:
         client(gw).chat.completions.create(model=MODEL, messages=MESSAGES, extra_body={"tts_strategy": spec})
     assert spec in str(err.value) and err.value.body["param"] == "tts_strategy"
@@ -378,7 +434,7 @@ def test_calls_beyond_concurrency_and_queue_get_429(fakes, gateway):
     first.join()
 
 
-def test_api_key_is_enforced_and_authorization_forwarded(fakes, gateway):
+def test_api_key_is_enforced_and_never_forwarded(fakes, gateway):
     a, _, url_a, _ = fakes
     gw = gateway(url_a, api_key="secret")
     with pytest.raises(openai.AuthenticationError):
@@ -387,8 +443,117 @@ def test_api_key_is_enforced_and_authorization_forwarded(fakes, gateway):
         client(gw, key="wrong").models.list()
     r = client(gw, key="secret").chat.completions.create(model=f"{MODEL}@majority:n=2", messages=MESSAGES)
     assert r.model_extra["tts"]["answer"] == "7"
-    assert a.headers[-1]["authorization"] == "Bearer secret"
+    client(gw, key="secret").chat.completions.create(model=MODEL, messages=MESSAGES)
+    assert len(a.headers) == 2 and not any("authorization" in h for h in a.headers), "the gateway's key stays at the gateway"
     assert httpx.get(gw + "/health").status_code == 200
+
+
+@pytest.mark.parametrize("kw, client_key, sent", [({"api_key": "secret", "upstream_api_key": "up-key"}, "secret", "Bearer up-key"),
+                                                  ({"upstream_api_key": "up-key"}, "mine", "Bearer up-key"),
+                                                  ({}, "mine", "Bearer mine")])
+def test_upstreams_get_the_upstream_key_else_the_clients_without_api_key(fakes, gateway, kw, client_key, sent):
+    a, _, url_a, _ = fakes
+    gw = gateway(url_a, **kw)
+    client(gw, key=client_key).chat.completions.create(model=f"{MODEL}@majority:n=2", messages=MESSAGES)
+    client(gw, key=client_key).chat.completions.create(model=MODEL, messages=MESSAGES)
+    assert [h["authorization"] for h in a.headers] == [sent, sent], "strategy and pass-through alike"
+
+
+# --- no code over the wire, and bodies the gateway refuses itself -----------------------------------------
+
+
+@pytest.mark.parametrize("spec", [f"best-of-n:2,reward={SLOW_REWARD}", 'best-of-n:2,reward="os:getcwd"', "carbon:4,reward=os:getcwd"])
+def test_a_spec_naming_code_is_refused_unless_the_operator_allowed_it(fakes, gateway, spec):
+    a, _, url_a, _ = fakes
+    gw = gateway(url_a)
+    r = post(gw, {"model": f"{MODEL}@{spec}", "messages": MESSAGES})
+    error = r.json()["error"]
+    ref = spec.rpartition("reward=")[2].strip('"')
+    assert r.status_code == 400 and error["code"] == "code_not_allowed", r.text
+    assert f"reward={ref}" in error["message"] and f"--allow-reward {ref}" in error["message"]
+    r = post(gw, {"model": MODEL, "messages": MESSAGES, "tts_strategy": spec})
+    assert r.status_code == 400 and error["code"] == "code_not_allowed" and r.json()["error"]["param"] == "tts_strategy"
+    r = post(gw, {"model": f'{MODEL}@best-of-n:2,reward=["{ref}"]', "messages": MESSAGES})
+    assert r.status_code == 400 and "reward must be a string" in r.json()["error"]["message"]
+    assert not a.raw, "refused before anything was sampled, so nothing was imported or called"
+    for builtin in ("best-of-n:2", "best-of-n:2,reward=agreement", "carbon:4,reward=confidence"):
+        assert client(gw).chat.completions.create(model=f"{MODEL}@{builtin}", messages=MESSAGES).model_extra["tts"]["answer"] == "7"
+
+
+def test_an_allowed_slow_reward_runs_off_the_event_loop(fakes, gateway):
+    a, _, url_a, _ = fakes
+    gw = gateway(url_a, allow_rewards=[SLOW_REWARD])
+    done: list[Any] = []
+    caller = threading.Thread(target=lambda: done.append(post(gw, {"model": f"{MODEL}@best-of-n:2,reward={SLOW_REWARD}", "messages": MESSAGES})))
+    caller.start()
+    wait_for(lambda: len(a.raw) == 1, what="the samples to be drawn")
+    time.sleep(0.2)  # inside the reward's two seconds
+    t0 = time.perf_counter()
+    assert httpx.get(gw + "/health", timeout=10).status_code == 200
+    waited = time.perf_counter() - t0
+    caller.join()
+    assert waited < 0.3, f"/health waited {waited:.2f} s behind a reward"
+    (r,) = done
+    assert r.status_code == 200 and [s["reward"] for s in r.json()["tts"]["samples"]] == [float(len("3 + 4 = 7 (sample 0)</think>Answer: 7")),
+                                                                                           float(len("3 + 4 = 7 (sample 1)</think>Answer: 7"))]
+
+
+def test_allow_reward_must_name_a_function_that_loads():
+    for bad, says in (("confidence", "must be module:function"), ("no_such_module_here:f", "cannot load")):
+        with pytest.raises(ValueError, match=says):
+            Config(upstreams=["http://127.0.0.1:1"], allow_rewards=[bad]).check()
+    Config(upstreams=["http://127.0.0.1:1"], allow_rewards=[SLOW_REWARD]).check()
+
+
+@pytest.mark.parametrize("raw, says", [(b"[" * 100_000, "nested too deeply"), (b"[1, 2]", "got a JSON array"), (b'"hi"', "got a JSON string"),
+                                       (b"not json", "not valid JSON"), (b"", "not valid JSON")])
+@pytest.mark.parametrize("path", ["/v1/chat/completions", "/v1/completions"])
+def test_a_body_that_is_not_a_json_object_is_a_400_from_the_gateway(fakes, gateway, raw, says, path):
+    a, _, url_a, _ = fakes
+    gw = gateway(url_a)
+    r = post(gw, raw, path)
+    assert r.status_code == 400 and "the body must be a JSON object" in r.json()["error"]["message"] and says in r.text, r.text
+    assert not a.raw, "nothing reached the upstream"
+    assert metric(gw, 'tts_serve_calls_total{strategy="invalid",code="400"} 1')
+
+
+@pytest.mark.parametrize("extra, param, message", [
+    ({"max_tokens": 0}, "max_tokens", "max_tokens must be an int >= 1, got 0"),
+    ({"max_completion_tokens": "64"}, "max_completion_tokens", "max_completion_tokens must be an int >= 1, got '64'"),
+    ({"max_tokens": 64, "max_completion_tokens": 1.5}, "max_completion_tokens", "max_completion_tokens must be an int >= 1, got 1.5"),
+    ({"stream": "yes"}, "stream", "stream must be a boolean, got 'yes'"),
+    ({"seed": 1.5}, "seed", "seed must be an int, got 1.5"),
+    ({"n": 1.0}, "n", "got 1.0"), ({"n": True}, "n", "got True"), ({"n": 8}, "n", "got 8"),
+    ({"vllm_xargs": [1]}, "vllm_xargs", "vllm_xargs must be a JSON object of tts_* keys, got [1]"),
+    ({"custom_params": "x"}, "custom_params", "custom_params must be a JSON object of tts_* keys, got 'x'"),
+    ({"model": 5, "tts_strategy": "short-m:m=1,k=4"}, "model", "model must be a string, got 5"),
+    ({"tts_strategy": 5}, "tts_strategy", "tts_strategy must be a string (a SPEC, e.g. 'majority:n=8'), got 5"),
+])
+def test_a_strategy_calls_keys_are_checked_by_name(fakes, gateway, extra, param, message):
+    a, _, url_a, _ = fakes
+    gw = gateway(url_a)
+    r = post(gw, {"model": f"{MODEL}@short-m:m=1,k=4", "messages": MESSAGES, **extra})
+    assert r.status_code == 400 and message in r.json()["error"]["message"] and r.json()["error"]["param"] == param, r.text
+    if param == "n":
+        assert "n must be 1 or absent" in r.text and "short-m[:<k>][,key=value...]" in r.text
+    assert not a.raw
+
+
+@pytest.mark.parametrize("key, value, spec, how", [("temperature", 0.5, "majority:n=8", "majority:n=8,temperature=0.5"),
+                                                   ("top_p", 0.9, "short-m:m=1,k=4", "short-m:m=1,k=4,top_p=0.9"),
+                                                   ("top_k", 20, "majority:n=8", "majority's SPEC does not take it"),
+                                                   ("min_p", 0.1, "majority:8", "majority's SPEC does not take it"),
+                                                   ("logprobs", True, "majority:n=4", "majority's SPEC does not take it"),
+                                                   ("temperature", 0.3, "ladder:2", "ladder's SPEC does not take it")])
+def test_sampling_keys_the_strategy_sets_are_refused_not_dropped(fakes, gateway, key, value, spec, how):
+    a, _, url_a, _ = fakes
+    gw = gateway(url_a)
+    r = post(gw, {"model": f"{MODEL}@{spec}", "messages": MESSAGES, key: value})
+    error = r.json()["error"]
+    assert r.status_code == 400 and error["param"] == key and f"{key} is set by the strategy" in error["message"] and how in error["message"]
+    assert not a.raw
+    ok = post(gw, {"model": f"{MODEL}@majority:n=2", "messages": MESSAGES, "temperature": None, "logprobs": False, "n": 1, "max_tokens": None})
+    assert ok.status_code == 200, "null is the key's absence; logprobs false and n 1 ask for nothing"
 
 
 # --- upstreams --------------------------------------------------------------------------------------------
@@ -402,6 +567,37 @@ def test_a_failing_upstream_is_retried_on_the_other(fakes, gateway):
     assert r.model_extra["tts"]["answer"] == "7" and r.model_extra["tts"]["upstream"] == url_b
     assert len(a.raw) == 1 and len(b.raw) == 1, "one failed attempt, one answer: nothing answered twice"
     assert "tts_serve_retries_total 1" in httpx.get(gw + "/metrics").text
+
+
+@pytest.mark.parametrize("error", [httpx.ReadError, httpx.RemoteProtocolError])
+@pytest.mark.parametrize("model", [f"{MODEL}@majority:n=2", MODEL])
+def test_a_stale_keepalive_connection_is_sent_once_more_to_the_same_upstream(gateway, error, model):
+    up = Scripted(error)
+    gw = gateway(Scripted.URL, transport=up.transport)
+    r = client(gw).chat.completions.create(model=model, messages=MESSAGES)
+    assert r.choices[0].message.content == "Answer: 7" and up.posts == 2
+    assert metric(gw, f'tts_serve_upstream_healthy{{upstream="{Scripted.URL}"}} 1') and metric(gw, "tts_serve_retries_total 0")
+
+
+@pytest.mark.parametrize("script, status, healthy", [((httpx.ConnectTimeout,), 502, 0), ((httpx.ConnectError,), 502, 0),
+                                                     ((httpx.ReadError, httpx.RemoteProtocolError), 502, 0), ((httpx.ReadTimeout,), 504, 1)])
+@pytest.mark.parametrize("model", [f"{MODEL}@majority:n=2", MODEL])
+def test_an_upstream_that_cannot_answer_is_named_and_only_a_dead_one_leaves_rotation(gateway, script, status, healthy, model):
+    up = Scripted(*script)
+    gw = gateway(Scripted.URL, transport=up.transport)
+    r = post(gw, {"model": model, "messages": MESSAGES})
+    assert r.status_code == status and Scripted.URL in r.json()["error"]["message"], r.text
+    assert up.posts == len(script) and metric(gw, f'tts_serve_upstream_healthy{{upstream="{Scripted.URL}"}} {healthy}')
+
+
+@pytest.mark.parametrize("model", [f"{MODEL}@majority:n=2", MODEL])
+def test_with_no_upstream_in_rotation_the_others_are_tried_before_a_502(fakes, gateway, model):
+    a, _, url_a, _ = fakes
+    a.down = True  # its health check fails, its completions do not: the health state is stale
+    gw = gateway(url_a, health_interval=60)
+    assert metric(gw, f'tts_serve_upstream_healthy{{upstream="{url_a}"}} 0')
+    r = client(gw).chat.completions.create(model=model, messages=MESSAGES)
+    assert r.choices[0].message.content == "Answer: 7" and len(a.raw) == 1
 
 
 def test_all_upstreams_down_is_a_502_naming_them(gateway):
@@ -459,6 +655,37 @@ def test_client_disconnect_closes_every_upstream_request(fakes, gateway, model, 
     wait_for(lambda: f'tts_serve_upstream_outstanding{{upstream="{url_a}"}} 0' in httpx.get(gw + "/metrics").text, what="outstanding at 0")
 
 
+def test_a_streamed_call_that_fails_after_its_200_ends_with_one_error_event(fakes, gateway):
+    a, _, url_a, _ = fakes
+    a.refuse_after = 1  # DeepConf's warmup is answered, its next wave refused
+    gw = gateway(url_a, keepalive=0.05)
+    body = {"model": f"{MODEL}@deepconf:8,warmup=4,adaptive=false", "messages": MESSAGES, "stream": True}
+    with httpx.stream("POST", gw + "/v1/chat/completions", json=body, timeout=10) as r:
+        assert r.status_code == 200
+        lines = [x for x in r.iter_lines() if x]
+    assert all(x.startswith((":", "data: ")) for x in lines), lines
+    data = [x[len("data: "):] for x in lines if x.startswith("data: ")]
+    assert len(data) == 2 and data[1] == "[DONE]", lines
+    error = json.loads(data[0])["error"]
+    assert error["message"] == "the fake engine refused\nthis request" and error["type"] == "BadRequestError"
+    text = httpx.get(gw + "/metrics").text
+    assert 'tts_serve_calls_total{strategy="deepconf",code="400"} 1' in text and 'code="200"' not in text, text
+
+
+@pytest.mark.parametrize("n, weight", [(10**6, 32), (-5, 1), ("two", 1), (2.5, 1)])
+def test_pass_through_n_goes_as_sent_and_weighs_at_most_the_largest_call(fakes, gateway, n, weight):
+    a, _, url_a, _ = fakes
+    a.hang = True
+    gw = gateway(url_a, max_samples=32)
+    caller = threading.Thread(target=_abandoned_call, args=(gw, {"model": MODEL, "messages": MESSAGES, "n": n}, 0.4))
+    caller.start()
+    wait_for(lambda: a.active == 1, what="the call to reach the upstream")
+    assert metric(gw, f'tts_serve_upstream_outstanding{{upstream="{url_a}"}} {weight}')
+    caller.join()
+    assert a.bodies[0]["n"] == n, "the body went as sent"
+    wait_for(lambda: metric(gw, f'tts_serve_upstream_outstanding{{upstream="{url_a}"}} 0'), what="outstanding back at 0")
+
+
 def test_streamed_call_keeps_alive_then_a_disconnect_closes_it(fakes, gateway):
     a, _, url_a, _ = fakes
     a.hang = True
@@ -499,6 +726,10 @@ def test_metrics_count_calls_samples_tokens_and_stops(fakes, gateway):
 
 def test_serve_is_a_tts_subcommand():
     from tts_plugins.client.cli import parser
+    from tts_plugins.client.serve import config
 
-    a = parser().parse_args(["serve", "--upstream", "http://127.0.0.1:8000", "--max-samples", "8"])
+    a = parser().parse_args(["serve", "--upstream", "http://127.0.0.1:8000", "--max-samples", "8", "--allow-reward", SLOW_REWARD,
+                             "--allow-reward", "pkg.prm:score", "--upstream-api-key", "up-key"])
     assert a.command == "serve" and a.upstream == ["http://127.0.0.1:8000"] and a.max_samples == 8
+    c = config(a)
+    assert c.allow_rewards == (SLOW_REWARD, "pkg.prm:score") and c.upstream_api_key == "up-key" and c.api_key is None

@@ -10,7 +10,11 @@ the same registry (:func:`tts_plugins.client.methods.parse_method`) and run by t
 :mod:`~tts_plugins.client.aggregate`): one implementation for ``tts run``, ``tts bench`` and the gateway.
 
 A plain model name is passed through untouched: the body (``tts_*`` keys included), streaming (byte for byte), the
-headers and the status code.
+headers and the status code. A body that is not a JSON object is refused by the gateway itself (400).
+
+No code travels over the wire: a SPEC setting that names code (``reward=module:function``) is refused unless the
+operator allowed that very value with ``--allow-reward``. Rewards, votes and CarBoN's fit run on worker threads, so
+a slow reward delays its own call and nothing else.
 
 A strategy call is answered with one choice: the selected sample's ``content`` and ``reasoning_content`` as the
 upstream returned them (a sample of the winning answer: the highest reward, else the shortest finished one),
@@ -34,6 +38,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
+import functools
 import json
 import logging
 import math
@@ -42,22 +47,26 @@ import sys
 import time
 import uuid
 from collections import Counter
-from collections.abc import AsyncIterator, Callable, Mapping, Sequence
+from collections.abc import AsyncIterator, Callable, Iterator, Mapping, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any
 
 from tts_plugins.client import aggregate
-from tts_plugins.client.methods import BenchMethod, MethodSpec, RunContext, parse_method
-from tts_plugins.client.server import FIELD, THINK_END, Sample, Server, ServerError, extractor, final_part
+from tts_plugins.client.methods import BenchMethod, MethodSpec, RunContext, default_methods, parse_method
+from tts_plugins.client.server import FIELD, THINK_END, Sample, Server, ServerError, extractor, final_part, load_callable
 from tts_plugins.client.strategies import sample_seed
 
 log = logging.getLogger("tts_plugins.serve")
 
 # Ready aliases ``/v1/models`` lists for each upstream model: one per strategy family whose stop runs in the engine.
 ALIASES = ("majority:n=8", "short-m:m=1,k=8", "deepconf:32,variant=high")
-# The body keys a strategy decides for itself: the client's values are replaced, not forwarded.
+# The body keys a strategy decides for itself: never forwarded as the client sent them.
 STRATEGY_KEYS = ("model", "n", "stream", "stream_options", "temperature", "top_p", "top_k", "min_p", "max_tokens", "max_completion_tokens", "seed",
                  "logprobs", "top_logprobs", "tts_strategy")
+# Of those, the sampling keys the strategy sets on every request: a client's value would be overridden, so it is
+# refused (400) rather than dropped; the SPEC takes the ones its method exposes (majority:n=8,temperature=0.5).
+SET_BY_STRATEGY = ("temperature", "top_p", "top_k", "min_p", "logprobs", "top_logprobs")
 # Hop-by-hop headers and those the HTTP layers set themselves: never copied from one side to the other.
 _HOP = frozenset({"host", "content-length", "connection", "keep-alive", "transfer-encoding", "te", "trailer", "upgrade", "proxy-connection",
                   "date", "server"})
@@ -76,7 +85,9 @@ class Config:
     max_samples: int = 64  # per call: a SPEC asking for more is refused (400), and so is a strategy that draws more
     max_concurrency: int = 64  # calls in flight
     max_queue: int | None = None  # calls waiting for a slot; beyond it 429 (None: max_concurrency)
-    api_key: str | None = None  # protects /v1/* (the client's Authorization is still forwarded upstream)
+    api_key: str | None = None  # protects /v1/*; the key is this gateway's, never forwarded upstream
+    upstream_api_key: str | None = None  # sent upstream as Authorization: Bearer KEY (else the client's, without api_key)
+    allow_rewards: Sequence[str] = ()  # module:function values a client's SPEC may name (reward=...); nothing else is imported
     timeout: float = 600.0  # seconds per upstream request (between bytes, when streaming)
     health_interval: float = 5.0
     max_n: int = 16  # samples per upstream request
@@ -102,8 +113,43 @@ class Config:
             if not (isinstance(value, (int, float)) and math.isfinite(value) and value > 0):
                 raise ValueError(f"--{name.replace('_', '-')} must be a number > 0, got {value!r}")
         extractor(self.extract)  # a bad extractor fails at start, not on the first call
+        for spec in self.allow_rewards:
+            if not _names_code(spec):
+                raise ValueError(f"--allow-reward must be module:function, got {spec!r}")
+            load_callable(spec, "--allow-reward")
         for spec in self.aliases:
             parse_method(spec)
+
+
+def _names_code(value: Any) -> bool:
+    """Whether a string is what :func:`~tts_plugins.client.server.load_callable` would import: ``module:function``."""
+    if not isinstance(value, str):
+        return False
+    module, colon, attr = value.strip().partition(":")
+    return bool(colon and module.strip() and attr.strip())
+
+
+def _code_refs(value: Any) -> Iterator[str]:
+    """Every ``module:function`` string in a setting's value, nested ones included."""
+    if isinstance(value, str):
+        if _names_code(value):
+            yield value.strip()
+    elif isinstance(value, Mapping):
+        for v in [*value.keys(), *value.values()]:
+            yield from _code_refs(v)
+    elif isinstance(value, (list, tuple)):
+        for v in value:
+            yield from _code_refs(v)
+
+
+def _show(value: Any, limit: int = 120) -> str:
+    """A client's value in a message: its repr, cut short."""
+    text = repr(value)
+    return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
+def _is_int(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
 
 
 def base_url(url: str) -> str:
@@ -127,15 +173,32 @@ class HTTPError(Exception):
     def body(self) -> bytes:
         if self.raw is not None:
             return self.raw
-        return json.dumps({"error": {"message": self.message, "type": self.kind, "param": self.param, "code": self.code}}).encode()
+        return json.dumps(self.error()).encode()
+
+    def error(self) -> dict[str, Any]:
+        """The OpenAI-style error object: an upstream's own when it sent one, else ours."""
+        if self.raw is not None:
+            try:
+                data = json.loads(self.raw)
+            except (ValueError, RecursionError):
+                data = None
+            if isinstance(data, dict) and isinstance(data.get("error"), dict):
+                return data
+        return {"error": {"message": self.message, "type": self.kind, "param": self.param, "code": self.code}}
+
+    def event(self) -> bytes:
+        """The error as a stream's last SSE event, on one line, then ``[DONE]``: what a call whose 200 already went
+        out can still say."""
+        return b"data: " + json.dumps(self.error()).encode() + b"\n\ndata: [DONE]\n\n"
 
 
 class UpstreamError(ServerError):
-    """An upstream request failed: unreachable (``status`` 0), timed out (504), or answered ``status``."""
+    """An upstream request failed: unreachable (``status`` 0), timed out (504), or answered ``status``. ``unsent``:
+    no connection could be opened, so the upstream never saw the request."""
 
-    def __init__(self, upstream: Upstream, message: str, status: int, body: bytes | None = None) -> None:
+    def __init__(self, upstream: Upstream, message: str, status: int, body: bytes | None = None, *, unsent: bool = False) -> None:
         super().__init__(message, status)
-        self.upstream, self.body = upstream, body
+        self.upstream, self.body, self.unsent = upstream, body, unsent
 
     @property
     def retryable(self) -> bool:
@@ -245,11 +308,12 @@ class CallServer(Server):
     every key a strategy does not decide), go to the call's upstream, and are recorded in the :class:`Call`."""
 
     def __init__(self, upstream: Upstream, call: Call, *, model: str, path: str, template: Mapping[str, Any], headers: Mapping[str, str],
-                 timeout: float, answer: Callable[[str], str | None]) -> None:
+                 timeout: float, answer: Callable[[str], str | None], offload: Callable[..., Any]) -> None:
         # explicit sampling, as tts bench sends it: the SPEC's top_p with no top_k or min_p, not the model's generation_config
         super().__init__(upstream.url, engine=upstream.engine or "vllm", model=model, timeout=timeout, answer=answer, explicit_sampling=True)
         self._client = upstream.client
         self.upstream, self.call, self.path, self.template, self.headers = upstream, call, path, template, dict(headers)
+        self.offload = offload  # the strategies run their rewards, votes and fits through it (strategies._offload)
 
     def body(self, prompt: str, **kw: Any) -> dict[str, Any]:
         body = super().body(prompt, **kw)
@@ -265,8 +329,6 @@ class CallServer(Server):
                      top_p: float | None = None) -> list[Sample]:
         """``n`` samples in one upstream request (see :meth:`Server.sample`); the call's failures are
         :class:`UpstreamError`, naming the upstream."""
-        import httpx
-
         call, u = self.call, self.upstream
         call.reserve(n)
         body = self.body(prompt, n=n, temperature=temperature, max_tokens=max_tokens, params=params, logprobs=logprobs, seed=seed, top_p=top_p)
@@ -275,38 +337,62 @@ class CallServer(Server):
         call.requests += 1
         u.outstanding += n
         try:
-            r = await self._client.post(u.url + self.path, json=body, headers=self.headers)
-        except httpx.TimeoutException:
-            raise UpstreamError(u, f"upstream {u.url} timed out after {self.timeout:g} s", 504) from None
-        except httpx.HTTPError as exc:
-            u.down(f"{type(exc).__name__}: {exc}")
-            raise UpstreamError(u, f"upstream {u.url} is unreachable ({type(exc).__name__}: {exc})", 0) from None
+            r = await post(u, lambda: self._client.post(u.url + self.path, json=body, headers=self.headers), self.timeout)
         finally:
             u.outstanding -= n
             call.tasks.discard(task)
         if r.status_code != 200:
             raise UpstreamError(u, f"upstream {u.url} answered HTTP {r.status_code}: {r.text[:300]}", r.status_code, r.content)
-        try:
-            data = r.json()
-            choices = sorted(data.get("choices") or [], key=lambda c: c.get("index", 0))
-        except (ValueError, AttributeError):
-            raise UpstreamError(u, f"upstream {u.url} answered with no completion: {r.text[:300]}", 502) from None
-        if len(choices) != n:
-            raise UpstreamError(u, f"upstream {u.url}: asked for {n} samples, it returned {len(choices)}", 502)
+        # parsing n choices (and the extractor on each) is the operator's code and may be slow: off the event loop
+        data, parsed = await self.offload(self._parse, r, n, temperature, phase, temperatures)
         grouped = "tts_group" in (params or {})
-        out = []
-        for c in choices:
-            t = temperatures[c.get("index", 0) % len(temperatures)] if temperatures else temperature
-            # the completions API's choice carries text where the chat API's carries a message
-            parsed = c if "message" in c else {**c, "message": {"content": c.get("text") or ""}}
-            s = self._sample(parsed, phase, t, t if self.engine == "sglang" and t > 0 else 1.0)
-            out.append(s)
+        for s, c in parsed:
             call.drawn.append(Drawn(s, c, grouped))
         for k, v in (data.get("usage") or {}).items():
             if isinstance(v, int) and not isinstance(v, bool):
                 call.usage[k] += v
         call.progress.set()
-        return out
+        return [s for s, _ in parsed]
+
+    def _parse(self, r: Any, n: int, temperature: float, phase: str,
+               temperatures: Sequence[float] | None) -> tuple[dict[str, Any], list[tuple[Sample, Mapping[str, Any]]]]:
+        u = self.upstream
+        try:
+            data = r.json()
+            choices = sorted(data.get("choices") or [], key=lambda c: c.get("index", 0))
+        except (ValueError, AttributeError, TypeError, RecursionError):
+            raise UpstreamError(u, f"upstream {u.url} answered with no completion: {r.text[:300]}", 502) from None
+        if len(choices) != n:
+            raise UpstreamError(u, f"upstream {u.url}: asked for {n} samples, it returned {len(choices)}", 502)
+        out = []
+        for c in choices:
+            t = temperatures[c.get("index", 0) % len(temperatures)] if temperatures else temperature
+            # the completions API's choice carries text where the chat API's carries a message
+            parsed = c if "message" in c else {**c, "message": {"content": c.get("text") or ""}}
+            out.append((self._sample(parsed, phase, t, t if self.engine == "sglang" and t > 0 else 1.0), c))
+        return data, out
+
+
+async def post(u: Upstream, send: Callable[[], Any], timeout: float) -> Any:
+    """``send()`` to upstream ``u``, its failures as :class:`UpstreamError` naming it. A read error or a broken
+    response on a pooled keep-alive connection (the upstream closed it as we sent) is sent once more, as
+    :meth:`Server.sample` does; only a second failure, or a connection that cannot be opened, takes the upstream out
+    of rotation (``status`` 0: another upstream may answer). A read timeout is a 504 and leaves it in rotation."""
+    import httpx
+
+    try:
+        try:
+            return await send()
+        except (httpx.ReadError, httpx.RemoteProtocolError):
+            return await send()
+    except (httpx.ConnectError, httpx.ConnectTimeout) as exc:  # ConnectTimeout is a TimeoutException: first
+        u.down(f"{type(exc).__name__}: {exc}")
+        raise UpstreamError(u, f"upstream {u.url} is unreachable ({type(exc).__name__}: {exc})", 0, unsent=True) from None
+    except httpx.TimeoutException:
+        raise UpstreamError(u, f"upstream {u.url} timed out after {timeout:g} s", 504) from None
+    except httpx.HTTPError as exc:
+        u.down(f"{type(exc).__name__}: {exc}")
+        raise UpstreamError(u, f"upstream {u.url} failed ({type(exc).__name__}: {exc})", 0) from None
 
 
 # --- limits -----------------------------------------------------------------------------------------------
@@ -450,13 +536,16 @@ def split_model(model: str) -> tuple[str, str | None]:
 class Gateway:
     """The ASGI app's state: upstreams, limits, metrics; :meth:`app` builds the Starlette app."""
 
-    def __init__(self, config: Config) -> None:
+    def __init__(self, config: Config, *, transport: Any = None) -> None:
         config.check()
         self.config = config
         self.upstreams = [Upstream(base_url(u), i) for i, u in enumerate(config.upstreams)]
         self.answer = extractor(config.extract)
+        self.allowed = frozenset(s.strip() for s in config.allow_rewards)
         self.metrics = Metrics()
         self.gate: Gate | None = None
+        self.transport = transport  # the upstreams' httpx transport (None: the network; tests give a MockTransport)
+        self._pool: ThreadPoolExecutor | None = None
         self._health: asyncio.Task | None = None
 
     # --- lifecycle ---
@@ -467,10 +556,13 @@ class Gateway:
         c = self.config
         self.gate = Gate(c.max_concurrency, c.max_concurrency if c.max_queue is None else c.max_queue)
         timeout = httpx.Timeout(c.timeout, connect=min(10.0, c.timeout))
+        headers = {"authorization": f"Bearer {c.upstream_api_key}"} if c.upstream_api_key else None
         for u in self.upstreams:
             # idle connections go before the servers' own keep-alive timeout (uvicorn: 5 s), as Server's do
-            u.client = httpx.AsyncClient(timeout=timeout, limits=httpx.Limits(max_connections=None, max_keepalive_connections=64,
-                                                                                keepalive_expiry=2.0))
+            u.client = httpx.AsyncClient(timeout=timeout, headers=headers, transport=self.transport,
+                                         limits=httpx.Limits(max_connections=None, max_keepalive_connections=64, keepalive_expiry=2.0))
+        # rewards, votes (math-verify) and fits: one worker per call in flight, so a slow reward holds only its own call
+        self._pool = ThreadPoolExecutor(max_workers=c.max_concurrency, thread_name_prefix="tts-serve")
         await self.check_all()
         self._health = asyncio.ensure_future(self._health_loop())
 
@@ -481,6 +573,21 @@ class Gateway:
         for u in self.upstreams:
             if u.client is not None:
                 await u.client.aclose()
+        if self._pool is not None:
+            self._pool.shutdown(wait=False, cancel_futures=True)
+
+    async def offload(self, fn: Callable[..., Any], *args: Any, **kw: Any) -> Any:
+        """``fn(*args, **kw)`` on a worker thread: the event loop goes on serving /health and every other call.
+        A call cancelled meanwhile stops waiting; the work itself runs to its end."""
+        assert self._pool is not None
+        return await asyncio.get_running_loop().run_in_executor(self._pool, functools.partial(fn, *args, **kw))
+
+    def upstream_headers(self, request: Any) -> dict[str, str]:
+        """The Authorization an upstream gets: ``--upstream-api-key`` (the client's defaults carry it); none when
+        ``--api-key`` is set (the client's header holds this gateway's key, not the upstream's); else the client's."""
+        if self.config.upstream_api_key or self.config.api_key is not None:
+            return {}
+        return {k: v for k, v in request.headers.items() if k.lower() == "authorization"}
 
     async def _health_loop(self) -> None:
         while True:
@@ -498,16 +605,23 @@ class Gateway:
         import httpx
 
         timeout = min(5.0, self.config.timeout)
+
+        async def get(path: str) -> Any:
+            try:
+                return await u.client.get(u.url + path, timeout=timeout)
+            except (httpx.ReadError, httpx.RemoteProtocolError):  # a pooled connection the upstream closed: once more
+                return await u.client.get(u.url + path, timeout=timeout)
+
         try:
-            r = await u.client.get(u.url + "/health", timeout=timeout)
-            models = await u.client.get(u.url + "/v1/models", timeout=timeout)
+            r = await get("/health")
+            models = await get("/v1/models")
             if models.status_code == 200:
                 u.models = [m for m in (models.json().get("data") or []) if isinstance(m, dict)]
             if r.status_code != 200 and models.status_code != 200:
                 u.down(f"/health answered HTTP {r.status_code}, /v1/models HTTP {models.status_code}")
                 return
             if u.engine is None:
-                info = await u.client.get(u.url + "/get_model_info", timeout=timeout)
+                info = await get("/get_model_info")
                 u.engine = "sglang" if info.status_code == 200 else "vllm"
             u.up()
         except (httpx.HTTPError, ValueError, AttributeError) as exc:
@@ -515,8 +629,11 @@ class Gateway:
 
     def pick(self, model: str, exclude: Sequence[Upstream] = ()) -> Upstream | None:
         """The healthy upstream with the least outstanding work among those serving ``model`` (all healthy ones
-        when none lists it); ties go to the one that got fewer calls, then to the first listed."""
-        live = [u for u in self.upstreams if u.healthy and u not in exclude]
+        when none lists it); ties go to the one that got fewer calls, then to the first listed. With no healthy one
+        left, the same among those out of rotation: the health state may be stale (an upstream that came back
+        since the last check), and trying costs a refused connection, where not trying is a certain 502."""
+        left = [u for u in self.upstreams if u not in exclude]
+        live = [u for u in left if u.healthy] or left
         serving = [u for u in live if model in u.model_ids] if model else []
         pool = serving or live
         return min(pool, key=lambda u: (u.outstanding, u.calls, u.index)) if pool else None
@@ -592,32 +709,16 @@ class Gateway:
         t0 = time.perf_counter()
         path = request.url.path
         try:
-            body = json.loads(raw) if raw else None
-        except ValueError:
-            body = None
-        spec = None
-        if isinstance(body, dict):
-            model = body.get("model") if isinstance(body.get("model"), str) else ""
-            name, spec = split_model(model)
-            given = body.get("tts_strategy")
-            if given not in (None, ""):
-                if spec is not None and spec != given:
-                    twice = _error(400, f"the strategy is named twice, {spec!r} in the model and {given!r} in tts_strategy; name it once",
-                                   param="tts_strategy", code="bad_strategy")
-                    async for part in _error_parts(twice):
-                        yield part
-                    self.metrics.call("invalid", 400, time.perf_counter() - t0)
-                    return
-                spec = str(given)
-        if spec is None:
-            async for part in self.relay(request, raw, path, body if isinstance(body, dict) else {}, t0):
-                yield part
-            return
-        try:
-            plan = self.plan(path, body, name, spec)
+            body = parse_body(raw)
+            name, spec = strategy_of(body)
+            plan = None if spec is None else self.plan(path, body, name, spec)
         except HTTPError as exc:
             self.metrics.call("invalid", exc.status, time.perf_counter() - t0)
             async for part in _error_parts(exc):
+                yield part
+            return
+        if plan is None:
+            async for part in self.relay(request, raw, path, body, t0):
                 yield part
             return
         async for part in self.strategy(request, plan, t0):
@@ -630,9 +731,15 @@ class Gateway:
         import httpx
 
         assert self.gate is not None
+        c = self.config
         model = body.get("model") if isinstance(body.get("model"), str) else ""
-        n = body.get("n") if isinstance(body.get("n"), int) else 1
-        headers = [(k, v) for k, v in request.headers.items() if k.lower() not in _HOP]
+        n = body.get("n")
+        # the call's weight in the outstanding-work balance, and nothing more: the body goes as sent (an upstream
+        # refuses a bad n itself), and a client's n of a million or of -5 must not skew where other calls go
+        weight = min(max(n, 1), max(c.max_samples, c.max_n)) if _is_int(n) else 1
+        strip = _HOP | ({"authorization"} if c.upstream_api_key or c.api_key is not None else set())
+        headers = [(k, v) for k, v in request.headers.items() if k.lower() not in strip]
+        query = request.url.query
         status = 502
         try:
             async with self.gate.slot():
@@ -642,24 +749,24 @@ class Gateway:
                     u = self.pick(model, tried)
                     if u is None:
                         break
+                    if tried:
+                        self.metrics.retries += 1
                     tried.append(u)
                     u.calls += 1
-                    u.outstanding += n
+                    u.outstanding += weight
                     try:
-                        query = request.url.query
-                        req = u.client.build_request(request.method, u.url + path + (f"?{query}" if query else ""), content=raw, headers=headers)
+                        def send(u: Upstream = u) -> Any:
+                            req = u.client.build_request(request.method, u.url + path + (f"?{query}" if query else ""), content=raw,
+                                                         headers=headers)
+                            return u.client.send(req, stream=True)
+
                         try:
-                            resp = await u.client.send(req, stream=True)
-                        except (httpx.ConnectError, httpx.ConnectTimeout) as exc:
-                            u.down(f"{type(exc).__name__}: {exc}")
-                            errors.append(f"{u.url} unreachable ({type(exc).__name__}: {exc})")
-                            continue
-                        except httpx.TimeoutException:
-                            raise HTTPError(504, f"upstream {u.url} timed out after {self.config.timeout:g} s", kind="upstream_error",
-                                            code="upstream_timeout") from None
-                        except httpx.HTTPError as exc:
-                            raise HTTPError(502, f"upstream {u.url} failed ({type(exc).__name__}: {exc})", kind="upstream_error",
-                                            code="upstream_error") from None
+                            resp = await post(u, send, c.timeout)
+                        except UpstreamError as exc:
+                            if exc.unsent:
+                                errors.append(str(exc))
+                                continue
+                            raise exc.http() from None
                         try:
                             status = resp.status_code
                             yield status, [(k, v) for k, v in resp.headers.items() if k.lower() not in _HOP]
@@ -668,11 +775,12 @@ class Gateway:
                                     yield chunk
                             except httpx.HTTPError as exc:  # the status is sent: all that is left is to end the stream
                                 log.warning("upstream %s broke off a response: %s", u.url, exc)
+                                status = 502  # what /metrics counts: the client got a broken answer, not the 200 it began as
                         finally:
                             await resp.aclose()
                         return
                     finally:
-                        u.outstanding -= n
+                        u.outstanding -= weight
                 raise self._no_upstream(tried, errors)
         except HTTPError as exc:
             status = exc.status
@@ -690,15 +798,13 @@ class Gateway:
             _, m = parse_method(spec)
             m.method.check_run(m, concurrency=self.config.max_samples)
         except ValueError as exc:
-            raise _error(400, f"bad tts strategy {spec!r}: {exc}", param=where, code="bad_strategy") from None
+            raise _error(400, f"bad tts strategy {spec!r}: {_with_form(str(exc), spec)}", param=where, code="bad_strategy") from None
+        self.check_settings(m, where)
         wanted = m.method.sample_count(m.settings)
         if wanted > self.config.max_samples:
             raise _error(400, f"strategy {spec!r} asks for {wanted} samples; this gateway allows at most --max-samples={self.config.max_samples}",
                          param=where, code="max_samples")
-        n = body.get("n", 1)
-        if n not in (None, 1):
-            raise _error(400, f"a strategy call answers with one choice; got n={n!r} (ask for more samples in the SPEC: {m.method.form})",
-                         param="n", code="bad_strategy")
+        check_body(body, m)
         chat = path.endswith("/chat/completions")
         if chat:
             messages = body.get("messages")
@@ -715,21 +821,35 @@ class Gateway:
         template = {k: v for k, v in body.items() if k not in STRATEGY_KEYS and k not in params}
         if not chat:
             template["prompt"] = prompt
-        limit = body.get("max_completion_tokens") or body.get("max_tokens") or self.config.max_tokens
-        if not isinstance(limit, int) or isinstance(limit, bool) or limit < 1:
-            raise _error(400, f"max_tokens must be an int >= 1, got {limit!r}", param="max_tokens")
+        limit = next((body[k] for k in ("max_completion_tokens", "max_tokens") if body.get(k) is not None), self.config.max_tokens)
         max_tokens = int(m.settings.get("max_tokens", limit))
-        seed = body.get("seed") if isinstance(body.get("seed"), int) and not isinstance(body.get("seed"), bool) else None
+        seed = body.get("seed")
         if params:
             m.params = {**m.params, **params}
         return Plan(model=name, shown=str(body.get("model") or name), spec=m, path=path, template=template, params=params, prompt=prompt,
                     max_tokens=max_tokens, seed=seed, stream=bool(body.get("stream")), chat=chat)
 
+    def check_settings(self, m: MethodSpec, where: str) -> None:
+        """No code travels over the wire: a setting the client changed that names ``module:function`` (a reward, an
+        extractor, anything a method would import) is refused unless ``--allow-reward`` lists that very value; the
+        built-in names (``confidence``, ``agreement``) and the method's own defaults (the operator installed it) stay.
+        A setting whose default is a name takes a string."""
+        defaults = m.method.defaults
+        for key, value in m.settings.items():
+            if key in defaults and value == defaults[key]:
+                continue
+            if isinstance(defaults.get(key), str) and not isinstance(value, str):
+                raise _error(400, f"in strategy {m.spec!r}: {key} must be a string, got {_show(value)}", param=where, code="bad_strategy")
+            for ref in _code_refs(value):
+                if ref not in self.allowed:
+                    raise _error(400, f"in strategy {m.spec!r}: {key}={ref} names code to run (module:function), and a client may not send "
+                                      f"code; the gateway's operator can allow it with --allow-reward {ref}", param=where, code="code_not_allowed")
+
     async def attempts(self, request: Any, plan: Plan, calls: list[Call]) -> tuple[Call, Any]:
         """Run the strategy on an upstream; once more on another when the first failed before any sample finished."""
         tried: list[Upstream] = []
         errors: list[str] = []
-        headers = {k: v for k, v in request.headers.items() if k.lower() == "authorization"}
+        headers = self.upstream_headers(request)
         problem = {"id": PROBLEM_ID, "prompt": plan.prompt}
         expected = plan.method.sample_count(plan.spec.settings)
         while True:
@@ -742,7 +862,7 @@ class Gateway:
             calls.append(call)
             model = plan.model or (u.model_ids[0] if u.model_ids else "")
             server = CallServer(u, call, model=model, path=plan.path, template=plan.template, headers=headers, timeout=self.config.timeout,
-                                answer=self.answer)
+                                answer=self.answer, offload=self.offload)
             # without the call's seed the strategies draw unseeded; a method that seeds its requests itself (a roster's
             # members) gets a fresh first seed
             first = random.randrange(2**31 - 1) if plan.seed is None else sample_seed(plan.seed, PROBLEM_ID)
@@ -773,11 +893,14 @@ class Gateway:
             async with self.gate.slot():
                 if not plan.stream:
                     call, outcome = await self._run(request, plan, calls)
-                    answer = self.answer_body(plan, call, outcome, t0)
+                    answer = await self.answer_body(plan, call, outcome, t0)
                     yield 200, [("content-type", "application/json")]
                     yield json.dumps(answer).encode()
                     return
                 async for part in self.stream(request, plan, calls, t0):
+                    if isinstance(part, HTTPError):  # failed after its 200: /metrics counts the real status
+                        status = part.status
+                        part = part.event()
                     yield part
         except HTTPError as exc:
             status = exc.status
@@ -802,7 +925,8 @@ class Gateway:
 
     async def stream(self, request: Any, plan: Plan, calls: list[Call], t0: float) -> AsyncIterator[Any]:
         """SSE: the status waits for the first finished sample (or the keep-alive interval), so an upstream that
-        fails at once still gets its 502; after it, progress comments, the answer's chunks, usage and ``tts``."""
+        fails at once still gets its 502; after it, progress comments, the answer's chunks, usage and ``tts``. A
+        failure after the 200 is yielded as its :class:`HTTPError` (the caller counts it and sends its event)."""
         task = asyncio.ensure_future(self._run(request, plan, calls))
         committed, shown = False, None
         try:
@@ -827,14 +951,17 @@ class Gateway:
                         yield (line + "\n\n").encode()
                 if task in done:
                     break
-            if task.exception() is not None:
-                exc = task.exception()
-                err = exc if isinstance(exc, HTTPError) else HTTPError(500, str(exc), kind="server_error")
-                yield b"data: " + err.body() + b"\n\n"
-                yield b"data: [DONE]\n\n"
+            exc = task.exception()
+            if exc is None:
+                try:
+                    call, outcome = task.result()
+                    answer = await self.answer_body(plan, call, outcome, t0)
+                except Exception as late:
+                    log.exception("strategy %r: the answer failed", plan.spec.spec)
+                    exc = HTTPError(500, f"strategy {plan.spec.spec!r} failed: {type(late).__name__}: {late}", kind="server_error")
+            if exc is not None:
+                yield exc if isinstance(exc, HTTPError) else HTTPError(500, str(exc), kind="server_error")
                 return
-            call, outcome = task.result()
-            answer = self.answer_body(plan, call, outcome, t0)
             for chunk in _chunks(plan, answer):
                 yield b"data: " + json.dumps(chunk).encode() + b"\n\n"
             yield b"data: [DONE]\n\n"
@@ -843,15 +970,13 @@ class Gateway:
                 task.cancel()
                 await asyncio.gather(task, return_exceptions=True)
 
-    def answer_body(self, plan: Plan, call: Call, outcome: Any, t0: float) -> dict[str, Any]:
-        """The OpenAI response: the selected sample as one choice, usage over every sample, and the ``tts`` object."""
-        drawn = call.drawn
+    async def answer_body(self, plan: Plan, call: Call, outcome: Any, t0: float) -> dict[str, Any]:
+        """The OpenAI response: the selected sample as one choice, usage over every sample, and the ``tts`` object.
+        The selection and the tally compare answers (math-verify): on a worker thread."""
+        drawn = list(call.drawn)
         voted = outcome.answer
-        pick = select(drawn, voted)
+        pick, votes = await self.offload(_tally, drawn, voted)
         chosen = drawn[pick].choice if pick is not None else {}
-        tally: Counter = Counter()
-        for _, members in aggregate.classes([d.sample.answer for d in drawn]):
-            tally[str(aggregate.canonical([d.sample.answer for d in drawn], members))] += len(members)
         usage = dict(call.usage)
         if "completion_tokens" not in usage:
             usage["completion_tokens"] = sum(d.sample.tokens for d in drawn)
@@ -864,7 +989,7 @@ class Gateway:
         self.metrics.tokens[(name, "prompt")] += usage.get("prompt_tokens", 0)
         self.metrics.tokens[(name, "completion")] += usage.get("completion_tokens", 0)
         tts = {"strategy": plan.spec.spec, "method": name, "label": plan.spec.label, "answer": voted,
-               "votes": dict(tally.most_common()), "selected": pick, "stopped": stopped, "upstream": call.upstream.url,
+               "votes": votes, "selected": pick, "stopped": stopped, "upstream": call.upstream.url,
                "requests": call.requests, "seconds": round(time.perf_counter() - t0, 3),
                "samples": [{"tokens": d.sample.tokens, "finish_reason": d.sample.finish_reason, "stopped": d.stopped, "answer": d.sample.answer,
                             "phase": d.sample.phase, **({"reward": d.sample.reward} if d.sample.reward is not None else {})} for d in drawn],
@@ -879,6 +1004,93 @@ class Gateway:
         return {"id": f"{'chatcmpl' if plan.chat else 'cmpl'}-tts-{uuid.uuid4().hex}",
                 "object": "chat.completion" if plan.chat else "text_completion", "created": int(time.time()), "model": plan.shown,
                 "choices": [choice], "usage": usage, "tts": tts}
+
+
+def _tally(drawn: Sequence[Drawn], voted: str | None) -> tuple[int | None, dict[str, int]]:
+    """The selected sample (:func:`select`) and the votes per answer, equal answers by math-verify."""
+    answers = [d.sample.answer for d in drawn]
+    tally: Counter = Counter()
+    for _, members in aggregate.classes(answers):
+        tally[str(aggregate.canonical(answers, members))] += len(members)
+    return select(drawn, voted), dict(tally.most_common())
+
+
+def parse_body(raw: bytes) -> dict[str, Any]:
+    """The call's body, a JSON object, else a 400 from the gateway itself (pass-through calls too: an upstream
+    would answer the same, less clearly)."""
+    try:
+        body = json.loads(raw)
+    except RecursionError:  # nested deeper than the parser's stack
+        raise _error(400, "the body must be a JSON object; it is nested too deeply to parse") from None
+    except ValueError as exc:
+        raise _error(400, f"the body must be a JSON object; it is not valid JSON ({exc})") from None
+    if not isinstance(body, dict):
+        raise _error(400, f"the body must be a JSON object, got a JSON {_JSON_TYPES.get(type(body), type(body).__name__)}")
+    return body
+
+
+_JSON_TYPES = {list: "array", str: "string", int: "number", float: "number", bool: "boolean", type(None): "null"}
+
+
+def strategy_of(body: Mapping[str, Any]) -> tuple[str, str | None]:
+    """``(upstream model, SPEC)`` of a call: the SPEC after ``@`` in the model or in ``tts_strategy`` (None: a
+    pass-through call, which keeps whatever model it sent)."""
+    model, given = body.get("model"), body.get("tts_strategy")
+    if given is not None and not isinstance(given, str):
+        raise _error(400, f"tts_strategy must be a string (a SPEC, e.g. 'majority:n=8'), got {_show(given)}", param="tts_strategy",
+                     code="bad_strategy")
+    name, spec = split_model(model) if isinstance(model, str) else ("", None)
+    if given:
+        if model is not None and not isinstance(model, str):
+            raise _error(400, f"model must be a string, got {_show(model)}", param="model")
+        if spec is not None and spec != given:
+            raise _error(400, f"the strategy is named twice, {spec!r} in the model and {given!r} in tts_strategy; name it once",
+                         param="tts_strategy", code="bad_strategy")
+        spec = given
+    return name, spec
+
+
+def check_body(body: Mapping[str, Any], m: MethodSpec) -> None:
+    """A strategy call's own keys, each checked by name (a JSON ``null`` is the key's absence); the sampling keys
+    the strategy sets are refused, not silently replaced."""
+
+    def need(key: str, ok: bool, what: str) -> None:
+        if not ok:
+            raise _error(400, f"{key} must be {what}, got {_show(body[key])}", param=key)
+
+    def given(key: str) -> bool:
+        return body.get(key) is not None
+
+    for key in ("max_completion_tokens", "max_tokens"):
+        if given(key):
+            need(key, _is_int(body[key]) and body[key] >= 1, "an int >= 1")
+    if given("stream"):
+        need("stream", isinstance(body["stream"], bool), "a boolean")
+    if given("seed"):
+        need("seed", _is_int(body["seed"]), "an int")
+    if given("n"):
+        need("n", _is_int(body["n"]) and body["n"] == 1,
+             f"1 or absent (a strategy call answers with one choice; ask for more samples in the SPEC: {m.method.form})")
+    for key in FIELD.values():
+        if given(key):
+            need(key, isinstance(body[key], dict), "a JSON object of tts_* keys")
+    for key in SET_BY_STRATEGY:
+        if not given(key) or (key == "logprobs" and body[key] is False):
+            continue
+        if key in m.method.keys:
+            example = m.spec + ("," if ":" in m.spec else ":") + f"{key}={json.dumps(body[key])}"
+            how = f"set it in the SPEC instead, e.g. model='NAME@{example}'"
+        else:
+            how = f"{m.method.name}'s SPEC does not take it (its settings: {', '.join(m.method.keys)})"
+        raise _error(400, f"{key} is set by the strategy {m.method.name!r}, not by the call (got {key}={_show(body[key])}); {how}", param=key,
+                     code="set_by_strategy")
+
+
+def _with_form(message: str, spec: str) -> str:
+    """A bad SPEC's message with what was expected: the method's form (its grammar) when the message lacks it."""
+    method = default_methods().get(spec.strip().partition(":")[0]) if isinstance(spec, str) else None
+    form = method.form if method is not None else "METHOD[:<value>][,key=value...] with one of the known methods"
+    return message if "expected" in message and form in message else f"{message}; expected {form}"
 
 
 def select(drawn: Sequence[Drawn], voted: str | None) -> int | None:
@@ -990,7 +1202,12 @@ def add_parser(sub: Any) -> argparse.ArgumentParser:
     p.add_argument("--max-samples", type=int, default=64, help="the most samples one call may draw (default 64)")
     p.add_argument("--max-concurrency", type=int, default=64, help="calls in flight (default 64); more wait in a queue")
     p.add_argument("--max-queue", type=int, default=None, help="calls waiting for a slot before 429 (default: --max-concurrency)")
-    p.add_argument("--api-key", default=None, help="require Authorization: Bearer KEY on /v1/* (the header is forwarded upstream)")
+    p.add_argument("--api-key", default=None, help="require Authorization: Bearer KEY on /v1/* (this key is never forwarded upstream)")
+    p.add_argument("--upstream-api-key", default=None, metavar="KEY",
+                   help="send Authorization: Bearer KEY to the upstreams (default: the client's header, unless --api-key is set)")
+    p.add_argument("--allow-reward", action="append", default=[], metavar="MODULE:FUNCTION",
+                   help="a module:function a client's SPEC may name (reward=...); repeatable. Any other is refused: no code travels "
+                        "over the wire. The built-in rewards (confidence, agreement) need no flag")
     p.add_argument("--timeout", type=float, default=600.0, help="seconds per upstream request (default 600)")
     p.add_argument("--health-interval", type=float, default=5.0, help="seconds between upstream health checks (default 5)")
     p.add_argument("--max-n", type=int, default=16, help="samples per upstream request (default 16)")
@@ -1004,8 +1221,9 @@ def add_parser(sub: Any) -> argparse.ArgumentParser:
 
 def config(a: argparse.Namespace) -> Config:
     return Config(upstreams=a.upstream, host=a.host, port=a.port, max_samples=a.max_samples, max_concurrency=a.max_concurrency,
-                  max_queue=a.max_queue, api_key=a.api_key, timeout=a.timeout, health_interval=a.health_interval, max_n=a.max_n,
-                  max_tokens=a.max_tokens, extract=a.extract, aliases=tuple(a.alias) if a.alias else ALIASES)
+                  max_queue=a.max_queue, api_key=a.api_key, upstream_api_key=a.upstream_api_key, allow_rewards=tuple(a.allow_reward),
+                  timeout=a.timeout, health_interval=a.health_interval, max_n=a.max_n, max_tokens=a.max_tokens, extract=a.extract,
+                  aliases=tuple(a.alias) if a.alias else ALIASES)
 
 
 def build_app(c: Config) -> Any:

@@ -189,6 +189,16 @@ def score(reward: Callable[[str, Sample, Sequence[Sample]], float], prompt: str,
         s.reward = reward(prompt, s, samples)
 
 
+async def _offload(run: _Run, fn: Callable[..., Any], *args: Any, **kw: Any) -> Any:
+    """``fn(*args, **kw)``: blocking work (a reward, a vote that compares answers with math-verify, CarBoN's fit).
+    A server that declares an ``offload`` coroutine runs it there (``tts serve``'s, whose event loop must stay free
+    for its other calls while a slow reward runs); any other runs it inline, as ``tts run`` and ``tts bench`` do."""
+    offload = getattr(run.server, "offload", None)
+    if offload is None:
+        return fn(*args, **kw)
+    return await offload(fn, *args, **kw)
+
+
 # --- sampling -----------------------------------------------------------------
 
 
@@ -284,8 +294,8 @@ async def self_consistency(run: _Run, aggregators: Mapping[str, Any], rewards: M
     logprobs = o.top_logprobs if o.vote == "inverse_entropy" else 1 if o.vote == "confidence_vote" else None
     samples = await run.draw(o.n, temperature=o.temperature, phase="sample", logprobs=logprobs)
     if o.reward:
-        score(reward_fn(o.reward, rewards), run.prompt, samples)
-    return _result(run, _vote(o, samples, "majority", aggregators), samples)
+        await _offload(run, score, reward_fn(o.reward, rewards), run.prompt, samples)
+    return _result(run, await _offload(run, _vote, o, samples, "majority", aggregators), samples)
 
 
 async def best_of_n(run: _Run, aggregators: Mapping[str, Any], rewards: Mapping[str, Any]) -> dict[str, Any]:
@@ -293,8 +303,8 @@ async def best_of_n(run: _Run, aggregators: Mapping[str, Any], rewards: Mapping[
     reward = o.reward or "confidence"
     logprobs = 1 if reward == "confidence" or o.vote == "confidence_vote" else None
     samples = await run.draw(o.n, temperature=o.temperature, phase="sample", logprobs=logprobs)
-    score(reward_fn(reward, rewards), run.prompt, samples)
-    return _result(run, _vote(o, samples, "best_of_n", aggregators), samples)
+    await _offload(run, score, reward_fn(reward, rewards), run.prompt, samples)
+    return _result(run, await _offload(run, _vote, o, samples, "best_of_n", aggregators), samples)
 
 
 async def ladder(run: _Run, aggregators: Mapping[str, Any], rewards: Mapping[str, Any]) -> dict[str, Any]:
@@ -324,7 +334,7 @@ async def ladder(run: _Run, aggregators: Mapping[str, Any], rewards: Mapping[str
             by_t: dict[float, list[str | None]] = {}
             for s in samples:
                 by_t.setdefault(float(s.temperature or 0.0), []).append(s.answer)
-            vote = aggregate.multi_temperature_vote(by_t, tau_intra=o.tau_intra, tau_cross=o.tau_cross)
+            vote = await _offload(run, aggregate.multi_temperature_vote, by_t, tau_intra=o.tau_intra, tau_cross=o.tau_cross)
             if vote.decided and done_waves >= o.min_waves:
                 break
             while sent < o.waves and len(pending) < o.ahead:
@@ -347,7 +357,7 @@ async def carbon(run: _Run, aggregators: Mapping[str, Any], rewards: Mapping[str
     o = run.o
     reward = reward_fn(o.reward or "agreement", rewards)
     explore = await run.draw(o.carbon_n1, temperature=o.temperature, phase="explore", logprobs=o.top_logprobs)
-    score(reward, run.prompt, explore)
+    await _offload(run, score, reward, run.prompt, explore)
     kept = sorted(range(len(explore)), key=lambda i: (-(explore[i].reward or 0.0), i))[: o.carbon_keep]
     positions = []
     for i in kept:
@@ -357,17 +367,17 @@ async def carbon(run: _Run, aggregators: Mapping[str, Any], rewards: Mapping[str
                 positions.append(Position(ids=list(top), logprobs=list(top.values()), chosen=int(chosen)))
     calib = None
     if positions:
-        calib = fit_calibration(positions, l2=o.l2)
+        calib = await _offload(run, fit_calibration, positions, l2=o.l2)
         params = calib.request_params()
     else:  # nothing to fit on (empty completions): exploit uncalibrated
         params = {}
     exploit = await run.draw(o.n - o.carbon_n1, temperature=1.0 if params else o.temperature, phase="exploit", params=params,
                              logprobs=1 if o.vote == "confidence_vote" else None)
     samples = explore + exploit
-    score(reward, run.prompt, samples)  # rewards over all N (agreement: with the majority of all N)
+    await _offload(run, score, reward, run.prompt, samples)  # rewards over all N (agreement: with the majority of all N)
     info = None if calib is None else {"temperature": calib.temperature, "bias_tokens": len(calib.bias), "nll_before": calib.nll_before,
                                        "nll_after": calib.nll_after, "positions": len(positions), "kept": len(kept)}
-    return _result(run, _vote(o, samples, "best_of_n", aggregators), samples, calibration=info)
+    return _result(run, await _offload(run, _vote, o, samples, "best_of_n", aggregators), samples, calibration=info)
 
 
 def _conf(s: Sample) -> dict[str, Any]:
@@ -396,13 +406,13 @@ async def deepconf(run: _Run, aggregators: Mapping[str, Any], rewards: Mapping[s
                 weights.append(float(r["lowest"]))
         return answers, weights
 
-    vote = aggregate.confidence_vote(*voters())
+    vote = await _offload(run, aggregate.confidence_vote, *voters())
     waves = 0
     while len(samples) < o.n and not (o.adaptive and vote.total > 0 and vote.votes >= o.tau * vote.total):
         size = min(o.max_n, o.n - len(samples))
         samples += await run.draw(size, temperature=o.temperature, phase="online", params={**keys, "tts_conf_threshold": threshold})
         waves += 1
-        vote = aggregate.confidence_vote(*voters())
+        vote = await _offload(run, aggregate.confidence_vote, *voters())
     stopped = sum(bool(_conf(s)["stopped"]) for s in samples)
     consensus = vote.votes / vote.total if vote.total else 0.0
     return _result(run, vote, samples, threshold=threshold, variant=o.deepconf, warmup=o.warmup, online_waves=waves, stopped=stopped,
