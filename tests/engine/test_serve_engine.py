@@ -228,19 +228,24 @@ def _running(srv) -> float:
 
 
 def test_a_client_that_disconnects_aborts_every_upstream_request_of_its_call(upstream, gateway):
-    body = {"model": f"{upstream.model}@majority:n=8", "messages": [{"role": "user", "content": QUESTIONS[4]}], "max_tokens": 900,
-            "ignore_eos": True, "stream": True}
+    """A client sends a strategy call (16 samples of 950 tokens, no EOS: many seconds of work) and hangs up once the
+    engine runs it: within 3 s the engine runs nothing, so the gateway aborted every upstream request of the call."""
+    body = json.dumps({"model": f"{upstream.model}@majority:n=16", "messages": [{"role": "user", "content": QUESTIONS[4]}],
+                       "max_tokens": 950, "ignore_eos": True, "stream": True}).encode()
     assert _running(upstream) == 0
-    with requests.post(gateway.base + "/v1/chat/completions", json=body, stream=True, timeout=300) as r:
-        assert r.status_code == 200
+    conn = socket.create_connection(("127.0.0.1", gateway.port))
+    try:
+        conn.sendall(b"POST /v1/chat/completions HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/json\r\n"
+                     b"Content-Length: %d\r\n\r\n" % len(body) + body)
         deadline = time.monotonic() + 30
         while _running(upstream) == 0 and time.monotonic() < deadline:
-            time.sleep(0.1)
+            time.sleep(0.05)
         assert _running(upstream) > 0, "the call never reached the engine"
-    # the connection is closed: 8 x 900 tokens take far longer than this
-    deadline = time.monotonic() + 10
-    while _running(upstream) > 0 and time.monotonic() < deadline:
-        time.sleep(0.2)
+    finally:
+        conn.close()  # the client leaves before any answer
+    left = time.monotonic()
+    while _running(upstream) > 0 and time.monotonic() < left + 3:
+        time.sleep(0.1)
     assert _running(upstream) == 0, "the engine still runs the samples of a call whose client left"
 
 
