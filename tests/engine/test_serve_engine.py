@@ -99,7 +99,13 @@ def _check_tts(r, n=None):
     assert sum(s["tokens"] for s in samples) == body["usage"]["completion_tokens"], (tts, body["usage"])
     assert sum(tts["votes"].values()) == sum(s["answer"] is not None for s in samples)
     assert tts["stopped"] == sum(s["stopped"] for s in samples)
-    content = body["choices"][0]["message"]["content"] if "message" in body["choices"][0] else body["choices"][0]["text"]
+    choice = body["choices"][0]
+    if "message" in choice:  # the answer line is in the content, or in the reasoning when the parser kept it all there
+        msg = choice["message"]
+        content = next((t for t in (msg.get("content"), msg.get("reasoning_content"), msg.get("reasoning"))
+                        if t and arith.extract_answer(t) is not None), msg.get("content") or "")
+    else:
+        content = choice["text"]
     if tts["answer"] is not None:
         assert aggregate.same_answer(str(arith.extract_answer(content)), str(tts["answer"])), (content, tts["answer"])
     return tts
@@ -162,13 +168,13 @@ def test_streaming_a_strategy_sends_progress_then_the_answer_with_usage_and_tts(
     assert any(re.fullmatch(r": \d+/6 samples", c) for c in comments), comments
     last = chunks[-1]
     assert last["choices"] == [] and "usage" in last and "tts" in last
-    content = "".join(c["choices"][0]["delta"].get("content") or "" for c in chunks if c["choices"])
-    tts = _check_tts({"choices": [{"message": {"content": content}}], "usage": last["usage"], "tts": last["tts"]}, 6)
+    message = {key: "".join(c["choices"][0]["delta"].get(key) or "" for c in chunks if c["choices"])
+               for key in ("content", "reasoning_content", "reasoning")}
+    tts = _check_tts({"choices": [{"message": message}], "usage": last["usage"], "tts": last["tts"]}, 6)
     assert tts["strategy"] == "majority:n=6"
     # the stock client reads the same stream
-    text = "".join(c.choices[0].delta.content or "" for c in _chat(gateway, f"{upstream.model}@majority:n=6", QUESTIONS[2], max_tokens=200,
-                                                                    stream=True, seed=5) if c.choices)
-    assert arith.extract_answer(text) is not None or tts["answer"] is None
+    seen = [c for c in _chat(gateway, f"{upstream.model}@majority:n=6", QUESTIONS[2], max_tokens=200, stream=True, seed=5)]
+    assert seen[-1].choices == [] and seen[-1].model_extra["tts"]["strategy"] == "majority:n=6"
 
 
 def test_curl_as_a_third_party_client(upstream, gateway):
@@ -229,7 +235,9 @@ def _running(srv) -> float:
 
 def test_a_client_that_disconnects_aborts_every_upstream_request_of_its_call(upstream, gateway):
     """A client sends a strategy call (16 samples of 950 tokens, no EOS: many seconds of work) and hangs up once the
-    engine runs it: within 3 s the engine runs nothing, so the gateway aborted every upstream request of the call."""
+    engine runs it: within 8 s the engine runs nothing, so the gateway aborted every upstream request of the call
+    (vLLM aborts at once; SGLang notices a closed connection of a request that does not stream every 4 s,
+    SGLANG_REQUEST_STATE_WAIT_TIMEOUT)."""
     body = json.dumps({"model": f"{upstream.model}@majority:n=16", "messages": [{"role": "user", "content": QUESTIONS[4]}],
                        "max_tokens": 950, "ignore_eos": True, "stream": True}).encode()
     assert _running(upstream) == 0
@@ -244,9 +252,10 @@ def test_a_client_that_disconnects_aborts_every_upstream_request_of_its_call(ups
     finally:
         conn.close()  # the client leaves before any answer
     left = time.monotonic()
-    while _running(upstream) > 0 and time.monotonic() < left + 3:
+    while _running(upstream) > 0 and time.monotonic() < left + 8:
         time.sleep(0.1)
     assert _running(upstream) == 0, "the engine still runs the samples of a call whose client left"
+    print(f"\n[{upstream.engine}] the engine ran nothing {time.monotonic() - left:.1f}s after the client left")
 
 
 class Forwarder:
