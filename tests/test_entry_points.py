@@ -29,10 +29,11 @@ MODULES = [
     (["-m", "tts_plugins.client.cli", "--help"], "bench"),
 ]
 TTS = [(["--help"], "bench"), (["run", "--help"], "--strategy"), (["bench", "--help"], "--method"), (["bench", "--list"], "short-m"),
-       (["plugins"], "tts_think_max"), (["plugins", "--json"], '"model_patches"')]
+       (["plugins"], "tts_think_max"), (["plugins", "--json"], '"model_patches"'),
+       (["serve", "--help"], "--upstream")]
 # the benchmark scripts the README and the docs name, run from the clone with the venv's interpreter
 SCRIPTS = ["accuracy.py", "carbon_fit.py", "deepconf.py", "efficiency.py", "engine.py", "gpu_check.py", "hotpath.py", "moi.py", "reliability.py",
-           "roster.py"]
+           "roster.py", "serve.py"]
 
 
 def _run(argv: list[str], cwd: Path) -> str:
