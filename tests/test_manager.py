@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 
 from tts_plugins import hookimpl
-from tts_plugins.manager import build_registry, default_registry, plugin_manager
+from tts_plugins.manager import _ordered, build_registry, default_registry, plugin_manager
 from tts_plugins.technique import LogitsTechnique
 
 
@@ -142,7 +142,8 @@ def test_the_order_of_apply_follows_the_declarations_not_the_registration():
     c.runs_before = ("*",)
     b.runs_before = ("c",)  # b before c, but c before everything that does not say "*": a cycle
     with pytest.raises(ValueError, match="cycle"):
-        _registry(a, b, c)
+        _ordered([a, b, c])
+    assert [t.name for t in _registry(a, b, c).techniques] == ["a", "b", "c"]  # logged; registration order, no crash
     b.runs_before = ()
     assert [t.name for t in _registry(a, b, c).techniques] == ["c", "a", "b"]
     a.runs_after, b.runs_before = ("not_registered",), ("a",)  # a name not registered is ignored
@@ -153,7 +154,7 @@ def test_the_order_of_apply_follows_the_declarations_not_the_registration():
     assert reg.techniques[0] is conf and "*" in conf.runs_before
 
 
-def test_reasoning_effort_sets_the_key_a_technique_declares():
+def test_reasoning_effort_sets_the_key_a_technique_declares(caplog):
     from tts_plugins.effort import budget_request
 
     budget = make_technique("budget", {"tts_budget", "tts_budget_off"})
@@ -164,14 +165,18 @@ def test_reasoning_effort_sets_the_key_a_technique_declares():
     assert reg.effort == ("tts_budget", frozenset({"tts_budget", "tts_budget_off"}))
     assert budget_request("minimal", {"tts_x": 1}, reg) == {"tts_x": 1, "tts_budget": 256}
     assert budget_request("minimal", {"tts_budget_off": True}, reg) is None
+    # conflicting declarations are logged, never raised (a registry that fails to build would stop the engine)
     other = make_technique("other_budget", {"tts_other"})
     other.effort_key = "tts_other"
-    with pytest.raises(ValueError, match="effort_key"):
-        _registry(budget, other)
+    with caplog.at_level("ERROR", logger="tts_plugins"):
+        assert _registry(budget, other).effort[0] == "tts_budget"
+    assert "each declare an effort_key" in caplog.text
     wrong = make_technique("wrong_budget", {"tts_w"})
     wrong.effort_key = "tts_not_mine"
-    with pytest.raises(ValueError, match="not one of its keys"):
-        _registry(wrong)
+    with caplog.at_level("ERROR", logger="tts_plugins"):
+        assert _registry(wrong).effort is None
+    assert "not one of its keys" in caplog.text
+    assert default_registry().effort == ("tts_think_max", frozenset({"tts_think_max", "tts_no_think"}))
 
 
 def test_forcing_comes_from_the_declarations():
@@ -195,6 +200,10 @@ def test_forcing_comes_from_the_declarations():
         refuse_tools({"tts_f_answer": 1}, [{"type": "function"}], "auto", reg)
     refuse_tools({"tts_f_answer": 1}, [{"type": "function"}], "none", reg)
     refuse_tools({"tts_f_think": 1}, [{"type": "function"}], "auto", reg)
+    broken = make_technique("broken_forcing", {"tts_broken"})
+    broken.forcing = classmethod(lambda cls, params, flat: 1 / 0)
+    with pytest.raises(ValueError, match="broken_forcing.*ZeroDivisionError"):  # a plugin's failure is a 400, not a 500
+        refuse_structured({"tts_broken": 1}, True, "--reasoning-parser", _registry(broken))
     with pytest.raises(ValueError, match=r'tts_group_finish="eos" cannot be combined with a structured output'):
         refuse_structured({"tts_group": "g", "tts_group_finish": "eos"}, True, "--reasoning-parser")
     refuse_structured({"tts_group": "g"}, True, "--reasoning-parser")

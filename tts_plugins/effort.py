@@ -76,14 +76,14 @@ def budget_request(effort: Any, extra: Mapping[str, Any] | None, registry: Regis
     declares a key, or the request sends one of the keys the technique yields to)."""
     if not isinstance(effort, str):
         return None
+    budget = effort_map().get(effort.strip().lower(), 0)
+    if budget <= 0:
+        return None
     declared = (registry or default_registry()).effort
     if declared is None:
         return None
     key, yields = declared
     if extra and any(k in extra for k in yields):
-        return None
-    budget = effort_map().get(effort.strip().lower(), 0)
-    if budget <= 0:
         return None
     return {**(extra or {}), key: budget}
 

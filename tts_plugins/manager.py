@@ -127,15 +127,25 @@ class Registry:
         for cls in self.techniques:
             mine = {k: v for k, v in flat.items() if k in cls.keys}
             params = cls.parse_params(mine) if mine else None
-            if params is not None:
+            if params is None:
+                continue
+            try:
                 out.update(cls.forcing(params, mine))
+            except Exception as exc:  # a plugin's declaration that fails: the request is refused, not a server error
+                raise ValueError(f"{', '.join(sorted(mine))}: technique {cls.name!r} could not say where it forces tokens "
+                                 f"({type(exc).__name__}: {exc})") from None
+        for patch in self.patches:  # a model patch's keys may declare it too
+            for spec in patch.key_specs:
+                if spec.forces and spec.name in flat:
+                    out[spec.name] = spec.forces
         return out
 
     @property
     def effort(self) -> tuple[str, frozenset[str]] | None:
-        """``(key, keys that make an effort level add nothing)`` of the technique that declares ``effort_key``, or None."""
+        """``(key, keys that make an effort level add nothing)`` of the technique whose ``effort_key`` holds (the
+        first that declares a key of its own: :func:`build_registry` logs the others), or None."""
         for cls in self.techniques:
-            if cls.effort_key:
+            if cls.effort_key and cls.effort_key in cls.keys:
                 return cls.effort_key, frozenset(cls.effort_yields_to) | {cls.effort_key}
         return None
 
@@ -178,13 +188,20 @@ def build_registry(pm: pluggy.PluginManager | None = None) -> Registry:
             if key in owner:
                 raise ValueError(f"request key {key!r} is claimed by techniques {owner[key]!r} and {name!r}")
             owner[key] = name
-    ordered = _ordered(list(names.values()))
-    effort = [cls.name for cls in ordered if cls.effort_key]
-    if len(effort) > 1:
-        raise ValueError(f"techniques {', '.join(map(repr, effort))} each declare an effort_key: reasoning_effort can set one")
+    # Declarations that conflict are logged, not raised: a registry that fails to build would stop the engine, and
+    # a plugin's wrong declaration must not take the built-ins down with it.
+    try:
+        ordered = _ordered(list(names.values()))
+    except ValueError as exc:
+        log.error("tts_plugins: %s; the techniques run in registration order", exc)
+        ordered = list(names.values())
     for cls in ordered:
         if cls.effort_key and cls.effort_key not in cls.keys:
-            raise ValueError(f"technique {cls.name!r} effort_key {cls.effort_key!r} is not one of its keys")
+            log.error("tts_plugins: technique %r declares effort_key %r, not one of its keys; ignored", cls.name, cls.effort_key)
+    effort = [cls.name for cls in ordered if cls.effort_key and cls.effort_key in cls.keys]
+    if len(effort) > 1:
+        log.error("tts_plugins: techniques %s each declare an effort_key; reasoning_effort sets %r's only", ", ".join(map(repr, effort)),
+                  effort[0])
     factories: dict[str, Any] = {}
 
     def add_verifier(name: str, factory: Any) -> None:

@@ -112,14 +112,16 @@ class LogitsTechnique(ABC):
     listed without a description."""
     effort_key: ClassVar[str | None] = None
     """The key a chat request's ``reasoning_effort`` sets, to the level's budget from the server's map
-    (:mod:`tts_plugins.effort`), or ``None``. At most one registered technique declares one."""
+    (:mod:`tts_plugins.effort`), or ``None``. One technique's holds: when several declare one, the first in apply
+    order, and the registry logs the others (it never fails to build over a declaration)."""
     effort_yields_to: ClassVar[frozenset[str]] = frozenset()
     """Keys that, when a request sends any of them, make its effort level add nothing (the request chose for itself;
     ``effort_key`` always counts)."""
     runs_before: ClassVar[tuple[str, ...]] = ()
     """Techniques (by name) whose ``apply`` must run after this one's in a step; ``"*"``: every technique that does not
     itself declare ``"*"`` (one that reads the raw logits before anything forces a token). Names not registered are
-    ignored. The registry orders techniques by these declarations, else by registration; a cycle is refused."""
+    ignored. The registry orders techniques by these declarations, else by registration; a cycle is logged and the
+    techniques run in registration order."""
     runs_after: ClassVar[tuple[str, ...]] = ()
     """Techniques (by name) whose ``apply`` must run before this one's in a step (see ``runs_before``)."""
 

@@ -25,7 +25,11 @@ def add_parser(sub: Any) -> argparse.ArgumentParser:
 
 
 def main(args: argparse.Namespace) -> int:
-    info = introspect.describe()
+    try:
+        info = introspect.describe()
+    except Exception as exc:  # a broken plugin: say which, the way an engine would log it
+        print(f"tts plugins: the registry could not be built: {type(exc).__name__}: {exc}", file=sys.stderr)
+        return 1
     if args.json:
         json.dump(info, sys.stdout, indent=2, ensure_ascii=False)
         print()
