@@ -195,11 +195,11 @@ def test_a_hundred_concurrent_calls_with_a_mix_of_strategies_are_all_answered(up
 
     def one(i):
         spec = specs[i % len(specs)]
-        r = _chat(gateway, upstream.model + spec, QUESTIONS[i % len(QUESTIONS)], max_tokens=64, seed=i,
+        r = _chat(gateway, upstream.model + spec, QUESTIONS[i % len(QUESTIONS)], max_tokens=32, seed=i,
                   **({} if spec else {"temperature": 0}))
         if spec:
             _check_tts(r, int(re.search(r"[nk]=(\d+)", spec).group(1)))
-        else:  # 64 tokens may end inside the thinking block: the parser then gives reasoning and no content
+        else:  # 32 tokens may end inside the thinking block: the parser then gives reasoning and no content
             m = r.choices[0].message
             assert r.choices[0].finish_reason in ("stop", "length") and (m.content or (m.model_extra or {}).get("reasoning")
                                                                          or (m.model_extra or {}).get("reasoning_content"))
@@ -303,11 +303,11 @@ def test_two_upstreams_one_stopped_mid_run_and_every_call_is_answered(upstream):
     gw = Gateway(upstream.base, fwd.base)
     try:
         def one(i, **kw):
-            return _chat(gw, f"{upstream.model}@majority:n=3", QUESTIONS[i % len(QUESTIONS)], max_tokens=150, seed=i, **kw)
+            return _chat(gw, f"{upstream.model}@majority:n=3", QUESTIONS[i % len(QUESTIONS)], max_tokens=100, seed=i, **kw)
 
         with ThreadPoolExecutor(12) as pool:
             # long samples (no EOS), so that calls are in flight through the forwarder when it is cut
-            futures = [pool.submit(one, i, extra_body={"ignore_eos": True}) for i in range(24)]
+            futures = [pool.submit(one, i, extra_body={"ignore_eos": True}) for i in range(16)]
             deadline = time.monotonic() + 30
             while len(fwd.conns) < 4 and time.monotonic() < deadline:
                 time.sleep(0.05)
