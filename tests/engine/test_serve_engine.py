@@ -276,8 +276,15 @@ class Forwarder:
                 client, _ = self.sock.accept()
             except OSError:
                 return
+            if self.stopped:  # accepted while being stopped: the route is cut, this connection too
+                client.close()
+                return
             server = socket.create_connection(("127.0.0.1", self.target))
             self.conns += [client, server]
+            if self.stopped:  # stop() may have closed the others before these two were listed
+                for c in (client, server):
+                    c.close()
+                return
             for a, b in ((client, server), (server, client)):
                 threading.Thread(target=self._pipe, args=(a, b), daemon=True).start()
 
@@ -291,6 +298,8 @@ class Forwarder:
 
     def stop(self) -> None:
         self.stopped = True
+        with contextlib.suppress(OSError):
+            self.sock.shutdown(socket.SHUT_RDWR)  # wakes the thread blocked in accept (close alone may not)
         self.sock.close()
         for c in self.conns:
             with contextlib.suppress(OSError):
