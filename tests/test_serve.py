@@ -653,6 +653,9 @@ def test_client_disconnect_closes_every_upstream_request(fakes, gateway, model, 
     caller.join()
     wait_for(lambda: a.closed == requests and a.active == 0, what="the upstream to see its requests closed")
     wait_for(lambda: f'tts_serve_upstream_outstanding{{upstream="{url_a}"}} 0' in httpx.get(gw + "/metrics").text, what="outstanding at 0")
+    strategy = "majority" if "@" in model else "none"
+    wait_for(lambda: metric(gw, f'tts_serve_calls_total{{strategy="{strategy}",code="499"}} 1'), what="the call counted as left by its client")
+    assert 'code="200"' not in httpx.get(gw + "/metrics").text
 
 
 def test_a_streamed_call_that_fails_after_its_200_ends_with_one_error_event(fakes, gateway):

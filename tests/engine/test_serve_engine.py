@@ -233,29 +233,65 @@ def _running(srv) -> float:
     return total(loads)
 
 
-def test_a_client_that_disconnects_aborts_every_upstream_request_of_its_call(upstream, gateway):
-    """A client sends a strategy call (16 samples of 950 tokens, no EOS: many seconds of work) and hangs up once the
-    engine runs it: within 8 s the engine runs nothing, so the gateway aborted every upstream request of the call
-    (vLLM aborts at once; SGLang notices a closed connection of a request that does not stream every 4 s,
-    SGLANG_REQUEST_STATE_WAIT_TIMEOUT)."""
-    body = json.dumps({"model": f"{upstream.model}@majority:n=16", "messages": [{"role": "user", "content": QUESTIONS[4]}],
-                       "max_tokens": 950, "ignore_eos": True, "stream": True}).encode()
-    assert _running(upstream) == 0
-    conn = socket.create_connection(("127.0.0.1", gateway.port))
+def _generated(srv) -> float | None:
+    """Tokens the engine generated so far (vLLM's ``vllm:generation_tokens_total``); None where not published."""
+    if srv.engine != "vllm":
+        return None
+    text = requests.get(srv.base + "/metrics", timeout=60).text
+    return sum(float(line.rsplit(" ", 1)[1]) for line in text.splitlines() if line.startswith("vllm:generation_tokens_total"))
+
+
+def test_a_client_that_disconnects_aborts_every_upstream_request_of_its_call(upstream):
+    """A client (curl, which hangs up by itself after 3 s) streams a strategy call of 64 samples of 950 tokens with no
+    EOS (four upstream requests of 16, four times what the engine runs at once: half a minute of work or more). Soon
+    after it leaves, the engine runs nothing, the gateway counts the call as 499, and the engine generated far fewer
+    than the 64 x 950 tokens asked for (vLLM counts them), so the gateway aborted every upstream request of the call.
+    vLLM aborts at once; SGLang notices a closed connection of a request that does not stream every 4 s
+    (SGLANG_REQUEST_STATE_WAIT_TIMEOUT), and is checked to have run the call before its client left.
+
+    The client leaves on its own clock, and the call outlasts any stall: on a loaded machine the test process and the
+    gateway can stall for seconds while the engine runs (seen after the hundred-call test), longer than a call of
+    16 samples lasts on vLLM."""
+    n, max_tokens, stay = 64, 950, 3
+    gw = Gateway(upstream.base, args=("--max-samples", str(n), "--max-n", "16"))
     try:
-        conn.sendall(b"POST /v1/chat/completions HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/json\r\n"
-                     b"Content-Length: %d\r\n\r\n" % len(body) + body)
-        deadline = time.monotonic() + 30
-        while _running(upstream) == 0 and time.monotonic() < deadline:
+        body = json.dumps({"model": f"{upstream.model}@majority:n={n}", "messages": [{"role": "user", "content": QUESTIONS[4]}],
+                           "max_tokens": max_tokens, "ignore_eos": True, "stream": True})
+        assert _running(upstream) == 0
+        before = _generated(upstream)
+        client = subprocess.Popen(["curl", "-sN", "--max-time", str(stay), gw.base + "/v1/chat/completions",
+                                   "-H", "Content-Type: application/json", "-d", body], stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+        seen = 0.0
+        while client.poll() is None:
+            seen = max(seen, _running(upstream))
             time.sleep(0.05)
-        assert _running(upstream) > 0, "the call never reached the engine"
+        left = time.monotonic()
+        out = client.stdout.read().decode(errors="replace")
+        assert client.returncode == 28, f"curl should have timed out (28) mid-call, got {client.returncode}: {out[-2000:]}"
+        assert "data:" not in out, f"the call should still have been sampling when its client left: {out[:2000]}"
+        while _running(upstream) > 0 and time.monotonic() < left + 15:
+            time.sleep(0.1)
+        assert _running(upstream) == 0, "the engine still runs the samples of a call whose client left"
+        idle = time.monotonic() - left
+        closed = 'tts_serve_calls_total{strategy="majority",code="499"}'
+        wait = time.monotonic() + 10
+        while not _metric(gw, closed) and time.monotonic() < wait:
+            time.sleep(0.1)
+        assert _metric(gw, closed), f"the gateway should count the call as left by its client:\n{gw.log()}"
+        if before is not None:
+            ran = _generated(upstream) - before
+            assert 0 < ran < n * max_tokens / 2, f"the engine generated {ran:g} of the call's {n * max_tokens} tokens: it was not aborted"
+            print(f"\n[{upstream.engine}] the engine ran nothing {idle:.1f}s after the client left, having generated {ran:g} "
+                  f"of {n * max_tokens} tokens")
+        else:
+            assert seen > 0, "the engine was never seen running the call"
+            print(f"\n[{upstream.engine}] the engine ran nothing {idle:.1f}s after the client left (it ran {seen:g} requests)")
     finally:
-        conn.close()  # the client leaves before any answer
-    left = time.monotonic()
-    while _running(upstream) > 0 and time.monotonic() < left + 8:
-        time.sleep(0.1)
-    assert _running(upstream) == 0, "the engine still runs the samples of a call whose client left"
-    print(f"\n[{upstream.engine}] the engine ran nothing {time.monotonic() - left:.1f}s after the client left")
+        gw.close()
+
+
+def _metric(gw, prefix: str) -> bool:
+    return any(line.startswith(prefix + " ") for line in requests.get(gw.base + "/metrics", timeout=30).text.splitlines())
 
 
 class Forwarder:

@@ -72,6 +72,7 @@ _HOP = frozenset({"host", "content-length", "connection", "keep-alive", "transfe
                   "date", "server"})
 _LATENCY_BUCKETS = (0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0, 300.0, 600.0)
 PASS_THROUGH = "none"  # the strategy label of pass-through calls in /metrics
+CLIENT_CLOSED = 499  # the status /metrics counts for a call whose client left before its answer ended (nginx's)
 PROBLEM_ID = "serve"  # the problem id the strategies seed from: a call's samples depend on its seed alone
 
 
@@ -462,7 +463,7 @@ class Metrics:
                 tags = ",".join(f'{k}="{esc(v)}"' for k, v in labels.items())
                 lines.append(f"{name}{{{tags}}} {value:g}" if tags else f"{name} {value:g}")
 
-        metric("tts_serve_calls_total", "counter", "Calls answered, by strategy and HTTP status.",
+        metric("tts_serve_calls_total", "counter", "Calls answered, by strategy and HTTP status (499: the client left first).",
                [({"strategy": s, "code": c}, v) for (s, c), v in sorted(self.calls.items())])
         metric("tts_serve_samples_total", "counter", "Samples strategies drew.", [({"strategy": s}, v) for s, v in sorted(self.samples.items())])
         metric("tts_serve_tokens_total", "counter", "Tokens of strategy calls' upstream requests (usage).",
@@ -786,6 +787,9 @@ class Gateway:
             status = exc.status
             async for part in _error_parts(exc):
                 yield part
+        except (GeneratorExit, asyncio.CancelledError):
+            status = CLIENT_CLOSED
+            raise
         finally:
             self.metrics.call(PASS_THROUGH, status, time.perf_counter() - t0)
 
@@ -906,6 +910,9 @@ class Gateway:
             status = exc.status
             async for part in _error_parts(exc):
                 yield part
+        except (GeneratorExit, asyncio.CancelledError):
+            status = CLIENT_CLOSED
+            raise
         finally:
             self.metrics.call(name, status, time.perf_counter() - t0)
 
