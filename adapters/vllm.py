@@ -131,7 +131,7 @@ class TTSLogitsProcessor(*_BASES):  # type: ignore[misc]
         type(self)._instances.add(self)
         if self.inert:
             log.info("tts_plugins: a processor is already active in this engine; this duplicate stays inert")
-        self.registry = build_registry()
+        self.registry = build_registry(strict=False)  # a plugin that cannot load is logged and left out, never fatal
         if len(args) == 2:  # V1: (device, is_pin_memory)
             device, pin = args
             self.v2 = False

@@ -67,6 +67,78 @@ def test_conflicting_names_and_keys_are_refused():
         build_registry(plugin_manager(load_entry_points=False, extra_plugins=[Registers(make_technique("bad", {"think_max"}))]))
 
 
+def test_the_engines_build_leaves_out_what_a_strict_build_refuses_and_keeps_the_rest(caplog):
+    """``strict=False`` (the engine's build): each invalid or conflicting registration, and a plugin whose hook
+    raises, is logged and left out; the built-ins keep their names and keys, and a valid plugin still registers."""
+
+    class DuckTyped:
+        name, keys = "duck", frozenset({"tts_duck"})
+
+    class Raises:
+        @hookimpl
+        def tts_register_techniques(self, register):
+            register(make_technique("half_registered", {"tts_half"}))
+            raise RuntimeError("the plugin's own bug")
+
+    class BadVerifier:
+        @hookimpl
+        def tts_register_verifiers(self, register):
+            register("", lambda: None)
+
+    good = make_technique("ngram_ban", {"tts_ngram_n"})
+    bad = [make_technique("think", {"tts_x"}), make_technique("other", {"tts_think_max", "tts_other"}),
+           make_technique("badkey", {"think_max"}), DuckTyped]
+    pm = plugin_manager(load_entry_points=False, extra_plugins=[Registers(good, *bad), Raises(), BadVerifier()])
+    with pytest.raises((ValueError, RuntimeError)):  # strict: the first fault raises
+        build_registry(pm)
+    with caplog.at_level("ERROR", logger="tts_plugins"):
+        reg = build_registry(pm, strict=False)
+    assert [t.name for t in reg.techniques] == ["conf", "ngram_ban", "think", "trim", "group", "carbon", "roe_roster"]
+    assert reg.key_owner["tts_think_max"] == "think" and "tts_other" not in reg.key_owner and "tts_half" not in reg.key_owner
+    assert reg.parse({"tts_ngram_n": 3}) == {"ngram_ban": {"tts_ngram_n": 3}}
+    expected = ["two techniques are named 'think'", "request key 'tts_think_max' is claimed by techniques 'think' and 'other'",
+                "'badkey'", "must be a subclass", "failed in tts_register_techniques (RuntimeError: the plugin's own bug)",
+                "verifier name must be a new non-empty string"]
+    assert len(reg.left_out) == len(expected)
+    for fragment in expected:
+        assert any(fragment in why for why in reg.left_out), (fragment, reg.left_out)
+        assert fragment in caplog.text
+
+
+def test_a_plugin_that_cannot_load_is_left_out_and_the_others_load(monkeypatch):
+    """Installed plugins load one at a time in the engine's build: a missing module, a plugin that implements a hook
+    that does not exist and a plugin that is fine, from one distribution."""
+    import importlib.metadata
+    import sys
+    import types
+
+    from tts_plugins import manager
+
+    good = types.ModuleType("tts_test_good_plugin")
+    technique = make_technique("from_entry_point", {"tts_from_ep"})
+    good.tts_register_techniques = hookimpl(lambda register: register(technique))
+    typo = types.ModuleType("tts_test_typo_plugin")
+    typo.tts_register_technique = hookimpl(lambda register: None)  # missing "s"
+    monkeypatch.setitem(sys.modules, good.__name__, good)
+    monkeypatch.setitem(sys.modules, typo.__name__, typo)
+    eps = [importlib.metadata.EntryPoint(name, value, manager.ENTRY_POINT_GROUP)
+           for name, value in (("missing", "tts_test_no_such_module"), ("typo", typo.__name__), ("good", good.__name__))]
+    dist = types.SimpleNamespace(entry_points=eps, metadata={"name": "tts-test-plugins"})
+    monkeypatch.setattr(importlib.metadata, "distributions", lambda: [dist])
+    with pytest.raises(ModuleNotFoundError):
+        build_registry()
+    reg = build_registry(strict=False)
+    assert "from_entry_point" in [t.name for t in reg.techniques] and reg.key_owner["tts_think_max"] == "think"
+    assert len(reg.left_out) == 2, reg.left_out
+    assert "plugin 'missing' (tts_test_no_such_module, from tts-test-plugins) left out" in reg.left_out[0]
+    assert "'typo'" in reg.left_out[1] and "tts_register_technique" in reg.left_out[1]
+    from tts_plugins import introspect
+    from tts_plugins.client.plugins import render
+
+    info = introspect.describe()
+    assert info["left_out"] == list(reg.left_out) and "Left out" in render(info)
+
+
 def test_a_technique_must_subclass_the_contract_and_gets_its_defaults():
     class DuckTyped:  # has the attributes, but not the contract
         name, keys = "duck", frozenset({"tts_duck"})

@@ -189,7 +189,7 @@ def test_a_failing_technique_does_not_take_the_engine_down(vllm_config, monkeypa
         def tts_register_techniques(self, register):
             register(Faulty)
 
-    monkeypatch.setattr(adapter, "build_registry", lambda: build_registry(plugin_manager(load_entry_points=False, extra_plugins=[Plugin()])))
+    monkeypatch.setattr(adapter, "build_registry", lambda **kw: build_registry(plugin_manager(load_entry_points=False, extra_plugins=[Plugin()])))
     gc.collect()
     proc = TTSLogitsProcessor(vllm_config, torch.device("cpu"), False)
     vocab = vllm_config.model_config.get_vocab_size()

@@ -29,14 +29,16 @@ _LABELS = {"vllm": "vLLM", "sglang": "SGLang"}
 def describe(registry: Any = None) -> dict[str, Any]:
     """Everything installed in this environment, as a JSON-able dict: ``techniques`` (in the order their ``apply``
     runs), ``model_patches`` (one entry per engine, with ``active`` and the ``reason`` when not), ``verifiers``,
-    ``aggregators`` and ``rewards`` (the client's), ``environment`` (every variable the package reads) and
-    ``disabled`` (``TTS_PLUGINS_DISABLE`` is set here). ``registry``: a :class:`tts_plugins.manager.Registry`
+    ``aggregators`` and ``rewards`` (the client's), ``environment`` (every variable the package reads),
+    ``disabled`` (``TTS_PLUGINS_DISABLE`` is set here) and ``left_out`` (each plugin or registration an engine started
+    here would log and leave out, and why). ``registry``: a :class:`tts_plugins.manager.Registry`
     (default: a fresh one from the installed plugins)."""
     from tts_plugins import manager
 
-    registry = registry if registry is not None else manager.build_registry()
+    registry = registry if registry is not None else manager.build_registry(strict=False)  # as an engine builds it
     aggregators, rewards = _client_functions(registry)
     return {
+        "left_out": list(registry.left_out),
         "techniques": [_technique(cls) for cls in registry.techniques],
         "model_patches": [_patch(patch) for patch in registry.patches],
         "verifiers": [{"name": name, **_origin(factory)} for name, factory in sorted(registry.verifier_factories.items())],

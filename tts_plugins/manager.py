@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import functools
 import logging
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
@@ -27,8 +27,13 @@ log = logging.getLogger("tts_plugins")
 ENTRY_POINT_GROUP = "tts_plugins"
 
 
-def plugin_manager(*, load_entry_points: bool = True, extra_plugins: Iterable[Any] = (), builtin_techniques: bool = True) -> pluggy.PluginManager:
-    """A new plugin manager with the built-in techniques, installed third-party plugins and ``extra_plugins``."""
+def plugin_manager(*, load_entry_points: bool = True, extra_plugins: Iterable[Any] = (), builtin_techniques: bool = True,
+                   errors: list[str] | None = None) -> pluggy.PluginManager:
+    """A new plugin manager with the built-in techniques, installed third-party plugins and ``extra_plugins``.
+
+    With ``errors`` (a list), an installed plugin that cannot be imported or registered, or that implements a hook
+    that does not exist, is left out and described in ``errors``: the engine's path, where one bad plugin must not
+    stop the engine. Without it, the first such plugin raises (a plugin author's tests see it at once)."""
     from tts_plugins import builtin
 
     pm = pluggy.PluginManager(hookspecs.PROJECT)
@@ -40,11 +45,42 @@ def plugin_manager(*, load_entry_points: bool = True, extra_plugins: Iterable[An
 
     pm.register(verifier, name="tts_plugins.verifier")
     if load_entry_points:
-        pm.load_setuptools_entrypoints(ENTRY_POINT_GROUP)
+        if errors is None:
+            pm.load_setuptools_entrypoints(ENTRY_POINT_GROUP)
+        else:
+            _load_entry_points(pm, errors)
     for plugin in extra_plugins:
         pm.register(plugin)
-    pm.check_pending()
-    return pm
+    if errors is None:
+        pm.check_pending()
+        return pm
+    while True:  # a plugin that implements a hook that does not exist (a misspelled name) is left out
+        try:
+            pm.check_pending()
+            return pm
+        except pluggy.PluginValidationError as exc:
+            errors.append(f"plugin {pm.get_name(exc.plugin)!r} left out: {exc}")
+            pm.unregister(exc.plugin)
+
+
+def _load_entry_points(pm: pluggy.PluginManager, errors: list[str]) -> None:
+    """``pm.load_setuptools_entrypoints(ENTRY_POINT_GROUP)``, one plugin at a time: one that fails to import or to
+    register is described in ``errors`` and left out, and the others load."""
+    import importlib.metadata
+
+    for dist in list(importlib.metadata.distributions()):
+        for ep in dist.entry_points:
+            if ep.group != ENTRY_POINT_GROUP or pm.get_plugin(ep.name) is not None or pm.is_blocked(ep.name):
+                continue
+            try:
+                plugin = ep.load()
+                pm.register(plugin, name=ep.name)
+                pm._plugin_distinfo.append((plugin, dist))  # as pluggy's loader records it (list_plugin_distinfo)
+            except Exception as exc:
+                errors.append(f"plugin {ep.name!r} ({ep.value}, from {dist.metadata['name']}) left out: it could not be loaded "
+                              f"({type(exc).__name__}: {exc})")
+                if pm.get_plugin(ep.name) is not None:
+                    pm.unregister(name=ep.name)
 
 
 @dataclass(frozen=True)
@@ -56,6 +92,7 @@ class Registry:
     key_owner: Mapping[str, str]
     verifier_factories: Mapping[str, Any]
     patches: tuple[ModelPatch, ...] = ()
+    left_out: tuple[str, ...] = ()  # what a tolerant build (the engine's) left out, and why
 
     @property
     def verifier_names(self) -> frozenset[str]:
@@ -160,41 +197,64 @@ class Registry:
         return list(self.patches)
 
 
-def build_registry(pm: pluggy.PluginManager | None = None) -> Registry:
-    """Collect and validate the registered techniques."""
-    pm = pm or plugin_manager()
+def build_registry(pm: pluggy.PluginManager | None = None, *, strict: bool = True) -> Registry:
+    """Collect and validate the registered techniques, verifiers and model patches.
+
+    ``strict`` (the default, for plugin authors and tests): the first invalid or conflicting registration raises
+    ValueError. ``strict=False`` is the engine's build (:func:`default_registry`, the adapters): a plugin that fails to
+    load, a hook that raises, and each invalid or conflicting registration are logged as errors and left out, listed
+    in :attr:`Registry.left_out`; the built-ins are checked first, so a plugin that claims a built-in's name or key is
+    the one left out. A plugin must not stop the engine, nor take the built-ins down with it."""
+    left_out: list[str] = []
+    if pm is None:
+        pm = plugin_manager(errors=None if strict else left_out)
+
+    def refuse(message: str) -> None:
+        if strict:
+            raise ValueError(message)
+        log.error("tts_plugins: %s; left out", message)
+        left_out.append(message)
+
     from tts_plugins.technique import LogitsTechnique  # here: importing the manager stays torch-free
 
-    techniques: list[type[LogitsTechnique]] = []
-    pm.hook.tts_register_techniques(register=techniques.append)
     names: dict[str, type[LogitsTechnique]] = {}
     owner: dict[str, str] = {}
-    for cls in techniques:
+    registered = _registered(pm, "tts_register_techniques", strict, refuse)
+    for plugin, cls in _builtins_first(registered):
         if not (isinstance(cls, type) and issubclass(cls, LogitsTechnique)):
-            raise ValueError(f"technique {cls!r} must be a subclass of tts_plugins.technique.LogitsTechnique")
+            refuse(f"technique {cls!r}{_by(plugin)} must be a subclass of tts_plugins.technique.LogitsTechnique")
+            continue
         name = getattr(cls, "name", None)  # declared on the base class, set by each technique
         if not isinstance(name, str) or not name:
-            raise ValueError(f"technique {cls!r} must have a non-empty str name")
-        if not isinstance(getattr(cls, "keys", None), frozenset):
-            raise ValueError(f"technique {name!r} must declare keys, a frozenset of its tts_* request keys")
+            refuse(f"technique {cls!r}{_by(plugin)} must have a non-empty str name")
+            continue
+        keys = getattr(cls, "keys", None)
+        if not isinstance(keys, frozenset):
+            refuse(f"technique {name!r}{_by(plugin)} must declare keys, a frozenset of its tts_* request keys")
+            continue
         if name in names:
-            if names[name] is cls:
-                continue
-            raise ValueError(f"two techniques are named {name!r}: {names[name]!r} and {cls!r}")
+            if names[name] is not cls:
+                refuse(f"two techniques are named {name!r}: {names[name]!r} and {cls!r}{_by(plugin)}")
+            continue
+        bad = sorted(k for k in keys if not isinstance(k, str) or not k.startswith(PREFIX))
+        if bad:
+            refuse(f"technique {name!r}{_by(plugin)} key {bad[0]!r} must start with {PREFIX!r}")
+            continue
+        taken = sorted(k for k in keys if k in owner)
+        if taken:
+            refuse(f"request key {taken[0]!r} is claimed by techniques {owner[taken[0]]!r} and {name!r}{_by(plugin)}")
+            continue
         names[name] = cls
-        for key in cls.keys:
-            if not key.startswith(PREFIX):
-                raise ValueError(f"technique {name!r} key {key!r} must start with {PREFIX!r}")
-            if key in owner:
-                raise ValueError(f"request key {key!r} is claimed by techniques {owner[key]!r} and {name!r}")
-            owner[key] = name
+        owner.update(dict.fromkeys(keys, name))
+    accepted = set(names.values())
+    techniques = list(dict.fromkeys(cls for _, cls in registered if cls in accepted))  # registration order
     # Declarations that conflict are logged, not raised: a registry that fails to build would stop the engine, and
     # a plugin's wrong declaration must not take the built-ins down with it.
     try:
-        ordered = _ordered(list(names.values()))
+        ordered = _ordered(techniques)
     except ValueError as exc:
         log.error("tts_plugins: %s; the techniques run in registration order", exc)
-        ordered = list(names.values())
+        ordered = techniques
     for cls in ordered:
         if cls.effort_key and cls.effort_key not in cls.keys:
             log.error("tts_plugins: technique %r declares effort_key %r, not one of its keys; ignored", cls.name, cls.effort_key)
@@ -203,45 +263,104 @@ def build_registry(pm: pluggy.PluginManager | None = None) -> Registry:
         log.error("tts_plugins: techniques %s each declare an effort_key; reasoning_effort sets %r's only", ", ".join(map(repr, effort)),
                   effort[0])
     factories: dict[str, Any] = {}
-
-    def add_verifier(name: str, factory: Any) -> None:
+    for plugin, (name, factory) in _builtins_first(_registered(pm, "tts_register_verifiers", strict, refuse, pairs=True)):
         if not isinstance(name, str) or not name or name in factories:
-            raise ValueError(f"verifier name must be a new non-empty string, got {name!r}")
+            refuse(f"verifier name must be a new non-empty string, got {name!r}{_by(plugin)}")
+            continue
         factories[name] = factory
-
-    pm.hook.tts_register_verifiers(register=add_verifier)
     from tts_plugins.patching import version_in_range
     from tts_plugins.technique import ModelPatch
 
     patches: list[ModelPatch] = []
-    pm.hook.tts_register_model_patches(register=patches.append)
     patch_keys: dict[str, frozenset[str]] = {}
-    for patch in patches:
+    registered_patches = _registered(pm, "tts_register_model_patches", strict, refuse)
+    kept: set[int] = set()
+    for plugin, patch in _builtins_first(registered_patches):
         if not isinstance(patch, ModelPatch):
-            raise ValueError(f"model patch {patch!r} must be an instance of a subclass of tts_plugins.technique.ModelPatch")
+            refuse(f"model patch {patch!r}{_by(plugin)} must be an instance of a subclass of tts_plugins.technique.ModelPatch")
+            continue
         name = getattr(patch, "name", None)  # declared on the base class, set by each patch
         if not isinstance(name, str) or not name or getattr(patch, "engine", None) not in ("vllm", "sglang"):
-            raise ValueError(f"model patch {patch!r} needs a non-empty str name and an engine ('vllm' or 'sglang')")
+            refuse(f"model patch {patch!r}{_by(plugin)} needs a non-empty str name and an engine ('vllm' or 'sglang')")
+            continue
         keys = patch.keys
         if not isinstance(keys, frozenset):
-            raise ValueError(f"model patch {name!r} keys must be a frozenset of its tts_* request keys, got {keys!r}")
+            refuse(f"model patch {name!r}{_by(plugin)} keys must be a frozenset of its tts_* request keys, got {keys!r}")
+            continue
         lo, hi = patch.min_version, patch.max_version
         if lo is not None and hi is not None and not version_in_range(lo, None, hi):
-            raise ValueError(f"model patch {name!r} has an empty version range: min_version {lo!r} >= max_version {hi!r}")
+            refuse(f"model patch {name!r}{_by(plugin)} has an empty version range: min_version {lo!r} >= max_version {hi!r}")
+            continue
         if name in names:
-            raise ValueError(f"model patch {name!r} has the name of a technique")
-        if name in patch_keys:
+            refuse(f"model patch {name!r}{_by(plugin)} has the name of a technique")
+            continue
+        if name in patch_keys:  # the same patch for another engine (or version range): it shares the keys
             if patch_keys[name] != keys:
-                raise ValueError(f"model patches named {name!r} declare different keys: {sorted(patch_keys[name])} and {sorted(keys)}")
+                refuse(f"model patches named {name!r} declare different keys: {sorted(patch_keys[name])} and {sorted(keys)}{_by(plugin)}")
+                continue
+            kept.add(id(patch))
+            continue
+        bad = sorted(k for k in keys if not isinstance(k, str) or not k.startswith(PREFIX))
+        if bad:
+            refuse(f"model patch {name!r}{_by(plugin)} key {bad[0]!r} must start with {PREFIX!r}")
+            continue
+        taken = sorted(k for k in keys if k in owner)
+        if taken:
+            refuse(f"request key {taken[0]!r} is claimed by {owner[taken[0]]!r} and model patch {name!r}{_by(plugin)}")
             continue
         patch_keys[name] = keys
-        for key in keys:
-            if not key.startswith(PREFIX):
-                raise ValueError(f"model patch {name!r} key {key!r} must start with {PREFIX!r}")
-            if key in owner:
-                raise ValueError(f"request key {key!r} is claimed by {owner[key]!r} and model patch {name!r}")
-            owner[key] = name
-    return Registry(pm=pm, techniques=tuple(ordered), key_owner=owner, verifier_factories=factories, patches=tuple(patches))
+        owner.update(dict.fromkeys(keys, name))
+        kept.add(id(patch))
+    patches = [patch for _, patch in registered_patches if id(patch) in kept]  # registration order
+    return Registry(pm=pm, techniques=tuple(ordered), key_owner=owner, verifier_factories=factories, patches=tuple(patches),
+                    left_out=tuple(left_out))
+
+
+BUILTIN_PLUGINS = ("tts_plugins.builtin.techniques", "tts_plugins.builtin", "tts_plugins.verifier")
+
+
+def _registered(pm: pluggy.PluginManager, hook: str, strict: bool, refuse: Callable[[str], None],
+                pairs: bool = False) -> list[tuple[str | None, Any]]:
+    """``[(plugin name, what it registered)]`` from a ``tts_register_*`` hook, in pluggy's call order. Strict: one
+    hook call (a plugin's exception propagates). Else each plugin's implementation alone: one that raises is refused
+    and the others' registrations stand."""
+    if strict:
+        got: list[Any] = []
+        getattr(pm.hook, hook)(register=_adder(got, pairs))
+        return [(None, x) for x in got]
+    out: list[tuple[str | None, Any]] = []
+    for impl in reversed(getattr(pm.hook, hook).get_hookimpls()):  # pluggy calls the last registered first
+        mine: list[Any] = []
+        add = _adder(mine, pairs)
+        try:
+            if impl.hookwrapper or getattr(impl, "wrapper", False):
+                raise TypeError("a register hook cannot be a wrapper")
+            impl.function(**{arg: add for arg in impl.argnames})
+        except Exception as exc:
+            refuse(f"plugin {impl.plugin_name!r} failed in {hook} ({type(exc).__name__}: {exc}), so nothing it registers there is used")
+            continue
+        out.extend((impl.plugin_name, x) for x in mine)
+    return out
+
+
+def _adder(into: list[Any], pairs: bool) -> Callable[..., None]:
+    """The ``register`` callable a hook gets: ``register(x)``, or ``register(name, factory)`` for verifiers."""
+    if not pairs:
+        return into.append
+
+    def register(name: str, factory: Callable[[], Any]) -> None:
+        into.append((name, factory))
+
+    return register
+
+
+def _builtins_first(items: list[tuple[str | None, Any]]) -> list[tuple[str | None, Any]]:
+    """The package's own registrations checked first: a plugin that claims a built-in's name or key is left out."""
+    return sorted(items, key=lambda item: item[0] not in BUILTIN_PLUGINS)
+
+
+def _by(plugin: str | None) -> str:
+    return f" (from plugin {plugin!r})" if plugin and plugin not in BUILTIN_PLUGINS else ""
 
 
 def _ordered(techniques: list[type[LogitsTechnique]]) -> list[type[LogitsTechnique]]:
@@ -274,8 +393,9 @@ def _ordered(techniques: list[type[LogitsTechnique]]) -> list[type[LogitsTechniq
 
 @functools.lru_cache(maxsize=1)
 def default_registry() -> Registry:
-    """The registry of this process (cached: entry points do not change while it runs)."""
-    return build_registry()
+    """The registry of this process (cached: entry points do not change while it runs). Tolerant: a plugin that
+    cannot load or registers something invalid is logged and left out (:attr:`Registry.left_out`)."""
+    return build_registry(strict=False)
 
 
 def disabled() -> bool:

@@ -40,6 +40,23 @@ def test_the_faulty_plugin_is_discovered_through_its_entry_point(served):
     assert bad.status_code == 400 and "tts_faulty must be one of" in bad.text, "the server runs the third-party plugin's own validation"
 
 
+def test_plugins_that_cannot_load_or_claim_a_builtin_key_are_logged_and_left_out(served):
+    """Beside the faulty plugin, its distribution declares a plugin whose module does not exist and one that claims
+    the built-in ``tts_think_max``. The server started (the fixture), logged both as left out, and the built-in
+    still owns the key: its own validation answers, and a capped request runs."""
+    import requests
+
+    srv, _, _ = served
+    log = srv.log()
+    assert "'missing'" in log and "tts_faulty_no_such_module" in log and "left out" in log, log[-3000:]
+    assert "request key 'tts_think_max' is claimed by techniques 'think' and 'claims_think_max'" in log, log[-3000:]
+    body = {"model": srv.model, "prompt": "Hi", "max_tokens": 4, rel.FIELD[srv.engine]: {"tts_think_max": -1}}
+    bad = requests.post(srv.base + "/v1/completions", json=body, timeout=60)
+    assert bad.status_code == 400 and "tts_think_max" in bad.text, bad.text
+    body[rel.FIELD[srv.engine]] = {"tts_think_max": 2}
+    assert requests.post(srv.base + "/v1/completions", json=body, timeout=60).status_code == 200
+
+
 def test_fuzzed_parameters_get_4xx_naming_the_key_and_the_server_survives(served):
     srv, _, _ = served
     registry = rel.oracle()

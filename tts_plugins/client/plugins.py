@@ -43,6 +43,10 @@ def render(info: dict[str, Any]) -> str:
     out: list[str] = []
     if info.get("disabled"):
         out.append("TTS_PLUGINS_DISABLE is set: a server started with this environment ignores every tts_* key.\n")
+    if info.get("left_out"):
+        out.append("Left out (an engine started here logs these as errors and runs without them):")
+        out.extend(f"  {why}" for why in info["left_out"])
+        out.append("")
     out.append("Techniques (in the order they run; vLLM and SGLang):")
     for t in info["techniques"]:
         out.append(f"  {t['name']}  ({_source(t)})")
