@@ -105,6 +105,67 @@ def test_the_engines_build_leaves_out_what_a_strict_build_refuses_and_keeps_the_
         assert fragment in caplog.text
 
 
+def test_the_engines_build_survives_declarations_that_raise_or_have_the_wrong_type():
+    """Declarations the core reads besides the keys, wrong in type or raising when read: each technique or patch is
+    left out with a message, never an exception out of the build; a positional-only hook is called as pluggy calls
+    it; model patches keep their registration order, an engine variant of a kept patch included."""
+    from tts_plugins.technique import ModelPatch
+
+    mixed = make_technique("mixed", {1, "bad"})
+    no_order = make_technique("no_order", {"tts_no_order"})
+    no_order.runs_before = None
+    odd_effort = make_technique("odd_effort", {"tts_odd_effort"})
+    odd_effort.effort_yields_to = 5
+
+    class Meta(type(LogitsTechnique)):
+        @property
+        def keys(cls):
+            raise RuntimeError("keys cannot be read")
+
+    raising = Meta("Raising", (make_technique("raising", set()),), {})
+
+    class Positional:
+        @hookimpl
+        def tts_register_techniques(self, register, /):
+            register(make_technique("positional", {"tts_positional"}))
+
+    def patch(name, engine, keys, **kw):
+        return type(name.title(), (ModelPatch,), {"name": name, "engine": engine, "keys": frozenset(keys), **kw})()
+
+    class KeysRaise(ModelPatch):
+        name, engine = "keys_raise", "vllm"
+
+        @property
+        def keys(self):
+            raise RuntimeError("no keys here")
+
+    first, second = patch("mine", "vllm", {"tts_mine"}), patch("mine", "sglang", {"tts_mine"})
+    patches = [first, patch("mine", "sglang", {"tts_other"}), second, patch("think", "vllm", {"tts_p"}), KeysRaise(),
+               patch("steals", "vllm", {"tts_think_max"}), patch("badver", "vllm", {"tts_badver"}, min_version=5)]
+
+    class Patches:
+        @hookimpl
+        def tts_register_model_patches(self, register):
+            for p in patches:
+                register(p)
+
+    pm = plugin_manager(load_entry_points=False, extra_plugins=[Registers(mixed, no_order, odd_effort, raising), Positional(), Patches()])
+    reg = build_registry(pm, strict=False)
+    names = [t.name for t in reg.techniques]
+    assert "positional" in names and not {"mixed", "no_order", "odd_effort", "raising"} & set(names)
+    mine = [p for p in reg.patches if p.name == "mine"]
+    assert mine == [first, second] and reg.key_owner["tts_mine"] == "mine" and reg.key_owner["tts_think_max"] == "think"
+    assert not {"keys_raise", "steals", "badver", "think"} & {p.name for p in reg.patches if p.engine == "vllm" and p.name != "mine"}
+    expected = ["'mixed' (from plugin", "key 'bad' must start with", "runs_before must be a tuple of str", "effort_yields_to must be",
+                "could not be read (RuntimeError: keys cannot be read)", "declare different keys", "has the name of a technique",
+                "could not be read (RuntimeError: no keys here)", "'tts_think_max' is claimed by 'think' and model patch 'steals'",
+                "min_version and max_version must be strings"]
+    for fragment in expected:
+        assert any(fragment in why for why in reg.left_out), (fragment, reg.left_out)
+    builtin = build_registry(plugin_manager(load_entry_points=False))
+    assert [type(p) for p in reg.patches if p not in patches] == [type(p) for p in builtin.patches]  # the built-ins', in order
+
+
 def test_a_plugin_that_cannot_load_is_left_out_and_the_others_load(monkeypatch):
     """Installed plugins load one at a time in the engine's build: a missing module, a plugin that implements a hook
     that does not exist and a plugin that is fine, from one distribution."""
@@ -123,7 +184,7 @@ def test_a_plugin_that_cannot_load_is_left_out_and_the_others_load(monkeypatch):
     monkeypatch.setitem(sys.modules, typo.__name__, typo)
     eps = [importlib.metadata.EntryPoint(name, value, manager.ENTRY_POINT_GROUP)
            for name, value in (("missing", "tts_test_no_such_module"), ("typo", typo.__name__), ("good", good.__name__))]
-    dist = types.SimpleNamespace(entry_points=eps, metadata={"name": "tts-test-plugins"})
+    dist = types.SimpleNamespace(entry_points=eps, metadata={"Name": "tts-test-plugins"})
     monkeypatch.setattr(importlib.metadata, "distributions", lambda: [dist])
     with pytest.raises(ModuleNotFoundError):
         build_registry()

@@ -63,6 +63,16 @@ def plugin_manager(*, load_entry_points: bool = True, extra_plugins: Iterable[An
             pm.unregister(exc.plugin)
 
 
+def installed_plugin_manager() -> pluggy.PluginManager:
+    """The built-ins and the installed plugins, for the client's registries (``tts bench``'s methods, aggregators,
+    rewards): a plugin that cannot be loaded is logged and left out, as an engine leaves it out."""
+    errors: list[str] = []
+    pm = plugin_manager(errors=errors)
+    for why in errors:
+        log.error("tts_plugins: %s", why)
+    return pm
+
+
 def _load_entry_points(pm: pluggy.PluginManager, errors: list[str]) -> None:
     """``pm.load_setuptools_entrypoints(ENTRY_POINT_GROUP)``, one plugin at a time: one that fails to import or to
     register is described in ``errors`` and left out, and the others load."""
@@ -77,7 +87,7 @@ def _load_entry_points(pm: pluggy.PluginManager, errors: list[str]) -> None:
                 pm.register(plugin, name=ep.name)
                 pm._plugin_distinfo.append((plugin, dist))  # as pluggy's loader records it (list_plugin_distinfo)
             except Exception as exc:
-                errors.append(f"plugin {ep.name!r} ({ep.value}, from {dist.metadata['name']}) left out: it could not be loaded "
+                errors.append(f"plugin {ep.name!r} ({ep.value}, from {_dist_name(dist)}) left out: it could not be loaded "
                               f"({type(exc).__name__}: {exc})")
                 if pm.get_plugin(ep.name) is not None:
                     pm.unregister(name=ep.name)
@@ -202,9 +212,10 @@ def build_registry(pm: pluggy.PluginManager | None = None, *, strict: bool = Tru
 
     ``strict`` (the default, for plugin authors and tests): the first invalid or conflicting registration raises
     ValueError. ``strict=False`` is the engine's build (:func:`default_registry`, the adapters): a plugin that fails to
-    load, a hook that raises, and each invalid or conflicting registration are logged as errors and left out, listed
-    in :attr:`Registry.left_out`; the built-ins are checked first, so a plugin that claims a built-in's name or key is
-    the one left out. A plugin must not stop the engine, nor take the built-ins down with it."""
+    load, a hook that raises, and each invalid or conflicting registration (or one whose declarations raise when read)
+    are logged as errors and left out, listed in :attr:`Registry.left_out`; the built-ins are checked first, so a
+    plugin that claims a built-in's name or key is the one left out. A plugin must not stop the engine, nor take the
+    built-ins down with it."""
     left_out: list[str] = []
     if pm is None:
         pm = plugin_manager(errors=None if strict else left_out)
@@ -215,39 +226,48 @@ def build_registry(pm: pluggy.PluginManager | None = None, *, strict: bool = Tru
         log.error("tts_plugins: %s; left out", message)
         left_out.append(message)
 
+    def check(kind: str, plugin: str | None, item: Any, accept: Callable[[], None]) -> None:
+        """``accept()`` validates and records one registration; what it raises is refused (tolerant: left out)."""
+        try:
+            accept()
+        except ValueError as exc:
+            refuse(str(exc))
+        except Exception as exc:
+            if strict:
+                raise
+            refuse(f"{kind} {item!r}{_by(plugin)} could not be read ({type(exc).__name__}: {exc})")
+
     from tts_plugins.technique import LogitsTechnique  # here: importing the manager stays torch-free
 
     names: dict[str, type[LogitsTechnique]] = {}
     owner: dict[str, str] = {}
-    registered = _registered(pm, "tts_register_techniques", strict, refuse)
-    for plugin, cls in _builtins_first(registered):
+
+    def technique(plugin: str | None, cls: Any) -> None:
         if not (isinstance(cls, type) and issubclass(cls, LogitsTechnique)):
-            refuse(f"technique {cls!r}{_by(plugin)} must be a subclass of tts_plugins.technique.LogitsTechnique")
-            continue
+            raise ValueError(f"technique {cls!r}{_by(plugin)} must be a subclass of tts_plugins.technique.LogitsTechnique")
         name = getattr(cls, "name", None)  # declared on the base class, set by each technique
         if not isinstance(name, str) or not name:
-            refuse(f"technique {cls!r}{_by(plugin)} must have a non-empty str name")
-            continue
+            raise ValueError(f"technique {cls!r}{_by(plugin)} must have a non-empty str name")
         keys = getattr(cls, "keys", None)
         if not isinstance(keys, frozenset):
-            refuse(f"technique {name!r}{_by(plugin)} must declare keys, a frozenset of its tts_* request keys")
-            continue
+            raise ValueError(f"technique {name!r}{_by(plugin)} must declare keys, a frozenset of its tts_* request keys")
+        if names.get(name) is cls:
+            return  # the same class registered twice
         if name in names:
-            if names[name] is not cls:
-                refuse(f"two techniques are named {name!r}: {names[name]!r} and {cls!r}{_by(plugin)}")
-            continue
-        bad = sorted(k for k in keys if not isinstance(k, str) or not k.startswith(PREFIX))
-        if bad:
-            refuse(f"technique {name!r}{_by(plugin)} key {bad[0]!r} must start with {PREFIX!r}")
-            continue
+            raise ValueError(f"two techniques are named {name!r}: {names[name]!r} and {cls!r}{_by(plugin)}")
+        _check_keys(f"technique {name!r}{_by(plugin)}", keys)
+        _check_declarations(f"technique {name!r}{_by(plugin)}", cls)
         taken = sorted(k for k in keys if k in owner)
         if taken:
-            refuse(f"request key {taken[0]!r} is claimed by techniques {owner[taken[0]]!r} and {name!r}{_by(plugin)}")
-            continue
+            raise ValueError(f"request key {taken[0]!r} is claimed by techniques {owner[taken[0]]!r} and {name!r}{_by(plugin)}")
         names[name] = cls
         owner.update(dict.fromkeys(keys, name))
-    accepted = set(names.values())
-    techniques = list(dict.fromkeys(cls for _, cls in registered if cls in accepted))  # registration order
+
+    registered = _registered(pm, "tts_register_techniques", strict, refuse)
+    for plugin, cls in _builtins_first(registered):
+        check("technique", plugin, cls, functools.partial(technique, plugin, cls))
+    accepted = {id(cls) for cls in names.values()}
+    techniques = list(dict.fromkeys(cls for _, cls in registered if id(cls) in accepted))  # registration order
     # Declarations that conflict are logged, not raised: a registry that fails to build would stop the engine, and
     # a plugin's wrong declaration must not take the built-ins down with it.
     try:
@@ -262,58 +282,75 @@ def build_registry(pm: pluggy.PluginManager | None = None, *, strict: bool = Tru
     if len(effort) > 1:
         log.error("tts_plugins: techniques %s each declare an effort_key; reasoning_effort sets %r's only", ", ".join(map(repr, effort)),
                   effort[0])
+
     factories: dict[str, Any] = {}
-    for plugin, (name, factory) in _builtins_first(_registered(pm, "tts_register_verifiers", strict, refuse, pairs=True)):
+
+    def verifier(plugin: str | None, name: Any, factory: Any) -> None:
         if not isinstance(name, str) or not name or name in factories:
-            refuse(f"verifier name must be a new non-empty string, got {name!r}{_by(plugin)}")
-            continue
+            raise ValueError(f"verifier name must be a new non-empty string, got {name!r}{_by(plugin)}")
         factories[name] = factory
+
+    for plugin, (name, factory) in _builtins_first(_registered(pm, "tts_register_verifiers", strict, refuse, pairs=True)):
+        check("verifier", plugin, name, functools.partial(verifier, plugin, name, factory))
+
     from tts_plugins.patching import version_in_range
     from tts_plugins.technique import ModelPatch
 
-    patches: list[ModelPatch] = []
     patch_keys: dict[str, frozenset[str]] = {}
-    registered_patches = _registered(pm, "tts_register_model_patches", strict, refuse)
     kept: set[int] = set()
-    for plugin, patch in _builtins_first(registered_patches):
+
+    def model_patch(plugin: str | None, patch: Any) -> None:
         if not isinstance(patch, ModelPatch):
-            refuse(f"model patch {patch!r}{_by(plugin)} must be an instance of a subclass of tts_plugins.technique.ModelPatch")
-            continue
+            raise ValueError(f"model patch {patch!r}{_by(plugin)} must be an instance of a subclass of tts_plugins.technique.ModelPatch")
         name = getattr(patch, "name", None)  # declared on the base class, set by each patch
         if not isinstance(name, str) or not name or getattr(patch, "engine", None) not in ("vllm", "sglang"):
-            refuse(f"model patch {patch!r}{_by(plugin)} needs a non-empty str name and an engine ('vllm' or 'sglang')")
-            continue
+            raise ValueError(f"model patch {patch!r}{_by(plugin)} needs a non-empty str name and an engine ('vllm' or 'sglang')")
         keys = patch.keys
         if not isinstance(keys, frozenset):
-            refuse(f"model patch {name!r}{_by(plugin)} keys must be a frozenset of its tts_* request keys, got {keys!r}")
-            continue
+            raise ValueError(f"model patch {name!r}{_by(plugin)} keys must be a frozenset of its tts_* request keys, got {keys!r}")
         lo, hi = patch.min_version, patch.max_version
+        if not all(v is None or isinstance(v, str) for v in (lo, hi)):
+            raise ValueError(f"model patch {name!r}{_by(plugin)}: min_version and max_version must be strings or None, got {lo!r} and {hi!r}")
         if lo is not None and hi is not None and not version_in_range(lo, None, hi):
-            refuse(f"model patch {name!r}{_by(plugin)} has an empty version range: min_version {lo!r} >= max_version {hi!r}")
-            continue
+            raise ValueError(f"model patch {name!r}{_by(plugin)} has an empty version range: min_version {lo!r} >= max_version {hi!r}")
         if name in names:
-            refuse(f"model patch {name!r}{_by(plugin)} has the name of a technique")
-            continue
+            raise ValueError(f"model patch {name!r}{_by(plugin)} has the name of a technique")
         if name in patch_keys:  # the same patch for another engine (or version range): it shares the keys
             if patch_keys[name] != keys:
-                refuse(f"model patches named {name!r} declare different keys: {sorted(patch_keys[name])} and {sorted(keys)}{_by(plugin)}")
-                continue
+                raise ValueError(f"model patches named {name!r} declare different keys: {sorted(patch_keys[name])} and {sorted(keys)}"
+                                 f"{_by(plugin)}")
             kept.add(id(patch))
-            continue
-        bad = sorted(k for k in keys if not isinstance(k, str) or not k.startswith(PREFIX))
-        if bad:
-            refuse(f"model patch {name!r}{_by(plugin)} key {bad[0]!r} must start with {PREFIX!r}")
-            continue
+            return
+        _check_keys(f"model patch {name!r}{_by(plugin)}", keys)
         taken = sorted(k for k in keys if k in owner)
         if taken:
-            refuse(f"request key {taken[0]!r} is claimed by {owner[taken[0]]!r} and model patch {name!r}{_by(plugin)}")
-            continue
+            raise ValueError(f"request key {taken[0]!r} is claimed by {owner[taken[0]]!r} and model patch {name!r}{_by(plugin)}")
         patch_keys[name] = keys
         owner.update(dict.fromkeys(keys, name))
         kept.add(id(patch))
+
+    registered_patches = _registered(pm, "tts_register_model_patches", strict, refuse)
+    for plugin, patch in _builtins_first(registered_patches):
+        check("model patch", plugin, patch, functools.partial(model_patch, plugin, patch))
     patches = [patch for _, patch in registered_patches if id(patch) in kept]  # registration order
     return Registry(pm=pm, techniques=tuple(ordered), key_owner=owner, verifier_factories=factories, patches=tuple(patches),
                     left_out=tuple(left_out))
+
+
+def _check_keys(what: str, keys: frozenset[Any]) -> None:
+    bad = [k for k in keys if not isinstance(k, str) or not k.startswith(PREFIX)]
+    if bad:
+        raise ValueError(f"{what} key {min(bad, key=repr)!r} must start with {PREFIX!r}")
+
+
+def _check_declarations(what: str, cls: type) -> None:
+    """The ordering and effort declarations are what the core reads of a technique besides its keys."""
+    for attr in ("runs_before", "runs_after", "effort_yields_to"):
+        value = getattr(cls, attr)
+        if isinstance(value, str) or not isinstance(value, (tuple, list, frozenset, set)) or not all(isinstance(v, str) for v in value):
+            raise ValueError(f"{what}: {attr} must be a tuple of str, got {value!r}")
+    if cls.effort_key is not None and not isinstance(cls.effort_key, str):
+        raise ValueError(f"{what}: effort_key must be a str or None, got {cls.effort_key!r}")
 
 
 BUILTIN_PLUGINS = ("tts_plugins.builtin.techniques", "tts_plugins.builtin", "tts_plugins.verifier")
@@ -322,8 +359,8 @@ BUILTIN_PLUGINS = ("tts_plugins.builtin.techniques", "tts_plugins.builtin", "tts
 def _registered(pm: pluggy.PluginManager, hook: str, strict: bool, refuse: Callable[[str], None],
                 pairs: bool = False) -> list[tuple[str | None, Any]]:
     """``[(plugin name, what it registered)]`` from a ``tts_register_*`` hook, in pluggy's call order. Strict: one
-    hook call (a plugin's exception propagates). Else each plugin's implementation alone: one that raises is refused
-    and the others' registrations stand."""
+    hook call (a plugin's exception propagates). Else each plugin's implementation alone, called as pluggy calls it
+    (positionally): one that raises is refused, and the others' registrations stand."""
     if strict:
         got: list[Any] = []
         getattr(pm.hook, hook)(register=_adder(got, pairs))
@@ -335,12 +372,19 @@ def _registered(pm: pluggy.PluginManager, hook: str, strict: bool, refuse: Calla
         try:
             if impl.hookwrapper or getattr(impl, "wrapper", False):
                 raise TypeError("a register hook cannot be a wrapper")
-            impl.function(**{arg: add for arg in impl.argnames})
+            impl.function(*[add for _ in impl.argnames])
         except Exception as exc:
             refuse(f"plugin {impl.plugin_name!r} failed in {hook} ({type(exc).__name__}: {exc}), so nothing it registers there is used")
             continue
         out.extend((impl.plugin_name, x) for x in mine)
     return out
+
+
+def _dist_name(dist: Any) -> str:
+    try:
+        return str(dist.metadata["Name"] or "?")
+    except Exception:  # broken metadata must not turn a logged error into a crash
+        return "?"
 
 
 def _adder(into: list[Any], pairs: bool) -> Callable[..., None]:

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import random
 import re
 import time
@@ -28,6 +29,7 @@ from tts_plugins import debug
 from tts_plugins.manager import build_registry, plugin_manager
 
 FAULTY_DIR = Path(__file__).resolve().parent.parent / "plugins" / "faulty"
+BROKEN_DIR = FAULTY_DIR.parent / "broken"  # plugins the server must leave out; only ever on a server's path
 FIELD = {"vllm": "vllm_xargs", "sglang": "custom_params"}
 QUESTIONS = ["What is 2 + 3?", "What is 17 * 4 - 9?", "What is 120 + 5 * 3?", "Name a prime above 10.", "Is 91 prime?"]
 
@@ -36,7 +38,8 @@ EFFORT_MAP = "low=3,medium=5,high=0"  # the shared server's reasoning_effort bud
 
 
 def server_env(debug_prefix: str) -> dict[str, str]:
-    return {"PYTHONPATH": str(FAULTY_DIR), "TTS_PLUGINS_DEBUG_FILE": debug_prefix, "TTS_PLUGINS_REASONING_EFFORT": EFFORT_MAP}
+    return {"PYTHONPATH": os.pathsep.join((str(FAULTY_DIR), str(BROKEN_DIR))), "TTS_PLUGINS_DEBUG_FILE": debug_prefix,
+            "TTS_PLUGINS_REASONING_EFFORT": EFFORT_MAP}
 
 
 def oracle():

@@ -41,14 +41,15 @@ def test_the_faulty_plugin_is_discovered_through_its_entry_point(served):
 
 
 def test_plugins_that_cannot_load_or_claim_a_builtin_key_are_logged_and_left_out(served):
-    """Beside the faulty plugin, its distribution declares a plugin whose module does not exist and one that claims
-    the built-in ``tts_think_max``. The server started (the fixture), logged both as left out, and the built-in
-    still owns the key: its own validation answers, and a capped request runs."""
+    """Beside the faulty plugin, the server has a distribution (``tests/plugins/broken``) that declares a plugin whose
+    module does not exist and one that claims the built-in ``tts_think_max``. The server started (the fixture),
+    logged both as left out, and the built-in still owns the key: its own validation answers, and a capped request
+    runs."""
     import requests
 
     srv, _, _ = served
     log = srv.log()
-    assert "'missing'" in log and "tts_faulty_no_such_module" in log and "left out" in log, log[-3000:]
+    assert "plugin 'missing' (tts_broken_no_such_module, from tts-broken-plugins) left out" in log, log[-3000:]
     assert "request key 'tts_think_max' is claimed by techniques 'think' and 'claims_think_max'" in log, log[-3000:]
     body = {"model": srv.model, "prompt": "Hi", "max_tokens": 4, rel.FIELD[srv.engine]: {"tts_think_max": -1}}
     bad = requests.post(srv.base + "/v1/completions", json=body, timeout=60)

@@ -239,9 +239,9 @@ BUILTIN: dict[str, Callable[..., Vote]] = {
 
 def registered(pm: Any | None = None) -> tuple[dict[str, Callable[..., Vote]], dict[str, Callable[..., float]]]:
     """Aggregators (built-in and from plugins) and reward functions from ``tts_register_aggregators``."""
-    from tts_plugins.manager import plugin_manager
+    from tts_plugins.manager import installed_plugin_manager
 
-    pm = pm or plugin_manager()
+    pm = pm or installed_plugin_manager()
     aggregators, rewards = dict(BUILTIN), {}
 
     def add_aggregator(name: str, fn: Callable[..., Vote]) -> None:

@@ -29,7 +29,7 @@ from tts_plugins.client import stats
 from tts_plugins.client.server import Sample, Server
 from tts_plugins.client.strategies import Options, run_problem
 from tts_plugins.hookspecs import hookimpl
-from tts_plugins.manager import plugin_manager
+from tts_plugins.manager import installed_plugin_manager
 
 # Settings every method takes unless it declares them unused (``BenchMethod.unused``); label and vs name rows.
 COMMON = ("n", "temperature", "top_p", "max_tokens", "label", "vs")
@@ -541,7 +541,7 @@ def registered(pm: Any | None = None) -> dict[str, BenchMethod]:
     """Every method by name, from ``tts_register_bench_methods``: the built-ins first (they take part in the same
     hook call, pluggy's ``call_extra``, ahead of the plugins), then the plugins'. A name registered twice by two
     different objects is a ``ValueError``; the same object twice is harmless."""
-    pm = pm or plugin_manager()
+    pm = pm or installed_plugin_manager()
     methods: dict[str, BenchMethod] = {}
 
     def add(method: BenchMethod) -> None:

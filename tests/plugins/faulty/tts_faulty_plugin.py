@@ -58,31 +58,3 @@ class Faulty(LogitsTechnique):
 @hookimpl
 def tts_register_techniques(register):
     register(Faulty)
-
-
-class ClaimsThinkMax(LogitsTechnique):
-    """A technique that claims a built-in's key: the engine logs it and leaves it out, and the built-in keeps the key."""
-
-    name = "claims_think_max"
-    keys = frozenset({"tts_think_max"})
-
-    @classmethod
-    def parse_params(cls, flat):
-        raise AssertionError("a technique left out is never asked to parse")
-
-    num_active = 0
-
-    def set_slot(self, slot, params, request):
-        raise AssertionError("a technique left out never runs")
-
-    def apply(self, logits, row_slots, host_slots=None):
-        raise AssertionError("a technique left out never runs")
-
-
-class _Claims:
-    @hookimpl
-    def tts_register_techniques(self, register):
-        register(ClaimsThinkMax)
-
-
-CLAIMS = _Claims()  # its own entry point (``claims``); the module's entry point (``faulty``) registers Faulty only
