@@ -166,7 +166,7 @@ def test_the_engines_build_survives_declarations_that_raise_or_have_the_wrong_ty
     assert [type(p) for p in reg.patches if p not in patches] == [type(p) for p in builtin.patches]  # the built-ins', in order
 
 
-def test_a_plugin_that_cannot_load_is_left_out_and_the_others_load(monkeypatch):
+def test_a_plugin_that_cannot_load_is_left_out_and_the_others_load(monkeypatch, caplog):
     """Installed plugins load one at a time in the engine's build: a missing module, a plugin that implements a hook
     that does not exist and a plugin that is fine, from one distribution."""
     import importlib.metadata
@@ -188,7 +188,9 @@ def test_a_plugin_that_cannot_load_is_left_out_and_the_others_load(monkeypatch):
     monkeypatch.setattr(importlib.metadata, "distributions", lambda: [dist])
     with pytest.raises(ModuleNotFoundError):
         build_registry()
-    reg = build_registry(strict=False)
+    with caplog.at_level("ERROR", logger="tts_plugins"):
+        reg = build_registry(strict=False)
+    assert "plugin 'missing' (tts_test_no_such_module, from tts-test-plugins) left out" in caplog.text
     assert "from_entry_point" in [t.name for t in reg.techniques] and reg.key_owner["tts_think_max"] == "think"
     assert len(reg.left_out) == 2, reg.left_out
     assert "plugin 'missing' (tts_test_no_such_module, from tts-test-plugins) left out" in reg.left_out[0]

@@ -219,6 +219,8 @@ def build_registry(pm: pluggy.PluginManager | None = None, *, strict: bool = Tru
     left_out: list[str] = []
     if pm is None:
         pm = plugin_manager(errors=None if strict else left_out)
+        for why in left_out:
+            log.error("tts_plugins: %s", why)
 
     def refuse(message: str) -> None:
         if strict:
