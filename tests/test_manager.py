@@ -178,12 +178,16 @@ def test_a_plugin_that_cannot_load_is_left_out_and_the_others_load(monkeypatch, 
     good = types.ModuleType("tts_test_good_plugin")
     technique = make_technique("from_entry_point", {"tts_from_ep"})
     good.tts_register_techniques = hookimpl(lambda register: register(technique))
+    exits = types.ModuleType("tts_test_exits_plugin")
+    exits.tts_register_techniques = hookimpl(lambda register: sys.exit("a plugin's sys.exit()"))
+    monkeypatch.setitem(sys.modules, exits.__name__, exits)
     typo = types.ModuleType("tts_test_typo_plugin")
     typo.tts_register_technique = hookimpl(lambda register: None)  # missing "s"
     monkeypatch.setitem(sys.modules, good.__name__, good)
     monkeypatch.setitem(sys.modules, typo.__name__, typo)
     eps = [importlib.metadata.EntryPoint(name, value, manager.ENTRY_POINT_GROUP)
-           for name, value in (("missing", "tts_test_no_such_module"), ("typo", typo.__name__), ("good", good.__name__))]
+           for name, value in (("missing", "tts_test_no_such_module"), ("typo", typo.__name__), ("good", good.__name__),
+                                           ("exits", exits.__name__))]
     dist = types.SimpleNamespace(entry_points=eps, metadata={"Name": "tts-test-plugins"})
     monkeypatch.setattr(importlib.metadata, "distributions", lambda: [dist])
     with pytest.raises(ModuleNotFoundError):
@@ -192,9 +196,10 @@ def test_a_plugin_that_cannot_load_is_left_out_and_the_others_load(monkeypatch, 
         reg = build_registry(strict=False)
     assert "plugin 'missing' (tts_test_no_such_module, from tts-test-plugins) left out" in caplog.text
     assert "from_entry_point" in [t.name for t in reg.techniques] and reg.key_owner["tts_think_max"] == "think"
-    assert len(reg.left_out) == 2, reg.left_out
+    assert len(reg.left_out) == 3, reg.left_out
     assert "plugin 'missing' (tts_test_no_such_module, from tts-test-plugins) left out" in reg.left_out[0]
     assert "'typo'" in reg.left_out[1] and "tts_register_technique" in reg.left_out[1]
+    assert "plugin 'exits' failed in tts_register_techniques (SystemExit: a plugin's sys.exit())" in reg.left_out[2]
     from tts_plugins import introspect
     from tts_plugins.client.plugins import render
 

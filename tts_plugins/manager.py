@@ -86,7 +86,7 @@ def _load_entry_points(pm: pluggy.PluginManager, errors: list[str]) -> None:
                 plugin = ep.load()
                 pm.register(plugin, name=ep.name)
                 pm._plugin_distinfo.append((plugin, dist))  # as pluggy's loader records it (list_plugin_distinfo)
-            except Exception as exc:
+            except (Exception, SystemExit) as exc:  # a plugin that calls sys.exit() on import must not end the engine
                 errors.append(f"plugin {ep.name!r} ({ep.value}, from {_dist_name(dist)}) left out: it could not be loaded "
                               f"({type(exc).__name__}: {exc})")
                 if pm.get_plugin(ep.name) is not None:
@@ -375,7 +375,7 @@ def _registered(pm: pluggy.PluginManager, hook: str, strict: bool, refuse: Calla
             if impl.hookwrapper or getattr(impl, "wrapper", False):
                 raise TypeError("a register hook cannot be a wrapper")
             impl.function(*[add for _ in impl.argnames])
-        except Exception as exc:
+        except (Exception, SystemExit) as exc:
             refuse(f"plugin {impl.plugin_name!r} failed in {hook} ({type(exc).__name__}: {exc}), so nothing it registers there is used")
             continue
         out.extend((impl.plugin_name, x) for x in mine)
