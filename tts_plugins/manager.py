@@ -63,13 +63,15 @@ def plugin_manager(*, load_entry_points: bool = True, extra_plugins: Iterable[An
             pm.unregister(exc.plugin)
 
 
-def installed_plugin_manager() -> pluggy.PluginManager:
-    """The built-ins and the installed plugins, for the client's registries (``tts bench``'s methods, aggregators,
-    rewards): a plugin that cannot be loaded is logged and left out, as an engine leaves it out."""
+def installed_plugin_manager(left_out: list[str] | None = None) -> pluggy.PluginManager:
+    """The built-ins and the installed plugins, for an engine's registry and the client's (``tts bench``'s methods,
+    aggregators, rewards): a plugin that cannot be loaded is logged and left out (and described in ``left_out``)."""
     errors: list[str] = []
     pm = plugin_manager(errors=errors)
     for why in errors:
         log.error("tts_plugins: %s", why)
+    if left_out is not None:
+        left_out.extend(errors)
     return pm
 
 
@@ -218,9 +220,7 @@ def build_registry(pm: pluggy.PluginManager | None = None, *, strict: bool = Tru
     built-ins down with it."""
     left_out: list[str] = []
     if pm is None:
-        pm = plugin_manager(errors=None if strict else left_out)
-        for why in left_out:
-            log.error("tts_plugins: %s", why)
+        pm = plugin_manager() if strict else installed_plugin_manager(left_out)
 
     def refuse(message: str) -> None:
         if strict:
